@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine with Python 3.11:
+#   make test    set up .venv (torch pinned, triton, the C++ build) and run every test
+#   make bench   same set-up, then the benchmark suite (ARGS=--full for the long run)
+# Both are idempotent: a second run only rebuilds what changed.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  := torch==2.13.0
+ARGS   ?=
+
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null) setup.py
+
+.PHONY: test bench verify setup clean
+setup: $(VENV)/.built
+
+$(VENV)/.venv-ok:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	touch $@
+
+# torch first and pinned, so nothing else can ask for an unpinned (CUDA, multi-GB) one
+$(VENV)/.deps-ok: $(VENV)/.venv-ok requirements-dev.txt
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -r requirements-dev.txt $(TORCH)
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps-ok $(CSRC)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q tests $(ARGS)
+
+bench: setup
+	$(PY) -m bench $(ARGS)
+
+verify: setup
+	$(PY) -m pyeditor verify
+
+clean:
+	rm -rf build *.egg-info pyeditor/_C*.so $(VENV)/.built

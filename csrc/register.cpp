@@ -1,0 +1,52 @@
+// The one place where pyeditor's C++ ops are declared (schemas) and bound to kernels per device.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+#include "pyeditor/cpu_spans.h"
+
+#ifndef PYEDITOR_TORCH_VERSION
+#define PYEDITOR_TORCH_VERSION "unknown"
+#endif
+
+// An importable, empty Python module: loading it runs the registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace pyeditor {
+
+std::string build_info() {
+  std::string info = "torch=" PYEDITOR_TORCH_VERSION ";cpu_simd=";
+  info += pe::cpu::simd_level();
+#ifdef PYEDITOR_WITH_CUDA
+  info += ";cuda=1";
+#else
+  info += ";cuda=0";
+#endif
+  return info;
+}
+
+TORCH_LIBRARY(pyeditor, m) {
+  m.def("build_info() -> str", &build_info);
+  m.def("apply_edit(Tensor theta, Tensor delta, Tensor threshold, Tensor? proto_index=None) -> Tensor");
+  m.def("apply_edit_out(Tensor theta, Tensor delta, Tensor threshold, Tensor? proto_index, Tensor(a!) out) -> ()");
+  m.def("apply_edit_backward(Tensor grad, Tensor delta, Tensor threshold) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pyeditor, CPU, m) {
+  m.impl("apply_edit", &apply_edit_cpu);
+  m.impl("apply_edit_out", &apply_edit_out_cpu);
+  m.impl("apply_edit_backward", &apply_edit_backward_cpu);
+}
+
+#ifdef PYEDITOR_WITH_CUDA
+TORCH_LIBRARY_IMPL(pyeditor, CUDA, m) {
+  m.impl("apply_edit", &apply_edit_cuda);
+  m.impl("apply_edit_out", &apply_edit_out_cuda);
+  m.impl("apply_edit_backward", &apply_edit_backward_cuda);
+}
+#endif
+
+}  // namespace pyeditor

@@ -1,0 +1,11 @@
+"""pyeditor: fast kernels for Persona parameter editing and CHORD mixed-precision layers.
+
+The top-level functions take the same arguments as their plain-PyTorch definitions in
+:mod:`pyeditor.reference` (the numerics oracle), plus ``backend=`` to pick an implementation
+(see :mod:`pyeditor.backends`).
+"""
+from . import backends, reference
+from .api import apply_edit
+
+__all__ = ["apply_edit", "backends", "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,74 @@
+"""Which implementation runs an op: Triton, C++ CUDA, C++ CPU, or the plain-PyTorch reference.
+
+Order of precedence: the op's ``backend=`` argument, then the ``PYEDITOR_BACKEND`` environment
+variable, then the default for the tensors' device:
+
+=========  ======================================  ==========================================
+device     default order                           also selectable
+=========  ======================================  ==========================================
+cuda       "cuda" (C++), "triton", "reference"     any of them
+cpu        "cpu" (C++), "reference"                "triton" when TRITON_INTERPRET=1 (testing)
+=========  ======================================  ==========================================
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from . import _ext
+
+NAMES = ("cpu", "cuda", "triton", "reference")
+ENV_VAR = "PYEDITOR_BACKEND"
+
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def triton_available() -> bool:
+    return _HAS_TRITON
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(device: torch.device | str = "cpu") -> list[str]:
+    """The backends that can run on ``device`` in this process, best first."""
+    kind = torch.device(device).type
+    names = []
+    if kind == "cpu":
+        if _ext.load():
+            names.append("cpu")
+        if triton_available() and triton_interpreted():
+            names.append("triton")
+    elif kind == "cuda":
+        if _ext.load() and _ext.build_info().get("cuda") == "1":
+            names.append("cuda")
+        if triton_available():
+            names.append("triton")
+    names.append("reference")
+    return names
+
+
+def default(device: torch.device | str) -> str:
+    """The backend used for ``device`` when neither the call nor the environment names one."""
+    names = [n for n in available(device) if not (n == "triton" and torch.device(device).type == "cpu")]
+    return names[0]
+
+
+def resolve(backend: str | None, device: torch.device) -> str:
+    """The backend to run on ``device``: the argument, else $PYEDITOR_BACKEND, else the default."""
+    chosen = backend or os.environ.get(ENV_VAR) or None
+    if chosen is None:
+        return default(device)
+    if chosen not in NAMES:
+        raise ValueError(f"backend must be one of {NAMES}, got {chosen!r}")
+    if chosen not in available(device):
+        hint = " (set TRITON_INTERPRET=1 before importing triton)" if chosen == "triton" else ""
+        raise RuntimeError(
+            f"backend {chosen!r} cannot run on {device.type} tensors here{hint}; "
+            f"available: {available(device)}"
+        )
+    return chosen

@@ -1,0 +1,123 @@
+"""Every pyeditor op, declared once with the torch operator registry.
+
+C++ ops (schemas in csrc/register.cpp) get their fake kernels and autograd here; Triton
+variants are `triton_op`s with the same signature. Backward formulas call registered ops
+only, so they trace under torch.compile and run on every backend.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _ext, backends
+from ._geometry import EditGeometry, edit_geometry
+
+HAS_CPP = _ext.load()
+
+
+def _grad_geometry(grad: Tensor, delta: Tensor, threshold: Tensor) -> EditGeometry:
+    batched = grad.dim() == 3
+    return EditGeometry(
+        samples=grad.shape[0] if batched else 1,
+        rows=grad.shape[-2],
+        cols=grad.shape[-1],
+        out_shape=tuple(grad.shape),
+        theta_sample_stride=grad.stride(0) if batched else 0,
+        delta_sample_stride=delta.stride(0) if delta.dim() == 3 else 0,
+        thr_stride=0 if threshold.numel() == 1 else 1,
+    )
+
+
+# ---------------------------------------------------------------- Triton variants
+if backends.triton_available():
+    from torch.library import triton_op
+
+    from pyeditor.kernels import edit as _edit_kernels
+
+    @triton_op("pyeditor::apply_edit_triton", mutates_args=())
+    def apply_edit_triton(theta: Tensor, delta: Tensor, threshold: Tensor, proto_index: Optional[Tensor] = None) -> Tensor:
+        g = edit_geometry(theta, delta, threshold, proto_index)
+        out = torch.empty(g.out_shape, dtype=theta.dtype, device=theta.device)
+        slots = theta.shape[0] if theta.dim() == 3 else 1
+        _edit_kernels.launch(theta, delta, out, threshold, proto_index, g, slots, grad=False)
+        return out
+
+    @triton_op("pyeditor::apply_edit_out_triton", mutates_args=("out",))
+    def apply_edit_out_triton(theta: Tensor, delta: Tensor, threshold: Tensor, proto_index: Optional[Tensor], out: Tensor) -> None:
+        g = edit_geometry(theta, delta, threshold, proto_index)
+        slots = theta.shape[0] if theta.dim() == 3 else 1
+        _edit_kernels.launch(theta, delta, out, threshold, proto_index, g, slots, grad=False)
+
+    @triton_op("pyeditor::apply_edit_backward_triton", mutates_args=())
+    def apply_edit_backward_triton(grad: Tensor, delta: Tensor, threshold: Tensor) -> Tensor:
+        g = _grad_geometry(grad, delta, threshold)
+        out = torch.empty_like(grad, memory_format=torch.contiguous_format)
+        _edit_kernels.launch(grad, delta, out, threshold, None, g, g.samples, grad=True)
+        return out
+
+
+# ---------------------------------------------------------------- the op table
+def _op(name: str):
+    return getattr(torch.ops.pyeditor, name)
+
+
+def edit_ops(backend: str):
+    """(forward, out=, backward) ops of apply_edit for a resolved backend other than reference."""
+    if backend == "triton":
+        return _op("apply_edit_triton"), _op("apply_edit_out_triton"), _op("apply_edit_backward_triton")
+    return _op("apply_edit"), _op("apply_edit_out"), _op("apply_edit_backward")
+
+
+# ---------------------------------------------------------------- fake kernels + autograd
+def _fake_apply_edit(theta, delta, threshold, proto_index=None):
+    g = edit_geometry(theta, delta, threshold, proto_index)
+    return theta.new_empty(g.out_shape)
+
+
+def _fake_apply_edit_out(theta, delta, threshold, proto_index, out):
+    return None
+
+
+def _fake_apply_edit_backward(grad, delta, threshold):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+def _edit_setup_context(ctx, inputs, output):
+    theta, delta, threshold, proto_index = inputs
+    ctx.save_for_backward(delta, threshold, proto_index)
+    ctx.theta_shape = tuple(theta.shape)
+
+
+def _make_edit_backward(backward_op):
+    def backward(ctx, grad):
+        delta, threshold, proto_index = ctx.saved_tensors
+        grad_theta = grad_delta = None
+        if ctx.needs_input_grad[1]:
+            # delta shared by every sample (2-D, or a batch of one) receives their summed gradient
+            masked = backward_op(grad, delta.expand(grad.shape), threshold)
+            grad_delta = masked.sum_to_size(delta.shape)
+        if ctx.needs_input_grad[0]:
+            if proto_index is not None:
+                grad_theta = grad.new_zeros(ctx.theta_shape).index_add_(0, proto_index, grad)
+            else:
+                grad_theta = grad.sum_to_size(ctx.theta_shape)
+        return grad_theta, grad_delta, None, None
+
+    return backward
+
+
+def _register(forward: str, out_op: str, backward: str) -> None:
+    torch.library.register_fake(f"pyeditor::{forward}", _fake_apply_edit)
+    torch.library.register_fake(f"pyeditor::{out_op}", _fake_apply_edit_out)
+    torch.library.register_fake(f"pyeditor::{backward}", _fake_apply_edit_backward)
+    torch.library.register_autograd(
+        f"pyeditor::{forward}", _make_edit_backward(_op(backward)), setup_context=_edit_setup_context
+    )
+
+
+if HAS_CPP:
+    _register("apply_edit", "apply_edit_out", "apply_edit_backward")
+if backends.triton_available():
+    _register("apply_edit_triton", "apply_edit_out_triton", "apply_edit_backward_triton")

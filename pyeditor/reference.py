@@ -1,0 +1,777 @@
+"""Plain-PyTorch definition of every pyeditor op: the numerics oracle.
+
+Every kernel in the library is tested against these functions. They favour clarity
+over speed, compute in float32 (float64 for float64 inputs) and round once to the
+output dtype, which is what the kernels do too.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+ThresholdLike = Union[float, int, Tensor]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def edit_as_matrix(theta: Tensor, delta: Tensor) -> Tensor:
+    """View ``delta`` with theta's matrix shape (Persona Eq. 6: Reshape(G; N_in, N_out)).
+
+    ``delta`` is either one edit ([R, C] or flat [R*C]) or a batch of them
+    ([B, R, C] or [B, R*C]); the result is [R, C] or [B, R, C].
+    """
+    rows, cols = theta.shape[-2], theta.shape[-1]
+    numel = rows * cols
+    if delta.dim() >= 1 and delta.shape[-2:] == (rows, cols) and delta.dim() in (2, 3):
+        return delta
+    if delta.dim() == 1 and delta.shape[0] == numel:
+        return delta.reshape(rows, cols)
+    if delta.dim() == 2 and delta.shape[1] == numel:
+        return delta.reshape(delta.shape[0], rows, cols)
+    raise ValueError(
+        f"delta of shape {tuple(delta.shape)} cannot be read as edits of theta's "
+        f"matrix shape ({rows}, {cols}): expected [{rows}, {cols}], [{numel}], "
+        f"[B, {rows}, {cols}] or [B, {numel}]"
+    )
+
+
+def apply_edit(
+    theta: Tensor,
+    delta: Tensor,
+    threshold: ThresholdLike,
+    proto_index: Optional[Tensor] = None,
+) -> Tensor:
+    """Persona's edited weights K = clamp(delta, -T, T) + theta (Eq. 5-7).
+
+    theta:       [R, C] one matrix, or [P, R, C] a stack of P prototype matrices.
+    delta:       [R, C] / [R*C] one edit, or [B, R, C] / [B, R*C] one edit per sample.
+    threshold:   T >= 0: a Python number, a 0-d tensor, or a [B] tensor (one T per sample).
+    proto_index: optional [B] integer tensor; sample b then uses theta[proto_index[b]]
+                 (theta must be [P, R, C]).
+
+    Without proto_index, delta and theta broadcast like torch tensors: [R, C] + [R, C]
+    gives [R, C]; a batch of edits on one theta gives [B, R, C]; a [P, R, C] theta
+    with one edit gives [P, R, C]; [B, R, C] with [P, R, C] needs B == P.
+    With proto_index the result is [B, R, C] (a single delta is shared by all samples).
+    NaN in delta stays NaN (clamp propagates it); +-inf is clipped to +-T.
+    The result has theta's dtype; clamp and add run in float32 (float64 for float64).
+    """
+    d = edit_as_matrix(theta, delta)
+    acc = _acc_dtype(theta.dtype)
+    if proto_index is not None:
+        if theta.dim() != 3:
+            raise ValueError("proto_index needs theta as a [P, R, C] prototype stack")
+        base = theta.index_select(0, proto_index.long())
+        if d.dim() == 2:
+            d = d.expand_as(base)
+    else:
+        base = theta
+    batch = max(d.dim(), base.dim()) == 3
+    t = torch.as_tensor(threshold, dtype=acc, device=theta.device)
+    if t.dim() == 1:
+        if not batch:
+            raise ValueError("a per-sample threshold [B] needs a batch of edits")
+        t = t.view(-1, 1, 1)
+    clipped = torch.clamp(d.to(acc), min=-t, max=t)
+    return (clipped + base.to(acc)).to(theta.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Argument checks shared by the ops below. Bad input raises TypeError (wrong kind or
+# dtype) or ValueError (wrong shape or value), always naming the argument.
+# --------------------------------------------------------------------------------------
+
+_BIT_WIDTHS = (2, 4, 6, 8)
+_METRICS = ("l2", "ip", "cosine")
+
+
+def _check_float(name: str, t: object, dims: Optional[tuple] = None) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if dims is not None and t.dim() not in dims:
+        want = " or ".join(f"{d}-D" for d in dims)
+        raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+    return t
+
+
+def _is_integer(t: Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def _check_index(name: str, index: object, size: int, length: int) -> Tensor:
+    """A [length] integer tensor with values in [0, size); returned as int64."""
+    if not isinstance(index, Tensor) or not _is_integer(index):
+        got = index.dtype if isinstance(index, Tensor) else type(index).__name__
+        raise TypeError(f"{name} must be an integer tensor, got {got}")
+    if index.dim() != 1 or index.shape[0] != length:
+        raise ValueError(f"{name} must have shape [{length}], got {tuple(index.shape)}")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
+        raise ValueError(f"{name} values must be in [0, {size}), got min "
+                         f"{int(index.min())} max {int(index.max())}")
+    return index.long()
+
+
+def _check_int(name: str, value: object, low: int, high: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def _check_threshold(threshold: object, batch: int) -> Tensor:
+    """T as a float64 tensor: 0-d, or [batch] (one T per sample). T must be >= 0."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, Tensor)):
+        raise TypeError(f"threshold must be a number or a tensor, got {type(threshold).__name__}")
+    t = torch.as_tensor(threshold, dtype=torch.float64)
+    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != batch):
+        raise ValueError(f"threshold must be a number, a 0-d tensor or a [{batch}] tensor, "
+                         f"got shape {tuple(t.shape)}")
+    if bool(torch.isnan(t).any()) or bool((t < 0).any()):
+        raise ValueError("threshold must be >= 0 (and not NaN)")
+    return t
+
+
+def _check_metric(metric: object) -> str:
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+    return metric  # type: ignore[return-value]
+
+
+def _acc_of(*tensors: Optional[Tensor]) -> torch.dtype:
+    """float64 if any input is float64, else float32."""
+    wide = any(t is not None and t.dtype == torch.float64 for t in tensors)
+    return torch.float64 if wide else torch.float32
+
+
+def _clip(values: Tensor, threshold: Optional[Tensor], batch_dim: int) -> Tensor:
+    """clamp(values, -T, T); a [B] T applies along ``batch_dim``."""
+    if threshold is None:
+        return values
+    t = threshold.to(values.dtype)
+    if t.dim() == 1:
+        shape = [1] * values.dim()
+        shape[batch_dim] = -1
+        t = t.view(shape)
+    return torch.clamp(values, min=-t, max=t)
+
+
+# --------------------------------------------------------------------------------------
+# Persona: edited linear layer, hypernetwork editors, prototype assignment
+# --------------------------------------------------------------------------------------
+
+
+def edited_linear(
+    x: Tensor,
+    theta: Tensor,
+    delta: Tensor,
+    threshold: ThresholdLike,
+    bias: Optional[Tensor] = None,
+    proto_index: Optional[Tensor] = None,
+) -> Tensor:
+    """Linear layer with per-sample edited weights (Persona Eq. 6):
+    ``y[b] = x[b] @ (theta[p_b] + clamp(delta[b], -T_b, T_b)) + bias[p_b]``.
+
+    x:           [B, S, in] floating.
+    theta:       [in, out] shared by all samples, or [P, in, out] prototype stack.
+    delta:       one edit per sample: [B, in, out] or flat [B, in*out] (Persona's
+                 Reshape(G; N_in, N_out), row-major, see ``edit_as_matrix``).
+    threshold:   T >= 0: a number, a 0-d tensor, or [B] (one T per sample).
+    bias:        None, [out], or [P, out] (picked per sample like theta).
+    proto_index: optional [B] integers in [0, P): sample b uses theta[proto_index[b]]
+                 (and bias[proto_index[b]] for a [P, out] bias). Without it, a [P, in, out]
+                 theta / [P, out] bias needs P == B and sample b uses row b.
+
+    Returns [B, S, out] in x's dtype. The edited weight K = apply_edit(...) is formed,
+    clamp + add, in float32 (float64 if any input is float64) and is never rounded to a
+    low-precision dtype; the matmul and bias add run in that dtype too, and the result
+    is rounded once (T is rounded to that dtype too). NaN in delta propagates; +-inf in
+    delta is clipped to +-T. Differentiable in x, theta, delta and bias.
+    """
+    _check_float("x", x, (3,))
+    _check_float("theta", theta, (2, 3))
+    _check_float("delta", delta)
+    if bias is not None:
+        _check_float("bias", bias, (1, 2))
+    B, _, n_in = x.shape
+    rows, n_out = theta.shape[-2:]
+    if n_in != rows:
+        raise ValueError(f"x has {n_in} input features but theta has {rows} rows")
+    d = edit_as_matrix(theta, delta)
+    if d.dim() == 2:  # read as one [in, out] edit; only per-sample edits are accepted
+        if tuple(delta.shape) != (B, rows * n_out):
+            raise ValueError(f"delta must hold one edit per sample: [{B}, {rows}, {n_out}] "
+                             f"or [{B}, {rows * n_out}], got {tuple(delta.shape)}")
+        d = delta.reshape(B, rows, n_out)
+    if d.shape[0] != B:
+        raise ValueError(f"delta has {d.shape[0]} edits but x has batch {B}")
+    t = _check_threshold(threshold, B)
+    if proto_index is not None:
+        if theta.dim() != 3:
+            raise ValueError("proto_index needs theta as a [P, in, out] prototype stack")
+        proto_index = _check_index("proto_index", proto_index, theta.shape[0], B)
+    elif theta.dim() == 3 and theta.shape[0] != B:
+        raise ValueError(f"theta of shape {tuple(theta.shape)} needs proto_index "
+                         f"(or P == batch {B})")
+    if bias is not None:
+        if bias.shape[-1] != n_out:
+            raise ValueError(f"bias must have {n_out} outputs, got shape {tuple(bias.shape)}")
+        if bias.dim() == 2:
+            rows_needed = theta.shape[0] if proto_index is not None else B
+            if bias.shape[0] != rows_needed:
+                what = f"P = {rows_needed}" if proto_index is not None else f"batch {B}"
+                raise ValueError(f"a 2-D bias must have one row per prototype ({what}), "
+                                 f"got shape {tuple(bias.shape)}")
+    acc = _acc_of(x, theta, delta, bias)
+    k = apply_edit(theta.to(acc), d, t, proto_index)  # [B, in, out] in acc
+    y = torch.bmm(x.to(acc), k)
+    if bias is not None:
+        b = bias.to(acc)
+        if b.dim() == 2:
+            b = b.index_select(0, proto_index) if proto_index is not None else b
+            b = b.unsqueeze(1)  # [B, 1, out]
+        y = y + b
+    return y.to(x.dtype)
+
+
+def _hyper_matmul_acc(e, weight, bias, index, acc) -> Tensor:
+    """hyper_matmul's value in ``acc`` (validated inputs)."""
+    e, w = e.to(acc), weight.to(acc)
+    b = None if bias is None else bias.to(acc)
+    if index is None:
+        out = torch.einsum("bd,pdn->pbn", e, w)
+        return out if b is None else out + b.unsqueeze(1)
+    out = torch.einsum("bd,bdn->bn", e, w.index_select(0, index))
+    return out if b is None else out + b.index_select(0, index)
+
+
+def _check_hyper(e, weight, bias, index) -> Optional[Tensor]:
+    _check_float("e", e, (2,))
+    _check_float("weight", weight, (3,))
+    P, d, n = weight.shape
+    if e.shape[1] != d:
+        raise ValueError(f"e has {e.shape[1]} features but weight expects {d} "
+                         f"(weight shape {tuple(weight.shape)})")
+    if bias is not None:
+        _check_float("bias", bias, (2,))
+        if tuple(bias.shape) != (P, n):
+            raise ValueError(f"bias must have shape [{P}, {n}], got {tuple(bias.shape)}")
+    if index is not None:
+        return _check_index("index", index, P, e.shape[0])
+    return None
+
+
+def hyper_matmul(
+    e: Tensor, weight: Tensor, bias: Optional[Tensor] = None, index: Optional[Tensor] = None
+) -> Tensor:
+    """P linear generators (Persona's editors, Eq. 5-6 / 11) applied to embeddings.
+
+    e:      [B, d] floating embeddings.
+    weight: [P, d, n] one generator per prototype; bias: None or [P, n].
+    index:  None -> every generator on every sample: [P, B, n], out[p, b] = e_b @ W_p + b_p.
+            [B] integers in [0, P) -> [B, n], out[b] = e_b @ W[index_b] + bias[index_b].
+    Computed in float32 (float64 if any input is float64); returned in e's dtype.
+    """
+    index = _check_hyper(e, weight, bias, index)
+    acc = _acc_of(e, weight, bias)
+    return _hyper_matmul_acc(e, weight, bias, index, acc).to(e.dtype)
+
+
+def generate_edit(
+    e: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    index: Optional[Tensor] = None,
+    threshold: Optional[ThresholdLike] = None,
+) -> Tensor:
+    """``hyper_matmul(e, weight, bias, index)`` then, if threshold is given, the clip
+    clamp(G, -T, T) of Persona Eq. 6 (T: number, 0-d or [B] per sample, T >= 0).
+
+    Shapes as hyper_matmul: [P, B, n] without index, [B, n] with it. The clamp runs in
+    the accumulation dtype before the single rounding to e's dtype.
+    """
+    index = _check_hyper(e, weight, bias, index)
+    t = None if threshold is None else _check_threshold(threshold, e.shape[0])
+    acc = _acc_of(e, weight, bias)
+    g = _hyper_matmul_acc(e, weight, bias, index, acc)
+    return _clip(g, t, batch_dim=g.dim() - 2).to(e.dtype)
+
+
+def edit_norms(
+    e: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    threshold: Optional[ThresholdLike] = None,
+) -> Tensor:
+    """[B, P] float64: ||clip(e_b @ W_p + bias_p)||_2, the Frobenius norm of the edit
+    every prototype editor p generates for sample b (Persona Eq. 11-12), clipped to
+    [-T, T] first if threshold is given (number, 0-d or [B]).
+
+    Everything is computed in float64 and the result stays float64 (the oracle value;
+    compare kernels after casting). A NaN anywhere in an edit gives a NaN norm; an
+    unclipped +-inf gives +inf.
+    """
+    _check_hyper(e, weight, bias, None)
+    t = None if threshold is None else _check_threshold(threshold, e.shape[0])
+    g = _hyper_matmul_acc(e, weight, bias, None, torch.float64)  # [P, B, n]
+    g = _clip(g, t, batch_dim=1)
+    return g.square().sum(-1).sqrt().transpose(0, 1).contiguous()
+
+
+def assign_prototypes(
+    e: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    threshold: Optional[ThresholdLike] = None,
+) -> tuple:
+    """Persona's dynamic assignment (Eq. 12): the prototype needing the smallest edit.
+
+    Returns (norms, chosen): norms = edit_norms(...) [B, P] float64; chosen [B] int64 =
+    argmin over P of norms with NaN ranked above every number (+inf included), ties
+    going to the lowest index; a row whose norms are all NaN gives -1.
+    """
+    if isinstance(weight, Tensor) and weight.dim() == 3 and weight.shape[0] == 0:
+        raise ValueError("weight must hold at least one prototype editor (P >= 1)")
+    norms = edit_norms(e, weight, bias, threshold)
+    return norms, _argmin_nan_last(norms)
+
+
+def _argmin_nan_last(values: Tensor) -> Tensor:
+    """Row-wise argmin of a [B, P >= 1] tensor: NaN ranks last (after +inf), ties ->
+    lowest index, all-NaN row -> -1."""
+    best = values.masked_fill(torch.isnan(values), float("inf")).amin(1, keepdim=True)
+    hit = values == best  # NaN never compares equal, so only real values can be hits
+    first = hit.to(torch.int8).argmax(1)  # first True (argmax returns the first maximum)
+    return torch.where(hit.any(1), first, torch.full_like(first, -1))
+
+
+# --------------------------------------------------------------------------------------
+# Nearest prototype search and k-means (Persona Eq. 9 clustering, device assignment)
+# --------------------------------------------------------------------------------------
+
+
+def _unit_rows(v: Tensor) -> Tensor:
+    """Rows scaled to unit L2 norm; all-zero rows stay zero; NaN rows stay NaN."""
+    n = v.norm(dim=1, keepdim=True)
+    return torch.where(n == 0, torch.zeros_like(v), v / n)
+
+
+def _pairwise_scores(x: Tensor, p: Tensor, metric: str) -> Tensor:
+    """[B, N] float64 scores: squared L2 by direct difference, inner product, or cosine."""
+    x, p = x.to(torch.float64), p.to(torch.float64)
+    if metric == "cosine":
+        x, p = _unit_rows(x), _unit_rows(p)
+    out = x.new_empty(x.shape[0], p.shape[0])
+    step = max(1, (1 << 22) // max(1, p.shape[0] * p.shape[1]))  # bound the [b, N, d] temp
+    for i in range(0, x.shape[0], step):
+        xb = x[i:i + step, None, :]
+        out[i:i + step] = ((xb - p).square() if metric == "l2" else xb * p).sum(-1)
+    return out
+
+
+def nearest_prototype(x: Tensor, prototypes: Tensor, k: int = 1, metric: str = "l2") -> tuple:
+    """The k best prototypes for every query row: (distances [B, k], indices [B, k] int64).
+
+    x: [B, d] and prototypes: [N, d], floating (any float dtypes; scored in float64).
+    metric:
+      "l2"     squared Euclidean distance sum_j (x_j - p_j)^2 by direct difference (never
+               the ||x||^2 - 2x.p + ||p||^2 expansion), so never negative; ascending
+               (FAISS IndexFlatL2 convention).
+      "ip"     inner product x.p, descending.
+      "cosine" x.p / (||x|| ||p||), descending; a zero vector has similarity 0 to all.
+    Ties go to the lowest prototype index (stable sort).
+    NaN rules: a query row containing NaN gets NaN distances and index -1 in every slot;
+    a prototype containing NaN is never chosen, nor is any pair whose score is NaN (e.g.
+    from inf - inf); if fewer than k prototypes are eligible the remaining slots get index
+    -1 and distance +inf ("l2") or -inf ("ip", "cosine").
+    distances are rounded once to x's dtype. Empty x gives [0, k] results.
+    Errors: non-float dtypes (TypeError); non-2-D inputs, d mismatch, k < 1, k > N, unknown
+    metric (ValueError).
+    """
+    _check_float("x", x, (2,))
+    _check_float("prototypes", prototypes, (2,))
+    _check_metric(metric)
+    if x.shape[1] != prototypes.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} features but prototypes have {prototypes.shape[1]}")
+    n = prototypes.shape[0]
+    k = _check_int("k", k, 1)
+    if k > n:
+        raise ValueError(f"k must be <= the number of prototypes ({n}), got {k}")
+    scores = _pairwise_scores(x, prototypes, metric)
+    bad = torch.isnan(scores)
+    key = (scores if metric == "l2" else -scores).masked_fill(bad, float("inf"))
+    order = torch.sort(key, dim=1, stable=True).indices  # by score, ties by index
+    # then move ineligible (NaN) pairs behind all eligible ones, keeping that order
+    order = order.gather(1, torch.sort(bad.gather(1, order).to(torch.int8), dim=1,
+                                       stable=True).indices)
+    top = order[:, :k]
+    invalid = bad.gather(1, top)
+    fill = float("inf") if metric == "l2" else float("-inf")
+    dist = scores.gather(1, top).masked_fill(invalid, fill)
+    idx = top.masked_fill(invalid, -1)
+    nan_query = torch.isnan(x).any(1, keepdim=True)
+    dist = dist.masked_fill(nan_query, float("nan"))
+    idx = idx.masked_fill(nan_query, -1)
+    return dist.to(x.dtype), idx
+
+
+def _kmeans_assign(x: Tensor, centroids: Tensor, metric: str) -> tuple:
+    """(labels [B] int64, loss [B] float64 >= 0): l2 -> ||x - c||^2, ip -> ||x|| - x.c,
+    cosine -> 1 - cos(x, c), each against the chosen centroid."""
+    score, idx = nearest_prototype(x, centroids, 1, metric)
+    s = score[:, 0].to(torch.float64)
+    if metric == "ip":
+        s = x.to(torch.float64).norm(dim=1) - s
+    elif metric == "cosine":
+        s = 1.0 - s
+    return idx[:, 0], s.clamp_min(0.0)
+
+
+def kmeans(
+    x: Tensor,
+    n_clusters: int,
+    n_iter: int = 25,
+    init: str = "k-means++",
+    seed: int = 0,
+    metric: str = "l2",
+    tol: float = 1e-4,
+) -> tuple:
+    """Lloyd's k-means (Persona Eq. 9: Cluster{G}): (centroids [K, d] in x's dtype,
+    labels [B] int64, inertia float).
+
+    x: [B, d] finite floating points, 1 <= n_clusters <= B, n_iter >= 0 update rounds.
+    init: "k-means++" (first centre uniform, then D^2 sampling: probability proportional
+    to each point's loss to its nearest chosen centre, uniform over unchosen points if all
+    losses are 0) or "random" (n_clusters distinct points). All randomness comes from
+    torch.Generator().manual_seed(seed), so results are deterministic given the seed.
+    Assignment: nearest_prototype(x, centroids, 1, metric). Update (index_add_):
+      "l2":     centroid = mean of its points; loss = ||x - c||^2.
+      "ip":     spherical: centroid = unit-normalised sum of its points; loss = ||x|| - x.c.
+      "cosine": spherical on unit-normalised points; loss = 1 - cos(x, c).
+    A spherical centroid whose sum is the zero vector keeps its previous value. An empty
+    cluster is re-seeded with the point farthest from its centroid (largest loss in the
+    previous assignment; several empty clusters take the next-farthest points in cluster
+    order, ties to the lowest point index). inertia = sum of losses (never increases in
+    exact arithmetic). Stops early when |old - new| / old < tol (never when tol == 0).
+    The returned labels and inertia are for the returned (dtype-rounded) centroids, so
+    ``kmeans_predict(x, centroids, metric)`` equals labels.
+    """
+    _check_float("x", x, (2,))
+    _check_metric(metric)
+    B = x.shape[0]
+    n_clusters = _check_int("n_clusters", n_clusters, 1)
+    if n_clusters > B:
+        raise ValueError(f"n_clusters must be <= the number of points ({B}), got {n_clusters}")
+    n_iter = _check_int("n_iter", n_iter, 0)
+    seed = _check_int("seed", seed, 0)
+    if init not in ("k-means++", "random"):
+        raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x must be finite (no NaN or inf)")
+
+    acc = _acc_dtype(x.dtype)
+    xs = x.to(acc)
+    pts = _unit_rows(xs) if metric == "cosine" else xs  # what the update averages / sums
+
+    def as_centroid(v: Tensor) -> Tensor:
+        return v if metric == "l2" else _unit_rows(v)
+
+    gen = torch.Generator().manual_seed(seed)
+    if init == "random":
+        chosen = torch.randperm(B, generator=gen)[:n_clusters].tolist()
+    else:
+        chosen = [int(torch.randint(B, (1,), generator=gen))]
+        best = _kmeans_assign(xs, as_centroid(pts[chosen]), metric)[1]
+        for _ in range(1, n_clusters):
+            w = best.clone()
+            w[chosen] = 0.0
+            if not bool(w.sum() > 0):  # every remaining point sits on a chosen centre
+                w = torch.ones_like(w)
+                w[chosen] = 0.0
+            nxt = int(torch.multinomial(w, 1, generator=gen))
+            chosen.append(nxt)
+            loss = _kmeans_assign(xs, as_centroid(pts[[nxt]]), metric)[1]
+            best = torch.minimum(best, loss)
+    c = as_centroid(pts[chosen])
+
+    labels, loss = _kmeans_assign(xs, c, metric)
+    inertia = float(loss.sum())
+    for _ in range(n_iter):
+        sums = torch.zeros_like(c).index_add_(0, labels, pts)
+        counts = torch.zeros(n_clusters, dtype=acc).index_add_(0, labels, torch.ones(B, dtype=acc))
+        if metric == "l2":
+            new = sums / counts.clamp_min(1.0).unsqueeze(1)
+        else:
+            norm = sums.norm(dim=1, keepdim=True)
+            new = torch.where(norm == 0, c, sums / norm)
+        empty = torch.nonzero(counts == 0).flatten()
+        if empty.numel():
+            far = torch.sort(loss, descending=True, stable=True).indices[: empty.numel()]
+            new[empty] = as_centroid(pts[far])
+        c = new
+        labels, loss = _kmeans_assign(xs, c, metric)
+        prev, inertia = inertia, float(loss.sum())
+        change = abs(prev - inertia) / prev if prev > 0 else 0.0
+        if change < tol:
+            break
+    centroids = c.to(x.dtype)
+    labels, loss = _kmeans_assign(xs, centroids.to(acc), metric)
+    return centroids, labels, float(loss.sum())
+
+
+def kmeans_predict(x: Tensor, centroids: Tensor, metric: str = "l2") -> Tensor:
+    """[B] int64: index of the nearest centroid, ``nearest_prototype(x, centroids, 1,
+    metric)`` (ties -> lowest index; a NaN row -> -1)."""
+    return nearest_prototype(x, centroids, 1, metric)[1][:, 0]
+
+
+# --------------------------------------------------------------------------------------
+# CHORD: channel-wise mixed-precision quantization (Eq. 3) and strategy codes (Eq. 12-13)
+# --------------------------------------------------------------------------------------
+
+
+class QuantizedWeight(NamedTuple):
+    """A channel-wise quantized [out, in] weight (CHORD Eq. 3).
+
+    codes: uint8 [out, in], each in [0, 2**bits[o] - 1]
+    scale: float32 [out], > 0
+    zero:  int32 [out], the integer zero point, in [0, 2**bits[o] - 1]
+    bits:  int64 [out], each in {2, 4, 6, 8}
+    Value: w[o, i] ~= (codes[o, i] - zero[o]) * scale[o].
+    """
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor
+    bits: Tensor
+
+    def dequantize(self) -> Tensor:
+        return dequantize(self)
+
+
+def _check_bits(name: str, bits: object, length: Optional[int] = None) -> Tensor:
+    """Bit widths as int64 [C], each in {2, 4, 6, 8}. A Python int is broadcast to length."""
+    if isinstance(bits, int) and not isinstance(bits, bool) and length is not None:
+        bits = torch.full((length,), bits, dtype=torch.int64)
+    if not isinstance(bits, Tensor) or bits.dtype == torch.bool or bits.is_complex():
+        got = bits.dtype if isinstance(bits, Tensor) else type(bits).__name__
+        raise TypeError(f"{name} must be an integer (or integral float) tensor, got {got}")
+    if bits.dim() != 1 or (length is not None and bits.shape[0] != length):
+        want = f"[{length}]" if length is not None else "1-D"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(bits.shape)}")
+    allowed = torch.tensor(_BIT_WIDTHS, dtype=bits.dtype)
+    if not bool(torch.isin(bits, allowed).all()):
+        bad = bits[~torch.isin(bits, allowed)][0].item()
+        raise ValueError(f"{name} must be in {{2, 4, 6, 8}}, got {bad}")
+    return bits.to(torch.int64)
+
+
+def quantize_channelwise(weight: Tensor, bits: Union[int, Tensor]) -> QuantizedWeight:
+    """Asymmetric min-max quantization per output channel (CHORD Eq. 3, with the uniform
+    affine scheme of its "Quant" baseline [Krishnamoorthi 2018]).
+
+    weight: [out, in] finite floating (NaN/inf -> ValueError); quantized from its float32
+            value. bits: int or [out] integers in {2, 4, 6, 8}.
+    For channel o with q_max = 2**bits[o] - 1, lo = min(min_i w, 0), hi = max(max_i w, 0)
+    (the range always holds 0, so zero is exactly representable):
+        scale = float32((hi - lo) / q_max)   (at least the smallest normal float32)
+        zero  = clamp(round(-lo / scale), 0, q_max)                      (integer)
+        codes = clamp(round(w / scale) + zero, 0, q_max)
+    evaluated in float64 with the stored float32 scale; round = half to even. Every
+    element then dequantizes to within scale / 2 of its float32 value (up to rounding of
+    scale itself). Constant channels (max == min == c, or in == 0 with c = 0) are exact:
+    scale = |c| (1 if c == 0), zero = 1 if c < 0 else 0, codes = zero + sign(c).
+    """
+    _check_float("weight", weight, (2,))
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight must be finite (no NaN or inf)")
+    n_out, n_in = weight.shape
+    b = _check_bits("bits", bits, n_out)
+    w = weight.to(torch.float32).to(torch.float64)  # float32 values, float64 arithmetic
+    q_max = (2.0 ** b.to(torch.float64)) - 1.0
+    if n_in:
+        wmin, wmax = w.amin(1), w.amax(1)
+    else:
+        wmin = wmax = torch.zeros(n_out, dtype=torch.float64)
+    lo, hi = wmin.clamp_max(0.0), wmax.clamp_min(0.0)
+    tiny = torch.finfo(torch.float32).tiny
+    scale = ((hi - lo) / q_max).to(torch.float32).clamp_min(tiny)
+    s = scale.to(torch.float64)
+    zero = torch.round(-lo / s).clamp(min=0.0).minimum(q_max)
+    codes = (torch.round(w / s[:, None]) + zero[:, None]).clamp(min=0.0).minimum(q_max[:, None])
+    # constant channels: exact by construction
+    const = wmax == wmin
+    c = wmin
+    c_zero = (c < 0).to(torch.float64)
+    scale = torch.where(const, torch.where(c == 0, 1.0, c.abs()).to(torch.float32), scale)
+    zero = torch.where(const, c_zero, zero)
+    codes = torch.where(const[:, None], (c_zero + torch.sign(c))[:, None], codes)
+    return QuantizedWeight(codes.to(torch.uint8), scale, zero.to(torch.int32), b)
+
+
+def dequantize(qw: QuantizedWeight) -> Tensor:
+    """float32 [out, in]: (codes - zero[:, None]) * scale[:, None], one float32 multiply
+    per element (codes - zero is an exact small integer)."""
+    codes, scale, zero, bits = qw
+    if not isinstance(codes, Tensor) or codes.dtype != torch.uint8 or codes.dim() != 2:
+        raise TypeError("qw.codes must be a 2-D uint8 tensor")
+    n_out = codes.shape[0]
+    b = _check_bits("qw.bits", bits, n_out)
+    for name, t in (("qw.scale", scale), ("qw.zero", zero)):
+        if not isinstance(t, Tensor) or tuple(t.shape) != (n_out,):
+            raise ValueError(f"{name} must be a tensor of shape [{n_out}]")
+    q_max = (1 << b) - 1
+    if codes.numel() and bool((codes.to(torch.int64) > q_max[:, None]).any()):
+        raise ValueError("qw.codes exceed 2**bits - 1 for their channel")
+    q = codes.to(torch.float32) - zero.to(torch.float32)[:, None]
+    return q * scale.to(torch.float32)[:, None]
+
+
+def packed_linear(x: Tensor, packed: object, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ W.T + bias`` with W = packed.dequantize() (float32 [out, in]).
+
+    x: [..., in] floating; packed: a QuantizedWeight or anything with a dequantize()
+    method returning [out, in]; bias: None or [out]. Computed in float32 (float64 for
+    float64 x) and returned in x's dtype, shape [..., out].
+    """
+    _check_float("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension [..., in]")
+    if not callable(getattr(packed, "dequantize", None)) or isinstance(packed, Tensor):
+        raise TypeError(f"packed must have a dequantize() method, got {type(packed).__name__}")
+    w = _check_float("packed.dequantize()", packed.dequantize(), (2,))
+    if w.shape[1] != x.shape[-1]:
+        raise ValueError(f"x has {x.shape[-1]} input features but the packed weight has "
+                         f"{w.shape[1]} (shape {tuple(w.shape)})")
+    acc = _acc_dtype(x.dtype)
+    y = x.to(acc) @ w.to(acc).T
+    if bias is not None:
+        _check_float("bias", bias, (1,))
+        if bias.shape[0] != w.shape[0]:
+            raise ValueError(f"bias must have shape [{w.shape[0]}], got {tuple(bias.shape)}")
+        y = y + bias.to(acc)
+    return y.to(x.dtype)
+
+
+def encode_strategy(bits: Tensor) -> Tensor:
+    """CHORD's 2-bit-per-channel strategy code (Sec. 3.2, Eq. 12).
+
+    bits: [C] in {2, 4, 6, 8} (integer tensor, or float with exactly those values).
+    Returns uint8 [ceil(C / 4)]: code = bits / 2 - 1 (2->0, 4->1, 6->2, 8->3); channel i
+    lives in byte i // 4 at bit offset 2 * (i % 4), least significant bits first; padding
+    bits of the last byte are zero. C == 0 gives an empty tensor.
+    """
+    b = _check_bits("bits", bits)
+    codes = b // 2 - 1
+    n_bytes = (codes.shape[0] + 3) // 4
+    codes = torch.cat([codes, codes.new_zeros(4 * n_bytes - codes.shape[0])]).view(n_bytes, 4)
+    shifts = torch.arange(0, 8, 2, dtype=torch.int64)
+    return (codes << shifts).sum(1).to(torch.uint8)
+
+
+def decode_strategy(codes: Tensor, n_channels: int) -> Tensor:
+    """Inverse of encode_strategy: int64 bits [n_channels] in {2, 4, 6, 8}.
+
+    codes must be uint8 of shape [ceil(n_channels / 4)] with zero padding bits
+    (ValueError otherwise).
+    """
+    n = _check_int("n_channels", n_channels, 0)
+    if not isinstance(codes, Tensor) or codes.dtype != torch.uint8:
+        got = codes.dtype if isinstance(codes, Tensor) else type(codes).__name__
+        raise TypeError(f"codes must be a uint8 tensor, got {got}")
+    if codes.dim() != 1 or codes.shape[0] != (n + 3) // 4:
+        raise ValueError(f"codes must have shape [{(n + 3) // 4}] for {n} channels, "
+                         f"got {tuple(codes.shape)}")
+    shifts = torch.arange(0, 8, 2, dtype=torch.int64)
+    fields = ((codes.to(torch.int64)[:, None] >> shifts) & 3).flatten()
+    if bool((fields[n:] != 0).any()):
+        raise ValueError("codes has non-zero padding bits after the last channel")
+    return 2 * (fields[:n] + 1)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the discrete bits; backward: identity to the sensitivity."""
+
+    @staticmethod
+    def forward(ctx, sensitivity: Tensor, bits: Tensor) -> Tensor:  # type: ignore[override]
+        return bits.to(sensitivity.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return grad, None
+
+
+def _tier_bits(s: Tensor, beta: float) -> Tensor:
+    """Eq. 12 tiers for one layer: int64 [C] of 8 / 4 / 2."""
+    C = s.shape[0]
+    n8 = math.floor(beta * C + 0.5)
+    n84 = math.floor(2 * beta * C + 0.5)
+    order = torch.sort(s.detach(), descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(C)
+    bits = torch.full((C,), 2, dtype=torch.int64)
+    bits[rank < n84] = 4
+    bits[rank < n8] = 8
+    return bits
+
+
+def allocate_bits(
+    sensitivity: Union[Tensor, Sequence[Tensor]],
+    beta: float,
+    layer_importance: Optional[Tensor] = None,
+    straight_through: bool = False,
+) -> Union[Tensor, List[Tensor]]:
+    """CHORD's strategy functions Gamma (Eq. 12) and Lambda (Eq. 13), 2-4-6-8 configuration.
+
+    sensitivity: one layer's channel sensitivity alpha^W [C] (floating, no NaN), or a
+                 list of such tensors, one per layer (lengths may differ).
+    beta:        tier fraction in [0, 0.5].
+    Gamma, per layer with C channels, channels ranked by descending sensitivity (ties:
+    lower channel index first): the first n8 = floor(beta*C + 1/2) get 8 bits, the next
+    floor(2*beta*C + 1/2) - n8 get 4 bits, the rest 2 bits (beta*C evaluated in double).
+    Lambda, if layer_importance alpha^L [L] (floating, no NaN; L = number of layers) is
+    given: the single most important layer (argmax, ties -> lowest index) moves every
+    channel one step up the ladder 2 -> 4 -> 6 -> 8 (8 stays 8), the single least
+    important layer (argmin, ties -> lowest index) one step down 8 -> 6 -> 4 -> 2 (2 stays
+    2). If all L importances are equal (always when L == 1) no layer is adjusted.
+    Returns the same structure as sensitivity (a tensor or a list): int64 bits, or, with
+    straight_through=True, bits in sensitivity's float dtype whose gradient flows to
+    sensitivity unchanged (straight-through estimator: forward discrete, backward identity).
+    """
+    single = isinstance(sensitivity, Tensor)
+    layers = [sensitivity] if single else list(sensitivity)  # type: ignore[arg-type]
+    if not layers:
+        raise ValueError("sensitivity must hold at least one layer")
+    for i, s in enumerate(layers):
+        name = "sensitivity" if single else f"sensitivity[{i}]"
+        _check_float(name, s, (1,))
+        if bool(torch.isnan(s).any()):
+            raise ValueError(f"{name} must not contain NaN")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 0.5:
+        raise ValueError(f"beta must be a number in [0, 0.5], got {beta!r}")
+    bits = [_tier_bits(s, float(beta)) for s in layers]
+    if layer_importance is not None:
+        _check_float("layer_importance", layer_importance, (1,))
+        if layer_importance.shape[0] != len(layers):
+            raise ValueError(f"layer_importance must have shape [{len(layers)}] (one per "
+                             f"layer), got {tuple(layer_importance.shape)}")
+        if bool(torch.isnan(layer_importance).any()):
+            raise ValueError("layer_importance must not contain NaN")
+        li = layer_importance.detach()
+        if bool(li.max() > li.min()):
+            up, down = int(li.argmax()), int(li.argmin())
+            bits[up] = (bits[up] + 2).clamp_max(8)
+            bits[down] = (bits[down] - 2).clamp_min(2)
+    if straight_through:
+        bits = [_StraightThrough.apply(s, b) for s, b in zip(layers, bits)]
+    return bits[0] if single else bits
