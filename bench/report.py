@@ -1,0 +1,125 @@
+"""The stdout table and the JSON results file."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+MiB = 1 << 20
+
+
+def _ms(s: Optional[float]) -> str:
+    return "-" if s is None else f"{s * 1e3:.3f}" if s < 1 else f"{s * 1e3:.1f}"
+
+
+def _num(x: Optional[float], fmt: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _oneline(text: str, limit: int = 200) -> str:
+    flat = " | ".join(line.strip() for line in text.splitlines() if line.strip())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.0f}%"
+
+
+def header(machine: dict[str, Any]) -> str:
+    bw = machine.get("bandwidth", {})
+    return "\n".join([
+        f"machine: {machine.get('cpu_model')}, {machine.get('cores_usable')} cores, "
+        f"{machine.get('torch_threads')} torch threads, {machine.get('cpu_capability')}, "
+        f"caches {machine.get('caches')}",
+        f"software: torch {machine.get('torch')}, triton {machine.get('triton')}, "
+        f"python {machine.get('python')}, commit {(machine.get('git_commit') or 'none')[:12]}"
+        f"{' (dirty)' if machine.get('git_dirty') else ''}, {machine.get('date')}",
+        f"bandwidth (256 MiB fp32, best of {bw.get('reps')}, start/end of run): copy "
+        f"{'/'.join(_num(x, '.1f') for x in bw.get('copy_gbps_runs', []))} GB/s, read "
+        f"{'/'.join(_num(x, '.1f') for x in bw.get('read_gbps_runs', []))} GB/s, write "
+        f"{'/'.join(_num(x, '.1f') for x in bw.get('write_gbps_runs', []))} GB/s; "
+        "each case's roofline = bytes / copy bandwidth measured around that case",
+    ])
+
+
+def _case_block(i: int, row: dict[str, Any]) -> list[str]:
+    head = f"[{i}] {row['label']}"
+    if row.get("bytes"):
+        head += (f"   {row['bytes'] / MiB:.1f} MiB moved, roofline {_ms(row.get('roofline_s'))} ms "
+                 f"at {_num(row.get('copy_gbps'), '.1f')} GB/s")
+    if "ours" in row.get("impls", {}):
+        head += f", backend {row.get('backend')}"
+    lines = [head]
+    load = row.get("load") or {}
+    dropped = sum(e.get("dropped_reps", 0) for e in row.get("impls", {}).values())
+    if row.get("contended"):
+        lines.append(f"    !! contended: other processes used {load.get('foreign_cores', 0):.2f} cores on average; "
+                     "reps marked ! include samples taken under that load")
+    elif dropped:
+        lines.append(f"    (other processes were busy at times: {dropped} samples from contended rounds dropped)")
+    if "error" in row:
+        return lines + [f"    ERROR {_oneline(row['error'], 300)}"]
+    lines.append(f"    {'impl':<13}{'median ms':>10}{'GB/s':>8}{'%roof':>8}{'speedup':>9}"
+                 f"{'max|err|':>10}{'reps':>6}  spread(IQR)")
+    for name, e in row["impls"].items():
+        if "error" in e:
+            lines.append(f"    {name:<13}ERROR {_oneline(e['error'])}")
+            continue
+        err = e.get("max_abs_err")
+        err_s = _num(err, ".1e") + ("!" if e.get("error_above_tol") else "")
+        if "check_error" in e:
+            err_s = "check failed"
+        sp = e.get("speedup")
+        lines.append(f"    {name:<13}{_ms(e['median_s']):>10}{_num(e.get('gbps'), '.1f'):>8}"
+                     f"{_pct(e.get('roofline_pct')):>8}{'-' if sp is None else f'{sp:.2f}x':>9}"
+                     f"{err_s:>10}{str(e['reps']) + ('!' if e.get('contended_reps') else ''):>6}  {100 * e['iqr_s'] / e['median_s']:.1f}%")
+        if "check_error" in e:
+            lines.append(f"      check: {e['check_error'][:200]}")
+    extra = row.get("extra") or {}
+    if "summary" in extra:
+        lines.append(f"    => {extra['summary']}")
+    return lines
+
+
+def _load(row: dict[str, Any]) -> str:
+    load = row.get("load") or {}
+    return "-" if "foreign_cores" not in load else f"{load['foreign_cores']:.1f}" + ("!" if row.get("contended") else "")
+
+
+def summary_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = [f"{'case':<42}{'ours ms':>9}{'GB/s':>7}{'%roof':>7}{'max|err|':>10}{'load':>6}  speedup vs peers"]
+    for r in rows:
+        if "ours" not in r.get("impls", {}) and "error" not in r:
+            continue  # rows without an "ours" impl (e.g. first-touch) are not comparisons
+        if "time_s" not in r:
+            why = r.get("error") or r.get("impls", {}).get("ours", {}).get("error", "?")
+            out.append(f"{r['label']:<42}  ERROR {_oneline(why, 100)}")
+            continue
+        sp = ", ".join(f"{k} {v:.2f}x" for k, v in r.get("speedup", {}).items())
+        fails = [k for k, e in r["impls"].items() if "error" in e]
+        if fails:
+            sp += (", " if sp else "") + ", ".join(f"{k} failed" for k in fails)
+        out.append(f"{r['label']:<42}{_ms(r['time_s']):>9}{_num(r.get('gbps'), '.1f'):>7}"
+                   f"{_pct(r.get('roofline_pct')):>7}{_num(r.get('max_abs_err'), '.1e'):>10}"
+                   f"{_load(r):>6}  {sp}")
+    return out
+
+
+def format_report(machine: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    lines = [header(machine), ""]
+    for i, row in enumerate(rows, 1):
+        lines += _case_block(i, row) + [""]
+    summ = summary_table(rows)
+    if len(summ) > 1:
+        lines += ["summary (speedup = peer time / ours, >1: ours is faster; %roof = roofline time / time; "
+                  "load = cores other processes used meanwhile, ! = some samples taken under that load)"] + summ
+    return "\n".join(lines)
+
+
+def write_json(path: Path, machine: dict[str, Any], rows: list[dict[str, Any]], argv: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"schema": 1, "argv": argv, "machine": machine, "rows": rows}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    tmp.replace(path)

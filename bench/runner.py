@@ -1,0 +1,106 @@
+"""Run one case: time every impl, check it against the reference, derive the metrics."""
+from __future__ import annotations
+
+import gc
+import time
+from typing import Any, Optional
+
+import torch
+
+from bench.contention import CpuMonitor
+from bench.registry import OURS, Case, Context
+from bench.roofline import roofline_s
+from bench.timing import measure_interleaved
+
+
+def error_text(e: BaseException, limit: int = 2000) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def max_abs_err(got: Any, want: torch.Tensor) -> float:
+    if not isinstance(got, torch.Tensor):
+        raise TypeError(f"impl returned {type(got).__name__}, not a tensor")
+    if got.shape != want.shape:
+        raise ValueError(f"shape {tuple(got.shape)} != reference {tuple(want.shape)}")
+    if got.dtype != want.dtype:
+        raise TypeError(f"dtype {got.dtype} != reference {want.dtype}")
+    return (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
+
+
+def run_case(case: Case, ctx: Context, timing_kw: Optional[dict] = None) -> dict[str, Any]:
+    """One JSON row for ``case``; failures are recorded in the row, never raised.
+
+    Bandwidth-dependent fields are added by :func:`add_roofline`.
+    """
+    start = time.perf_counter()
+    row: dict[str, Any] = {
+        "name": case.name, "label": case.label, "family": case.family, "params": case.params,
+        "backend": ctx.backend if ctx.backend is not None else "auto",
+    }
+    try:
+        prep = case.make(ctx)
+        ref = prep.reference() if prep.reference is not None else None
+    except Exception as e:
+        row["error"] = error_text(e)
+        row["wall_s"] = time.perf_counter() - start
+        return row
+    row.update(bytes=prep.bytes_moved, tol=prep.tol, notes=list(prep.notes))
+
+    fns = {n: prep.fns.get(n, "not provided by the case") for n in case.impls}
+    runnable = {n: f for n, f in fns.items() if not isinstance(f, str)}
+    mon = CpuMonitor()
+    timed = measure_interleaved(runnable, sync=ctx.sync, **(timing_kw or {}))
+    row["load"] = mon.read()
+
+    impls: dict[str, dict[str, Any]] = {}
+    for name, fn in fns.items():
+        r = fn if isinstance(fn, str) else timed[name]
+        if isinstance(r, str):
+            impls[name] = {"error": r}
+            continue
+        if isinstance(r, BaseException):  # e.g. torch.compile failing on this machine
+            impls[name] = {"error": error_text(r)}
+            continue
+        entry = impls[name] = r.as_dict()
+        if ref is not None:
+            try:
+                entry["max_abs_err"] = err = max_abs_err(fn(), ref)
+                if prep.tol is not None and not err <= prep.tol:
+                    entry["error_above_tol"] = True
+            except Exception as e:
+                entry["check_error"] = error_text(e)
+    row["impls"] = impls
+    row["contended"] = any(e.get("contended_reps", 0) > 0 for e in impls.values())
+
+    ours = impls.get(OURS, {})
+    if "median_s" in ours:
+        row.update(time_s=ours["median_s"], max_abs_err=ours.get("max_abs_err"))
+        row["speedup"] = {p: impls[p]["median_s"] / ours["median_s"] for p in case.peers if "median_s" in impls[p]}
+        for p, s in row["speedup"].items():
+            impls[p]["speedup"] = s
+    if prep.derive is not None:
+        try:
+            row["extra"] = prep.derive({k: v["median_s"] for k, v in impls.items() if "median_s" in v})
+        except Exception as e:
+            row["extra"] = {"error": error_text(e)}
+    del prep, ref, fns, runnable
+    gc.collect()
+    row["wall_s"] = time.perf_counter() - start
+    return row
+
+
+def add_roofline(row: dict[str, Any], copy_gbps: float) -> None:
+    """GB/s and % of roofline (roofline time = bytes / copy bandwidth) for every timed impl."""
+    nbytes = row.get("bytes")
+    if not nbytes:
+        return
+    row["copy_gbps"] = copy_gbps
+    roof = row["roofline_s"] = roofline_s(nbytes, copy_gbps)
+    for e in row.get("impls", {}).values():
+        if "median_s" in e:
+            e["gbps"] = nbytes / e["median_s"] / 1e9
+            e["roofline_pct"] = 100.0 * roof / e["median_s"]
+    ours = row.get("impls", {}).get(OURS, {})
+    if "gbps" in ours:
+        row.update(gbps=ours["gbps"], roofline_pct=ours["roofline_pct"])
