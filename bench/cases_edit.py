@@ -94,13 +94,8 @@ def _make_serving(rows: int, cols: int, dt: str, ctx: Context) -> Prepared:
         return o.add_(theta)
 
     step = max(1, TILE_BYTES // (cols * theta.element_size()))
-    tiles = [(delta[i:i + step], theta[i:i + step], o[i:i + step]) for i in range(0, rows, step)]
-
-    def eager_tiled():
-        for d, t, oo in tiles:
-            torch.clamp(d, -T, T, out=oo)
-            oo.add_(t)
-        return o
+    eager_tiled = _eager_in_chunks([(delta[i:i + step], theta[i:i + step], o[i:i + step])
+                                    for i in range(0, rows, step)], o)
 
     return Prepared(
         fns={OURS: _ours(ctx, theta, delta, None, out=o), "eager": eager, "eager-tiled": eager_tiled},
@@ -108,6 +103,16 @@ def _make_serving(rows: int, cols: int, dt: str, ctx: Context) -> Prepared:
         notes=["eager: clamp(delta,-T,T,out=o); o.add_(theta)",
                f"eager-tiled: the same on {step}-row chunks (~{TILE_BYTES >> 20} MiB) so o stays in cache"],
     )
+
+
+def _eager_in_chunks(chunks, o):
+    """Eager clamp-then-add over (delta, theta, out) chunks small enough to stay in cache."""
+    def run():
+        for d, t, oo in chunks:
+            torch.clamp(d, -T, T, out=oo)
+            oo.add_(t)
+        return o
+    return run
 
 
 def _make_serving_gather(batch: int, protos: int, rows: int, cols: int, dt: str, ctx: Context) -> Prepared:
@@ -118,13 +123,7 @@ def _make_serving_gather(batch: int, protos: int, rows: int, cols: int, dt: str,
         torch.index_select(theta, 0, idx, out=o)
         return o.add_(delta.clamp(-T, T))
 
-    per_sample = [(delta[b], theta[p], o[b]) for b, p in enumerate(idx.tolist())]
-
-    def eager_tiled():
-        for d, t, oo in per_sample:
-            torch.clamp(d, -T, T, out=oo)
-            oo.add_(t)
-        return o
+    eager_tiled = _eager_in_chunks([(delta[b], theta[p], o[b]) for b, p in enumerate(idx.tolist())], o)
 
     return Prepared(
         fns={OURS: _ours(ctx, theta, delta, idx, out=o), "eager": eager, "eager-tiled": eager_tiled},

@@ -137,6 +137,15 @@ at::Tensor edit_output(const EditArgs& args, const at::Tensor& like, const at::T
   return result;
 }
 
+EditArgs prepare_edit_out(const at::Tensor& theta, const at::Tensor& delta, const at::Tensor& threshold,
+                          const c10::optional<at::Tensor>& proto_index, const at::Tensor& out) {
+  EditArgs args = prepare_edit(theta, delta, threshold, proto_index);
+  edit_output(args, theta, &out);
+  at::assert_no_partial_overlap(out, theta);
+  at::assert_no_partial_overlap(out, delta);
+  return args;
+}
+
 void check_threshold_values(const at::Tensor& t) {
   const bool ok = t.numel() == 0 || (t.ge(0).all().item<bool>());  // NaN compares false
   TORCH_CHECK(ok, "pyeditor: threshold must be >= 0 and not NaN");

@@ -27,6 +27,10 @@ EditArgs prepare_edit_grad(const at::Tensor& grad, const at::Tensor& delta, cons
 // Allocates the result, or checks a caller's out= tensor against the expected shape.
 at::Tensor edit_output(const EditArgs& args, const at::Tensor& like, const at::Tensor* out);
 
+// prepare_edit plus the checks on a caller's out= buffer (shape, dtype, device, overlap).
+EditArgs prepare_edit_out(const at::Tensor& theta, const at::Tensor& delta, const at::Tensor& threshold,
+                          const c10::optional<at::Tensor>& proto_index, const at::Tensor& out);
+
 // Host-side check of threshold values (>= 0 and not NaN); the CPU path calls it always.
 void check_threshold_values(const at::Tensor& threshold_cpu);
 

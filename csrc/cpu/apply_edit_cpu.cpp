@@ -1,7 +1,6 @@
 // CPU (ATen) wrappers of the edit ops: checks, then a parallel loop over row blocks whose
 // contiguous runs go to the SIMD span functions and whose strided runs use the same math.
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <sys/mman.h>
 
@@ -105,10 +104,7 @@ at::Tensor apply_edit_cpu(const at::Tensor& theta, const at::Tensor& delta, cons
 void apply_edit_out_cpu(const at::Tensor& theta, const at::Tensor& delta, const at::Tensor& threshold,
                         const c10::optional<at::Tensor>& proto_index, at::Tensor out) {
   check_cpu(theta, "theta");
-  EditArgs args = prepare_edit(theta, delta, threshold, proto_index);
-  edit_output(args, theta, &out);
-  at::assert_no_partial_overlap(out, theta);
-  at::assert_no_partial_overlap(out, delta);
+  EditArgs args = prepare_edit_out(theta, delta, threshold, proto_index, out);
   run_cpu<false>(args, theta, delta, out);
 }
 

@@ -1,7 +1,6 @@
 // CUDA wrappers of the edit ops: one block per span item (a run of one row of one sample),
 // the element math from edit_math.h, launched on the current stream.
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -76,10 +75,7 @@ at::Tensor apply_edit_cuda(const at::Tensor& theta, const at::Tensor& delta, con
 
 void apply_edit_out_cuda(const at::Tensor& theta, const at::Tensor& delta, const at::Tensor& threshold,
                          const c10::optional<at::Tensor>& proto_index, at::Tensor out) {
-  EditArgs args = prepare_edit(theta, delta, threshold, proto_index);
-  edit_output(args, theta, &out);
-  at::assert_no_partial_overlap(out, theta);
-  at::assert_no_partial_overlap(out, delta);
+  EditArgs args = prepare_edit_out(theta, delta, threshold, proto_index, out);
   run_cuda<false>(args, theta, delta, out);
 }
 
