@@ -1,5 +1,6 @@
 #include "edit_args.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 
 namespace pyeditor {
@@ -147,8 +148,13 @@ EditArgs prepare_edit_out(const at::Tensor& theta, const at::Tensor& delta, cons
 }
 
 void check_threshold_values(const at::Tensor& t) {
-  const bool ok = t.numel() == 0 || (t.ge(0).all().item<bool>());  // NaN compares false
-  TORCH_CHECK(ok, "pyeditor: threshold must be >= 0 and not NaN");
+  // t is contiguous float or double (prepare_edit made it so); read it directly, no ATen ops
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "pyeditor_check_threshold", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < t.numel(); ++i) {
+      TORCH_CHECK(p[i] >= 0, "pyeditor: threshold must be >= 0 and not NaN, got ", p[i]);  // NaN fails too
+    }
+  });
 }
 
 void check_index_values(const at::Tensor& idx, int64_t num_protos) {

@@ -61,7 +61,7 @@ def apply_edit(
         return out
     if name == "reference":
         return reference.apply_edit(theta, delta, t, proto_index)
-    return ops.edit_ops(name)[0](theta, delta, t, proto_index)
+    return ops.call_differentiable(ops.edit_ops(name)[0], theta, delta, t, proto_index)
 
 
 def _samples(theta: Tensor, delta: Tensor, proto_index: Optional[Tensor]) -> int:

@@ -58,8 +58,19 @@ def default(device: torch.device | str) -> str:
     return names[0]
 
 
+_resolved: dict = {}
+
+
 def resolve(backend: str | None, device: torch.device) -> str:
     """The backend to run on ``device``: the argument, else $PYEDITOR_BACKEND, else the default."""
+    key = (backend, device.type, os.environ.get(ENV_VAR) if backend is None else None)
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolved[key] = _resolve(backend, device)  # raises for a bad choice, never cached
+    return name
+
+
+def _resolve(backend: str | None, device: torch.device) -> str:
     chosen = backend or os.environ.get(ENV_VAR) or None
     if chosen is None:
         return default(device)

@@ -63,11 +63,27 @@ def _op(name: str):
     return getattr(torch.ops.pyeditor, name)
 
 
+_edit_ops: dict = {}
+
+
 def edit_ops(backend: str):
     """(forward, out=, backward) ops of apply_edit for a resolved backend other than reference."""
-    if backend == "triton":
-        return _op("apply_edit_triton"), _op("apply_edit_out_triton"), _op("apply_edit_backward_triton")
-    return _op("apply_edit"), _op("apply_edit_out"), _op("apply_edit_backward")
+    found = _edit_ops.get(backend)
+    if found is None:
+        suffix = "_triton" if backend == "triton" else ""
+        found = _edit_ops[backend] = tuple(
+            _op(f"apply_edit{part}{suffix}") for part in ("", "_out", "_backward"))
+    return found
+
+
+def call_differentiable(op, *args):
+    """Calls an op that has a Python autograd formula, skipping that Python layer (several
+    microseconds a call, which matters for small serving calls) when no gradient is wanted."""
+    wants_grad = torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+    if wants_grad or torch.compiler.is_compiling():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 # ---------------------------------------------------------------- fake kernels + autograd

@@ -57,6 +57,9 @@ def index_tensor(index, name: str, bound: int) -> Tensor:
     return index
 
 
+_scalar_thresholds: dict = {}
+
+
 def threshold(t, like: Tensor, name: str = "threshold") -> Tensor:
     """T as a tensor of the kernels' accumulation dtype on like's device; T >= 0, never NaN."""
     acc = torch.float64 if like.dtype == torch.float64 else torch.float32
@@ -65,7 +68,16 @@ def threshold(t, like: Tensor, name: str = "threshold") -> Tensor:
     if not isinstance(t, Tensor):
         if math.isnan(t) or t < 0:
             raise ValueError(f"{name} must be >= 0 and not NaN, got {t}")
-        return torch.full((), float(t), dtype=acc, device=like.device)
+        if compiling() or like.device.type != "cpu":
+            return torch.full((), float(t), dtype=acc, device=like.device)
+        # serving calls repeat the same T: keep its (read-only) 0-d CPU tensor
+        key = (float(t), acc)
+        cached = _scalar_thresholds.get(key)
+        if cached is None:
+            if len(_scalar_thresholds) > 256:
+                _scalar_thresholds.clear()
+            cached = _scalar_thresholds[key] = torch.full((), float(t), dtype=acc)
+        return cached
     if not t.dtype.is_floating_point:
         t = t.to(acc)
     if t.dim() > 1:
@@ -98,7 +110,7 @@ def out_tensor(out, shape: tuple, like: Tensor, *inputs: Tensor) -> Tensor:
         raise TypeError(f"out dtype {out.dtype} does not match {like.dtype}")
     if out.device != like.device:
         raise ValueError(f"out is on {out.device} but the inputs are on {like.device}")
-    if out.numel() == 0 or compiling():  # the kernels re-check overlap on real tensors
+    if out.numel() == 0 or compiling():  # the C++ kernels re-check overlap on real tensors
         return out
     if any(st == 0 and n > 1 for n, st in zip(out.shape, out.stride())):
         raise ValueError("out has a broadcast (stride-0) dimension: it would be written more than once")
