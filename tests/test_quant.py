@@ -201,12 +201,19 @@ def test_opcheck(backend, device):
     p = p.to(device)
     x = rand((2, 18), seed=2).to(device)
     b = rand((7,), seed=3).to(device)
-    torch.library.opcheck(dequant, (*p.tensors(), p.flat_buckets, 18, 7))
-    torch.library.opcheck(linear, _op_args(p, x, b))
-    torch.library.opcheck(linear, _op_args(p, x.clone().requires_grad_(), b.clone().requires_grad_()))
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    if backend == "triton" and device == "cpu":
+        tests = tests[:3]  # no inductor on the interpreter
+    torch.library.opcheck(dequant, (*p.tensors(), p.flat_buckets, 18, 7), test_utils=tests)
+    torch.library.opcheck(linear, _op_args(p, x, b), test_utils=tests)
+    torch.library.opcheck(linear, _op_args(p, x.clone().requires_grad_(), b.clone().requires_grad_()),
+                          test_utils=tests)
+    torch.library.opcheck(linear, _op_args(p, x[:1], None, True), test_utils=tests)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", [pytest.param("cpu", "cpu", id="cpu"),
+                                            pytest.param("triton", "cuda", id="triton", marks=pytest.mark.cuda),
+                                            pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda)])
 def test_torch_compile_fullgraph(backend, device):
     torch._dynamo.reset()
     p, qw = both(rand((8, 24), seed=1), rand_bits(8, seed=1))
