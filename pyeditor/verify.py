@@ -113,9 +113,9 @@ def _quant_checks(small: bool) -> Iterator[Check]:
             def run_grad(backend, device, setup=setup, dtype=dtype, n=n):
                 p, qw, x, b = setup(device)
                 g = _rand((*x.shape[:-1], n), dtype, "cpu", seed=7)
-                xa = x.to(device).requires_grad_()
+                xa = x.detach().clone().to(device).requires_grad_()
                 (quant.packed_linear(xa, p.to(device), backend=backend) * g.to(device)).sum().backward()
-                xr = x.clone().requires_grad_()
+                xr = x.detach().clone().requires_grad_()
                 (reference.packed_linear(xr, qw) * g).sum().backward()
                 return xa.grad.cpu(), xr.grad
 
