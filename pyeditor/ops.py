@@ -191,14 +191,15 @@ def _make_quant_backward(dequantize_op):
     return backward
 
 
-def _register_quant(linear: str, dequantize: str) -> None:
+def _register_quant(linear: str, dequantize: str, autograd: bool) -> None:
     torch.library.register_fake(f"pyeditor::{linear}", _fake_quant_linear)
     torch.library.register_fake(f"pyeditor::{dequantize}", _fake_quant_dequantize)
-    torch.library.register_autograd(f"pyeditor::{linear}", _make_quant_backward(_op(dequantize)),
-                                    setup_context=_quant_setup_context)
+    if autograd:
+        torch.library.register_autograd(f"pyeditor::{linear}", _make_quant_backward(_op(dequantize)),
+                                        setup_context=_quant_setup_context)
 
 
-if HAS_CPP:
-    _register_quant("quant_linear", "quant_dequantize")
+if HAS_CPP:  # the C++ op's autograd is registered in C++ (csrc/quant_autograd.cpp), same formula
+    _register_quant("quant_linear", "quant_dequantize", autograd=False)
 if backends.triton_available():
-    _register_quant("quant_linear_triton", "quant_dequantize_triton")
+    _register_quant("quant_linear_triton", "quant_dequantize_triton", autograd=True)

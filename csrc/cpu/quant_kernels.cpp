@@ -1,5 +1,6 @@
 // CPU inner kernels of the packed low-bit matmul (see cpu_quant.h): an AVX-512 (+VNNI) path
 // picked at load time, and a portable path on the shared codec in pack.h.
+#include <cmath>
 #include <cstring>
 
 #include "pyeditor/cpu_quant.h"
@@ -176,6 +177,42 @@ PE_AVX512 void dot_i8_vnni(const uint8_t* tile, int64_t blocks, const int8_t* x,
   for (; r < m; ++r) rows_i8<BITS, 1, 4>(tile, blocks, x + r * ldx, ldx, out + r * ldo, ldo);
 }
 
+PE_AVX512 float quantize_row_avx512(const float* x, int64_t n, int8_t* out, int64_t* sum) {
+  __m512 amax = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);  // inf, NaN
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+  }
+  float m = _mm512_reduce_max_ps(amax);
+  for (; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    if (!(a < INFINITY)) bad = 1;
+    m = a > m ? a : m;
+  }
+  if (bad) return NAN;
+  const float scale = m > 0.0f ? m / 127.0f : 1.0f, inv = 1.0f / scale;
+  const __m512 vinv = _mm512_set1_ps(inv);
+  __m512i acc = _mm512_setzero_si512();
+  i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), vinv));  // round half to even
+    q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+    acc = _mm512_add_epi32(acc, q);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(q));
+  }
+  int64_t s = _mm512_reduce_add_epi32(acc);
+  for (; i < n; ++i) {
+    const float v = std::nearbyint(x[i] * inv);
+    out[i] = static_cast<int8_t>(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+    s += out[i];
+  }
+  *sum = s;
+  return scale;
+}
+
 bool detect_vnni() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -224,6 +261,27 @@ void tile_dot_i8(const uint8_t* tile, int bits, int64_t blocks, const int8_t* x,
   }
 #endif
   dot_i8_scalar(tile, bits, blocks, x, ldx, m, out, ldo);
+}
+
+float quantize_row_i8(const float* x, int64_t n, int8_t* out, int64_t* sum) {
+#ifdef PE_QUANT_X86
+  if (kVnni) return quantize_row_avx512(x, n, out, sum);
+#endif
+  float m = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    if (!(a < INFINITY)) return NAN;
+    m = a > m ? a : m;
+  }
+  const float scale = m > 0.0f ? m / 127.0f : 1.0f, inv = 1.0f / scale;
+  int64_t s = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::nearbyint(x[i] * inv);
+    out[i] = static_cast<int8_t>(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+    s += out[i];
+  }
+  *sum = s;
+  return scale;
 }
 
 const char* quant_simd_level() { return kVnni ? "avx512-vnni" : "scalar"; }

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../ops.h"
@@ -69,30 +70,18 @@ Activations prepare(const at::Tensor& x2, int64_t kp, bool fast) {
   act.xq.assign(m * kp, 0);
   act.xscale.assign(m, 1.0f);
   at::parallel_for(0, m, 16, [&](int64_t b, int64_t e) {
+    std::vector<float> row(std::is_same_v<T, float> ? 0 : k);
     for (int64_t r = b; r < e; ++r) {
-      const T* xr = x + r * k;
-      float amax = 0.0f;
-      bool finite = true;
-      for (int64_t i = 0; i < k; ++i) {
-        const float v = static_cast<float>(xr[i]);
-        finite &= std::isfinite(v);
-        amax = std::fmax(amax, std::fabs(v));
+      const float* xr;
+      if constexpr (std::is_same_v<T, float>) {
+        xr = x + r * k;
+      } else {
+        for (int64_t i = 0; i < k; ++i) row[i] = static_cast<float>(x[r * k + i]);
+        xr = row.data();
       }
-      if (!finite) {  // the row's outputs become NaN, like the exact path
-        act.xscale[r] = NAN;
-        continue;
-      }
-      const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
-      const float inv = 1.0f / scale;
-      int8_t* d = act.xq.data() + r * kp;
       int64_t s = 0;
-      for (int64_t i = 0; i < k; ++i) {
-        const float v = std::nearbyint(static_cast<float>(xr[i]) * inv);
-        d[i] = static_cast<int8_t>(std::fmin(127.0f, std::fmax(-127.0f, v)));
-        s += d[i];
-      }
+      act.xscale[r] = q::cpu::quantize_row_i8(xr, k, act.xq.data() + r * kp, &s);
       act.sum[r] = static_cast<double>(s);
-      act.xscale[r] = scale;
     }
   });
   return act;

@@ -1,6 +1,7 @@
 // Framework-free tests of the packed layout (pack.h) and the CPU tile kernels (cpu_quant.h):
 // every code written with put_code reads back with get_code, and the SIMD kernels' dot products
 // equal a direct sum over get_code for every width and row count.
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -61,6 +62,23 @@ int main() {
           EXPECT(outi[r * q::kTileN + c] == wi, "i8 bits=%d m=%ld", bits, long(m));
         }
     }
+  }
+  // activation quantization: every element within half a step, sum consistent, NaN/inf refused
+  for (int64_t n : {1, 15, 16, 33, 300}) {
+    std::vector<float> x(n);
+    std::vector<int8_t> xq(n);
+    for (auto& v : x) v = static_cast<float>(static_cast<int>(rng() % 2001) - 1000) / 37.0f;
+    int64_t sum = 0, want = 0;
+    const float scale = q::cpu::quantize_row_i8(x.data(), n, xq.data(), &sum);
+    for (int64_t i = 0; i < n; ++i) {
+      EXPECT(std::fabs(xq[i] * scale - x[i]) <= 0.5001f * scale, "quantize n=%ld i=%ld", long(n), long(i));
+      want += xq[i];
+    }
+    EXPECT(sum == want, "quantize sum n=%ld", long(n));
+    x[n / 2] = NAN;
+    EXPECT(std::isnan(q::cpu::quantize_row_i8(x.data(), n, xq.data(), &sum)), "NaN row n=%ld", long(n));
+    x[n / 2] = INFINITY;
+    EXPECT(std::isnan(q::cpu::quantize_row_i8(x.data(), n, xq.data(), &sum)), "inf row n=%ld", long(n));
   }
   std::printf("pack/cpu_quant (%s): %s\n", q::cpu::quant_simd_level(), failures ? "FAILED" : "ok");
   return failures ? 1 : 0;

@@ -16,6 +16,11 @@ void tile_dot_f32(const uint8_t* tile, int bits, int64_t blocks, const float* x,
 void tile_dot_i8(const uint8_t* tile, int bits, int64_t blocks, const int8_t* x, int64_t ldx, int64_t m,
                  int32_t* out, int64_t ldo);
 
+// Quantizes one activation row for tile_dot_i8: out[i] = clamp(round(x[i] / scale), -127, 127) with
+// scale = max|x| / 127 (1 when x is all zero); returns scale and sets *sum = sum_i out[i]. A row
+// with NaN or inf returns NaN (its outputs become NaN). out must hold n values.
+float quantize_row_i8(const float* x, int64_t n, int8_t* out, int64_t* sum);
+
 // "avx512-vnni" or "scalar": the path these functions take on this CPU.
 const char* quant_simd_level();
 
