@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -32,6 +33,26 @@ std::vector<Tile> tiles_of(const PackedArgs& a, const uint8_t* data) {
       tiles.push_back({static_cast<int>(b.bits), data + b.byte_offset + t * q::tile_bytes(b.bits, tb_k),
                        b.row_start + t * q::kTileN});
   return tiles;
+}
+
+constexpr int kChunksPerThread = 8;
+
+// Tile boundaries [starts[i], starts[i+1]) of chunks holding about equal bytes of codes, or {}
+// to split by tile count (chunks_per_thread == 0, or too few tiles for it to matter).
+std::vector<int64_t> balanced_chunks(const std::vector<Tile>& tiles, int64_t k, int chunks_per_thread) {
+  const int64_t n = static_cast<int64_t>(tiles.size());
+  const int64_t chunks = std::min<int64_t>(n, int64_t(chunks_per_thread) * at::get_num_threads());
+  if (chunks_per_thread == 0 || chunks < 2) return {};
+  std::vector<int64_t> prefix(n + 1, 0);
+  for (int64_t t = 0; t < n; ++t) prefix[t + 1] = prefix[t] + q::tile_bytes(tiles[t].bits, k);
+  std::vector<int64_t> starts{0};
+  for (int64_t c = 1; c < chunks; ++c) {
+    const int64_t target = prefix[n] * c / chunks;
+    const int64_t t = std::lower_bound(prefix.begin(), prefix.end(), target) - prefix.begin();
+    if (t > starts.back() && t < n) starts.push_back(t);
+  }
+  starts.push_back(n);
+  return starts;
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
@@ -97,9 +118,15 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   const uint8_t* z = zero.const_data_ptr<uint8_t>();
   const int32_t* p = perm.const_data_ptr<int32_t>();
   T* y = out.mutable_data_ptr<T>();
+  // Work items of equal cost: bytes of codes for few rows (a 2-bit tile streams a quarter of an
+  // 8-bit one), tiles for many rows (the multiply-adds dominate).
+  const std::vector<int64_t> starts = balanced_chunks(tiles, a.k, m < 4 ? kChunksPerThread : 0);
   const int64_t work = std::max<int64_t>(1, kp * q::kTileN * std::max<int64_t>(m, 1));
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / work);
-  at::parallel_for(0, static_cast<int64_t>(tiles.size()), grain, [&](int64_t begin, int64_t end) {
+  const int64_t grain = starts.empty() ? std::max<int64_t>(1, (int64_t(1) << 16) / work) : 1;
+  const int64_t items = starts.empty() ? static_cast<int64_t>(tiles.size()) : static_cast<int64_t>(starts.size()) - 1;
+  at::parallel_for(0, items, grain, [&](int64_t ibegin, int64_t iend) {
+    const int64_t begin = starts.empty() ? ibegin : starts[ibegin];
+    const int64_t end = starts.empty() ? iend : starts[iend];
     std::vector<float> accf(fast ? 0 : m * q::kTileN), wbuf(fast ? 0 : kp * q::kTileN);
     std::vector<int32_t> acci(fast ? m * q::kTileN : 0);
     for (int64_t t = begin; t < end; ++t) {
