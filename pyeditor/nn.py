@@ -127,6 +127,8 @@ def quantize_model(model: nn.Module, bits_for: Callable[[str, nn.Linear], Option
     a bits vector (or int) by a PackedLinear; None keeps the layer. Returns the model."""
     if not callable(bits_for):
         raise TypeError("bits_for must be a callable (name, linear) -> bits or None")
+    if isinstance(model, nn.Linear):
+        raise ValueError("model itself is an nn.Linear; use PackedLinear.from_linear")
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, linear in targets:
         bits = bits_for(name, linear)
@@ -135,8 +137,6 @@ def quantize_model(model: nn.Module, bits_for: Callable[[str, nn.Linear], Option
         packed = PackedLinear.from_linear(linear, bits, **kwargs)
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        if not name:
-            raise ValueError("model itself is an nn.Linear; use PackedLinear.from_linear")
         setattr(parent, attr, packed)
     return model
 # ---------------------------------------------------------------- end packed low-bit layers
