@@ -9,6 +9,12 @@ at::Tensor apply_edit_cpu(const at::Tensor& theta, const at::Tensor& delta, cons
 void apply_edit_out_cpu(const at::Tensor& theta, const at::Tensor& delta, const at::Tensor& threshold,
                         const c10::optional<at::Tensor>& proto_index, at::Tensor out);
 at::Tensor apply_edit_backward_cpu(const at::Tensor& grad, const at::Tensor& delta, const at::Tensor& threshold);
+at::Tensor quant_dequantize_cpu(const at::Tensor& data, const at::Tensor& scale, const at::Tensor& zero,
+                                const at::Tensor& perm, at::IntArrayRef buckets, int64_t in_features,
+                                int64_t out_features);
+at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
+                            const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
+                            int64_t out_features, const c10::optional<at::Tensor>& bias, bool fast);
 
 #ifdef PYEDITOR_WITH_CUDA
 at::Tensor apply_edit_cuda(const at::Tensor& theta, const at::Tensor& delta, const at::Tensor& threshold,
@@ -16,6 +22,12 @@ at::Tensor apply_edit_cuda(const at::Tensor& theta, const at::Tensor& delta, con
 void apply_edit_out_cuda(const at::Tensor& theta, const at::Tensor& delta, const at::Tensor& threshold,
                          const c10::optional<at::Tensor>& proto_index, at::Tensor out);
 at::Tensor apply_edit_backward_cuda(const at::Tensor& grad, const at::Tensor& delta, const at::Tensor& threshold);
+at::Tensor quant_dequantize_cuda(const at::Tensor& data, const at::Tensor& scale, const at::Tensor& zero,
+                                 const at::Tensor& perm, at::IntArrayRef buckets, int64_t in_features,
+                                 int64_t out_features);
+at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
+                             const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
+                             int64_t out_features, const c10::optional<at::Tensor>& bias, bool fast);
 #endif
 
 }  // namespace pyeditor

@@ -33,12 +33,19 @@ TORCH_LIBRARY(pyeditor, m) {
   m.def("apply_edit(Tensor theta, Tensor delta, Tensor threshold, Tensor? proto_index=None) -> Tensor");
   m.def("apply_edit_out(Tensor theta, Tensor delta, Tensor threshold, Tensor? proto_index, Tensor(a!) out) -> ()");
   m.def("apply_edit_backward(Tensor grad, Tensor delta, Tensor threshold) -> Tensor");
+  // packed channel-wise 2/4/6/8-bit weights (layout: csrc/include/pyeditor/pack.h)
+  m.def("quant_dequantize(Tensor data, Tensor scale, Tensor zero, Tensor perm, int[] buckets, int in_features, "
+        "int out_features) -> Tensor");
+  m.def("quant_linear(Tensor x, Tensor data, Tensor scale, Tensor zero, Tensor perm, int[] buckets, "
+        "int out_features, Tensor? bias=None, bool fast=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pyeditor, CPU, m) {
   m.impl("apply_edit", &apply_edit_cpu);
   m.impl("apply_edit_out", &apply_edit_out_cpu);
   m.impl("apply_edit_backward", &apply_edit_backward_cpu);
+  m.impl("quant_dequantize", &quant_dequantize_cpu);
+  m.impl("quant_linear", &quant_linear_cpu);
 }
 
 #ifdef PYEDITOR_WITH_CUDA
@@ -46,6 +53,8 @@ TORCH_LIBRARY_IMPL(pyeditor, CUDA, m) {
   m.impl("apply_edit", &apply_edit_cuda);
   m.impl("apply_edit_out", &apply_edit_out_cuda);
   m.impl("apply_edit_backward", &apply_edit_backward_cuda);
+  m.impl("quant_dequantize", &quant_dequantize_cuda);
+  m.impl("quant_linear", &quant_linear_cuda);
 }
 #endif
 

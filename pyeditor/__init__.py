@@ -6,6 +6,11 @@ The top-level functions take the same arguments as their plain-PyTorch definitio
 """
 from . import backends, reference
 from .api import apply_edit
+from . import quant
+from .quant import (PackedWeight, allocate_bits, decode_strategy, dequantize, encode_strategy,
+                    packed_linear, quantize_channelwise)
 
-__all__ = ["apply_edit", "backends", "reference"]
+__all__ = ["apply_edit", "backends", "reference",
+           "quant", "PackedWeight", "quantize_channelwise", "dequantize", "packed_linear", "encode_strategy",
+           "decode_strategy", "allocate_bits"]
 __version__ = "0.1.0"

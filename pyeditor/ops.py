@@ -6,6 +6,7 @@ only, so they trace under torch.compile and run on every backend.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -137,3 +138,84 @@ if HAS_CPP:
     _register("apply_edit", "apply_edit_out", "apply_edit_backward")
 if backends.triton_available():
     _register("apply_edit_triton", "apply_edit_out_triton", "apply_edit_backward_triton")
+
+
+# ================================================================ packed low-bit weights (quant)
+# Ops: quant_linear(x, data, scale, zero, perm, buckets, out_features, bias, fast) and
+# quant_dequantize(data, scale, zero, perm, buckets, in_features, out_features); C++ on
+# CPU/CUDA (csrc/cpu/quant_*.cpp, csrc/cuda/quant_linear_cuda.cu), triton_op twins here.
+# Autograd flows to x (and bias): grad_x = grad_y @ W with W from the dequantize op.
+
+if backends.triton_available():
+    from pyeditor.kernels import quant as _quant_kernels
+
+    @triton_op("pyeditor::quant_dequantize_triton", mutates_args=())
+    def quant_dequantize_triton(data: Tensor, scale: Tensor, zero: Tensor, perm: Tensor, buckets: list[int],
+                                in_features: int, out_features: int) -> Tensor:
+        w = torch.zeros((out_features, in_features), dtype=torch.float32, device=data.device)
+        _quant_kernels.dequantize(data, scale, zero, perm, buckets, in_features, out_features, w)
+        return w
+
+    @triton_op("pyeditor::quant_linear_triton", mutates_args=())
+    def quant_linear_triton(x: Tensor, data: Tensor, scale: Tensor, zero: Tensor, perm: Tensor, buckets: list[int],
+                            out_features: int, bias: Optional[Tensor] = None, fast: bool = False) -> Tensor:
+        k = x.shape[-1]
+        if x.dtype == torch.float64:  # exact float32 weight in a float64 matmul (gradcheck)
+            w = quant_dequantize_triton(data, scale, zero, perm, buckets, k, out_features)
+            y = x @ w.to(torch.float64).T
+            return y + bias.to(torch.float64) if bias is not None else y
+        x2 = x.reshape(math.prod(x.shape[:-1]), k)
+        y = torch.zeros((x2.shape[0], out_features), dtype=x.dtype, device=x.device)
+        _quant_kernels.linear(x2, data, scale, zero, perm, buckets, out_features, bias, y)
+        return y.reshape(*x.shape[:-1], out_features)
+
+
+def quant_ops(backend: str):
+    """(linear, dequantize) ops of the packed weights for a resolved backend other than reference."""
+    if backend == "triton":
+        return _op("quant_linear_triton"), _op("quant_dequantize_triton")
+    return _op("quant_linear"), _op("quant_dequantize")
+
+
+def _fake_quant_linear(x, data, scale, zero, perm, buckets, out_features, bias=None, fast=False):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _fake_quant_dequantize(data, scale, zero, perm, buckets, in_features, out_features):
+    return data.new_empty((out_features, in_features), dtype=torch.float32)
+
+
+def _quant_setup_context(ctx, inputs, output):
+    x, data, scale, zero, perm, buckets, out_features, bias, fast = inputs
+    ctx.save_for_backward(data, scale, zero, perm)
+    ctx.meta = (list(buckets), x.shape[-1], out_features, x.dtype, None if bias is None else bias.dtype)
+
+
+def _make_quant_backward(dequantize_op):
+    def backward(ctx, grad):
+        data, scale, zero, perm = ctx.saved_tensors
+        buckets, k, n, x_dtype, bias_dtype = ctx.meta
+        grad_x = grad_bias = None
+        acc = torch.float64 if x_dtype == torch.float64 else torch.float32
+        if ctx.needs_input_grad[0]:
+            w = dequantize_op(data, scale, zero, perm, buckets, k, n)
+            grad_x = (grad.to(acc) @ w.to(acc)).to(x_dtype)
+        if bias_dtype is not None and ctx.needs_input_grad[7]:
+            grad_bias = grad.reshape(-1, n).to(acc).sum(0).to(bias_dtype)
+        return grad_x, None, None, None, None, None, None, grad_bias, None
+
+    return backward
+
+
+def _register_quant(linear: str, dequantize: str, autograd: bool) -> None:
+    torch.library.register_fake(f"pyeditor::{linear}", _fake_quant_linear)
+    torch.library.register_fake(f"pyeditor::{dequantize}", _fake_quant_dequantize)
+    if autograd:
+        torch.library.register_autograd(f"pyeditor::{linear}", _make_quant_backward(_op(dequantize)),
+                                        setup_context=_quant_setup_context)
+
+
+if HAS_CPP:  # the C++ op's autograd is registered in C++ (csrc/quant_autograd.cpp), same formula
+    _register_quant("quant_linear", "quant_dequantize", autograd=False)
+if backends.triton_available():
+    _register_quant("quant_linear_triton", "quant_dequantize_triton", autograd=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -24,6 +24,7 @@ class Check:
     shape: str
     dtype: torch.dtype
     run: Callable[[str, str], tuple]  # (backend, device) -> (actual, expected)
+    tol: Optional[tuple] = None  # (atol, rtol) instead of the dtype's row, e.g. reduction_tolerance
 
 
 @dataclass
@@ -82,6 +83,55 @@ def _edit_checks(small: bool) -> Iterator[Check]:
 CHECKS: list[Callable[[bool], Iterator[Check]]] = [_edit_checks]
 
 
+# ---------------------------------------------------------------- packed low-bit weights (quant)
+def _quant_checks(small: bool) -> Iterator[Check]:
+    from . import quant
+    from .testing import reduction_tolerance
+
+    shapes = [((1, 50), 37), ((20, 33), 21), ((2, 3, 17), 1)]
+    if not small:
+        shapes += [((1, 4096), 512), ((64, 1000), 300)]
+    for dtype in DTYPES:
+        for x_shape, n in shapes:
+            k = x_shape[-1]
+            label = f"x{list(x_shape)} out={n} mixed bits"
+
+            def setup(device, x_shape=x_shape, n=n, k=k, dtype=dtype):
+                g = torch.Generator().manual_seed(n)
+                bits = torch.tensor([2, 4, 6, 8])[torch.randint(0, 4, (n,), generator=g)]
+                w = _rand((n, k), torch.float32, "cpu", seed=4)
+                return (quant.quantize_channelwise(w, bits), reference.quantize_channelwise(w, bits),
+                        _rand(x_shape, dtype, "cpu", seed=5), _rand((n,), dtype, "cpu", seed=6))
+
+            def run(backend, device, setup=setup, dtype=dtype, k=k):
+                p, qw, x, b = setup(device)
+                got = quant.packed_linear(x.to(device), p.to(device), b.to(device), backend=backend)
+                return got.cpu(), reference.packed_linear(x, qw, b)
+
+            yield Check("packed_linear", label, dtype, run, reduction_tolerance(dtype, k))
+
+            def run_grad(backend, device, setup=setup, dtype=dtype, n=n):
+                p, qw, x, b = setup(device)
+                g = _rand((*x.shape[:-1], n), dtype, "cpu", seed=7)
+                xa = x.detach().clone().to(device).requires_grad_()
+                (quant.packed_linear(xa, p.to(device), backend=backend) * g.to(device)).sum().backward()
+                xr = x.detach().clone().requires_grad_()
+                (reference.packed_linear(xr, qw) * g).sum().backward()
+                return xa.grad.cpu(), xr.grad
+
+            yield Check("packed_linear (grad x)", label, dtype, run_grad, reduction_tolerance(dtype, n))
+
+        if dtype == torch.float32:
+            def run_deq(backend, device):
+                p, qw, _, _ = setup(device)
+                return quant.dequantize(p.to(device), backend=backend).cpu(), reference.dequantize(qw)
+
+            yield Check("dequantize (bit-exact)", f"[{n}, {k}] mixed bits", dtype, run_deq, (0.0, 0.0))
+
+
+CHECKS.append(_quant_checks)
+
+
 def _targets() -> list[tuple[str, str]]:
     targets = []
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
@@ -101,7 +151,7 @@ def run_all(only_backend: str | None = None) -> list[Row]:
                     note = "interpreter truncates bf16"
                 else:
                     note = ""
-                atol, rtol = tolerance(check.dtype)
+                atol, rtol = check.tol or tolerance(check.dtype)
                 try:
                     actual, expected = check.run(backend, device)
                     a, r = errors(actual, expected)

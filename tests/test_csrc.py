@@ -19,7 +19,7 @@ def test_ctest_and_cuda_compile_check():
                    capture_output=True, text=True)
     run = subprocess.run(["ctest", "--test-dir", str(BUILD), "--output-on-failure"], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "edit_math" in run.stdout and "cpu_spans" in run.stdout
+    assert "edit_math" in run.stdout and "cpu_spans" in run.stdout and "pack" in run.stdout
     nvcc = shutil.which("nvcc") or (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc").exists()
     if nvcc:
         for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):

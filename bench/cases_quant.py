@@ -1,0 +1,150 @@
+"""Benchmark cases for ``pyeditor.packed_linear``: y = x @ W.T with W channel-wise 2/4/6/8-bit packed.
+
+Impls: ours (exact fp32 mode), ours-fast (int8 activations, VNNI), fp32 (torch ``x @ W.T`` on the
+dequantized weight), int8pack (``aten._weight_int8pack_mm``, bf16 x), int4pack
+(``aten._weight_int4pack_mm_for_cpu``, bf16 x, group 128), weight-read (``.sum()`` over fp32
+buffers holding exactly the packed bytes: the weight-read roofline in the same run).
+
+GEMV rows ("dram") cycle over distinct copies of the layer, for every impl, so each one's
+working set is >= 4x the 32 MiB L3 and weights stream from DRAM like one token through a real
+model; "cache" rows call one layer repeatedly. Widths: 2, 4, 6, 8 uniform and the CHORD mix
+(beta = 12.5%: 12.5% 8-bit, 12.5% 4-bit, 75% 2-bit).
+Default run (~40 s a row under load, 5 rows): 4096x4096 GEMV (dram) at 2 and 4 bits and the mix,
+cache-resident GEMV and GEMM M=256 for the mix; --full adds the rest of the grid (6- and 8-bit
+GEMV, 4-bit cache, M=16, the other widths at M=256, 384x1536).
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+
+import torch
+
+from bench.registry import OURS, Case, Context, Prepared
+
+FAMILY = "packed_linear"
+L3_BYTES = 32 << 20
+WORKING_SET = 4 * L3_BYTES
+WIDTHS = ("2", "4", "6", "8", "mix")
+IMPLS = (OURS, "ours-fast", "fp32", "int8pack", "int4pack", "weight-read")
+
+
+def _bits(width: str, n: int) -> torch.Tensor:
+    if width != "mix":
+        return torch.full((n,), int(width), dtype=torch.int64)
+    gen = torch.Generator().manual_seed(1)
+    sens = torch.rand(n, generator=gen)
+    import pyeditor
+    return pyeditor.allocate_bits(sens, 0.125)
+
+
+def _copies(nbytes: int, dram: bool) -> int:
+    return max(1, -(-WORKING_SET // max(nbytes, 1))) if dram else 1
+
+
+def _cycle(fns):
+    it = itertools.cycle(fns)
+    return lambda: next(it)()
+
+
+@functools.lru_cache(maxsize=2)
+def _quantized(n: int, k: int, width: str):
+    """The layer's packed weight, shared by the cases of one shape and width (quantizing a
+    4096x4096 layer with the reference quantizer takes seconds)."""
+    from pyeditor import quant
+
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
+    return quant.quantize_channelwise(w, _bits(width, n))
+
+
+def _make(n: int, k: int, m: int, width: str, dram: bool, ctx: Context) -> Prepared:
+    import pyeditor
+    from pyeditor import quant
+
+    gen = torch.Generator().manual_seed(1)  # not the weight's seed: x must not equal a weight row
+    x = torch.randn(m, k, generator=gen)
+    packed = _quantized(n, k, width)
+    kw = {} if ctx.backend is None else {"backend": ctx.backend}
+    copies = [packed] + [quant.PackedWeight(*(t.clone() for t in packed.tensors()), packed.buckets, packed.bits,
+                                            k, n) for _ in range(_copies(packed.nbytes, dram) - 1)]
+    ours = _cycle([functools.partial(pyeditor.packed_linear, x, p, **kw) for p in copies])
+    fast = _cycle([functools.partial(pyeditor.packed_linear, x, p, fast=True, **kw) for p in copies])
+
+    dense = packed.dequantize()
+    ws = [dense] + [dense.clone() for _ in range(_copies(dense.nbytes, dram) - 1)]
+    fp32 = _cycle([functools.partial(torch.matmul, x, d.T) for d in ws])
+    xb = x.bfloat16()
+
+    w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    s8 = (torch.rand(n, generator=gen) / 100).bfloat16()
+    w8s = [w8] + [w8.clone() for _ in range(_copies(w8.nbytes, dram) - 1)]
+    int8 = _cycle([functools.partial(torch.ops.aten._weight_int8pack_mm, xb, t, s8) for t in w8s])
+
+    group = 128 if k % 128 == 0 else None
+    if group:
+        w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen), 2)
+        sz = torch.rand(k // group, n, 2, generator=gen).bfloat16()
+        w4s = [w4] + [w4.clone() for _ in range(_copies(w4.nbytes + sz.nbytes, dram) - 1)]
+        int4 = _cycle([functools.partial(torch.ops.aten._weight_int4pack_mm_for_cpu, xb, t, group, sz)
+                       for t in w4s])
+    else:
+        int4 = f"K={k} is not a multiple of the int4 group size 128"
+
+    reads = [torch.zeros(packed.nbytes // 4) for _ in copies]
+    read = _cycle([r.sum for r in reads])
+
+    err = (pyeditor.packed_linear(x, packed, fast=True) - pyeditor.packed_linear(x, packed)).abs().max().item()
+    ref = (x @ dense.T).abs().max().item()
+
+    def derive(t: dict) -> dict:
+        out = {}
+        for name in (OURS, "ours-fast"):
+            if name not in t:
+                continue
+            tag = "" if name == OURS else "_fast"
+            if "weight-read" in t:
+                out[f"read_roofline_pct{tag}"] = 100.0 * t["weight-read"] / t[name]
+            for peer in ("fp32", "int8pack", "int4pack"):
+                if peer in t:
+                    out[f"vs_{peer}{tag}"] = t[peer] / t[name]
+        if "weight-read" in t:
+            out["read_gbps"] = packed.nbytes / t["weight-read"] / 1e9
+        out["summary"] = ", ".join(f"{k}={v:.2f}" for k, v in out.items())
+        return out
+
+    widths = {b: int((packed.bits == b).sum()) for b in (2, 4, 6, 8)}
+    return Prepared(
+        fns={OURS: ours, "ours-fast": fast, "fp32": fp32, "int8pack": int8, "int4pack": int4, "weight-read": read},
+        bytes_moved=packed.nbytes, derive=derive,
+        notes=[f"packed {packed.nbytes} B ({packed.metadata_bytes} B metadata = "
+               f"{100 * packed.metadata_bytes / packed.nbytes:.2f}%); channels per width {widths}; "
+               f"{len(copies)} copies of ours, {len(ws)} of fp32, {len(w8s)} of int8pack per cycle",
+               f"ours-fast (int8 activations) max|err| vs exact = {err:.3g} (max|y| = {ref:.3g})",
+               "weight-read: fp32 .sum() over buffers of exactly the packed bytes (same copies)"],
+    )
+
+
+def _case(n, k, m, width, dram, full):
+    regime = "dram" if dram else "cache"
+    shape = f"{n}x{k}"
+    return Case(f"{FAMILY}/{regime}/M{m}/{shape}/{width}", f"packed_linear {regime} M={m} {shape} {width}-bit",
+                FAMILY, IMPLS, functools.partial(_make, n, k, m, width, dram), full,
+                {"out": n, "in": k, "M": m, "bits": width, "regime": regime})
+
+
+def _cases() -> list:
+    cases = []
+    for width in WIDTHS:  # mix last, so the cache-resident and GEMM mix rows reuse its packing
+        cases.append(_case(4096, 4096, 1, width, True, width in ("6", "8")))
+    cases += [_case(4096, 4096, 1, "mix", False, False), _case(4096, 4096, 1, "4", False, True)]
+    for m in (256, 16):
+        for width in WIDTHS:
+            cases.append(_case(4096, 4096, m, width, False, width != "mix" or m == 16))
+    for m in (1, 16, 256):
+        for width in WIDTHS:
+            cases.append(_case(384, 1536, m, width, m == 1, True))
+    return cases
+
+
+CASES: list = _cases()

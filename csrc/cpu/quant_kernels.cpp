@@ -1,0 +1,289 @@
+// CPU inner kernels of the packed low-bit matmul (see cpu_quant.h): an AVX-512 (+VNNI) path
+// picked at load time, and a portable path on the shared codec in pack.h.
+#include <cmath>
+#include <cstring>
+
+#include "pyeditor/cpu_quant.h"
+#include "pyeditor/pack.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define PE_QUANT_X86 1
+#endif
+
+namespace pe::quant::cpu {
+namespace {
+
+// ---------------------------------------------------------------- portable path
+void dot_f32_scalar(const uint8_t* tile, int bits, int64_t blocks, const float* x, int64_t ldx, int64_t m,
+                    float* out, int64_t ldo) {
+  for (int64_t r = 0; r < m; ++r) {
+    float acc[kTileN] = {};
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* blk = tile + b * block_bytes(bits);
+      const float* xr = x + r * ldx + b * kTileK;
+      for (int kk = 0; kk < kTileK; ++kk)
+        for (int c = 0; c < kTileN; ++c) acc[c] += static_cast<float>(get_code(blk, bits, c, kk)) * xr[kk];
+    }
+    std::memcpy(out + r * ldo, acc, sizeof acc);
+  }
+}
+
+void dot_i8_scalar(const uint8_t* tile, int bits, int64_t blocks, const int8_t* x, int64_t ldx, int64_t m,
+                   int32_t* out, int64_t ldo) {
+  for (int64_t r = 0; r < m; ++r) {
+    int32_t acc[kTileN] = {};
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* blk = tile + b * block_bytes(bits);
+      const int8_t* xr = x + r * ldx + b * kTileK;
+      for (int kk = 0; kk < kTileK; ++kk)
+        for (int c = 0; c < kTileN; ++c) acc[c] += static_cast<int32_t>(get_code(blk, bits, c, kk)) * xr[kk];
+    }
+    std::memcpy(out + r * ldo, acc, sizeof acc);
+  }
+}
+
+#ifdef PE_QUANT_X86
+#define PE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+// One 16x16 block as four vectors: v[g] lane c holds the u8 codes of inputs 4g..4g+3 of
+// channel c (byte t = input 4g + t). Each field costs one shift and one mask.
+template <int BITS>
+PE_AVX512 inline void load_block(const uint8_t* b, __m512i v[4]) {
+  if constexpr (BITS == 8) {
+    for (int g = 0; g < 4; ++g) v[g] = _mm512_loadu_si512(b + 64 * g);
+  } else if constexpr (BITS == 2) {
+    const __m512i m2 = _mm512_set1_epi8(0x03);
+    const __m512i c = _mm512_loadu_si512(b);
+    v[0] = _mm512_and_si512(c, m2);
+    v[1] = _mm512_and_si512(_mm512_srli_epi32(c, 2), m2);
+    v[2] = _mm512_and_si512(_mm512_srli_epi32(c, 4), m2);
+    v[3] = _mm512_and_si512(_mm512_srli_epi32(c, 6), m2);
+  } else {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i c0 = _mm512_loadu_si512(b), c1 = _mm512_loadu_si512(b + 64);
+    v[0] = _mm512_and_si512(c0, m4);
+    v[1] = _mm512_and_si512(_mm512_srli_epi32(c0, 4), m4);
+    v[2] = _mm512_and_si512(c1, m4);
+    v[3] = _mm512_and_si512(_mm512_srli_epi32(c1, 4), m4);
+    if constexpr (BITS == 6) {  // the 2-bit plane of high bits, moved to bits 4-5
+      const __m512i m30 = _mm512_set1_epi8(0x30);
+      const __m512i h = _mm512_loadu_si512(b + 128);
+      v[0] = _mm512_or_si512(v[0], _mm512_and_si512(_mm512_slli_epi32(h, 4), m30));
+      v[1] = _mm512_or_si512(v[1], _mm512_and_si512(_mm512_slli_epi32(h, 2), m30));
+      v[2] = _mm512_or_si512(v[2], _mm512_and_si512(h, m30));
+      v[3] = _mm512_or_si512(v[3], _mm512_and_si512(_mm512_srli_epi32(h, 2), m30));
+    }
+  }
+}
+
+// byte t of every lane as 16 floats
+template <int T>
+PE_AVX512 inline __m512 byte_ps(__m512i v) {
+  if constexpr (T == 3) return _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 24));
+  return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * T), _mm512_set1_epi32(0xFF)));
+}
+
+// GEMV path: decode and multiply in registers, four independent FMA chains.
+template <int BITS>
+PE_AVX512 void dot_f32_direct(const uint8_t* tile, int64_t blocks, const float* x, int64_t ldx, int64_t m,
+                              float* out, int64_t ldo) {
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * ldx;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m512i v[4];
+      load_block<BITS>(tile + b * BITS * 32, v);
+      const float* xs = xr + b * kTileK;
+      for (int g = 0; g < 4; ++g) {
+        a0 = _mm512_fmadd_ps(byte_ps<0>(v[g]), _mm512_set1_ps(xs[4 * g]), a0);
+        a1 = _mm512_fmadd_ps(byte_ps<1>(v[g]), _mm512_set1_ps(xs[4 * g + 1]), a1);
+        a2 = _mm512_fmadd_ps(byte_ps<2>(v[g]), _mm512_set1_ps(xs[4 * g + 2]), a2);
+        a3 = _mm512_fmadd_ps(byte_ps<3>(v[g]), _mm512_set1_ps(xs[4 * g + 3]), a3);
+      }
+    }
+    _mm512_storeu_ps(out + r * ldo, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  }
+}
+
+// GEMM path: the tile is decoded once to floats (w[k * 16 + c]) and reused by every row.
+template <int BITS>
+PE_AVX512 void decode_tile(const uint8_t* tile, int64_t blocks, float* w) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i v[4];
+    load_block<BITS>(tile + b * BITS * 32, v);
+    float* wb = w + b * kTileK * kTileN;
+    for (int g = 0; g < 4; ++g) {
+      _mm512_storeu_ps(wb + (4 * g + 0) * 16, byte_ps<0>(v[g]));
+      _mm512_storeu_ps(wb + (4 * g + 1) * 16, byte_ps<1>(v[g]));
+      _mm512_storeu_ps(wb + (4 * g + 2) * 16, byte_ps<2>(v[g]));
+      _mm512_storeu_ps(wb + (4 * g + 3) * 16, byte_ps<3>(v[g]));
+    }
+  }
+}
+
+template <int R>
+PE_AVX512 void rows_f32(const float* w, int64_t kp, const float* x, int64_t ldx, float* out, int64_t ldo) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kp; ++k) {
+    const __m512 wv = _mm512_loadu_ps(w + k * 16);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), wv, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo, acc[r]);
+}
+
+template <int BITS>
+PE_AVX512 void dot_f32_gemm(const uint8_t* tile, int64_t blocks, const float* x, int64_t ldx, int64_t m,
+                            float* out, int64_t ldo, float* w) {
+  decode_tile<BITS>(tile, blocks, w);
+  const int64_t kp = blocks * kTileK;
+  constexpr int R = 8;
+  int64_t r = 0;
+  for (; r + R <= m; r += R) rows_f32<R>(w, kp, x + r * ldx, ldx, out + r * ldo, ldo);
+  for (; r < m; ++r) rows_f32<1>(w, kp, x + r * ldx, ldx, out + r * ldo, ldo);
+}
+
+// int8 activations: one vpdpbusd per field feeds 16 channels x 4 inputs. G accumulators per
+// row break the dependency chain when there are few rows.
+template <int BITS, int R, int G>
+PE_AVX512 void rows_i8(const uint8_t* tile, int64_t blocks, const int8_t* x, int64_t ldx, int32_t* out,
+                       int64_t ldo) {
+  __m512i acc[R * G];
+  for (int i = 0; i < R * G; ++i) acc[i] = _mm512_setzero_si512();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i v[4];
+    load_block<BITS>(tile + b * BITS * 32, v);
+    for (int g = 0; g < 4; ++g)
+      for (int r = 0; r < R; ++r) {
+        int32_t x4;
+        std::memcpy(&x4, x + r * ldx + b * kTileK + 4 * g, 4);
+        __m512i& a = acc[r * G + g % G];
+        a = _mm512_dpbusd_epi32(a, v[g], _mm512_set1_epi32(x4));
+      }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m512i s = acc[r * G];
+    for (int i = 1; i < G; ++i) s = _mm512_add_epi32(s, acc[r * G + i]);
+    _mm512_storeu_si512(out + r * ldo, s);
+  }
+}
+
+template <int BITS>
+PE_AVX512 void dot_i8_vnni(const uint8_t* tile, int64_t blocks, const int8_t* x, int64_t ldx, int64_t m,
+                           int32_t* out, int64_t ldo) {
+  int64_t r = 0;
+  for (; r + 4 <= m; r += 4) rows_i8<BITS, 4, 1>(tile, blocks, x + r * ldx, ldx, out + r * ldo, ldo);
+  for (; r < m; ++r) rows_i8<BITS, 1, 4>(tile, blocks, x + r * ldx, ldx, out + r * ldo, ldo);
+}
+
+PE_AVX512 float quantize_row_avx512(const float* x, int64_t n, int8_t* out, int64_t* sum) {
+  __m512 amax = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);  // inf, NaN
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+  }
+  float m = _mm512_reduce_max_ps(amax);
+  for (; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    if (!(a < INFINITY)) bad = 1;
+    m = a > m ? a : m;
+  }
+  if (bad) return NAN;
+  const float scale = m > 0.0f ? m / 127.0f : 1.0f, inv = 1.0f / scale;
+  const __m512 vinv = _mm512_set1_ps(inv);
+  __m512i acc = _mm512_setzero_si512();
+  i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), vinv));  // round half to even
+    q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+    acc = _mm512_add_epi32(acc, q);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(q));
+  }
+  int64_t s = _mm512_reduce_add_epi32(acc);
+  for (; i < n; ++i) {
+    const float v = std::nearbyint(x[i] * inv);
+    out[i] = static_cast<int8_t>(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+    s += out[i];
+  }
+  *sum = s;
+  return scale;
+}
+
+bool detect_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+const bool kVnni = detect_vnni();
+
+#define PE_BITS_SWITCH(bits, F, ...)        \
+  switch (bits) {                           \
+    case 2: F<2>(__VA_ARGS__); break;        \
+    case 4: F<4>(__VA_ARGS__); break;        \
+    case 6: F<6>(__VA_ARGS__); break;        \
+    default: F<8>(__VA_ARGS__); break;       \
+  }
+#else
+const bool kVnni = false;
+#endif
+
+// below this many rows, decoding in registers per row beats decoding the tile to a buffer
+constexpr int64_t kGemmRows = 4;
+
+}  // namespace
+
+void tile_dot_f32(const uint8_t* tile, int bits, int64_t blocks, const float* x, int64_t ldx, int64_t m,
+                  float* out, int64_t ldo, float* wbuf) {
+#ifdef PE_QUANT_X86
+  if (kVnni) {
+    if (m < kGemmRows) {
+      PE_BITS_SWITCH(bits, dot_f32_direct, tile, blocks, x, ldx, m, out, ldo)
+    } else {
+      PE_BITS_SWITCH(bits, dot_f32_gemm, tile, blocks, x, ldx, m, out, ldo, wbuf)
+    }
+    return;
+  }
+#endif
+  (void)wbuf;
+  dot_f32_scalar(tile, bits, blocks, x, ldx, m, out, ldo);
+}
+
+void tile_dot_i8(const uint8_t* tile, int bits, int64_t blocks, const int8_t* x, int64_t ldx, int64_t m,
+                 int32_t* out, int64_t ldo) {
+#ifdef PE_QUANT_X86
+  if (kVnni) {
+    PE_BITS_SWITCH(bits, dot_i8_vnni, tile, blocks, x, ldx, m, out, ldo)
+    return;
+  }
+#endif
+  dot_i8_scalar(tile, bits, blocks, x, ldx, m, out, ldo);
+}
+
+float quantize_row_i8(const float* x, int64_t n, int8_t* out, int64_t* sum) {
+#ifdef PE_QUANT_X86
+  if (kVnni) return quantize_row_avx512(x, n, out, sum);
+#endif
+  float m = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    if (!(a < INFINITY)) return NAN;
+    m = a > m ? a : m;
+  }
+  const float scale = m > 0.0f ? m / 127.0f : 1.0f, inv = 1.0f / scale;
+  int64_t s = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::nearbyint(x[i] * inv);
+    out[i] = static_cast<int8_t>(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+    s += out[i];
+  }
+  *sum = s;
+  return scale;
+}
+
+const char* quant_simd_level() { return kVnni ? "avx512-vnni" : "scalar"; }
+
+}  // namespace pe::quant::cpu

@@ -1,0 +1,224 @@
+// CPU (ATen) wrappers of the packed low-bit ops: checks, activation preparation (fp32
+// zero-padded rows, or int8 rows with a per-row scale for the fast mode), then a parallel
+// loop over 16-channel tiles whose epilogue applies y = s * (acc - z * sum x) + bias and
+// writes each channel to its original column.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "../ops.h"
+#include "../quant_args.h"
+#include "pyeditor/cpu_quant.h"
+#include "pyeditor/pack.h"
+
+namespace pyeditor {
+namespace {
+namespace q = pe::quant;
+
+struct Tile {
+  int bits;
+  const uint8_t* ptr;
+  int64_t row;  // first packed row
+};
+
+std::vector<Tile> tiles_of(const PackedArgs& a, const uint8_t* data) {
+  std::vector<Tile> tiles;
+  const int64_t tb_k = a.k;
+  for (const auto& b : a.buckets)
+    for (int64_t t = 0; t < b.rows / q::kTileN; ++t)
+      tiles.push_back({static_cast<int>(b.bits), data + b.byte_offset + t * q::tile_bytes(b.bits, tb_k),
+                       b.row_start + t * q::kTileN});
+  return tiles;
+}
+
+constexpr int kChunksPerThread = 8;
+
+// Tile boundaries [starts[i], starts[i+1]) of chunks holding about equal bytes of codes, or {}
+// to split by tile count (chunks_per_thread == 0, or too few tiles for it to matter).
+std::vector<int64_t> balanced_chunks(const std::vector<Tile>& tiles, int64_t k, int chunks_per_thread) {
+  const int64_t n = static_cast<int64_t>(tiles.size());
+  const int64_t chunks = std::min<int64_t>(n, int64_t(chunks_per_thread) * at::get_num_threads());
+  if (chunks_per_thread == 0 || chunks < 2) return {};
+  std::vector<int64_t> prefix(n + 1, 0);
+  for (int64_t t = 0; t < n; ++t) prefix[t + 1] = prefix[t] + q::tile_bytes(tiles[t].bits, k);
+  std::vector<int64_t> starts{0};
+  for (int64_t c = 1; c < chunks; ++c) {
+    const int64_t target = prefix[n] * c / chunks;
+    const int64_t t = std::lower_bound(prefix.begin(), prefix.end(), target) - prefix.begin();
+    if (t > starts.back() && t < n) starts.push_back(t);
+  }
+  starts.push_back(n);
+  return starts;
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "pyeditor: ", name, " must be a CPU tensor here, got ", t.device());
+}
+
+// Rows of activations as the kernels want them.
+struct Activations {
+  std::vector<float> xf;      // fp32 [M, Kp] (exact mode)
+  std::vector<int8_t> xq;     // int8 [M, Kp] (fast mode)
+  std::vector<double> sum;    // sum_k x (exact) or sum_k xq (fast), per row
+  std::vector<float> xscale;  // fast mode: x ~= xq * xscale
+};
+
+template <class T>
+Activations prepare(const at::Tensor& x2, int64_t kp, bool fast) {
+  const int64_t m = x2.size(0), k = x2.size(1);
+  const T* x = x2.const_data_ptr<T>();
+  Activations act;
+  act.sum.assign(m, 0.0);
+  if (!fast) {
+    act.xf.assign(m * kp, 0.0f);
+    at::parallel_for(0, m, 16, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        float* d = act.xf.data() + r * kp;
+        double s = 0.0;
+        for (int64_t i = 0; i < k; ++i) {
+          d[i] = static_cast<float>(x[r * k + i]);
+          s += d[i];
+        }
+        act.sum[r] = s;
+      }
+    });
+    return act;
+  }
+  act.xq.assign(m * kp, 0);
+  act.xscale.assign(m, 1.0f);
+  at::parallel_for(0, m, 16, [&](int64_t b, int64_t e) {
+    std::vector<float> row(std::is_same_v<T, float> ? 0 : k);
+    for (int64_t r = b; r < e; ++r) {
+      const float* xr;
+      if constexpr (std::is_same_v<T, float>) {
+        xr = x + r * k;
+      } else {
+        for (int64_t i = 0; i < k; ++i) row[i] = static_cast<float>(x[r * k + i]);
+        xr = row.data();
+      }
+      int64_t s = 0;
+      act.xscale[r] = q::cpu::quantize_row_i8(xr, k, act.xq.data() + r * kp, &s);
+      act.sum[r] = static_cast<double>(s);
+    }
+  });
+  return act;
+}
+
+template <class T>
+void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& data, const at::Tensor& scale,
+                const at::Tensor& zero, const at::Tensor& perm, const float* bias, bool fast, at::Tensor& out) {
+  const int64_t m = x2.size(0), kp = q::padded_k(a.k), blocks = kp / q::kTileK, n = a.n;
+  const Activations act = prepare<T>(x2, kp, fast);
+  const std::vector<Tile> tiles = tiles_of(a, data.const_data_ptr<uint8_t>());
+  const float* s = scale.const_data_ptr<float>();
+  const uint8_t* z = zero.const_data_ptr<uint8_t>();
+  const int32_t* p = perm.const_data_ptr<int32_t>();
+  T* y = out.mutable_data_ptr<T>();
+  // Work items of equal cost: bytes of codes for few rows (a 2-bit tile streams a quarter of an
+  // 8-bit one), tiles for many rows (the multiply-adds dominate).
+  const std::vector<int64_t> starts = balanced_chunks(tiles, a.k, m < 4 ? kChunksPerThread : 0);
+  const int64_t work = std::max<int64_t>(1, kp * q::kTileN * std::max<int64_t>(m, 1));
+  const int64_t grain = starts.empty() ? std::max<int64_t>(1, (int64_t(1) << 16) / work) : 1;
+  const int64_t items = starts.empty() ? static_cast<int64_t>(tiles.size()) : static_cast<int64_t>(starts.size()) - 1;
+  at::parallel_for(0, items, grain, [&](int64_t ibegin, int64_t iend) {
+    const int64_t begin = starts.empty() ? ibegin : starts[ibegin];
+    const int64_t end = starts.empty() ? iend : starts[iend];
+    std::vector<float> accf(fast ? 0 : m * q::kTileN), wbuf(fast ? 0 : kp * q::kTileN);
+    std::vector<int32_t> acci(fast ? m * q::kTileN : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      const Tile& tile = tiles[t];
+      if (fast)
+        q::cpu::tile_dot_i8(tile.ptr, tile.bits, blocks, act.xq.data(), kp, m, acci.data(), q::kTileN);
+      else
+        q::cpu::tile_dot_f32(tile.ptr, tile.bits, blocks, act.xf.data(), kp, m, accf.data(), q::kTileN,
+                             wbuf.data());
+      for (int c = 0; c < q::kTileN; ++c) {
+        const int64_t row = tile.row + c;
+        const int32_t col = p[row];
+        if (col < 0) continue;  // padding row
+        const double zr = z[row];
+        const float sr = s[row], b = bias ? bias[col] : 0.0f;
+        for (int64_t r = 0; r < m; ++r) {
+          float v;
+          if (fast) {
+            const double acc = static_cast<double>(acci[r * q::kTileN + c]) - zr * act.sum[r];
+            v = static_cast<float>(acc) * (sr * act.xscale[r]);
+          } else {
+            v = sr * static_cast<float>(static_cast<double>(accf[r * q::kTileN + c]) - zr * act.sum[r]);
+          }
+          y[r * n + col] = static_cast<T>(v + b);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor quant_dequantize_cpu(const at::Tensor& data, const at::Tensor& scale, const at::Tensor& zero,
+                                const at::Tensor& perm, at::IntArrayRef buckets, int64_t in_features,
+                                int64_t out_features) {
+  check_cpu(data, "packed data");
+  const PackedArgs a = check_packed(data, scale, zero, perm, buckets, in_features, out_features);
+  check_perm_values(perm, a.n);
+  at::Tensor out = at::empty({a.n, a.k}, data.options().dtype(at::kFloat));
+  const std::vector<Tile> tiles = tiles_of(a, data.const_data_ptr<uint8_t>());
+  const float* s = scale.const_data_ptr<float>();
+  const uint8_t* z = zero.const_data_ptr<uint8_t>();
+  const int32_t* p = perm.const_data_ptr<int32_t>();
+  float* w = out.mutable_data_ptr<float>();
+  const int64_t k = a.k;
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const Tile& tile = tiles[t];
+      for (int c = 0; c < q::kTileN; ++c) {
+        const int64_t row = tile.row + c;
+        if (p[row] < 0) continue;
+        float* wr = w + static_cast<int64_t>(p[row]) * k;
+        for (int64_t i = 0; i < k; ++i) {
+          const uint8_t* blk = tile.ptr + (i / q::kTileK) * q::block_bytes(tile.bits);
+          wr[i] = q::dequant(q::get_code(blk, tile.bits, c, static_cast<int>(i % q::kTileK)), z[row], s[row]);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
+                            const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
+                            int64_t out_features, const c10::optional<at::Tensor>& bias, bool fast) {
+  check_cpu(x, "x");
+  check_cpu(data, "packed data");
+  const int64_t in_features = x.dim() ? x.size(-1) : 0;
+  const PackedArgs a = check_packed(data, scale, zero, perm, buckets, in_features, out_features);
+  check_linear_inputs(a, x, bias, data);
+  check_perm_values(perm, a.n);
+  TORCH_CHECK(!fast || a.k <= 65536, "pyeditor: fast (int8) mode sums in int32 and supports at most 65536 "
+              "input features, got ", a.k);
+  const auto shape = linear_out_shape(x, a.n);
+  if (x.scalar_type() == at::kDouble) {
+    // float64 (gradcheck, tests): the float32 weight exactly, in a float64 matmul
+    at::Tensor w = quant_dequantize_cpu(data, scale, zero, perm, buckets, a.k, a.n).to(at::kDouble);
+    at::Tensor y = at::matmul(x, w.t());
+    if (bias.has_value() && bias->defined()) y = y + bias->to(at::kDouble);
+    return y.reshape(shape).contiguous();
+  }
+  const at::Tensor x2 = x.reshape({c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)), a.k}).contiguous();
+  at::Tensor out = at::empty({x2.size(0), a.n}, x.options());
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) b = bias->to(at::kFloat).contiguous();
+  if (out.numel()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pyeditor_quant_linear_cpu", [&] {
+      run_linear<scalar_t>(a, x2, data, scale, zero, perm, b.defined() ? b.const_data_ptr<float>() : nullptr,
+                           fast, out);
+    });
+  }
+  return out.reshape(shape);
+}
+
+}  // namespace pyeditor

@@ -1,0 +1,109 @@
+// CUDA wrappers of the packed low-bit ops: one launch per width bucket, one block per
+// (16-channel tile, 16 activation rows), one thread per (channel, row); codes decoded with the
+// shared pack.h codec; launched on the current stream. Activations stay in their float type;
+// the fast (int8) mode of the CPU backend is not implemented here (fast is ignored: exact).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "../ops.h"
+#include "../quant_args.h"
+#include "pyeditor/pack.h"
+
+namespace pyeditor {
+namespace {
+namespace q = pe::quant;
+
+template <class T> struct acc_type { using type = float; };
+template <> struct acc_type<double> { using type = double; };
+
+template <class T>
+__global__ void quant_linear_kernel(const T* x, const uint8_t* data, const float* scale, const uint8_t* zero,
+                                    const int32_t* perm, const float* bias, T* y, q::Bucket b, int64_t m,
+                                    int64_t k, int64_t n) {
+  using A = typename acc_type<T>::type;
+  const int c = threadIdx.x;
+  const int64_t tile = blockIdx.x, r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
+  const int64_t row = b.row_start + tile * q::kTileN + c;
+  if (r >= m) return;
+  const int32_t col = perm[row];
+  if (col < 0 || col >= n) return;  // padding row (the host checks perm on CPU tensors only)
+  const uint8_t* t = data + b.byte_offset + tile * q::tile_bytes(b.bits, k);
+  const T* xr = x + r * k;
+  A acc = 0, sum = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    const A xv = static_cast<A>(xr[i]);
+    acc += static_cast<A>(q::get_code(t + (i / q::kTileK) * q::block_bytes(b.bits), static_cast<int>(b.bits), c,
+                                      static_cast<int>(i % q::kTileK))) * xv;
+    sum += xv;
+  }
+  A v = static_cast<A>(scale[row]) * (acc - static_cast<A>(zero[row]) * sum);
+  if (bias) v += static_cast<A>(bias[col]);
+  y[r * n + col] = static_cast<T>(v);
+}
+
+__global__ void quant_dequantize_kernel(const uint8_t* data, const float* scale, const uint8_t* zero,
+                                        const int32_t* perm, float* w, q::Bucket b, int64_t k, int64_t n) {
+  const int c = threadIdx.x;
+  const int64_t tile = blockIdx.x, row = b.row_start + tile * q::kTileN + c;
+  const int32_t col = perm[row];
+  if (col < 0 || col >= n) return;
+  const uint8_t* t = data + b.byte_offset + tile * q::tile_bytes(b.bits, k);
+  for (int64_t i = threadIdx.y; i < k; i += blockDim.y) {
+    const unsigned code = q::get_code(t + (i / q::kTileK) * q::block_bytes(b.bits), static_cast<int>(b.bits), c,
+                                      static_cast<int>(i % q::kTileK));
+    w[static_cast<int64_t>(col) * k + i] = q::dequant(code, zero[row], scale[row]);
+  }
+}
+
+}  // namespace
+
+at::Tensor quant_dequantize_cuda(const at::Tensor& data, const at::Tensor& scale, const at::Tensor& zero,
+                                 const at::Tensor& perm, at::IntArrayRef buckets, int64_t in_features,
+                                 int64_t out_features) {
+  const PackedArgs a = check_packed(data, scale, zero, perm, buckets, in_features, out_features);
+  c10::cuda::CUDAGuard guard(data.device());
+  at::Tensor w = at::zeros({a.n, a.k}, data.options().dtype(at::kFloat));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  for (const auto& b : a.buckets) {
+    if (b.rows == 0 || a.k == 0) continue;
+    quant_dequantize_kernel<<<dim3(b.rows / q::kTileN), dim3(q::kTileN, 16), 0, stream>>>(
+        data.const_data_ptr<uint8_t>(), scale.const_data_ptr<float>(), zero.const_data_ptr<uint8_t>(),
+        perm.const_data_ptr<int32_t>(), w.mutable_data_ptr<float>(), b, a.k, a.n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return w;
+}
+
+at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
+                             const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
+                             int64_t out_features, const c10::optional<at::Tensor>& bias, bool fast) {
+  (void)fast;
+  const int64_t in_features = x.dim() ? x.size(-1) : 0;
+  const PackedArgs a = check_packed(data, scale, zero, perm, buckets, in_features, out_features);
+  check_linear_inputs(a, x, bias, data);
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor x2 = x.reshape({c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)), a.k}).contiguous();
+  const int64_t m = x2.size(0);
+  at::Tensor y = at::zeros({m, a.n}, x.options());
+  at::Tensor bf;
+  if (bias.has_value() && bias->defined()) bf = bias->to(at::kFloat).contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (m > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pyeditor_quant_linear_cuda", [&] {
+      for (const auto& b : a.buckets) {
+        if (b.rows == 0) continue;
+        const dim3 grid(b.rows / q::kTileN, (m + 15) / 16);
+        quant_linear_kernel<scalar_t><<<grid, dim3(q::kTileN, 16), 0, stream>>>(
+            x2.const_data_ptr<scalar_t>(), data.const_data_ptr<uint8_t>(), scale.const_data_ptr<float>(),
+            zero.const_data_ptr<uint8_t>(), perm.const_data_ptr<int32_t>(),
+            bf.defined() ? bf.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<scalar_t>(), b, m, a.k, a.n);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  }
+  return y.reshape(linear_out_shape(x, a.n));
+}
+
+}  // namespace pyeditor

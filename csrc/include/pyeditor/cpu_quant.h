@@ -1,0 +1,27 @@
+// CPU inner kernels of the packed low-bit matmul: raw dot products of one 16-channel tile
+// (pack.h layout) with M activation rows. Scale and zero point are applied by the caller
+// (y = s * (sum_k q x_k - z * sum_k x_k)), so they never enter these loops.
+#pragma once
+#include <cstdint>
+
+namespace pe::quant::cpu {
+
+// out[m * ldo + c] = sum_k q[c, k] * x[m * ldx + k] over `blocks` blocks of 16 inputs, in
+// float32; x rows are zero-padded to 16 * blocks. wbuf: scratch of 256 * blocks floats
+// (the decoded tile, used when m is large enough to reuse it).
+void tile_dot_f32(const uint8_t* tile, int bits, int64_t blocks, const float* x, int64_t ldx, int64_t m,
+                  float* out, int64_t ldo, float* wbuf);
+
+// The same with int8 activations and exact int32 sums (u8 x s8 dot products, VNNI where present).
+void tile_dot_i8(const uint8_t* tile, int bits, int64_t blocks, const int8_t* x, int64_t ldx, int64_t m,
+                 int32_t* out, int64_t ldo);
+
+// Quantizes one activation row for tile_dot_i8: out[i] = clamp(round(x[i] / scale), -127, 127) with
+// scale = max|x| / 127 (1 when x is all zero); returns scale and sets *sum = sum_i out[i]. A row
+// with NaN or inf returns NaN (its outputs become NaN). out must hold n values.
+float quantize_row_i8(const float* x, int64_t n, int8_t* out, int64_t* sum);
+
+// "avx512-vnni" or "scalar": the path these functions take on this CPU.
+const char* quant_simd_level();
+
+}  // namespace pe::quant::cpu

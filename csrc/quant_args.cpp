@@ -1,0 +1,81 @@
+#include "quant_args.h"
+
+namespace pyeditor {
+
+PackedArgs check_packed(const at::Tensor& data, const at::Tensor& scale, const at::Tensor& zero,
+                        const at::Tensor& perm, at::IntArrayRef buckets, int64_t in_features,
+                        int64_t out_features) {
+  namespace q = pe::quant;
+  TORCH_CHECK(data.scalar_type() == at::kByte && data.dim() == 1 && data.is_contiguous(),
+              "pyeditor: packed data must be a contiguous 1-D uint8 tensor, got ", data.scalar_type(), " ",
+              data.sizes());
+  TORCH_CHECK(in_features >= 0 && out_features >= 0, "pyeditor: in_features and out_features must be >= 0");
+  TORCH_CHECK(buckets.size() % 4 == 0, "pyeditor: buckets must hold (bits, row_start, rows, byte_offset) "
+              "quadruples, got ", buckets.size(), " values");
+  PackedArgs a;
+  a.k = in_features;
+  a.n = out_features;
+  int64_t bytes = 0;
+  for (size_t i = 0; i < buckets.size(); i += 4) {
+    q::Bucket b{buckets[i], buckets[i + 1], buckets[i + 2], buckets[i + 3]};
+    TORCH_CHECK(q::valid_bits(b.bits), "pyeditor: bucket bits must be 2, 4, 6 or 8, got ", b.bits);
+    TORCH_CHECK(b.rows >= 0 && b.rows % q::kTileN == 0, "pyeditor: bucket rows must be a multiple of ",
+                q::kTileN, ", got ", b.rows);
+    TORCH_CHECK(b.row_start == a.rows && b.byte_offset == bytes,
+                "pyeditor: buckets must be contiguous and in order (bucket ", i / 4, ")");
+    a.rows += b.rows;
+    bytes += b.rows / q::kTileN * q::tile_bytes(b.bits, in_features);
+    a.buckets.push_back(b);
+  }
+  TORCH_CHECK(bytes == data.numel(), "pyeditor: packed data holds ", data.numel(), " bytes, the buckets need ",
+              bytes);
+  TORCH_CHECK(a.rows >= out_features, "pyeditor: ", a.rows, " packed rows cannot hold ", out_features, " channels");
+  for (auto [t, name, type] : {std::tuple{&scale, "scale", at::kFloat}, {&zero, "zero", at::kByte},
+                               {&perm, "perm", at::kInt}}) {
+    TORCH_CHECK(t->scalar_type() == type && t->dim() == 1 && t->size(0) == a.rows && t->is_contiguous(),
+                "pyeditor: packed ", name, " must be a contiguous [", a.rows, "] ", type, " tensor, got ",
+                t->scalar_type(), " ", t->sizes());
+    TORCH_CHECK(t->device() == data.device(), "pyeditor: packed ", name, " is on ", t->device(),
+                " but data is on ", data.device());
+  }
+  return a;
+}
+
+void check_perm_values(const at::Tensor& perm_cpu, int64_t n) {
+  const int32_t* p = perm_cpu.const_data_ptr<int32_t>();
+  std::vector<uint8_t> seen(static_cast<size_t>(n), 0);
+  int64_t hits = 0;
+  for (int64_t i = 0; i < perm_cpu.numel(); ++i) {
+    if (p[i] == -1) continue;
+    TORCH_CHECK(p[i] >= 0 && p[i] < n && !seen[p[i]], "pyeditor: packed perm is not a permutation of [0, ", n,
+                ") (entry ", i, " = ", p[i], ")");
+    seen[p[i]] = 1;
+    ++hits;
+  }
+  TORCH_CHECK(hits == n, "pyeditor: packed perm covers ", hits, " of ", n, " channels");
+}
+
+void check_linear_inputs(const PackedArgs& args, const at::Tensor& x, const c10::optional<at::Tensor>& bias,
+                         const at::Tensor& data) {
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              "pyeditor: x must be float32, float64, float16 or bfloat16, got ", t);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == args.k, "pyeditor: x has ", x.dim() ? x.size(-1) : 0,
+              " input features but the packed weight has ", args.k);
+  TORCH_CHECK(x.device() == data.device(), "pyeditor: x is on ", x.device(), " but the packed weight is on ",
+              data.device());
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()) && bias->dim() == 1 && bias->size(0) == args.n,
+                "pyeditor: bias must be a floating [", args.n, "] tensor, got ", bias->scalar_type(), " ",
+                bias->sizes());
+    TORCH_CHECK(bias->device() == x.device(), "pyeditor: bias is on ", bias->device(), " but x is on ", x.device());
+  }
+}
+
+std::vector<int64_t> linear_out_shape(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return shape;
+}
+
+}  // namespace pyeditor

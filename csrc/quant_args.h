@@ -1,0 +1,35 @@
+// Argument checks for the packed-weight ops, shared by the CPU and CUDA wrappers: after these,
+// no kernel can read outside data / scale / zero / perm.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "pyeditor/pack.h"
+
+namespace pyeditor {
+
+struct PackedArgs {
+  std::vector<pe::quant::Bucket> buckets;
+  int64_t k = 0;          // in_features
+  int64_t n = 0;          // out_features
+  int64_t rows = 0;       // packed rows (sum of the buckets, padded to tiles)
+};
+
+// data uint8 [bytes], scale float32 [rows], zero uint8 [rows], perm int32 [rows];
+// buckets = (bits, row_start, rows, byte_offset) * B, contiguous and in order.
+PackedArgs check_packed(const at::Tensor& data, const at::Tensor& scale, const at::Tensor& zero,
+                        const at::Tensor& perm, at::IntArrayRef buckets, int64_t in_features,
+                        int64_t out_features);
+
+// Host check that perm maps the packed rows onto [0, n) exactly once (padding rows: -1).
+void check_perm_values(const at::Tensor& perm_cpu, int64_t n);
+
+// x [..., in] floating with in == args.k; bias None or [n] floating on x's device.
+void check_linear_inputs(const PackedArgs& args, const at::Tensor& x, const c10::optional<at::Tensor>& bias,
+                         const at::Tensor& data);
+
+// Output shape [..., n] of x [..., k].
+std::vector<int64_t> linear_out_shape(const at::Tensor& x, int64_t n);
+
+}  // namespace pyeditor

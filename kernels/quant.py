@@ -1,0 +1,123 @@
+"""Triton kernels for packed channel-wise 2/4/6/8-bit weights (layout: csrc/include/pyeditor/pack.h).
+
+One launch per width bucket (BITS is a compile-time constant). A program owns one 16-channel
+tile and BLOCK_M activation rows; it walks K in blocks of 16 inputs, decodes the block's codes
+with one gather, shift and mask per plane, and accumulates sum_k q x_k and sum_k x_k in fp32;
+scale and zero point are applied once at the end: y = s * (acc - z * sum x) + bias, stored in
+the channel's original column. GEMV (M small): a multiply-and-reduce; GEMM: tl.dot in exact
+fp32 (input_precision="ieee"). Offsets are int64.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+TILE_N = 16
+TILE_K = 16
+
+
+@triton.jit
+def _plane(data_ptr, base, c, kk, W: tl.constexpr):
+    """Codes [16 channels, 16 inputs] of one plane block of width W (8, 4 or 2)."""
+    PER: tl.constexpr = 8 // W
+    g = kk // 4
+    byte = (g // PER) * 64 + c[:, None] * 4 + (kk % 4)[None, :]
+    v = tl.load(data_ptr + base + byte).to(tl.int32)
+    return (v >> ((g % PER) * W)[None, :]) & ((1 << W) - 1)
+
+
+@triton.jit
+def _block_codes(data_ptr, base, c, kk, BITS: tl.constexpr):
+    if BITS == 6:
+        return _plane(data_ptr, base, c, kk, 4) | (_plane(data_ptr, base + 128, c, kk, 2) << 4)
+    else:
+        return _plane(data_ptr, base, c, kk, BITS)
+
+
+@triton.jit
+def _linear_tile(
+    x_ptr, data_ptr, scale_ptr, zero_ptr, perm_ptr, bias_ptr, y_ptr,
+    M, K, N, row_start, byte_offset, blocks,
+    sx_m, sx_k, sy_m,
+    BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    tile = tl.program_id(0).to(tl.int64)
+    m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    c = tl.arange(0, 16)
+    kk = tl.arange(0, 16)
+    block_bytes = BITS * 32
+    tile_base = byte_offset + tile * blocks * block_bytes
+    acc = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for blk in range(0, blocks):
+        q = _block_codes(data_ptr, tile_base + blk * block_bytes, c, kk, BITS).to(tl.float32)  # [c, kk]
+        k = blk * 16 + kk.to(tl.int64)
+        x = tl.load(x_ptr + m[:, None] * sx_m + k[None, :] * sx_k,
+                    mask=(m[:, None] < M) & (k[None, :] < K), other=0.0).to(tl.float32)
+        if USE_DOT:
+            acc += tl.dot(x, tl.trans(q), input_precision="ieee")
+        else:
+            acc += tl.sum(x[:, None, :] * q[None, :, :], axis=2)
+        xsum += tl.sum(x, axis=1)
+    rows = row_start + tile * 16 + c.to(tl.int64)
+    s = tl.load(scale_ptr + rows)
+    z = tl.load(zero_ptr + rows).to(tl.float32)
+    col = tl.load(perm_ptr + rows).to(tl.int64)
+    ok = (col >= 0) & (col < N)
+    y = s[None, :] * (acc - z[None, :] * xsum[:, None])
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + col, mask=ok, other=0.0).to(tl.float32)[None, :]
+    col = tl.where(ok, col, 0)
+    tl.store(y_ptr + m[:, None] * sy_m + col[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=(m[:, None] < M) & ok[None, :])
+
+
+@triton.jit
+def _dequant_tile(data_ptr, scale_ptr, zero_ptr, perm_ptr, w_ptr, K, N, row_start, byte_offset, blocks,
+                  BITS: tl.constexpr):
+    tile = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1).to(tl.int64)
+    c = tl.arange(0, 16)
+    kk = tl.arange(0, 16)
+    block_bytes = BITS * 32
+    q = _block_codes(data_ptr, byte_offset + (tile * blocks + blk) * block_bytes, c, kk, BITS).to(tl.float32)
+    rows = row_start + tile * 16 + c.to(tl.int64)
+    s = tl.load(scale_ptr + rows)
+    z = tl.load(zero_ptr + rows).to(tl.float32)
+    col = tl.load(perm_ptr + rows).to(tl.int64)
+    k = blk * 16 + kk.to(tl.int64)
+    ok = (col[:, None] >= 0) & (col[:, None] < N) & (k[None, :] < K)
+    w = (q - z[:, None]) * s[:, None]
+    tl.store(w_ptr + tl.where(ok, col[:, None] * K + k[None, :], 0), w, mask=ok)
+
+
+def _buckets(flat):
+    return [tuple(flat[i:i + 4]) for i in range(0, len(flat), 4)]
+
+
+def linear(x2, data, scale, zero, perm, buckets, n, bias, y) -> None:
+    """y[M, n] = x2[M, K] @ W.T (+ bias) for the packed W; y preallocated (zeros not needed)."""
+    m, k = x2.shape
+    blocks = (k + TILE_K - 1) // TILE_K
+    use_dot = m >= 16
+    block_m = 16 if use_dot else max(1, triton.next_power_of_2(m))
+    for bits, row_start, rows, offset in _buckets(buckets):
+        if rows == 0 or m == 0:
+            continue
+        grid = (rows // TILE_N, triton.cdiv(m, block_m))
+        wrap_triton(_linear_tile)[grid](
+            x2, data, scale, zero, perm, bias if bias is not None else scale, y,
+            m, k, n, row_start, offset, blocks, x2.stride(0), x2.stride(1), y.stride(0),
+            BITS=bits, HAS_BIAS=bias is not None, BLOCK_M=block_m, USE_DOT=use_dot,
+        )
+
+
+def dequantize(data, scale, zero, perm, buckets, k, n, w) -> None:
+    """w[n, k] (float32, preallocated) = the packed weight in original channel order."""
+    blocks = (k + TILE_K - 1) // TILE_K
+    for bits, row_start, rows, offset in _buckets(buckets):
+        if rows == 0 or blocks == 0:
+            continue
+        wrap_triton(_dequant_tile)[(rows // TILE_N, blocks)](
+            data, scale, zero, perm, w, k, n, row_start, offset, blocks, BITS=bits)

@@ -1,0 +1,142 @@
+"""torch.nn modules built on pyeditor's kernels."""
+from __future__ import annotations
+
+# ---------------------------------------------------------------- packed low-bit layers (quant)
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import quant as _quant
+
+
+class PackedLinear(nn.Module):
+    """A frozen nn.Linear whose weight is channel-wise 2/4/6/8-bit packed (CHORD).
+
+    forward(x) = x @ W.T + bias with W the dequantized packed weight, computed by
+    :func:`pyeditor.quant.packed_linear` (gradients flow to x and bias). The packed tensors are
+    buffers, so ``state_dict`` / ``load_state_dict`` (also through safetensors) round-trip bit
+    for bit; loading checks that the tensors describe a valid packed weight of this layer's shape.
+    """
+
+    _KEYS = ("data", "scale", "zero", "perm", "buckets", "bits")
+
+    def __init__(self, packed: _quant.PackedWeight, bias: Optional[Tensor] = None, *, fast: bool = False,
+                 backend: Optional[str] = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = packed.in_features, packed.out_features
+        self.fast, self.backend = fast, backend
+        self._set(packed)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    def _set(self, p: _quant.PackedWeight) -> None:
+        for name, t in zip(("data", "scale", "zero", "perm"), p.tensors()):
+            self.register_buffer(name, t)
+        self.register_buffer("buckets", torch.tensor(p.buckets, dtype=torch.int64).reshape(-1, 4))
+        self.register_buffer("bits", p.bits)
+        self._bucket_list = p.buckets  # plain ints: no device sync or graph break per forward
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits, **kwargs) -> "PackedLinear":
+        """Quantize linear.weight per output channel to ``bits`` (int or [out] in {2, 4, 6, 8})."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        packed = _quant.quantize_channelwise(linear.weight.detach(), bits)
+        return cls(packed, linear.bias, **kwargs)
+
+    @property
+    def packed(self) -> _quant.PackedWeight:
+        return _quant.PackedWeight(self.data, self.scale, self.zero, self.perm,
+                                   self._bucket_list, self.bits,
+                                   self.in_features, self.out_features)
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes of the packed weight (codes + scale, zero point, permutation); bias not counted."""
+        return self.packed.nbytes
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _quant.packed_linear(x, self.packed, self.bias, fast=self.fast, backend=self.backend)
+
+    def dequantize(self) -> Tensor:
+        return self.packed.dequantize(backend=self.backend)
+
+    def extra_repr(self) -> str:
+        widths = {b: int((self.bits == b).sum()) for b in _quant.WIDTHS}
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"channels per width={widths}, packed_bytes={self.packed_bytes}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        keys = [prefix + k for k in self._KEYS]
+        if all(k in state_dict for k in keys):
+            got = {k: state_dict[prefix + k] for k in self._KEYS}
+            try:
+                packed = _validated(got, self.in_features, self.out_features)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"state_dict for PackedLinear {prefix!r} is not a valid packed weight: {exc}") from exc
+            self._set(packed.to(self.data.device))  # the packed shapes depend on the widths
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def _validated(t: dict, k: int, n: int) -> _quant.PackedWeight:
+    """A PackedWeight from state_dict tensors, after checking they are consistent."""
+    want = {"data": torch.uint8, "scale": torch.float32, "zero": torch.uint8, "perm": torch.int32,
+            "buckets": torch.int64, "bits": torch.int64}
+    for name, dtype in want.items():
+        if not isinstance(t[name], Tensor) or t[name].dtype != dtype:
+            raise TypeError(f"{name} must be a {dtype} tensor")
+    buckets = t["buckets"].cpu()
+    if buckets.dim() != 2 or buckets.shape[1] != 4:
+        raise ValueError(f"buckets must have shape [B, 4], got {tuple(buckets.shape)}")
+    bits = t["bits"].cpu()
+    if tuple(bits.shape) != (n,) or not bool(torch.isin(bits, torch.tensor(_quant.WIDTHS)).all()):
+        raise ValueError(f"bits must be [{n}] values in {{2, 4, 6, 8}}")
+    row = offset = 0
+    kp = _quant.padded_k(k)
+    perm = t["perm"].cpu().long()
+    for b, start, rows, off in buckets.tolist():
+        if b not in _quant.WIDTHS or start != row or off != offset or rows <= 0 or rows % _quant.TILE_N:
+            raise ValueError(f"bucket {(b, start, rows, off)} is not a contiguous tile-aligned bucket")
+        chans = perm[start:start + rows]
+        chans = chans[chans >= 0]
+        if chans.numel() and not bool((chans < n).all() and (bits[chans.clamp(0, n - 1)] == b).all()):
+            raise ValueError(f"the {b}-bit bucket holds channels whose bits are not {b}")
+        row += rows
+        offset += rows // _quant.TILE_N * (kp // _quant.TILE_K) * b * 32
+    if t["data"].shape != (offset,):
+        raise ValueError(f"data must hold {offset} bytes, got {tuple(t['data'].shape)}")
+    for name in ("scale", "zero", "perm"):
+        if t[name].shape != (row,):
+            raise ValueError(f"{name} must have shape [{row}], got {tuple(t[name].shape)}")
+    real = perm[perm >= 0]
+    if real.numel() != n or (n and not torch.equal(torch.sort(real).values, torch.arange(n))):
+        raise ValueError(f"perm must map the packed rows onto the {n} channels exactly once")
+    if not bool(torch.isfinite(t["scale"]).all()) or bool((t["scale"][perm >= 0] <= 0).any()):
+        raise ValueError("scale must be finite and > 0")
+    qmax = (1 << bits[real]) - 1
+    if bool((t["zero"].cpu()[perm >= 0].long() > qmax).any()):
+        raise ValueError("zero exceeds 2**bits - 1 for its channel")
+    return _quant.PackedWeight(t["data"], t["scale"], t["zero"], t["perm"], [tuple(r) for r in buckets.tolist()],
+                               bits, k, n)
+
+
+def quantize_model(model: nn.Module, bits_for: Callable[[str, nn.Linear], Optional[Tensor]], **kwargs) -> nn.Module:
+    """Replace, in place, every nn.Linear of ``model`` for which ``bits_for(name, linear)`` returns
+    a bits vector (or int) by a PackedLinear; None keeps the layer. Returns the model."""
+    if not callable(bits_for):
+        raise TypeError("bits_for must be a callable (name, linear) -> bits or None")
+    if isinstance(model, nn.Linear):
+        raise ValueError("model itself is an nn.Linear; use PackedLinear.from_linear")
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name, linear in targets:
+        bits = bits_for(name, linear)
+        if bits is None:
+            continue
+        packed = PackedLinear.from_linear(linear, bits, **kwargs)
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, packed)
+    return model
+# ---------------------------------------------------------------- end packed low-bit layers

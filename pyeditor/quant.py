@@ -1,0 +1,245 @@
+"""CHORD's channel-wise 2/4/6/8-bit weights: packing, the packed matmul and the strategy codes.
+
+quantize_channelwise(W, bits) -> PackedWeight: the reference quantizer (asymmetric min-max per
+output channel, integer zero point), then channels grouped by width (a stable permutation),
+each bucket padded to 16-channel tiles and bit-packed along K in the kernels' layout
+(csrc/include/pyeditor/pack.h; 6 bits = a 4-bit and a 2-bit plane). dequantize() returns the
+float32 weight in the original channel order, bit-identical to reference.dequantize.
+packed_linear(x, packed, bias) = x @ dequantize(packed).T + bias, differentiable in x and bias.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import backends, ops, reference, validate
+
+TILE_N = 16  # channels per tile (pack.h kTileN)
+TILE_K = 16  # inputs per block (pack.h kTileK)
+WIDTHS = (2, 4, 6, 8)
+
+
+def padded_k(k: int) -> int:
+    return -(-k // TILE_K) * TILE_K
+
+
+# ---------------------------------------------------------------- the layout, in torch ops
+def _pack_plane(codes: Tensor, w: int) -> Tensor:
+    """[rows, Kp] codes < 2**w -> bytes [tiles, blocks, w/2, 16, 4] (pack.h: byte c*4+t of chunk j
+    holds input 4g+t of channel c at shift f*w, g = j*(8/w) + f)."""
+    rows, kp = codes.shape
+    per = 8 // w
+    v = codes.to(torch.int32).view(rows // TILE_N, TILE_N, kp // TILE_K, w // 2, per, 4)
+    shifts = (torch.arange(per, dtype=torch.int32, device=codes.device) * w).view(per, 1)
+    return (v << shifts).sum(4).permute(0, 2, 3, 1, 4).to(torch.uint8)
+
+
+def _unpack_plane(planes: Tensor, w: int) -> Tensor:
+    """Inverse of _pack_plane: [tiles, blocks, w/2, 16, 4] bytes -> [rows, Kp] codes."""
+    tiles, blocks = planes.shape[:2]
+    per = 8 // w
+    shifts = (torch.arange(per, dtype=torch.int32, device=planes.device) * w).view(per, 1)
+    v = (planes.to(torch.int32).unsqueeze(4) >> shifts) & ((1 << w) - 1)  # [T, S, J, 16, per, 4]
+    return v.permute(0, 3, 1, 2, 4, 5).reshape(tiles * TILE_N, blocks * TILE_K)
+
+
+def _pack_bucket(codes: Tensor, bits: int) -> Tensor:
+    if bits == 6:
+        lo, hi = _pack_plane(codes & 15, 4), _pack_plane(codes >> 4, 2)
+        return torch.cat([lo, hi], dim=2).flatten()
+    return _pack_plane(codes, bits).flatten()
+
+
+def _unpack_bucket(data: Tensor, bits: int, rows: int, kp: int) -> Tensor:
+    shape = (rows // TILE_N, kp // TILE_K, bits // 2, TILE_N, 4)
+    if bits == 6:
+        planes = data.view(shape)
+        return _unpack_plane(planes[:, :, :2], 4) | (_unpack_plane(planes[:, :, 2:], 2) << 4)
+    return _unpack_plane(data.view(shape), bits)
+
+
+class PackedWeight:
+    """A channel-wise quantized [out_features, in_features] weight in the kernels' layout.
+
+    data:    uint8 [bytes], the buckets one after another
+    scale:   float32 [rows], per packed row (rows = buckets padded to 16-channel tiles)
+    zero:    uint8 [rows], the integer zero point per packed row
+    perm:    int32 [rows], the original channel of each packed row (-1: padding)
+    buckets: tuple of (bits, row_start, rows, byte_offset), widths ascending
+    bits:    int64 [out_features], the width of every channel in original order
+    """
+
+    def __init__(self, data: Tensor, scale: Tensor, zero: Tensor, perm: Tensor, buckets: Sequence[Sequence[int]],
+                 bits: Tensor, in_features: int, out_features: int) -> None:
+        self.data, self.scale, self.zero, self.perm, self.bits = data, scale, zero, perm, bits
+        self.buckets = tuple(tuple(int(v) for v in b) for b in buckets)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+
+    # -- views
+    @property
+    def shape(self) -> tuple:
+        return (self.out_features, self.in_features)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def flat_buckets(self) -> List[int]:
+        return [v for b in self.buckets for v in b]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed weight: codes plus per-channel scale, zero point and permutation."""
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero, self.perm))
+
+    @property
+    def metadata_bytes(self) -> int:
+        return self.nbytes - self.data.numel()
+
+    def tensors(self) -> tuple:
+        return self.data, self.scale, self.zero, self.perm
+
+    def to(self, device) -> "PackedWeight":
+        return PackedWeight(*(t.to(device) for t in self.tensors()), self.buckets, self.bits.to(device),
+                            self.in_features, self.out_features)
+
+    def codes(self) -> Tensor:
+        """uint8 [out, in] codes in original channel order (plain torch, from the layout)."""
+        n, k, kp = self.out_features, self.in_features, padded_k(self.in_features)
+        out = torch.zeros((n, k), dtype=torch.uint8, device=self.device)
+        for bits, start, rows, offset in self.buckets:
+            size = rows // TILE_N * (kp // TILE_K) * bits * 32
+            codes = _unpack_bucket(self.data[offset:offset + size], bits, rows, kp)[:, :k]
+            p = self.perm[start:start + rows].long()
+            keep = p >= 0
+            out[p[keep]] = codes[keep].to(torch.uint8)
+        return out
+
+    def dequantize(self, backend: Optional[str] = None) -> Tensor:
+        return dequantize(self, backend=backend)
+
+    def __repr__(self) -> str:
+        widths = {b: int((self.bits == b).sum()) for b in WIDTHS}
+        return (f"PackedWeight(out={self.out_features}, in={self.in_features}, channels per width={widths}, "
+                f"bytes={self.nbytes})")
+
+
+def _pack(qw: reference.QuantizedWeight, device) -> PackedWeight:
+    codes, scale, zero, bits = qw
+    n, k = codes.shape
+    kp = padded_k(k)
+    order = torch.sort(bits, stable=True).indices
+    datas, scales, zeros, perms, buckets = [], [], [], [], []
+    row = offset = 0
+    for b in WIDTHS:
+        idx = order[bits[order] == b]
+        count = idx.numel()
+        if count == 0:
+            continue
+        rows = -(-count // TILE_N) * TILE_N
+        c = torch.zeros((rows, kp), dtype=torch.uint8)
+        c[:count, :k] = codes[idx]
+        datas.append(_pack_bucket(c, b))
+        perms.append(torch.cat([idx.to(torch.int32), torch.full((rows - count,), -1, dtype=torch.int32)]))
+        scales.append(torch.cat([scale[idx], torch.zeros(rows - count)]))
+        zeros.append(torch.cat([zero[idx].to(torch.uint8), torch.zeros(rows - count, dtype=torch.uint8)]))
+        buckets.append((b, row, rows, offset))
+        row += rows
+        offset += datas[-1].numel()
+
+    def cat(parts, dtype):
+        return (torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)).to(device)
+
+    return PackedWeight(cat(datas, torch.uint8), cat(scales, torch.float32), cat(zeros, torch.uint8),
+                        cat(perms, torch.int32), buckets, bits.to(device), k, n)
+
+
+# ---------------------------------------------------------------- public functions
+def quantize_channelwise(weight: Tensor, bits: Union[int, Tensor]) -> PackedWeight:
+    """Quantize an [out, in] weight per output channel to ``bits`` (an int or [out] in {2,4,6,8})
+    exactly like :func:`pyeditor.reference.quantize_channelwise`, and pack it for the kernels.
+    NaN/inf weights raise ValueError. The result lives on weight's device."""
+    validate.float_tensor(weight, "weight")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if isinstance(bits, Tensor):
+        bits = bits.detach().cpu()  # a few bytes; may live anywhere
+    qw = reference.quantize_channelwise(weight.detach().cpu(), bits)
+    return _pack(qw, weight.device)
+
+
+def _check_packed(packed) -> PackedWeight:
+    if not isinstance(packed, PackedWeight):
+        raise TypeError(f"packed must be a pyeditor.quant.PackedWeight, got {type(packed).__name__}")
+    return packed
+
+
+def dequantize(packed: PackedWeight, *, backend: Optional[str] = None) -> Tensor:
+    """float32 [out, in] in original channel order, bit-identical to reference.dequantize of the
+    same quantization: (codes - zero) * scale, one float32 multiply per element."""
+    p = _check_packed(packed)
+    name = backends.resolve(backend, p.device)
+    if name == "reference":
+        zero = torch.zeros(p.out_features, dtype=torch.int32, device=p.device)
+        scale = torch.zeros(p.out_features, dtype=torch.float32, device=p.device)
+        keep = p.perm >= 0
+        cols = p.perm[keep].long()
+        zero[cols] = p.zero[keep].to(torch.int32)
+        scale[cols] = p.scale[keep]
+        return reference.dequantize(reference.QuantizedWeight(p.codes(), scale, zero, p.bits))
+    return ops.quant_ops(name)[1](*p.tensors(), p.flat_buckets, p.in_features, p.out_features)
+
+
+def packed_linear(x: Tensor, packed: PackedWeight, bias: Optional[Tensor] = None, *, fast: bool = False,
+                  backend: Optional[str] = None) -> Tensor:
+    """``x @ W.T + bias`` for the packed W (float32 accumulation, float64 for float64 x), in x's
+    dtype, shape [..., out]. Differentiable in x and bias.
+
+    fast=True (C++ CPU backend only; ignored elsewhere): activations are quantized to int8 per
+    row (x ~= round(x / s) * s, s = max|x_row| / 127) and multiplied with exact integer dot
+    products (AVX-512 VNNI). Each activation then carries an error of at most s / 2, so
+    |y - y_exact| <= (max|x_row| / 254) * sum_k |W[n, k]| per output; the gradient is that of
+    the exact layer. At most 65536 input features.
+    """
+    p = _check_packed(packed)
+    validate.float_tensor(x, "x")
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension [..., in]")
+    if x.shape[-1] != p.in_features:
+        raise ValueError(f"x has {x.shape[-1]} input features but the packed weight has {p.in_features} "
+                         f"(shape {p.shape})")
+    validate.same_device(p.data, "packed", x=x, bias=bias)
+    if bias is not None:
+        validate.float_tensor(bias, "bias")
+        if bias.dim() != 1 or bias.shape[0] != p.out_features:
+            raise ValueError(f"bias must have shape [{p.out_features}], got {tuple(bias.shape)}")
+    if not isinstance(fast, bool):
+        raise TypeError(f"fast must be a bool, got {type(fast).__name__}")
+    name = backends.resolve(backend, x.device)
+    if name == "reference":
+        return reference.packed_linear(x, p, bias)
+    return ops.quant_ops(name)[0](x, *p.tensors(), p.flat_buckets, p.out_features, bias, fast)
+
+
+# ---------------------------------------------------------------- CHORD strategy codes
+def encode_strategy(bits: Tensor) -> Tensor:
+    """2 bits per channel, four channels per byte (code = bits / 2 - 1, channel i in byte i // 4 at
+    bit 2 * (i % 4)): the strategy that travels from cloud to device. Plain torch (byte-sized work)."""
+    return reference.encode_strategy(bits.detach().cpu() if isinstance(bits, Tensor) else bits)
+
+
+def decode_strategy(codes: Tensor, n_channels: int) -> Tensor:
+    """Inverse of encode_strategy: int64 bits [n_channels]; non-zero padding bits raise ValueError."""
+    return reference.decode_strategy(codes.cpu() if isinstance(codes, Tensor) else codes, n_channels)
+
+
+def allocate_bits(sensitivity, beta: float, layer_importance: Optional[Tensor] = None,
+                  straight_through: bool = False):
+    """CHORD Eq. 12-13 (2-4-6-8): top beta of each layer's channels 8-bit, next beta 4-bit, rest
+    2-bit; the most important layer one step up, the least one step down. straight_through=True
+    returns float bits whose gradient flows to the sensitivity unchanged. See
+    :func:`pyeditor.reference.allocate_bits`."""
+    return reference.allocate_bits(sensitivity, beta, layer_importance, straight_through)

@@ -1,0 +1,305 @@
+"""Packed channel-wise 2/4/6/8-bit weights on every backend against pyeditor.reference: exact
+codes and dequantization (hypothesis), packed_linear over dtypes / shapes / strides, the fast
+int8 mode's error bound, autograd, opcheck, torch.compile, bad input, and the strategy codes."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pyeditor
+from pyeditor import quant
+from pyeditor import reference as ref
+from pyeditor.testing import check_close, reduction_tolerance
+
+from conftest import backend_params
+
+BACKENDS = backend_params()
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def rand(shape, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def rand_bits(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.tensor([2, 4, 6, 8])[torch.randint(0, 4, (n,), generator=g)]
+
+
+def both(w, bits):
+    return quant.quantize_channelwise(w, bits), ref.quantize_channelwise(w, bits)
+
+
+# ---------------------------------------------------------------- packing: exact codes
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 40), k=st.integers(0, 70), seed=st.integers(0, 2**16), data=st.data())
+def test_roundtrip_exact_property(n, k, seed, data):
+    bits = torch.tensor(data.draw(st.lists(st.sampled_from([2, 4, 6, 8]), min_size=n, max_size=n)))
+    w = rand((n, k), seed=seed, scale=data.draw(st.sampled_from([1e-3, 1.0, 50.0])))
+    if n > 1 and k:
+        w[0] = w[0, 0]  # a constant channel
+    p, qw = both(w, bits)
+    assert torch.equal(p.codes(), qw.codes)
+    want = ref.dequantize(qw)
+    assert torch.equal(quant.dequantize(p, backend="reference"), want)
+    assert torch.equal(quant.dequantize(p, backend="cpu"), want)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("n,k", [(37, 50), (1, 1), (16, 16), (3, 0), (0, 5)])
+def test_dequantize_bit_exact(backend, device, n, k):
+    w = rand((n, k), seed=1)
+    if n > 2 and k:
+        w[1] = 0.0
+        w[2] = -3.0
+    p, qw = both(w, rand_bits(n, seed=2))
+    got = quant.dequantize(p.to(device), backend=backend)
+    assert torch.equal(got.cpu(), ref.dequantize(qw))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+def test_every_code_value_survives(bits):
+    """All 2**bits codes in every position of a block: the planes never lose or mix a bit."""
+    q = 2 ** bits
+    k = 64
+    w = (torch.arange(16 * k) % q).float().view(16, k)
+    w[:, 0] = 0.0
+    w[:, 1] = q - 1  # so min/max give scale 1, zero 0
+    p, qw = both(w, bits)
+    assert torch.equal(qw.codes.float(), w)
+    assert torch.equal(p.codes(), qw.codes)
+    assert torch.equal(quant.dequantize(p, backend="cpu"), w)
+
+
+def test_layout_groups_channels_by_width():
+    bits = torch.tensor([8, 2, 4, 2, 6, 8, 2])
+    p, _ = both(rand((7, 20)), bits)
+    assert [b[0] for b in p.buckets] == [2, 4, 6, 8]
+    assert all(b[2] % 16 == 0 for b in p.buckets)
+    real = p.perm[p.perm >= 0].tolist()
+    assert real == [1, 3, 6, 2, 4, 0, 5]  # stable within each width
+
+
+def test_packed_size_and_metadata():
+    p, _ = both(rand((4096, 256)), 4)
+    assert p.data.numel() == 4096 * 256 // 2
+    assert p.metadata_bytes == 4096 * (4 + 1 + 4)
+    assert "bytes" in repr(p)
+
+
+# ---------------------------------------------------------------- packed_linear
+SHAPES = {  # (x shape, out features)
+    "gemv": ((1, 50), 37),
+    "gemm": ((20, 33), 21),
+    "3d": ((2, 3, 17), 5),
+    "one-channel": ((4, 40), 1),
+    "empty-rows": ((0, 17), 6),
+    "k0": ((3, 0), 4),
+}
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(SHAPES))
+def test_linear_matches_reference(backend, device, dtype, case):
+    xs, n = SHAPES[case]
+    k = xs[-1]
+    p, qw = both(rand((n, k), seed=3), rand_bits(n, seed=4))
+    x, b = rand(xs, dtype, seed=5), rand((n,), dtype, seed=6)
+    got = quant.packed_linear(x.to(device), p.to(device), b.to(device), backend=backend)
+    check_close(got.cpu(), ref.packed_linear(x, qw, b), tol=reduction_tolerance(dtype, k))
+    got = quant.packed_linear(x.to(device), p.to(device), backend=backend)
+    check_close(got.cpu(), ref.packed_linear(x, qw), tol=reduction_tolerance(dtype, k))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 64])
+@pytest.mark.parametrize("width", [2, 4, 6, 8])
+def test_cpu_paths_every_width(m, width):
+    """The GEMV (few rows) and GEMM (decoded tile) paths, every width, K with a tail block."""
+    n, k = 40, 300
+    p, qw = both(rand((n, k), seed=m), width)
+    x = rand((m, k), seed=width)
+    check_close(quant.packed_linear(x, p, backend="cpu"), ref.packed_linear(x, qw),
+                tol=reduction_tolerance(torch.float32, k))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_strided_and_broadcast_x(backend, device):
+    n, k = 19, 40
+    p, qw = both(rand((n, k), seed=7), rand_bits(n, seed=8))
+    base = rand((6, 2 * k), seed=9)
+    tol = reduction_tolerance(torch.float32, k)
+    for x in (base[:, ::2], base[::2, :k], base[0, :k].expand(4, k), base[:4, :k].T.contiguous().T):
+        got = quant.packed_linear(x.to(device), p.to(device), backend=backend)
+        check_close(got.cpu(), ref.packed_linear(x, qw), tol=tol)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nan_activation_propagates(backend, device):
+    p, qw = both(rand((5, 20), seed=1), 4)
+    x = rand((3, 20), seed=2)
+    x[1, 3] = math.nan
+    got = quant.packed_linear(x.to(device), p.to(device), backend=backend).cpu()
+    assert torch.isnan(got[1]).all() and torch.isfinite(got[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fast_mode_error_bound(m, dtype):
+    """int8 activations: |y - exact| <= max|x_row| / 254 * sum_k |W[n, k]| (+ fp32 rounding)."""
+    n, k = 50, 200
+    p, qw = both(rand((n, k), seed=m), rand_bits(n, seed=m))
+    x = rand((m, k), dtype, seed=11)
+    got = quant.packed_linear(x, p, fast=True, backend="cpu").double()
+    exact = ref.packed_linear(x.float(), qw).double()
+    bound = x.double().abs().amax(1, keepdim=True) / 254 * ref.dequantize(qw).double().abs().sum(1)
+    slack = 1e-4 * exact.abs() + 1e-4 + (0.0 if dtype == torch.float32 else 1e-2 * exact.abs())
+    assert bool(((got - exact).abs() <= bound + slack).all())
+
+
+def test_fast_mode_large_values_not_saturated():
+    p, qw = both(rand((16, 64), seed=1) * 1e3, 8)
+    x = rand((1, 64), seed=2) * 1e4
+    got = quant.packed_linear(x, p, fast=True, backend="cpu")
+    exact = ref.packed_linear(x, qw)
+    assert (got - exact).abs().max() <= 0.02 * exact.abs().max()
+
+
+# ---------------------------------------------------------------- autograd, opcheck, compile
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_gradcheck(backend, device):
+    p, _ = both(rand((6, 10), seed=1), rand_bits(6, seed=1))
+    p = p.to(device)
+    x = rand((3, 10), torch.float64, seed=2).to(device).requires_grad_()
+    b = rand((6,), torch.float64, seed=3).to(device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, b: quant.packed_linear(x, p, b, backend=backend), (x, b))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_grad_matches_reference_fp32(backend, device):
+    p, qw = both(rand((9, 21), seed=1), rand_bits(9, seed=2))
+    x = rand((4, 21), seed=3).to(device).requires_grad_()
+    g = rand((4, 9), seed=4).to(device)
+    (quant.packed_linear(x, p.to(device), backend=backend) * g).sum().backward()
+    xr = rand((4, 21), seed=3).requires_grad_()
+    (ref.packed_linear(xr, qw) * g.cpu()).sum().backward()
+    check_close(x.grad.cpu(), xr.grad, tol=reduction_tolerance(torch.float32, 9))
+
+
+def _op_args(p, x, bias=None, fast=False):
+    return (x, *p.tensors(), p.flat_buckets, p.out_features, bias, fast)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_opcheck(backend, device):
+    from pyeditor import ops
+    linear, dequant = ops.quant_ops(backend)
+    p, _ = both(rand((7, 18), seed=1), rand_bits(7, seed=1))
+    p = p.to(device)
+    x = rand((2, 18), seed=2).to(device)
+    b = rand((7,), seed=3).to(device)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    if backend == "triton" and device == "cpu":
+        tests = tests[:3]  # no inductor on the interpreter
+    torch.library.opcheck(dequant, (*p.tensors(), p.flat_buckets, 18, 7), test_utils=tests)
+    torch.library.opcheck(linear, _op_args(p, x, b), test_utils=tests)
+    torch.library.opcheck(linear, _op_args(p, x.clone().requires_grad_(), b.clone().requires_grad_()),
+                          test_utils=tests)
+    torch.library.opcheck(linear, _op_args(p, x[:1], None, True), test_utils=tests)
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("cpu", "cpu", id="cpu"),
+                                            pytest.param("triton", "cuda", id="triton", marks=pytest.mark.cuda),
+                                            pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda)])
+def test_torch_compile_fullgraph(backend, device):
+    torch._dynamo.reset()
+    p, qw = both(rand((8, 24), seed=1), rand_bits(8, seed=1))
+    p = p.to(device)
+    fn = torch.compile(lambda x: quant.packed_linear(x, p, backend=backend), fullgraph=True)
+    x = rand((3, 24), seed=2)
+    check_close(fn(x.to(device)).cpu(), ref.packed_linear(x, qw), tol=reduction_tolerance(torch.float32, 24))
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_input_messages():
+    w = rand((4, 8))
+    with pytest.raises(ValueError, match="bits"):
+        quant.quantize_channelwise(w, torch.tensor([2, 4, 5, 8]))
+    with pytest.raises(ValueError, match="bits"):
+        quant.quantize_channelwise(w, torch.tensor([2, 4, 8]))
+    with pytest.raises(ValueError, match="bits"):
+        quant.quantize_channelwise(w, 3)
+    for bad in (math.nan, math.inf):
+        w2 = w.clone()
+        w2[1, 1] = bad
+        with pytest.raises(ValueError, match="finite"):
+            quant.quantize_channelwise(w2, 4)
+    with pytest.raises(TypeError, match="weight"):
+        quant.quantize_channelwise(w.int(), 4)
+    with pytest.raises(ValueError, match="weight"):
+        quant.quantize_channelwise(w[0], 4)
+    p = quant.quantize_channelwise(w, 4)
+    with pytest.raises(ValueError, match="input features"):
+        quant.packed_linear(rand((2, 9)), p)
+    with pytest.raises(TypeError, match="x"):
+        quant.packed_linear(torch.ones(2, 8, dtype=torch.int32), p)
+    with pytest.raises(ValueError, match="bias"):
+        quant.packed_linear(rand((2, 8)), p, rand((3,)))
+    with pytest.raises(TypeError, match="packed"):
+        quant.packed_linear(rand((2, 8)), w)
+    with pytest.raises(TypeError, match="fast"):
+        quant.packed_linear(rand((2, 8)), p, fast=1)
+
+
+def test_cpp_refuses_corrupt_metadata():
+    """The C++ op checks sizes and the permutation itself: it never reads out of range."""
+    p = quant.quantize_channelwise(rand((20, 33)), rand_bits(20))
+    x = rand((2, 33))
+    op = torch.ops.pyeditor.quant_linear
+    args = list(_op_args(p, x))
+    bad_buckets = list(p.flat_buckets)
+    bad_buckets[2] += 16
+    for i, val, msg in [(1, p.data[:-1], "bytes"), (5, bad_buckets, "bytes|contiguous|rows"),
+                        (4, p.perm.clone().fill_(0), "permutation"), (2, p.scale[:-1], "scale"),
+                        (3, p.zero.int(), "zero"), (5, [3, 0, 16, 0], "bits")]:
+        a = list(args)
+        a[i] = val
+        with pytest.raises(RuntimeError, match=msg):
+            op(*a)
+
+
+# ---------------------------------------------------------------- strategy codes
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.sampled_from([2, 4, 6, 8]), max_size=41))
+def test_strategy_roundtrip(bits):
+    b = torch.tensor(bits, dtype=torch.int64)
+    code = pyeditor.encode_strategy(b)
+    assert code.dtype == torch.uint8 and code.numel() == (len(bits) + 3) // 4
+    assert torch.equal(code, ref.encode_strategy(b))
+    assert torch.equal(pyeditor.decode_strategy(code, len(bits)), b)
+
+
+def test_strategy_layout_and_errors():
+    assert pyeditor.encode_strategy(torch.tensor([2, 4, 6, 8, 8])).tolist() == [0b11100100, 0b11]
+    with pytest.raises(ValueError, match="padding"):
+        pyeditor.decode_strategy(torch.tensor([0b11100100, 0b111], dtype=torch.uint8), 5)
+    with pytest.raises(ValueError, match="bits"):
+        pyeditor.encode_strategy(torch.tensor([2, 3]))
+
+
+def test_allocate_bits_tiers_boost_and_straight_through():
+    s = torch.arange(16, dtype=torch.float32)
+    bits = pyeditor.allocate_bits(s, 0.125)
+    assert bits.tolist() == [2] * 12 + [4] * 2 + [8] * 2
+    layers = [torch.rand(16), torch.rand(16), torch.rand(16)]
+    out = pyeditor.allocate_bits(layers, 0.125, layer_importance=torch.tensor([0.5, 2.0, 0.1]))
+    base = pyeditor.allocate_bits(layers, 0.125)
+    assert torch.equal(out[1], (base[1] + 2).clamp_max(8)) and torch.equal(out[2], (base[2] - 2).clamp_min(2))
+    assert torch.equal(out[0], base[0])
+    s = torch.rand(16, requires_grad=True)
+    b = pyeditor.allocate_bits(s, 0.25, straight_through=True)
+    (b * torch.arange(16.0)).sum().backward()
+    assert torch.equal(s.grad, torch.arange(16.0))

@@ -1,0 +1,104 @@
+"""pyeditor.nn.PackedLinear and quantize_model: forward vs reference, in-place model
+quantization, bit-exact state_dict round trips (also through safetensors), corrupt state."""
+import pytest
+import torch
+from torch import nn
+
+from pyeditor import nn as pnn
+from pyeditor import quant
+from pyeditor import reference as ref
+from pyeditor.testing import check_close, reduction_tolerance
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 7, bias=False), nn.Linear(7, 3))
+
+
+def bits_of(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.tensor([2, 4, 6, 8])[torch.randint(0, 4, (n,), generator=g)]
+
+
+def test_from_linear_forward_and_grad():
+    lin = nn.Linear(30, 20)
+    bits = bits_of(20)
+    layer = pnn.PackedLinear.from_linear(lin, bits)
+    x = torch.randn(5, 30, requires_grad=True)
+    y = layer(x)
+    qw = ref.quantize_channelwise(lin.weight.detach(), bits)
+    check_close(y, ref.packed_linear(x, qw, lin.bias), tol=reduction_tolerance(torch.float32, 30))
+    y.sum().backward()
+    assert x.grad is not None and layer.bias.grad is not None
+    assert torch.equal(layer.dequantize(), ref.dequantize(qw))
+    assert layer.packed_bytes == layer.packed.nbytes and "packed_bytes" in repr(layer)
+
+
+def test_quantize_model_in_place():
+    m = model()
+    x = torch.randn(4, 24)
+    dense = m(x)
+    out = pnn.quantize_model(m, lambda name, lin: None if name == "3" else 8)
+    assert out is m
+    assert isinstance(m[0], pnn.PackedLinear) and isinstance(m[2], pnn.PackedLinear)
+    assert isinstance(m[3], nn.Linear)
+    assert (m(x) - dense).abs().max() < 0.05  # 8-bit weights: close to the float model
+
+
+def _quantized(seed=0):
+    m = model()
+    return pnn.quantize_model(m, lambda name, lin: bits_of(lin.out_features, seed))
+
+
+def test_state_dict_roundtrip_bit_exact():
+    a, b = _quantized(0), _quantized(1)  # different widths: packed shapes differ
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 24)
+    assert torch.equal(a(x), b(x))
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_safetensors_roundtrip(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    a, b = _quantized(0), _quantized(2)
+    path = tmp_path / "m.safetensors"
+    safetensors.save_file(a.state_dict(), str(path))
+    b.load_state_dict(safetensors.load_file(str(path)))
+    x = torch.randn(3, 24)
+    assert torch.equal(a(x), b(x))
+
+
+@pytest.mark.parametrize("corrupt,msg", [
+    (lambda sd: sd.__setitem__("0.data", sd["0.data"][:-1]), "bytes"),
+    (lambda sd: sd.__setitem__("0.bits", sd["0.bits"][:-1]), "bits"),
+    (lambda sd: sd.__setitem__("0.perm", torch.zeros_like(sd["0.perm"])), "perm|bits"),
+    (lambda sd: sd.__setitem__("0.scale", sd["0.scale"].double()), "scale"),
+    (lambda sd: sd.__setitem__("0.buckets", sd["0.buckets"][:, :3]), "buckets"),
+    (lambda sd: sd["0.zero"].fill_(255), "zero"),
+    (lambda sd: sd["0.scale"].fill_(float("nan")), "scale"),
+])
+def test_corrupt_state_dict_raises(corrupt, msg):
+    a, b = _quantized(0), _quantized(1)
+    sd = {k: v.clone() for k, v in a.state_dict().items()}
+    corrupt(sd)
+    with pytest.raises(ValueError, match=msg):
+        b.load_state_dict(sd)
+
+
+def test_from_linear_bad_input():
+    with pytest.raises(TypeError, match="nn.Linear"):
+        pnn.PackedLinear.from_linear(nn.Conv1d(2, 2, 1), 4)
+    with pytest.raises(ValueError, match="bits"):
+        pnn.PackedLinear.from_linear(nn.Linear(4, 3), torch.tensor([2, 4]))
+    with pytest.raises(TypeError, match="bits_for"):
+        pnn.quantize_model(model(), 4)
+
+
+def test_packed_size_is_a_fraction_of_fp32():
+    lin = nn.Linear(4096, 256, bias=False)
+    layer = pnn.PackedLinear.from_linear(lin, 4)
+    data = layer.packed.data.numel()
+    assert data == 256 * 4096 // 2
+    assert layer.packed_bytes - data < 0.02 * data
+    assert isinstance(layer.packed, quant.PackedWeight)
