@@ -33,12 +33,15 @@ TORCH_LIBRARY(pyeditor, m) {
   m.def("apply_edit(Tensor theta, Tensor delta, Tensor threshold, Tensor? proto_index=None) -> Tensor");
   m.def("apply_edit_out(Tensor theta, Tensor delta, Tensor threshold, Tensor? proto_index, Tensor(a!) out) -> ()");
   m.def("apply_edit_backward(Tensor grad, Tensor delta, Tensor threshold) -> Tensor");
+  // nearest-prototype search (issue 5)
+  m.def("nearest_prototype(Tensor x, Tensor prototypes, int k=1, str metric=\"l2\") -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pyeditor, CPU, m) {
   m.impl("apply_edit", &apply_edit_cpu);
   m.impl("apply_edit_out", &apply_edit_out_cpu);
   m.impl("apply_edit_backward", &apply_edit_backward_cpu);
+  m.impl("nearest_prototype", &nearest_prototype_cpu);  // issue 5
 }
 
 #ifdef PYEDITOR_WITH_CUDA
@@ -46,6 +49,7 @@ TORCH_LIBRARY_IMPL(pyeditor, CUDA, m) {
   m.impl("apply_edit", &apply_edit_cuda);
   m.impl("apply_edit_out", &apply_edit_out_cuda);
   m.impl("apply_edit_backward", &apply_edit_backward_cuda);
+  m.impl("nearest_prototype", &nearest_prototype_cuda);  // issue 5
 }
 #endif
 
