@@ -6,6 +6,8 @@ The top-level functions take the same arguments as their plain-PyTorch definitio
 """
 from . import backends, reference
 from .api import apply_edit
+from .search import kmeans, kmeans_predict, nearest_prototype  # issue 5
 
 __all__ = ["apply_edit", "backends", "reference"]
+__all__ += ["nearest_prototype", "kmeans", "kmeans_predict"]  # issue 5
 __version__ = "0.1.0"
