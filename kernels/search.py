@@ -68,6 +68,8 @@ def _next_best(
             bias = tl.load(bias_ptr + n, mask=nmask, other=0.0)
             key = bias[None, :] - SCALE * acc
         after = (key > prev_key[:, None]) | ((key == prev_key[:, None]) & (n[None, :] > prev_idx[:, None]))
+        if not FIRST:  # the previous pass found nothing: nothing is left
+            after = after & (prev_idx[:, None] >= 0)
         ok = (key == key) & nmask[None, :] & after
         masked = tl.where(ok, key, float("inf"))
         m = tl.min(masked, axis=1)
