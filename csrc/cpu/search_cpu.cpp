@@ -250,7 +250,8 @@ int capacity_for(int k) {
   return need <= 2 ? 2 : need <= 4 ? 4 : need <= 8 ? 8 : need <= 16 ? 16 : ps::kMaxK + 1;
 }
 
-int64_t grain_for(int64_t N, int64_t d) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, N * d)); }
+// at least ~2^18 multiply-adds per task: smaller batches run inline, without waking threads
+int64_t grain_for(int64_t N, int64_t d) { return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, N * d)); }
 
 // float64 keys everywhere (float64 inputs, or k beyond the fixed lists).
 template <class T, class O>
@@ -264,6 +265,12 @@ void exact_all(const T* x, const T* P, int64_t B, int64_t N, int64_t d, int k, i
 void fast_all(const float* x, const float* P, int64_t B, int64_t N, int64_t d, int k, int metric, float* dist,
               int64_t* idx) {
   const int cap = capacity_for(k);
+  auto direct = [&] {
+    at::parallel_for(0, B, grain_for(N, d), [&](int64_t q0, int64_t q1) {
+      direct_job(x, P, N, d, k, metric, q0, q1, dist, idx, cap);
+    });
+  };
+  if (B < kDirectMaxBatch || d == 0) return direct();
   std::vector<int64_t> valid;
   bool has_inf = false;
   for (int64_t j = 0; j < N; ++j) {
@@ -271,12 +278,7 @@ void fast_all(const float* x, const float* P, int64_t B, int64_t N, int64_t d, i
     else if (!ps::row_has_nan(P + j * d, d)) has_inf = true;
   }
   // inf prototypes can still win (at distance inf): the direct pass keeps every row
-  if (B < kDirectMaxBatch || has_inf || valid.empty() || d == 0) {
-    at::parallel_for(0, B, grain_for(N, d), [&](int64_t q0, int64_t q1) {
-      direct_job(x, P, N, d, k, metric, q0, q1, dist, idx, cap);
-    });
-    return;
-  }
+  if (has_inf || valid.empty()) return direct();
   const Packed pk = pack_prototypes(P, N, d, metric, valid);
   const int64_t blocks = (B + kMC - 1) / kMC;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
