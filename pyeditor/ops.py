@@ -246,4 +246,4 @@ if HAS_CPP:
 
 def search_op(backend: str):
     """The nearest_prototype op for a resolved backend other than reference."""
-    return _op("nearest_prototype_triton" if backend == "triton" else "nearest_prototype")
+    return _op("nearest_prototype_triton" if backend == "triton" else "nearest_prototype").default

@@ -11,6 +11,7 @@ chosen; slots no eligible prototype can fill get index -1 and distance +inf (l2)
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Optional
@@ -54,12 +55,29 @@ def nearest_prototype(
     descending. Any strides are accepted. Not differentiable (indices are discrete).
     """
     _check_search(x, prototypes, k, metric)
-    name = backends.resolve(backend, x.device)
+    name = _resolve(backend, x.device)
     if name == "reference":
         return reference.nearest_prototype(x, prototypes, k, metric)
     if name == "cuda" and k > 32:
         raise NotImplementedError(f"the cuda backend supports k <= 32, got {k}; use backend='cpu' or 'triton'")
-    return ops.search_op(name)(x.detach(), prototypes.detach(), k, metric)
+    if x.requires_grad or prototypes.requires_grad:
+        x, prototypes = x.detach(), prototypes.detach()
+    return ops.search_op(name)(x, prototypes, k, metric)
+
+
+_RESOLVED: dict = {}
+
+
+def _resolve(backend: Optional[str], device: torch.device) -> str:
+    """backends.resolve, memoised on everything it reads (one device is served millions of
+    times; resolving costs more than a small search)."""
+    if validate.compiling():
+        return backends.resolve(backend, device)
+    key = (backend, device, os.environ.get(backends.ENV_VAR), os.environ.get("TRITON_INTERPRET"))
+    name = _RESOLVED.get(key)
+    if name is None:
+        name = _RESOLVED[key] = backends.resolve(backend, device)
+    return name
 
 
 def kmeans_predict(x: Tensor, centroids: Tensor, metric: str = "l2", *, backend: Optional[str] = None) -> Tensor:

@@ -111,9 +111,13 @@ Packed pack_prototypes(const float* P, int64_t N, int64_t d, int metric, const s
 }
 
 // ---------------------------------------------------------------- blocked float32 pass
+typedef float v16fu __attribute__((vector_size(64), aligned(4)));  // unaligned loads
+
+// keys[r][lane] = bias[lane] - scale * x'_r . p'_lane for kMR queries and NP panels.
 template <int NP>
 inline __attribute__((always_inline)) void micro_tile(const float* xb, int64_t d, const float* panel0,
-                                                      int64_t panel_stride, float* keys /* [kMR][NP*16] */) {
+                                                      int64_t panel_stride, const float* bias, float scale,
+                                                      float* keys /* [kMR][NP*16] */) {
   v16f acc[kMR][NP];
 #pragma GCC unroll 8
   for (int r = 0; r < kMR; ++r)
@@ -133,7 +137,9 @@ inline __attribute__((always_inline)) void micro_tile(const float* xb, int64_t d
 #pragma GCC unroll 8
   for (int r = 0; r < kMR; ++r)
 #pragma GCC unroll 2
-    for (int p = 0; p < NP; ++p) *reinterpret_cast<v16f*>(keys + (r * NP + p) * kLanes) = acc[r][p];
+    for (int p = 0; p < NP; ++p)
+      *reinterpret_cast<v16f*>(keys + (r * NP + p) * kLanes) =
+          *reinterpret_cast<const v16fu*>(bias + p * kLanes) - scale * acc[r][p];
 }
 
 struct BlockJob {
@@ -161,8 +167,10 @@ inline __attribute__((always_inline)) void blocked_rows(const BlockJob& job) {
     const float* xr = job.x + (job.row0 + r) * d;
     finite[r] = ps::row_finite(xr, d);
     double n2 = 0.0;
+    const float* shift = metric == ps::kL2 ? pk.shift.data() : nullptr;
+#pragma omp simd reduction(+ : n2)
     for (int64_t i = 0; i < d; ++i) {
-      const float v = metric == ps::kL2 ? xr[i] - pk.shift[i] : xr[i];
+      const float v = shift ? xr[i] - shift[i] : xr[i];
       xb[r * d + i] = v;
       n2 += static_cast<double>(v) * v;
     }
@@ -178,15 +186,22 @@ inline __attribute__((always_inline)) void blocked_rows(const BlockJob& job) {
     const int64_t base = pn * kLanes;
     const int64_t lanes = std::min<int64_t>(width, pk.count - base);
     for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
-      if (np == 2) micro_tile<2>(xb.data() + r0 * d, d, panels + pn * pstride, pstride, keys);
-      else micro_tile<1>(xb.data() + r0 * d, d, panels + pn * pstride, pstride, keys);
+      const float* bias = pk.bias.data() + base;
+      if (np == 2) micro_tile<2>(xb.data() + r0 * d, d, panels + pn * pstride, pstride, bias, scale, keys);
+      else micro_tile<1>(xb.data() + r0 * d, d, panels + pn * pstride, pstride, bias, scale, keys);
       const int64_t rend = std::min<int64_t>(kMR, rows - r0);
+      const int64_t* orig = pk.orig.data() + base;
       for (int64_t r = 0; r < rend; ++r) {
         auto& top = tops[r0 + r];
         const float* kr = keys + r * width;
+        // a local threshold: most lanes cost one compare (lanes come in index order, so a
+        // key equal to the threshold can never enter)
+        float thr = top.full() ? top.worst() : INFINITY;
         for (int64_t l = 0; l < lanes; ++l) {
-          const float key = pk.bias[base + l] - scale * kr[l];
-          if (!top.full() || key <= top.worst()) top.push(key, pk.orig[base + l]);
+          if (kr[l] < thr || !top.full()) {
+            top.push(kr[l], orig[l]);
+            thr = top.full() ? top.worst() : INFINITY;
+          }
         }
       }
     }
