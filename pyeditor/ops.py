@@ -244,6 +244,12 @@ if HAS_CPP:
     torch.library.register_fake("pyeditor::nearest_prototype", _fake_nearest_prototype)
 
 
+_SEARCH_OPS: dict = {}
+
+
 def search_op(backend: str):
-    """The nearest_prototype op for a resolved backend other than reference."""
-    return _op("nearest_prototype_triton" if backend == "triton" else "nearest_prototype").default
+    """The nearest_prototype op (an OpOverload) for a resolved backend other than reference."""
+    op = _SEARCH_OPS.get(backend)
+    if op is None:
+        op = _SEARCH_OPS[backend] = _op("nearest_prototype_triton" if backend == "triton" else "nearest_prototype").default
+    return op
