@@ -16,6 +16,10 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& data, const a
                             const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
                             int64_t out_features, const c10::optional<at::Tensor>& bias, bool fast);
 
+// nearest-prototype search (issue 5)
+std::tuple<at::Tensor, at::Tensor> nearest_prototype_cpu(const at::Tensor& x, const at::Tensor& prototypes, int64_t k,
+                                                        c10::string_view metric);
+
 #ifdef PYEDITOR_WITH_CUDA
 at::Tensor apply_edit_cuda(const at::Tensor& theta, const at::Tensor& delta, const at::Tensor& threshold,
                            const c10::optional<at::Tensor>& proto_index);
@@ -28,6 +32,8 @@ at::Tensor quant_dequantize_cuda(const at::Tensor& data, const at::Tensor& scale
 at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
                              const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
                              int64_t out_features, const c10::optional<at::Tensor>& bias, bool fast);
+std::tuple<at::Tensor, at::Tensor> nearest_prototype_cuda(const at::Tensor& x, const at::Tensor& prototypes, int64_t k,
+                                                         c10::string_view metric);  // issue 5
 #endif
 
 }  // namespace pyeditor

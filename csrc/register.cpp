@@ -38,6 +38,8 @@ TORCH_LIBRARY(pyeditor, m) {
         "int out_features) -> Tensor");
   m.def("quant_linear(Tensor x, Tensor data, Tensor scale, Tensor zero, Tensor perm, int[] buckets, "
         "int out_features, Tensor? bias=None, bool fast=False) -> Tensor");
+  // nearest-prototype search (issue 5)
+  m.def("nearest_prototype(Tensor x, Tensor prototypes, int k=1, str metric=\"l2\") -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pyeditor, CPU, m) {
@@ -46,6 +48,7 @@ TORCH_LIBRARY_IMPL(pyeditor, CPU, m) {
   m.impl("apply_edit_backward", &apply_edit_backward_cpu);
   m.impl("quant_dequantize", &quant_dequantize_cpu);
   m.impl("quant_linear", &quant_linear_cpu);
+  m.impl("nearest_prototype", &nearest_prototype_cpu);  // issue 5
 }
 
 #ifdef PYEDITOR_WITH_CUDA
@@ -55,6 +58,7 @@ TORCH_LIBRARY_IMPL(pyeditor, CUDA, m) {
   m.impl("apply_edit_backward", &apply_edit_backward_cuda);
   m.impl("quant_dequantize", &quant_dequantize_cuda);
   m.impl("quant_linear", &quant_linear_cuda);
+  m.impl("nearest_prototype", &nearest_prototype_cuda);  // issue 5
 }
 #endif
 

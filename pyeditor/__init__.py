@@ -9,8 +9,10 @@ from .api import apply_edit
 from . import quant
 from .quant import (PackedWeight, allocate_bits, decode_strategy, dequantize, encode_strategy,
                     packed_linear, quantize_channelwise)
+from .search import kmeans, kmeans_predict, nearest_prototype
 
 __all__ = ["apply_edit", "backends", "reference",
            "quant", "PackedWeight", "quantize_channelwise", "dequantize", "packed_linear", "encode_strategy",
-           "decode_strategy", "allocate_bits"]
+           "decode_strategy", "allocate_bits",
+           "nearest_prototype", "kmeans", "kmeans_predict"]
 __version__ = "0.1.0"

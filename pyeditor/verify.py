@@ -80,7 +80,34 @@ def _edit_checks(small: bool) -> Iterator[Check]:
             yield Check("apply_edit (grad)", label, dtype, run_grad)
 
 
+def _search_checks(small: bool) -> Iterator[Check]:
+    """nearest_prototype (issue 5): indices must equal the reference's exactly (compared as
+    floats), distances within the dtype's tolerance; clustered data offset far from 0."""
+    from .search import nearest_prototype
+
+    shapes = [(24, 40, 3, 1e4), (24, 40, 64, 300.0)] if small else \
+        [(24, 40, 3, 1e4), (500, 70, 64, 1e4), (300, 50, 257, 30.0)]
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for B, N, d, off in shapes:
+            for metric in ("l2", "ip", "cosine"):
+                def run(backend, device, B=B, N=N, d=d, off=off, metric=metric, dtype=dtype):
+                    g = torch.Generator().manual_seed(B + d)
+                    c = torch.randn(6, d, generator=g) * 3
+                    p = c[torch.randint(0, 6, (N,), generator=g)] + 0.5 * torch.randn(N, d, generator=g) + off
+                    x = c[torch.randint(0, 6, (B,), generator=g)] + 0.5 * torch.randn(B, d, generator=g) + off
+                    p[N // 2] = p[1]
+                    x, p = x.to(dtype), p.to(dtype)
+                    dist, idx = nearest_prototype(x.to(device), p.to(device), 2, metric, backend=backend)
+                    rd, ri = reference.nearest_prototype(x, p, 2, metric)
+                    same = (idx.cpu() == ri).all()
+                    return (torch.cat([dist.cpu().double().flatten(), same.double().view(1)]),
+                            torch.cat([rd.double().flatten(), torch.ones(1, dtype=torch.float64)]))
+
+                yield Check(f"nearest_prototype {metric}", f"x[{B},{d}] P[{N}] +{off:g}", dtype, run)
+
+
 CHECKS: list[Callable[[bool], Iterator[Check]]] = [_edit_checks]
+CHECKS.append(_search_checks)  # issue 5
 
 
 # ---------------------------------------------------------------- packed low-bit weights (quant)

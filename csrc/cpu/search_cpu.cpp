@@ -1,0 +1,345 @@
+// CPU nearest-prototype search: argument checks, then one of three exact paths (see
+// search_math.h for the acceptance rule that makes the float32 passes exact):
+//  * blocked: prototypes centred (l2) / normalised (cosine) and packed in 16-wide panels, a
+//    register-tiled float32 GEMM micro-kernel whose epilogue feeds a running top-(k+1) per
+//    query; the B x N distance matrix is never written. Used for large batches.
+//  * direct: float32 (x - p)^2 / x.p per pair on the raw rows; small batches (no packing cost).
+//  * exact: float64 direct difference; float64 inputs, k > kMaxK, and rejected queries.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../ops.h"
+#include "pyeditor/search_math.h"
+
+namespace pyeditor {
+namespace {
+
+namespace ps = pe::search;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PE_SEARCH_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PE_SEARCH_CLONES
+#endif
+
+typedef float v16f __attribute__((vector_size(64)));
+constexpr int kLanes = 16;   // prototypes per packed panel
+constexpr int kMR = 8;       // queries per micro-tile
+constexpr int kMC = 64;      // queries per work item
+constexpr int64_t kDirectMaxBatch = 32;  // below this the packing would cost more than it saves
+
+int parse_metric(c10::string_view m) {
+  if (m == "l2") return ps::kL2;
+  if (m == "ip") return ps::kIP;
+  if (m == "cosine") return ps::kCosine;
+  TORCH_CHECK(false, "pyeditor: metric must be 'l2', 'ip' or 'cosine', got '", std::string(m), "'");
+}
+
+// Prototypes prepared for the blocked pass (float32 mode).
+struct Packed {
+  at::Tensor panels;           // [panels, d, 16] float32 (64-byte aligned)
+  std::vector<float> bias;     // per packed lane: ||p'||^2 (l2) or 0
+  std::vector<int64_t> orig;   // packed lane -> original prototype index
+  std::vector<float> shift;    // the centre subtracted from queries (l2), else empty
+  double pmax = 0.0;           // max ||p'|| over packed prototypes
+  int64_t count = 0, num_panels = 0;
+};
+
+// Exact scan for any k (k > kMaxK): float64 keys of every prototype, partial sort.
+template <class T, class O>
+void exact_query_any_k(const T* x, const T* P, int64_t N, int64_t d, int k, int metric, O* dist, int64_t* idx) {
+  if (ps::row_has_nan(x, d)) return ps::write_nan_row(dist, idx, k);
+  const double xn = metric == ps::kCosine ? ps::norm64(x, d) : 0.0;
+  std::vector<std::pair<double, int64_t>> all;
+  all.reserve(N);
+  for (int64_t j = 0; j < N; ++j) {
+    const double e = ps::exact_key(x, P + j * d, d, metric, xn);
+    if (e == e) all.emplace_back(e, j);
+  }
+  const size_t m = std::min<size_t>(k, all.size());
+  std::partial_sort(all.begin(), all.begin() + m, all.end(),
+                    [](const auto& a, const auto& b) { return ps::before(a.first, a.second, b.first, b.second); });
+  std::vector<double> keys(m);
+  std::vector<int64_t> ids(m);
+  for (size_t i = 0; i < m; ++i) keys[i] = all[i].first, ids[i] = all[i].second;
+  ps::write_row(dist, idx, k, keys.data(), ids.data(), static_cast<int>(m), metric);
+}
+
+template <int CAP, class T, class O>
+void exact_query_cap(const T* x, const T* P, int64_t N, int64_t d, int k, int metric, O* dist, int64_t* idx) {
+  if (k > ps::kMaxK) return exact_query_any_k(x, P, N, d, k, metric, dist, idx);
+  ps::exact_query<CAP>(x, P, d, N, d, k, metric, dist, idx);
+}
+
+// ---------------------------------------------------------------- packing (float32 mode)
+Packed pack_prototypes(const float* P, int64_t N, int64_t d, int metric, const std::vector<int64_t>& valid) {
+  Packed pk;
+  pk.orig = valid;
+  pk.count = static_cast<int64_t>(valid.size());
+  pk.num_panels = (pk.count + kLanes - 1) / kLanes;
+  pk.panels = at::zeros({std::max<int64_t>(pk.num_panels, 1), d, kLanes}, at::kFloat);
+  pk.bias.assign(pk.num_panels * kLanes, 0.f);
+  std::vector<double> centre(d, 0.0);
+  if (metric == ps::kL2 && pk.count > 0) {
+    for (int64_t j : valid)
+      for (int64_t i = 0; i < d; ++i) centre[i] += P[j * d + i];
+    pk.shift.resize(d);
+    for (int64_t i = 0; i < d; ++i) pk.shift[i] = static_cast<float>(centre[i] / pk.count);
+  }
+  float* out = pk.panels.data_ptr<float>();
+  double pmax2 = 0.0;
+  for (int64_t c = 0; c < pk.count; ++c) {
+    const float* p = P + valid[c] * d;
+    float* dst = out + (c / kLanes) * d * kLanes + (c % kLanes);
+    const double inv = metric == ps::kCosine ? ps::norm64(p, d) : 1.0;
+    double n2 = 0.0;
+    for (int64_t i = 0; i < d; ++i) {
+      float v = p[i];
+      if (metric == ps::kL2) v = p[i] - pk.shift[i];
+      else if (metric == ps::kCosine) v = inv == 0.0 ? 0.f : static_cast<float>(p[i] / inv);
+      dst[i * kLanes] = v;
+      n2 += static_cast<double>(v) * v;
+    }
+    if (metric == ps::kL2) pk.bias[c] = static_cast<float>(n2);
+    pmax2 = std::max(pmax2, n2);
+  }
+  pk.pmax = std::sqrt(pmax2);
+  return pk;
+}
+
+// ---------------------------------------------------------------- blocked float32 pass
+typedef float v16fu __attribute__((vector_size(64), aligned(4)));  // unaligned loads
+
+// keys[r][lane] = bias[lane] - scale * x'_r . p'_lane for kMR queries and NP panels.
+template <int NP>
+inline __attribute__((always_inline)) void micro_tile(const float* xb, int64_t d, const float* panel0,
+                                                      int64_t panel_stride, const float* bias, float scale,
+                                                      float* keys /* [kMR][NP*16] */) {
+  v16f acc[kMR][NP];
+#pragma GCC unroll 8
+  for (int r = 0; r < kMR; ++r)
+#pragma GCC unroll 2
+    for (int p = 0; p < NP; ++p) acc[r][p] = v16f{};
+  for (int64_t i = 0; i < d; ++i) {
+    v16f b[NP];
+#pragma GCC unroll 2
+    for (int p = 0; p < NP; ++p) b[p] = *reinterpret_cast<const v16f*>(panel0 + p * panel_stride + i * kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < kMR; ++r) {
+      const float a = xb[r * d + i];
+#pragma GCC unroll 2
+      for (int p = 0; p < NP; ++p) acc[r][p] += a * b[p];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kMR; ++r)
+#pragma GCC unroll 2
+    for (int p = 0; p < NP; ++p)
+      *reinterpret_cast<v16f*>(keys + (r * NP + p) * kLanes) =
+          *reinterpret_cast<const v16fu*>(bias + p * kLanes) - scale * acc[r][p];
+}
+
+struct BlockJob {
+  const float* x;        // [B, d] float32, contiguous
+  const float* P;        // [N, d] original prototypes, float32
+  const Packed* pk;
+  int64_t N, d, row0, rows;
+  int k, metric;
+  float* dist;           // [B, k]
+  int64_t* idx;          // [B, k]
+};
+
+template <int CAP>
+inline __attribute__((always_inline)) void blocked_rows(const BlockJob& job) {
+  const int64_t d = job.d, rows = job.rows;
+  const Packed& pk = *job.pk;
+  const int metric = job.metric, k = job.k;
+  const int64_t padded = (rows + kMR - 1) / kMR * kMR;
+  alignas(64) float keys[kMR * 2 * kLanes];
+  std::vector<float> xb(padded * d, 0.f);
+  std::vector<double> xnorm(rows, 0.0);
+  std::vector<char> finite(rows, 1);
+  std::vector<ps::TopK<float, CAP>> tops(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = job.x + (job.row0 + r) * d;
+    finite[r] = ps::row_finite(xr, d);
+    double n2 = 0.0;
+    const float* shift = metric == ps::kL2 ? pk.shift.data() : nullptr;
+#pragma omp simd reduction(+ : n2)
+    for (int64_t i = 0; i < d; ++i) {
+      const float v = shift ? xr[i] - shift[i] : xr[i];
+      xb[r * d + i] = v;
+      n2 += static_cast<double>(v) * v;
+    }
+    xnorm[r] = std::sqrt(n2);
+    tops[r].reset(k + 1);
+  }
+  const float scale = metric == ps::kL2 ? 2.f : 1.f;
+  const float* panels = pk.panels.const_data_ptr<float>();
+  const int64_t pstride = d * kLanes;
+  for (int64_t pn = 0; pn < pk.num_panels; pn += 2) {
+    const int np = pk.num_panels - pn >= 2 ? 2 : 1;
+    const int width = np * kLanes;
+    const int64_t base = pn * kLanes;
+    const int64_t lanes = std::min<int64_t>(width, pk.count - base);
+    for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
+      const float* bias = pk.bias.data() + base;
+      if (np == 2) micro_tile<2>(xb.data() + r0 * d, d, panels + pn * pstride, pstride, bias, scale, keys);
+      else micro_tile<1>(xb.data() + r0 * d, d, panels + pn * pstride, pstride, bias, scale, keys);
+      const int64_t rend = std::min<int64_t>(kMR, rows - r0);
+      const int64_t* orig = pk.orig.data() + base;
+      for (int64_t r = 0; r < rend; ++r) {
+        auto& top = tops[r0 + r];
+        const float* kr = keys + r * width;
+        // a local threshold: most lanes cost one compare (lanes come in index order, so a
+        // key equal to the threshold can never enter)
+        float thr = top.full() ? top.worst() : INFINITY;
+        for (int64_t l = 0; l < lanes; ++l) {
+          if (kr[l] < thr || !top.full()) {
+            top.push(kr[l], orig[l]);
+            thr = top.full() ? top.worst() : INFINITY;
+          }
+        }
+      }
+    }
+  }
+  const double g = ps::gamma32(d + 8);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t q = job.row0 + r;
+    const float* xr = job.x + q * d;
+    float* dist = job.dist + q * k;
+    int64_t* idx = job.idx + q * k;
+    if (finite[r]) {
+      double span = metric == ps::kL2 ? (xnorm[r] + pk.pmax) * (xnorm[r] + pk.pmax) : xnorm[r] * pk.pmax;
+      ps::Bound b{span < ps::kHuge ? g * span : INFINITY, 0.0};
+      const double xn = metric == ps::kCosine ? ps::norm64(xr, d) : 0.0;
+      auto exact = [&](int64_t j) { return ps::exact_key(xr, job.P + j * d, d, metric, xn); };
+      if (ps::accept_fast(tops[r], k, b, metric, exact, dist, idx)) continue;
+    }
+    ps::exact_query<CAP>(xr, job.P, d, job.N, d, k, metric, dist, idx);
+  }
+}
+
+PE_SEARCH_CLONES void blocked_job(const BlockJob& job, int cap) {
+  switch (cap) {
+    case 2: return blocked_rows<2>(job);
+    case 4: return blocked_rows<4>(job);
+    case 8: return blocked_rows<8>(job);
+    case 16: return blocked_rows<16>(job);
+    default: return blocked_rows<ps::kMaxK + 1>(job);
+  }
+}
+
+template <int CAP>
+inline __attribute__((always_inline)) void direct_rows(const float* x, const float* P, int64_t N, int64_t d, int k,
+                                                       int metric, int64_t q0, int64_t q1, float* dist, int64_t* idx) {
+  ps::TopK<float, CAP> top;
+  for (int64_t q = q0; q < q1; ++q) {
+    const float* xr = x + q * d;
+    if (ps::row_finite(xr, d)) {
+      const ps::Bound b = ps::direct_fast<CAP>(xr, P, d, N, d, k, metric, top);
+      const double xn = metric == ps::kCosine ? ps::norm64(xr, d) : 0.0;
+      auto exact = [&](int64_t j) { return ps::exact_key(xr, P + j * d, d, metric, xn); };
+      if (ps::accept_fast(top, k, b, metric, exact, dist + q * k, idx + q * k)) continue;
+    }
+    ps::exact_query<CAP>(xr, P, d, N, d, k, metric, dist + q * k, idx + q * k);
+  }
+}
+
+PE_SEARCH_CLONES void direct_job(const float* x, const float* P, int64_t N, int64_t d, int k, int metric, int64_t q0,
+                                 int64_t q1, float* dist, int64_t* idx, int cap) {
+  switch (cap) {
+    case 2: return direct_rows<2>(x, P, N, d, k, metric, q0, q1, dist, idx);
+    case 4: return direct_rows<4>(x, P, N, d, k, metric, q0, q1, dist, idx);
+    case 8: return direct_rows<8>(x, P, N, d, k, metric, q0, q1, dist, idx);
+    case 16: return direct_rows<16>(x, P, N, d, k, metric, q0, q1, dist, idx);
+    default: return direct_rows<ps::kMaxK + 1>(x, P, N, d, k, metric, q0, q1, dist, idx);
+  }
+}
+
+int capacity_for(int k) {
+  const int need = k + 1;
+  return need <= 2 ? 2 : need <= 4 ? 4 : need <= 8 ? 8 : need <= 16 ? 16 : ps::kMaxK + 1;
+}
+
+// at least ~2^18 multiply-adds per task: smaller batches run inline, without waking threads
+int64_t grain_for(int64_t N, int64_t d) { return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, N * d)); }
+
+// float64 keys everywhere (float64 inputs, or k beyond the fixed lists).
+template <class T, class O>
+void exact_all(const T* x, const T* P, int64_t B, int64_t N, int64_t d, int k, int metric, O* dist, int64_t* idx) {
+  at::parallel_for(0, B, grain_for(N, d), [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q)
+      exact_query_cap<ps::kMaxK + 1>(x + q * d, P, N, d, k, metric, dist + q * k, idx + q * k);
+  });
+}
+
+void fast_all(const float* x, const float* P, int64_t B, int64_t N, int64_t d, int k, int metric, float* dist,
+              int64_t* idx) {
+  const int cap = capacity_for(k);
+  auto direct = [&] {
+    at::parallel_for(0, B, grain_for(N, d), [&](int64_t q0, int64_t q1) {
+      direct_job(x, P, N, d, k, metric, q0, q1, dist, idx, cap);
+    });
+  };
+  if (B < kDirectMaxBatch || d == 0) return direct();
+  std::vector<int64_t> valid;
+  bool has_inf = false;
+  for (int64_t j = 0; j < N; ++j) {
+    if (ps::row_finite(P + j * d, d)) valid.push_back(j);
+    else if (!ps::row_has_nan(P + j * d, d)) has_inf = true;
+  }
+  // inf prototypes can still win (at distance inf): the direct pass keeps every row
+  if (has_inf || valid.empty()) return direct();
+  const Packed pk = pack_prototypes(P, N, d, metric, valid);
+  const int64_t blocks = (B + kMC - 1) / kMC;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t row0 = b * kMC;
+      BlockJob job{x, P, &pk, N, d, row0, std::min<int64_t>(kMC, B - row0), k, metric, dist, idx};
+      blocked_job(job, cap);
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> nearest_prototype_cpu(const at::Tensor& x, const at::Tensor& prototypes, int64_t k,
+                                                        c10::string_view metric_name) {
+  TORCH_CHECK(x.device().is_cpu() && prototypes.device().is_cpu(), "pyeditor: x and prototypes must be CPU tensors");
+  TORCH_CHECK(x.dim() == 2, "pyeditor: x must be [B, d], got shape ", x.sizes());
+  TORCH_CHECK(prototypes.dim() == 2, "pyeditor: prototypes must be [N, d], got shape ", prototypes.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()) && at::isFloatingType(prototypes.scalar_type()),
+              "pyeditor: x and prototypes must be floating, got ", x.scalar_type(), " and ", prototypes.scalar_type());
+  TORCH_CHECK(x.size(1) == prototypes.size(1), "pyeditor: x has ", x.size(1), " features but prototypes have ",
+              prototypes.size(1));
+  const int64_t B = x.size(0), N = prototypes.size(0), d = x.size(1);
+  TORCH_CHECK(k >= 1 && k <= N, "pyeditor: k must be in [1, N = ", N, "], got ", k);
+  const int metric = parse_metric(metric_name);
+  at::Tensor idx = at::empty({B, k}, x.options().dtype(at::kLong));
+  const bool wide = x.scalar_type() == at::kDouble || prototypes.scalar_type() == at::kDouble;
+  if (B == 0) return {at::empty({0, k}, x.options()), idx};
+  const int kk = static_cast<int>(k);
+  if (wide) {
+    at::Tensor xd = x.to(at::kDouble).contiguous(), pd = prototypes.to(at::kDouble).contiguous();
+    at::Tensor dist = at::empty({B, k}, x.options().dtype(at::kDouble));
+    exact_all(xd.const_data_ptr<double>(), pd.const_data_ptr<double>(), B, N, d, kk, metric,
+              dist.mutable_data_ptr<double>(), idx.mutable_data_ptr<int64_t>());
+    return {dist.to(x.scalar_type()), idx};
+  }
+  at::Tensor xf = x.to(at::kFloat).contiguous(), pf = prototypes.to(at::kFloat).contiguous();
+  at::Tensor dist = at::empty({B, k}, x.options().dtype(at::kFloat));
+  const float* xp = xf.const_data_ptr<float>();
+  const float* pp = pf.const_data_ptr<float>();
+  if (k > ps::kMaxK) {
+    exact_all(xp, pp, B, N, d, kk, metric, dist.mutable_data_ptr<float>(), idx.mutable_data_ptr<int64_t>());
+  } else {
+    fast_all(xp, pp, B, N, d, kk, metric, dist.mutable_data_ptr<float>(), idx.mutable_data_ptr<int64_t>());
+  }
+  return {dist.to(x.scalar_type()), idx};
+}
+
+}  // namespace pyeditor

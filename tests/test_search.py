@@ -1,0 +1,253 @@
+"""nearest_prototype / kmeans / kmeans_predict on every backend against pyeditor.reference:
+exactness far from the origin, ties and duplicates across tiles, NaN rules, dtypes, strides,
+bad input, opcheck, torch.compile, determinism across thread counts."""
+import math
+
+import pytest
+import torch
+
+import pyeditor
+from pyeditor import reference as ref
+from pyeditor.testing import check_close
+
+from conftest import backend_params
+
+BACKENDS = backend_params()
+METRICS = ["l2", "ip", "cosine"]
+
+
+def clustered(n_points, n_protos, d, offset, seed, spread=0.5, centers=8):
+    """Points and prototypes around shared cluster centres, shifted by `offset`; prototypes
+    duplicated across every tile boundary the kernels use (16, 32, 64 lanes)."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(centers, d, generator=g, dtype=torch.float64) * 3
+    p = c[torch.randint(0, centers, (n_protos,), generator=g)] + torch.randn(n_protos, d, generator=g,
+                                                                         dtype=torch.float64) * spread
+    x = c[torch.randint(0, centers, (n_points,), generator=g)] + torch.randn(n_points, d, generator=g,
+                                                                         dtype=torch.float64) * spread
+    for a, b in [(3, 17), (15, 16), (31, 32), (1, 63), (40, 64)]:
+        if b < n_protos:
+            p[b] = p[a]
+    x[:2] = p[:2]  # queries sitting exactly on a prototype
+    return (x + offset).float(), (p + offset).float()
+
+
+def uniform(n_points, n_protos, d, offset, seed):
+    g = torch.Generator().manual_seed(seed)
+    return ((torch.randn(n_points, d, generator=g) + offset), (torch.randn(n_protos, d, generator=g) + offset))
+
+
+def sizes(backend, device):
+    # the Triton interpreter is slow: tiny shapes; the C++ CPU gets batches that take its blocked path
+    return (24, 40) if backend == "triton" and device == "cpu" else (200, 80)
+
+
+def assert_same(got, want, dtype=None):
+    d, i = got
+    dr, ir = want
+    wrong = int((i.cpu() != ir).sum())
+    assert wrong == 0, f"{wrong} wrong indices of {ir.numel()}"
+    check_close(d.cpu(), dr, tol=(1e-5, 2e-6) if d.dtype == torch.float32 else None)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("d", [3, 64, 257])
+@pytest.mark.parametrize("offset", [0.0, 30.0, 300.0, 1e4])
+@pytest.mark.parametrize("data", ["clustered", "random"])
+def test_exact_far_from_origin(backend, device, d, offset, data):
+    B, N = sizes(backend, device)
+    make = clustered if data == "clustered" else uniform
+    x, p = make(B, N, d, offset, seed=int(offset) % 97 + d)
+    for k in (1, 3):
+        got = pyeditor.nearest_prototype(x.to(device), p.to(device), k, "l2", backend=backend)
+        assert_same(got, ref.nearest_prototype(x, p, k, "l2"))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+@pytest.mark.parametrize("offset", [0.0, 300.0])
+def test_exact_ip_cosine(backend, device, metric, offset):
+    B, N = sizes(backend, device)
+    for d in (3, 64):
+        x, p = clustered(B, N, d, offset, seed=d)
+        for k in (1, 4):
+            got = pyeditor.nearest_prototype(x.to(device), p.to(device), k, metric, backend=backend)
+            assert_same(got, ref.nearest_prototype(x, p, k, metric))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("metric", METRICS)
+def test_dtypes(backend, device, dtype, metric):
+    x, p = clustered(40, 37, 19, 5.0, seed=1)
+    x, p = x.to(dtype), p.to(dtype)
+    got = pyeditor.nearest_prototype(x.to(device), p.to(device), 2, metric, backend=backend)
+    assert got[0].dtype == dtype and got[1].dtype == torch.int64
+    assert_same(got, ref.nearest_prototype(x, p, 2, metric))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_ties_and_all_k(backend, device):
+    p = torch.zeros(40, 5)
+    x = torch.randn(33, 5)
+    for metric in METRICS:
+        d, i = pyeditor.nearest_prototype(x.to(device), p.to(device), 3, metric, backend=backend)
+        assert torch.equal(i.cpu(), torch.arange(3).expand(33, 3)), "ties must go to the lowest index"
+    x, p = clustered(35, 40, 7, 0.0, seed=4)
+    for k in (1, 2, 17, 33, 40):
+        if backend == "cuda" and k > 32:
+            continue
+        assert_same(pyeditor.nearest_prototype(x.to(device), p.to(device), k, "l2", backend=backend),
+                    ref.nearest_prototype(x, p, k, "l2"))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_nan_and_inf_rules(backend, device, metric):
+    x, p = clustered(36, 20, 6, 0.0, seed=2)
+    x[3, 2] = math.nan
+    x[4, 0] = math.inf
+    p[5, 1] = math.nan
+    p[9, 3] = math.nan
+    for k in (1, 3):
+        got = pyeditor.nearest_prototype(x.to(device), p.to(device), k, metric, backend=backend)
+        assert_same(got, ref.nearest_prototype(x, p, k, metric))
+        assert torch.isnan(got[0][3].cpu()).all() and (got[1][3] == -1).all()
+        assert not ((got[1] == 5) | (got[1] == 9)).any(), "a NaN prototype must never be chosen"
+    p_inf = p.clone()
+    p_inf[7, 0] = math.inf
+    assert_same(pyeditor.nearest_prototype(x.to(device), p_inf.to(device), 2, metric, backend=backend),
+                ref.nearest_prototype(x, p_inf, 2, metric))
+    # fewer eligible prototypes than k: -1 and +-inf fill
+    p_few = torch.full((4, 6), math.nan)
+    p_few[2] = 1.0
+    d, i = pyeditor.nearest_prototype(x.to(device), p_few.to(device), 3, metric, backend=backend)
+    assert_same((d, i), ref.nearest_prototype(x, p_few, 3, metric))
+    assert (i[:, 1:] == -1).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_strided_empty_and_huge_values(backend, device):
+    x, p = clustered(64, 48, 10, 1.0, seed=3)
+    xt = torch.cat([x, x], 1)[:, ::2]                  # column stride 2
+    pt = p.t().contiguous().t()                         # transposed storage
+    assert_same(pyeditor.nearest_prototype(xt.to(device), pt.to(device), 2, backend=backend),
+                ref.nearest_prototype(xt, pt, 2))
+    xe = x[:1].expand(40, 10)                           # stride-0 batch
+    assert_same(pyeditor.nearest_prototype(xe.to(device), p.to(device), 1, backend=backend),
+                ref.nearest_prototype(xe, p, 1))
+    d, i = pyeditor.nearest_prototype(torch.empty(0, 10, device=device), p.to(device), 3, backend=backend)
+    assert d.shape == (0, 3) and i.shape == (0, 3)
+    big = x.double() * 1e25                              # float32 squares overflow: exact fallback
+    assert_same(pyeditor.nearest_prototype(big.float().to(device), (p.double() * 1e25).float().to(device), 2,
+                                           backend=backend),
+                ref.nearest_prototype(big.float(), (p.double() * 1e25).float(), 2))
+
+
+def test_deterministic_across_threads():
+    x, p = clustered(3000, 100, 33, 300.0, seed=7)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = pyeditor.nearest_prototype(x, p, 3, backend="cpu")
+        torch.set_num_threads(max(2, old))
+        many = pyeditor.nearest_prototype(x, p, 3, backend="cpu")
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+    assert_same(one, ref.nearest_prototype(x, p, 3))
+
+
+@pytest.mark.parametrize("backend,device", backend_params(include_reference=True))
+def test_bad_input(backend, device):
+    x, p = torch.randn(5, 4, device=device), torch.randn(6, 4, device=device)
+    with pytest.raises(ValueError, match="x has 3 features but prototypes have 4"):
+        pyeditor.nearest_prototype(x[:, :3], p, backend=backend)
+    with pytest.raises(ValueError, match="k must be in"):
+        pyeditor.nearest_prototype(x, p, 7, backend=backend)
+    with pytest.raises(ValueError, match="k must be in"):
+        pyeditor.nearest_prototype(x, p, 0, backend=backend)
+    with pytest.raises(TypeError, match="k must be an int"):
+        pyeditor.nearest_prototype(x, p, 1.0, backend=backend)
+    with pytest.raises(ValueError, match="at least one row"):
+        pyeditor.nearest_prototype(x, p[:0], backend=backend)
+    with pytest.raises(TypeError, match="x must be float32"):
+        pyeditor.nearest_prototype(x.int(), p, backend=backend)
+    with pytest.raises(TypeError, match="prototypes must be float32"):
+        pyeditor.nearest_prototype(x, p.long(), backend=backend)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        pyeditor.nearest_prototype(x[0], p, backend=backend)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        pyeditor.nearest_prototype(x, p, metric="l1", backend=backend)
+    with pytest.raises(ValueError, match="prototypes is on meta"):
+        pyeditor.nearest_prototype(x, p.to("meta"), backend=backend)
+
+
+def test_cpp_checks_itself():
+    op = torch.ops.pyeditor.nearest_prototype
+    x, p = torch.randn(5, 4), torch.randn(6, 4)
+    with pytest.raises(RuntimeError, match="k must be in"):
+        op(x, p, 9, "l2")
+    with pytest.raises(RuntimeError, match="features"):
+        op(x, p[:, :3], 1, "l2")
+    with pytest.raises(RuntimeError, match="metric must be"):
+        op(x, p, 1, "l1")
+    with pytest.raises(RuntimeError, match="must be floating"):
+        op(x.int(), p, 1, "l2")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_opcheck(backend, device):
+    op = pyeditor.ops.search_op(backend)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    if backend == "triton" and device == "cpu":
+        tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    x, p = clustered(20, 9, 5, 0.0, seed=5)
+    for args in [(x, p, 1, "l2"), (x, p, 3, "ip"), (x[:0], p, 2, "cosine")]:
+        torch.library.opcheck(op, (args[0].to(device), args[1].to(device)) + args[2:], test_utils=tests)
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    x, p = clustered(50, 20, 8, 100.0, seed=6)
+
+    def assign(x, p):
+        d, i = pyeditor.nearest_prototype(x, p, 2, backend="cpu")
+        return d.sum(1), i[:, 0]
+
+    got = torch.compile(assign, fullgraph=True)(x, p)
+    want = assign(x, p)
+    assert torch.equal(got[1], want[1])
+    check_close(got[0], want[0])
+
+
+# ------------------------------------------------------------------ k-means
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_kmeans_matches_reference(backend, device, metric):
+    x, _ = clustered(60 if backend == "triton" else 300, 4, 5, 50.0, seed=8, centers=5)
+    kw = dict(n_iter=4 if backend == "triton" else 8, seed=3, metric=metric, tol=0.0)
+    c, labels, inertia = pyeditor.kmeans(x.to(device), 5, backend=backend, **kw)
+    cr, lr, ir = ref.kmeans(x, 5, **kw)
+    check_close(c.cpu(), cr, tol=(1e-4, 1e-5))
+    assert torch.equal(labels.cpu(), lr)
+    assert math.isclose(inertia, ir, rel_tol=1e-6, abs_tol=1e-6)
+    assert torch.equal(pyeditor.kmeans_predict(x.to(device), c, metric, backend=backend).cpu(), labels.cpu())
+
+
+def test_kmeans_empty_clusters_random_init_and_progress(capsys):
+    x = torch.cat([torch.zeros(20, 3), torch.ones(5, 3) * 10])  # many duplicates: clusters go empty
+    for init in ("k-means++", "random"):
+        got = pyeditor.kmeans(x, 6, n_iter=5, init=init, seed=1, tol=0.0, progress="always")
+        want = ref.kmeans(x, 6, n_iter=5, init=init, seed=1, tol=0.0)
+        check_close(got[0], want[0])
+        assert torch.equal(got[1], want[1]) and math.isclose(got[2], want[2], abs_tol=1e-9)
+    assert "kmeans 5/5" in capsys.readouterr().err
+    pyeditor.kmeans(x, 2, n_iter=2, progress=True)  # stderr is not a terminal here: silent
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match="n_clusters must be <="):
+        pyeditor.kmeans(x, 26)
+    with pytest.raises(ValueError, match="finite"):
+        pyeditor.kmeans(torch.full((4, 2), math.nan), 2)
+    with pytest.raises(ValueError, match="init must be"):
+        pyeditor.kmeans(x, 2, init="kmeans")
