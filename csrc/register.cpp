@@ -33,12 +33,19 @@ TORCH_LIBRARY(pyeditor, m) {
   m.def("apply_edit(Tensor theta, Tensor delta, Tensor threshold, Tensor? proto_index=None) -> Tensor");
   m.def("apply_edit_out(Tensor theta, Tensor delta, Tensor threshold, Tensor? proto_index, Tensor(a!) out) -> ()");
   m.def("apply_edit_backward(Tensor grad, Tensor delta, Tensor threshold) -> Tensor");
+  // Persona serving: edited linear, hypernetwork matmuls, fused edit norms (issue 4)
+  m.def("edited_linear(Tensor x, Tensor theta, Tensor delta, Tensor threshold, Tensor? bias=None, Tensor? proto_index=None) -> Tensor");
+  m.def("hyper_matmul(Tensor e, Tensor weight, Tensor? bias=None, Tensor? index=None) -> Tensor");
+  m.def("edit_sumsq(Tensor e, Tensor weight, Tensor? bias=None, Tensor? threshold=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pyeditor, CPU, m) {
   m.impl("apply_edit", &apply_edit_cpu);
   m.impl("apply_edit_out", &apply_edit_out_cpu);
   m.impl("apply_edit_backward", &apply_edit_backward_cpu);
+  m.impl("edited_linear", &edited_linear_cpu);
+  m.impl("hyper_matmul", &hyper_matmul_cpu);
+  m.impl("edit_sumsq", &edit_sumsq_cpu);
 }
 
 #ifdef PYEDITOR_WITH_CUDA
@@ -46,6 +53,9 @@ TORCH_LIBRARY_IMPL(pyeditor, CUDA, m) {
   m.impl("apply_edit", &apply_edit_cuda);
   m.impl("apply_edit_out", &apply_edit_out_cuda);
   m.impl("apply_edit_backward", &apply_edit_backward_cuda);
+  m.impl("edited_linear", &edited_linear_cuda);
+  m.impl("hyper_matmul", &hyper_matmul_cuda);
+  m.impl("edit_sumsq", &edit_sumsq_cuda);
 }
 #endif
 
