@@ -171,7 +171,7 @@ def _acc(t: Tensor) -> torch.dtype:
 
 
 def _linear_setup_context(ctx, inputs, output):
-    x, theta, delta, threshold, bias, proto_index = inputs
+    x, theta, delta, threshold, bias, proto_index = (tuple(inputs) + (None, None))[:6]
     ctx.save_for_backward(x, theta, delta, threshold, proto_index)
     ctx.bias_shape = None if bias is None else tuple(bias.shape)
 
@@ -179,7 +179,7 @@ def _linear_setup_context(ctx, inputs, output):
 def _make_linear_backward(forward_op, mask_op):
     def backward(ctx, grad):
         x, theta, delta, threshold, proto_index = ctx.saved_tensors
-        need_x, need_theta, need_delta, _, need_bias, _ = ctx.needs_input_grad
+        need_x, need_theta, need_delta, _, need_bias = (tuple(ctx.needs_input_grad) + (False,) * 6)[:5]
         acc = _acc(x)
         gx = gtheta = gdelta = gbias = None
         if need_x:  # dy @ K^T: the same fused op on transposed views of theta and delta
@@ -212,7 +212,7 @@ def _make_linear_backward(forward_op, mask_op):
 
 
 def _hyper_setup_context(ctx, inputs, output):
-    e, weight, bias, index = inputs
+    e, weight, bias, index = (tuple(inputs) + (None, None))[:4]
     ctx.save_for_backward(e, weight, index)
     ctx.has_bias = bias is not None
 
@@ -220,7 +220,7 @@ def _hyper_setup_context(ctx, inputs, output):
 def _make_hyper_backward(forward_op):
     def backward(ctx, grad):
         e, weight, index = ctx.saved_tensors
-        need_e, need_w, need_b, _ = ctx.needs_input_grad
+        need_e, need_w, need_b = (tuple(ctx.needs_input_grad) + (False,) * 4)[:3]
         acc = _acc(e)
         P = weight.shape[0]
         ge = gw = gb = None
