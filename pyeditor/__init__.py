@@ -6,6 +6,10 @@ The top-level functions take the same arguments as their plain-PyTorch definitio
 """
 from . import backends, reference
 from .api import apply_edit
+from . import nn  # noqa: E402  (issue 4: EditedLinear, ParameterEditor)
+from .hyper import assign_prototypes, edit_norms, edited_linear, generate_edit, hyper_matmul, prototype_gram
 
 __all__ = ["apply_edit", "backends", "reference"]
+__all__ += ["assign_prototypes", "edit_norms", "edited_linear", "generate_edit", "hyper_matmul", "nn",
+            "prototype_gram"]
 __version__ = "0.1.0"
