@@ -69,6 +69,41 @@ void pack_tile(A* tile, const S* w, int64_t w_row, int64_t w_col, const S* delta
   }
 }
 
+// acc[0:nc] += bias[j * stride] (no-op without a bias): one vectorizable pass before the epilogue.
+template <class S, class A> void add_bias(A* acc, const S* bias, int64_t stride, int64_t nc) {
+  if (!bias) return;
+  if (stride == 1) {
+    for (int64_t j = 0; j < nc; ++j) acc[j] += static_cast<A>(pe::load(bias + j));
+  } else {
+    for (int64_t j = 0; j < nc; ++j) acc[j] += static_cast<A>(pe::load(bias + j * stride));
+  }
+}
+
+// out[j * stride] = round(acc[j]) for j < nc.
+template <class S, class A> void store_row(S* out, int64_t stride, const A* acc, int64_t nc) {
+  if (stride == 1) {
+    for (int64_t j = 0; j < nc; ++j) pe::store(out + j, acc[j]);
+  } else {
+    for (int64_t j = 0; j < nc; ++j) pe::store(out + j * stride, acc[j]);
+  }
+}
+
+// sum_j clip(acc[j], -T, T)^2 in double, over 8 independent lanes so the adds pipeline and
+// vectorize (a single running sum would serialize on the add latency).
+template <class A> double sum_clipped_squares(const A* acc, int64_t nc, bool clipped, A t) {
+  double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  if (clipped) {
+    for (; j + 8 <= nc; j += 8)
+      for (int l = 0; l < 8; ++l) lane[l] += pe::clipped_square<A>(acc[j + l], true, t);
+  } else {
+    for (; j + 8 <= nc; j += 8)
+      for (int l = 0; l < 8; ++l) lane[l] += pe::clipped_square<A>(acc[j + l], false, t);
+  }
+  for (; j < nc; ++j) lane[0] += pe::clipped_square<A>(acc[j], clipped, t);
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
 template <class S> const S* cptr(const at::Tensor& t) { return reinterpret_cast<const S*>(t.const_data_ptr()); }
 template <class S> S* mptr(at::Tensor& t) { return reinterpret_cast<S*>(t.mutable_data_ptr()); }
 
@@ -105,13 +140,11 @@ void edited_linear_kernel(const LinearArgs& g, const at::Tensor& x, const at::Te
           pack_tile<true>(buf.tile.data(), th, tr, tc, de, dr, dc, t, k0, kc, j0, nc);
           cpu::tile_gemm(buf.a.data(), rows, kc, buf.tile.data(), buf.acc.data());
         }
+        const S* brow = bp ? bp + slot * g.bias_ss + j0 * g.bias_cs : nullptr;
         for (int64_t r = 0; r < rows; ++r) {
-          S* out = yp + b * y.stride(0) + (r0 + r) * y.stride(1) + j0;
-          const A* acc = buf.acc.data() + r * kTileN;
-          for (int64_t j = 0; j < nc; ++j) {
-            const A bv = bp ? static_cast<A>(pe::load(bp + slot * g.bias_ss + (j0 + j) * g.bias_cs)) : A(0);
-            pe::store(out + j, acc[j] + bv);
-          }
+          A* acc = buf.acc.data() + r * kTileN;
+          add_bias(acc, brow, g.bias_cs, nc);
+          store_row(yp + b * y.stride(0) + (r0 + r) * y.stride(1) + j0 * y.stride(2), y.stride(2), acc, nc);
         }
       }
     }
@@ -181,6 +214,7 @@ void hyper_matmul_kernel(const HyperArgs& g, const at::Tensor& e, const at::Tens
   const int64_t og = gathered ? 0 : out.stride(0), orow = out.stride(gathered ? 0 : 1), ocol = out.stride(-1);
   S* op = mptr<S>(out);
   const S* bp = bias ? cptr<S>(*bias) : nullptr;
+  const int64_t bs0 = bias ? bias->stride(0) : 0, bs1 = bias ? bias->stride(1) : 0;
   at::parallel_for(0, g.protos * chunks, 1, [&](int64_t begin, int64_t end) {
     Buffers<A> buf;
     for (int64_t it = begin; it < end; ++it) {
@@ -188,13 +222,11 @@ void hyper_matmul_kernel(const HyperArgs& g, const at::Tensor& e, const at::Tens
       if (gr.size(p) == 0) continue;
       hyper_tiles<S>(g, gr, e, w, p, c * per, std::min(nj, (c + 1) * per), buf,
                      [&](int64_t r0, int64_t rows, int64_t j0, int64_t nc) {
+        const S* brow = bp ? bp + p * bs0 + j0 * bs1 : nullptr;
         for (int64_t r = 0; r < rows; ++r) {
-          S* o = op + p * og + gr.row(p, r0 + r) * orow + j0 * ocol;
-          const A* acc = buf.acc.data() + r * kTileN;
-          for (int64_t j = 0; j < nc; ++j) {
-            const A bv = bp ? static_cast<A>(pe::load(bp + p * bias->stride(0) + (j0 + j) * bias->stride(1))) : A(0);
-            pe::store(o + j * ocol, acc[j] + bv);
-          }
+          A* acc = buf.acc.data() + r * kTileN;
+          add_bias(acc, brow, bs1, nc);
+          store_row(op + p * og + gr.row(p, r0 + r) * orow + j0 * ocol, ocol, acc, nc);
         }
       });
     }
@@ -213,6 +245,7 @@ void edit_sumsq_kernel(const HyperArgs& g, const at::Tensor& e, const at::Tensor
   at::Tensor partial = at::zeros({chunks, g.batch, g.protos}, out.options());
   double* pp = partial.data_ptr<double>();
   const S* bp = bias ? cptr<S>(*bias) : nullptr;
+  const int64_t bs0 = bias ? bias->stride(0) : 0, bs1 = bias ? bias->stride(1) : 0;
   const A* tp = thr.defined() ? thr.const_data_ptr<A>() : nullptr;
   const int64_t ts = thr.defined() && thr.numel() > 1 ? 1 : 0;
   at::parallel_for(0, g.protos * chunks, 1, [&](int64_t begin, int64_t end) {
@@ -223,16 +256,12 @@ void edit_sumsq_kernel(const HyperArgs& g, const at::Tensor& e, const at::Tensor
       if (jb0 >= jb1) continue;
       double* part = pp + c * g.batch * g.protos;
       hyper_tiles<S>(g, gr, e, w, p, jb0, jb1, buf, [&](int64_t r0, int64_t rows, int64_t j0, int64_t nc) {
+        const S* brow = bp ? bp + p * bs0 + j0 * bs1 : nullptr;
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t row = gr.row(p, r0 + r);
-          const A t = tp ? tp[row * ts] : A(0);
-          const A* acc = buf.acc.data() + r * kTileN;
-          double s = 0;
-          for (int64_t j = 0; j < nc; ++j) {
-            const A bv = bp ? static_cast<A>(pe::load(bp + p * bias->stride(0) + (j0 + j) * bias->stride(1))) : A(0);
-            s += pe::clipped_square<A>(acc[j] + bv, tp != nullptr, t);
-          }
-          part[row * g.protos + p] += s;
+          A* acc = buf.acc.data() + r * kTileN;
+          add_bias(acc, brow, bs1, nc);
+          part[row * g.protos + p] += sum_clipped_squares<A>(acc, nc, tp != nullptr, tp ? tp[row * ts] : A(0));
         }
       });
     }
