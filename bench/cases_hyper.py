@@ -165,7 +165,8 @@ def _make_assign(B, d, P, n, dt, threshold, cached, ctx: Context) -> Prepared:
 
     return Prepared(
         fns={OURS: lambda: ours().norms, "naive": lambda: naive()[0].double()},
-        bytes_moved=w.nbytes + e.nbytes,
+        # the cached Gram path reads e and P (d+1)^2 float64 Gram entries (twice: value and bound)
+        bytes_moved=(e.nbytes + 2 * P * (d + 1) ** 2 * 8) if (threshold is None and cached) else w.nbytes + e.nbytes,
         reference=lambda: ref.edit_norms(e, w, b, threshold).to(torch.float64), tol=1e-2,
         notes=[note, "naive: baddbmm into [P, B, n] (+ clamp), vector_norm over n, argmin: "
                      f"extra memory {P * B * n * e.element_size() >> 20} MiB"],
