@@ -20,7 +20,7 @@ from bench.registry import OURS, Case, Context, Prepared
 FAMILY = "hyper"
 T = 0.5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TOL = {"fp32": 1e-3, "bf16": 2.0 ** -4}
+TOL = {"fp32": 1e-3, "bf16": 0.25}  # bf16: one ulp at |y| in [16, 32) (outputs are sums of 512 products)
 
 
 def _randn(shape, dtype, device, gen, scale=1.0):

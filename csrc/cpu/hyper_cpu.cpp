@@ -108,11 +108,23 @@ template <class S> const S* cptr(const at::Tensor& t) { return reinterpret_cast<
 template <class S> S* mptr(at::Tensor& t) { return reinterpret_cast<S*>(t.mutable_data_ptr()); }
 
 // ------------------------------------------------------------------ edited_linear
+// A work item is one sample and a group of up to kGroup column tiles: its edited rows are packed
+// in one pass over whole contiguous row segments of delta and theta (so the prefetchers stream
+// them), then each tile of the group runs the tile GEMM into its own accumulators.
+constexpr int64_t kGroup = 8;       // column tiles per item (512 columns)
+constexpr int64_t kLinearK = 64;    // rows of the edited weight per pass: the group's tiles = 128 KiB
+
+template <class A> struct LinearBuffers {
+  std::vector<A> a, tile, acc;
+  LinearBuffers() : a(kTileM * kLinearK), tile(kGroup * kLinearK * kTileN), acc(kGroup * kTileM * kTileN) {}
+};
+
 template <class S>
 void edited_linear_kernel(const LinearArgs& g, const at::Tensor& x, const at::Tensor& theta, const at::Tensor& delta,
                           const at::Tensor* bias, at::Tensor& y) {
   using A = pe::acc_t<S>;
   const int64_t nj = pe::ceil_div(g.out, kTileN);
+  const int64_t groups = pe::ceil_div(nj, kGroup);
   const S* xp = cptr<S>(x);
   const S* tp = cptr<S>(theta);
   const S* dp = cptr<S>(delta);
@@ -122,10 +134,11 @@ void edited_linear_kernel(const LinearArgs& g, const at::Tensor& x, const at::Te
   const int64_t* idx = g.index.defined() ? g.index.const_data_ptr<int64_t>() : nullptr;
   const int64_t tr = theta.stride(-2), tc = theta.stride(-1);
   const int64_t ds = delta.stride(0), dr = delta.stride(1), dc = delta.stride(2);
-  at::parallel_for(0, g.batch * nj, 1, [&](int64_t begin, int64_t end) {
-    Buffers<A> buf;
+  at::parallel_for(0, g.batch * groups, 1, [&](int64_t begin, int64_t end) {
+    LinearBuffers<A> buf;
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t b = it / nj, j0 = (it % nj) * kTileN, nc = std::min(kTileN, g.out - j0);
+      const int64_t b = it / groups, jt0 = (it % groups) * kGroup, jts = std::min(kGroup, nj - jt0);
+      const int64_t j0 = jt0 * kTileN, width = std::min(jts * kTileN, g.out - j0);
       const int64_t slot = pe::sample_slot(idx, g.per_sample, b);
       const A t = thr[b * g.thr_stride];
       const S* th = tp + slot * g.theta_ss;
@@ -133,18 +146,29 @@ void edited_linear_kernel(const LinearArgs& g, const at::Tensor& x, const at::Te
       for (int64_t r0 = 0; r0 < g.rows; r0 += kTileM) {
         const int64_t rows = std::min(kTileM, g.rows - r0);
         std::fill(buf.acc.begin(), buf.acc.end(), A(0));
-        for (int64_t k0 = 0; k0 < g.in; k0 += kTileK) {
-          const int64_t kc = std::min(kTileK, g.in - k0);
+        for (int64_t k0 = 0; k0 < g.in; k0 += kLinearK) {
+          const int64_t kc = std::min(kLinearK, g.in - k0);
           pack_rows(buf.a.data(), xp + b * x.stride(0), x.stride(1), x.stride(2), rows, k0, kc,
                     [r0](int64_t r) { return r0 + r; });
-          pack_tile<true>(buf.tile.data(), th, tr, tc, de, dr, dc, t, k0, kc, j0, nc);
-          cpu::tile_gemm(buf.a.data(), rows, kc, buf.tile.data(), buf.acc.data());
+          for (int64_t k = 0; k < kc; ++k) {  // row by row: one contiguous run of `width` per row
+            for (int64_t q = 0; q < jts; ++q) {
+              const int64_t nc = std::min(kTileN, width - q * kTileN);
+              pack_tile<true>(buf.tile.data() + (q * kLinearK + k) * kTileN, th, tr, tc, de, dr, dc, t, k0 + k, 1,
+                              j0 + q * kTileN, nc);
+            }
+          }
+          for (int64_t q = 0; q < jts; ++q)
+            cpu::tile_gemm(buf.a.data(), rows, kc, buf.tile.data() + q * kLinearK * kTileN,
+                           buf.acc.data() + q * kTileM * kTileN);
         }
-        const S* brow = bp ? bp + slot * g.bias_ss + j0 * g.bias_cs : nullptr;
-        for (int64_t r = 0; r < rows; ++r) {
-          A* acc = buf.acc.data() + r * kTileN;
-          add_bias(acc, brow, g.bias_cs, nc);
-          store_row(yp + b * y.stride(0) + (r0 + r) * y.stride(1) + j0 * y.stride(2), y.stride(2), acc, nc);
+        for (int64_t q = 0; q < jts; ++q) {
+          const int64_t jq = j0 + q * kTileN, nc = std::min(kTileN, g.out - jq);
+          const S* brow = bp ? bp + slot * g.bias_ss + jq * g.bias_cs : nullptr;
+          for (int64_t r = 0; r < rows; ++r) {
+            A* acc = buf.acc.data() + (q * kTileM + r) * kTileN;
+            add_bias(acc, brow, g.bias_cs, nc);
+            store_row(yp + b * y.stride(0) + (r0 + r) * y.stride(1) + jq * y.stride(2), y.stride(2), acc, nc);
+          }
         }
       }
     }
