@@ -27,7 +27,7 @@ template <> struct storage_of<at::Half> { using type = pe::f16; };
 
 template <class A> struct Buffers {
   std::vector<A> a, tile, acc;
-  Buffers() : a(kTileM * kTileK), tile(kTileK * kTileN), acc(kTileM * kTileN) {}
+  Buffers() : a(kTileM * kTileK), tile(4 * kTileK * kTileN), acc(kTileM * kTileN) {}  // 4 = kHyperGroup
 };
 
 // a[r][k] = src[row(r), k0 + k] for `rows` rows given by `row_of`.
@@ -197,8 +197,11 @@ Groups make_groups(const HyperArgs& g) {
   return gr;
 }
 
-// Runs fn(p, r0, rows, j0, nc, buf) with buf.acc = e[rows of group p, r0..] @ W_p[:, j0:j0+nc]
-// for every (group, row block, column block) in [jb_begin, jb_end) of the item.
+// Runs fn(r0, rows, j0, nc) with buf.acc = e[rows of group p, r0..] @ W_p[:, j0:j0+nc] for every
+// row block and column tile jb in [jb_begin, jb_end). When d fits one k-block, kHyperGroup
+// tiles are packed together row by row, so each row of W_p is read as one contiguous run.
+constexpr int64_t kHyperGroup = 4;
+
 template <class S, class Fn>
 void hyper_tiles(const HyperArgs& g, const Groups& gr, const at::Tensor& e, const at::Tensor& w, int64_t p,
                  int64_t jb_begin, int64_t jb_end, Buffers<pe::acc_t<S>>& buf, Fn fn) {
@@ -211,16 +214,31 @@ void hyper_tiles(const HyperArgs& g, const Groups& gr, const at::Tensor& e, cons
     const int64_t rows = std::min(kTileM, m - r0);
     auto row_of = [&gr, p, r0](int64_t r) { return gr.row(p, r0 + r); };
     if (one_k) pack_rows(buf.a.data(), ep, e.stride(0), e.stride(1), rows, 0, g.dim, row_of);
-    for (int64_t jb = jb_begin; jb < jb_end; ++jb) {
-      const int64_t j0 = jb * kTileN, nc = std::min(kTileN, g.width - j0);
-      std::fill(buf.acc.begin(), buf.acc.begin() + rows * kTileN, A(0));
-      for (int64_t k0 = 0; k0 < g.dim; k0 += kTileK) {
-        const int64_t kc = std::min(kTileK, g.dim - k0);
-        if (!one_k) pack_rows(buf.a.data(), ep, e.stride(0), e.stride(1), rows, k0, kc, row_of);
-        pack_tile<false, S, A>(buf.tile.data(), wp, w.stride(1), w.stride(2), nullptr, 0, 0, A(0), k0, kc, j0, nc);
-        cpu::tile_gemm(buf.a.data(), rows, kc, buf.tile.data(), buf.acc.data());
+    for (int64_t jb = jb_begin; jb < jb_end; jb += kHyperGroup) {
+      const int64_t jn = std::min(kHyperGroup, jb_end - jb);
+      if (one_k) {
+        for (int64_t k = 0; k < g.dim; ++k)
+          for (int64_t q = 0; q < jn; ++q) {
+            const int64_t j0 = (jb + q) * kTileN;
+            pack_tile<false, S, A>(buf.tile.data() + (q * kTileK + k) * kTileN, wp, w.stride(1), w.stride(2), nullptr,
+                                   0, 0, A(0), k, 1, j0, std::min(kTileN, g.width - j0));
+          }
       }
-      fn(r0, rows, j0, nc);
+      for (int64_t q = 0; q < jn; ++q) {
+        const int64_t j0 = (jb + q) * kTileN, nc = std::min(kTileN, g.width - j0);
+        std::fill(buf.acc.begin(), buf.acc.begin() + rows * kTileN, A(0));
+        if (one_k) {
+          cpu::tile_gemm(buf.a.data(), rows, g.dim, buf.tile.data() + q * kTileK * kTileN, buf.acc.data());
+        } else {
+          for (int64_t k0 = 0; k0 < g.dim; k0 += kTileK) {
+            const int64_t kc = std::min(kTileK, g.dim - k0);
+            pack_rows(buf.a.data(), ep, e.stride(0), e.stride(1), rows, k0, kc, row_of);
+            pack_tile<false, S, A>(buf.tile.data(), wp, w.stride(1), w.stride(2), nullptr, 0, 0, A(0), k0, kc, j0, nc);
+            cpu::tile_gemm(buf.a.data(), rows, kc, buf.tile.data(), buf.acc.data());
+          }
+        }
+        fn(r0, rows, j0, nc);
+      }
     }
   }
 }
