@@ -36,4 +36,19 @@ std::tuple<at::Tensor, at::Tensor> nearest_prototype_cuda(const at::Tensor& x, c
                                                          c10::string_view metric);  // issue 5
 #endif
 
+// Persona serving ops (issue 4)
+#define PE_DECLARE_HYPER(dev)                                                                                  \
+  at::Tensor edited_linear_##dev(const at::Tensor& x, const at::Tensor& theta, const at::Tensor& delta,        \
+                                 const at::Tensor& threshold, const c10::optional<at::Tensor>& bias,           \
+                                 const c10::optional<at::Tensor>& proto_index);                                \
+  at::Tensor hyper_matmul_##dev(const at::Tensor& e, const at::Tensor& weight,                                 \
+                                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& index); \
+  at::Tensor edit_sumsq_##dev(const at::Tensor& e, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, \
+                              const c10::optional<at::Tensor>& threshold);
+PE_DECLARE_HYPER(cpu)
+#ifdef PYEDITOR_WITH_CUDA
+PE_DECLARE_HYPER(cuda)
+#endif
+#undef PE_DECLARE_HYPER
+
 }  // namespace pyeditor

@@ -40,6 +40,10 @@ TORCH_LIBRARY(pyeditor, m) {
         "int out_features, Tensor? bias=None, bool fast=False) -> Tensor");
   // nearest-prototype search (issue 5)
   m.def("nearest_prototype(Tensor x, Tensor prototypes, int k=1, str metric=\"l2\") -> (Tensor, Tensor)");
+  // Persona serving: edited linear, hypernetwork matmuls, fused edit norms (issue 4)
+  m.def("edited_linear(Tensor x, Tensor theta, Tensor delta, Tensor threshold, Tensor? bias=None, Tensor? proto_index=None) -> Tensor");
+  m.def("hyper_matmul(Tensor e, Tensor weight, Tensor? bias=None, Tensor? index=None) -> Tensor");
+  m.def("edit_sumsq(Tensor e, Tensor weight, Tensor? bias=None, Tensor? threshold=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pyeditor, CPU, m) {
@@ -49,6 +53,9 @@ TORCH_LIBRARY_IMPL(pyeditor, CPU, m) {
   m.impl("quant_dequantize", &quant_dequantize_cpu);
   m.impl("quant_linear", &quant_linear_cpu);
   m.impl("nearest_prototype", &nearest_prototype_cpu);  // issue 5
+  m.impl("edited_linear", &edited_linear_cpu);
+  m.impl("hyper_matmul", &hyper_matmul_cpu);
+  m.impl("edit_sumsq", &edit_sumsq_cpu);
 }
 
 #ifdef PYEDITOR_WITH_CUDA
@@ -59,6 +66,9 @@ TORCH_LIBRARY_IMPL(pyeditor, CUDA, m) {
   m.impl("quant_dequantize", &quant_dequantize_cuda);
   m.impl("quant_linear", &quant_linear_cuda);
   m.impl("nearest_prototype", &nearest_prototype_cuda);  // issue 5
+  m.impl("edited_linear", &edited_linear_cuda);
+  m.impl("hyper_matmul", &hyper_matmul_cuda);
+  m.impl("edit_sumsq", &edit_sumsq_cuda);
 }
 #endif
 

@@ -157,6 +157,80 @@ def _quant_checks(small: bool) -> Iterator[Check]:
 
 
 CHECKS.append(_quant_checks)
+# ---------------------------------------------------------------- Persona serving ops (issue 4)
+def _hyper_checks(small: bool) -> Iterator[Check]:
+    from . import hyper
+
+    # small inner dimensions keep fp32 sums within the shared elementwise tolerance
+    linear = [(3, 4, 9, 13, 3, [2, 0, 1]), (2, 5, 12, 40, None, None)]
+    gens = [(6, 8, 33, 3, [2, 0, 1, 1, 2, 0]), (5, 7, 20, 2, None)]
+    if not small:
+        linear.append((4, 3, 16, 300, 4, [3, 1, 0, 2]))  # grads sum over B*S rows: keep them few
+        gens.append((10, 16, 70, 8, [i % 8 for i in range(10)]))  # d e sums over n: keep it short
+    for dtype in DTYPES:
+        for B, S, n_in, n_out, P, index in linear:
+            label = f"x[{B},{S},{n_in}] theta{[P, n_in, n_out] if P else [n_in, n_out]}" + (" idx" if index else "")
+
+            def inputs(device, B=B, S=S, n_in=n_in, n_out=n_out, P=P, index=index, dtype=dtype):
+                x = _rand((B, S, n_in), dtype, device, seed=1)
+                theta = _rand((P, n_in, n_out) if P else (n_in, n_out), dtype, device, seed=2)
+                delta = _rand((B, n_in, n_out), dtype, device, scale=0.5, seed=3)
+                bias = _rand((P, n_out) if P else (n_out,), dtype, device, seed=4)
+                idx = None if index is None else torch.tensor(index, device=device)
+                return x, theta, delta, bias, idx
+
+            def run(backend, device, inputs=inputs):
+                x, theta, delta, bias, idx = inputs(device)
+                return (hyper.edited_linear(x, theta, delta, 0.5, bias, idx, backend=backend),
+                        reference.edited_linear(x, theta, delta, 0.5, bias, idx))
+
+            def run_grad(backend, device, inputs=inputs):
+                results = []
+                for fn in (lambda *a: hyper.edited_linear(*a, backend=backend), reference.edited_linear):
+                    x, theta, delta, bias, idx = [t.requires_grad_() if t is not None and t.is_floating_point() else t
+                                                  for t in inputs(device)]
+                    out = fn(x, theta, delta, 0.5, bias, idx)
+                    (out * _rand(out.shape, out.dtype, device, seed=5)).sum().backward()
+                    results.append(torch.cat([t.grad.flatten().float() for t in (x, theta, delta, bias)]))
+                return results[0], results[1]
+
+            yield Check("edited_linear", label, dtype, run)
+            yield Check("edited_linear (grad)", label, dtype, run_grad)
+        for B, d, n, P, index in gens:
+            label = f"e[{B},{d}] W[{P},{d},{n}]" + (" idx" if index else "")
+
+            def hinputs(device, B=B, d=d, n=n, P=P, index=index, dtype=dtype):
+                idx = None if index is None else torch.tensor(index, device=device)
+                return (_rand((B, d), dtype, device, seed=1), _rand((P, d, n), dtype, device, seed=2),
+                        _rand((P, n), dtype, device, seed=3), idx)
+
+            def hrun(backend, device, hinputs=hinputs):
+                e, w, b, idx = hinputs(device)
+                return hyper.hyper_matmul(e, w, b, idx, backend=backend), reference.hyper_matmul(e, w, b, idx)
+
+            def hrun_grad(backend, device, hinputs=hinputs):
+                results = []
+                for fn in (lambda *a: hyper.hyper_matmul(*a, backend=backend), reference.hyper_matmul):
+                    e, w, b, idx = hinputs(device)
+                    e, w, b = e.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+                    out = fn(e, w, b, idx)
+                    (out * _rand(out.shape, out.dtype, device, seed=5)).sum().backward()
+                    results.append(torch.cat([t.grad.flatten().float() for t in (e, w, b)]))
+                return results[0], results[1]
+
+            def norms(backend, device, hinputs=hinputs, dtype=dtype):
+                e, w, b, _ = hinputs(device)
+                got = hyper.edit_norms(e, w, b, 0.3, backend=backend, method="fused")
+                # compared at the inputs' precision: the norms sum n squares of rounded products
+                return got.to(dtype), reference.edit_norms(e, w, b, 0.3).to(dtype)
+
+            yield Check("hyper_matmul", label, dtype, hrun)
+            yield Check("hyper_matmul (grad)", label, dtype, hrun_grad)
+            if index is None:
+                yield Check("edit_norms (T=0.3)", label, dtype, norms)
+
+
+CHECKS.append(_hyper_checks)  # issue 4
 
 
 def _targets() -> list[tuple[str, str]]:

@@ -1,0 +1,100 @@
+// Micro-kernels behind tile_gemm: an AVX-512 register-blocked kernel (6 rows x 64 columns of
+// accumulators, one broadcast + 4 FMAs per row and k) picked at load time, and a portable loop
+// the compiler vectorizes for every other case (and for double).
+#include "tile_gemm.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define PE_HAVE_X86 1
+#endif
+
+namespace pyeditor::cpu {
+namespace {
+
+template <class A>
+void tile_gemm_portable(const A* a, int64_t rows, int64_t kc, const A* tile, A* acc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    A* out = acc + r * kTileN;
+    const A* ar = a + r * kc;
+    for (int64_t k = 0; k < kc; ++k) {
+      const A s = ar[k];
+      const A* t = tile + k * kTileN;
+      for (int64_t j = 0; j < kTileN; ++j) out[j] += s * t[j];
+    }
+  }
+}
+
+#ifdef PE_HAVE_X86
+// R rows (1..6) of the 64-wide tile: 4R accumulators stay in zmm registers across all of kc.
+template <int R>
+__attribute__((target("avx512f"))) inline void block_avx512(const float* a, int64_t kc, const float* tile,
+                                                            float* acc) {
+  __m512 c[R][4];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) c[r][v] = _mm512_loadu_ps(acc + r * kTileN + 16 * v);
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* t = tile + k * kTileN;
+    const __m512 b0 = _mm512_loadu_ps(t), b1 = _mm512_loadu_ps(t + 16), b2 = _mm512_loadu_ps(t + 32),
+                 b3 = _mm512_loadu_ps(t + 48);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = _mm512_set1_ps(a[r * kc + k]);
+      c[r][0] = _mm512_fmadd_ps(s, b0, c[r][0]);
+      c[r][1] = _mm512_fmadd_ps(s, b1, c[r][1]);
+      c[r][2] = _mm512_fmadd_ps(s, b2, c[r][2]);
+      c[r][3] = _mm512_fmadd_ps(s, b3, c[r][3]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(acc + r * kTileN + 16 * v, c[r][v]);
+}
+
+__attribute__((target("avx512f"))) void tile_gemm_avx512(const float* a, int64_t rows, int64_t kc,
+                                                         const float* tile, float* acc) {
+  int64_t r = 0;
+  for (; r + 6 <= rows; r += 6) block_avx512<6>(a + r * kc, kc, tile, acc + r * kTileN);
+  const float* ar = a + r * kc;
+  float* cr = acc + r * kTileN;
+  switch (rows - r) {
+    case 5: block_avx512<5>(ar, kc, tile, cr); break;
+    case 4: block_avx512<4>(ar, kc, tile, cr); break;
+    case 3: block_avx512<3>(ar, kc, tile, cr); break;
+    case 2: block_avx512<2>(ar, kc, tile, cr); break;
+    case 1: block_avx512<1>(ar, kc, tile, cr); break;
+    default: break;
+  }
+}
+
+__attribute__((target("avx2,fma"))) void tile_gemm_avx2(const float* a, int64_t rows, int64_t kc,
+                                                        const float* tile, float* acc) {
+  tile_gemm_portable(a, rows, kc, tile, acc);
+}
+
+using FloatKernel = void (*)(const float*, int64_t, int64_t, const float*, float*);
+
+FloatKernel pick_float_kernel() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return tile_gemm_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return tile_gemm_avx2;
+  return tile_gemm_portable<float>;
+}
+const FloatKernel kFloatKernel = pick_float_kernel();
+#endif
+
+}  // namespace
+
+void tile_gemm(const float* a, int64_t rows, int64_t kc, const float* tile, float* acc) {
+#ifdef PE_HAVE_X86
+  kFloatKernel(a, rows, kc, tile, acc);
+#else
+  tile_gemm_portable(a, rows, kc, tile, acc);
+#endif
+}
+
+void tile_gemm(const double* a, int64_t rows, int64_t kc, const double* tile, double* acc) {
+  tile_gemm_portable(a, rows, kc, tile, acc);
+}
+
+}  // namespace pyeditor::cpu

@@ -1,0 +1,36 @@
+// Argument checking for the Persona serving ops (edited_linear, hyper_matmul, edit_sumsq),
+// shared by the CPU and CUDA wrappers. Every shape the kernels index with is checked here, so
+// the kernels never read outside their operands.
+#pragma once
+#include <ATen/ATen.h>
+
+namespace pyeditor {
+
+struct LinearArgs {
+  int64_t batch, rows, in, out, slots;  // slots: theta matrices (1 for a 2-D theta)
+  bool per_sample;                      // no proto_index and a [P == B, in, out] theta
+  int64_t theta_ss, bias_ss, bias_cs;   // theta sample stride (0 for 2-D), bias strides
+  int64_t thr_stride;                   // 0: one T for all samples
+  at::Tensor threshold;                 // accumulation dtype, contiguous
+  at::Tensor index;                     // int64 contiguous, or undefined
+};
+
+// x [B, S, in], theta [in, out] or [P, in, out], delta [B, in, out], threshold (acc dtype) 0-d
+// or [B], bias None / [out] / [P, out], proto_index None or int64 [B].
+LinearArgs prepare_edited_linear(const at::Tensor& x, const at::Tensor& theta, const at::Tensor& delta,
+                                 const at::Tensor& threshold, const c10::optional<at::Tensor>& bias,
+                                 const c10::optional<at::Tensor>& proto_index);
+
+struct HyperArgs {
+  int64_t batch, dim, width, protos;
+  at::Tensor index;  // int64 contiguous, or undefined (all-prototype form)
+};
+
+// e [B, d], weight [P, d, n], bias None or [P, n], index None or int64 [B].
+HyperArgs prepare_hyper(const at::Tensor& e, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                        const c10::optional<at::Tensor>& index);
+
+// threshold for edit_sumsq: undefined, or acc dtype 0-d / [B]; returns it contiguous.
+at::Tensor prepare_sumsq_threshold(const c10::optional<at::Tensor>& threshold, const at::Tensor& e, int64_t batch);
+
+}  // namespace pyeditor

@@ -1,0 +1,197 @@
+"""Triton kernels of the Persona serving ops.
+
+* ``edited_linear``: y_b = x_b @ (theta[p_b] + clip(delta_b, -T, T)) + bias; the weight tile is
+  edited in registers right after it is loaded (K is never written).
+* ``hyper_matmul``: all-prototype form (program per prototype x row block x column block) and
+  gathered form (rows stably sorted by index into segments; a program reads one generator's
+  tile and the segment's rows through the sorted row list, so no per-sample weight copy).
+* ``edit_sumsq``: the all-prototype product reduced in the epilogue to sum(clip(g)^2) per
+  (sample, prototype); no [P, B, n] tensor.
+
+Every operand is addressed through its strides; offsets are int64. fp32 dots use
+input_precision="ieee" (no TF32) so GPU results match the reference.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+BM, BN, BK = 16, 32, 16
+
+
+@triton.jit
+def _clip(v, t):
+    # comparisons (not min/max) so NaN passes through like torch.clamp / pe::clip
+    return tl.where(v < -t, -t, tl.where(v > t, t, v))
+
+
+@triton.jit
+def _edited_linear_kernel(
+    x_ptr, theta_ptr, delta_ptr, thr_ptr, bias_ptr, index_ptr, y_ptr,
+    S, K, N,
+    x_bs, x_rs, x_ks, t_ps, t_ks, t_ns, d_bs, d_ks, d_ns, b_ps, b_ns, y_bs, y_rs, y_ns, thr_stride,
+    HAS_INDEX: tl.constexpr, PER_SAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    rm = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rn = tl.program_id(2).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
+    if HAS_INDEX:
+        slot = tl.load(index_ptr + b)
+    elif PER_SAMPLE:
+        slot = b
+    else:
+        slot = b * 0
+    t = tl.load(thr_ptr + b * thr_stride)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=t.dtype)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        xm = (rm[:, None] < S) & (kk[None, :] < K)
+        xv = tl.load(x_ptr + b * x_bs + rm[:, None] * x_rs + kk[None, :] * x_ks, mask=xm, other=0.0).to(t.dtype)
+        wm = (kk[:, None] < K) & (rn[None, :] < N)
+        th = tl.load(theta_ptr + slot * t_ps + kk[:, None] * t_ks + rn[None, :] * t_ns, mask=wm, other=0.0)
+        de = tl.load(delta_ptr + b * d_bs + kk[:, None] * d_ks + rn[None, :] * d_ns, mask=wm, other=0.0)
+        w = _clip(de.to(t.dtype), t) + th.to(t.dtype)
+        w = tl.where(wm, w, 0.0)
+        acc = tl.dot(xv, w, acc, input_precision="ieee")
+    if HAS_BIAS:
+        bv = tl.load(bias_ptr + slot * b_ps + rn * b_ns, mask=rn < N, other=0.0)
+        acc = acc + bv.to(t.dtype)[None, :]
+    ym = (rm[:, None] < S) & (rn[None, :] < N)
+    tl.store(y_ptr + b * y_bs + rm[:, None] * y_rs + rn[None, :] * y_ns, acc.to(y_ptr.dtype.element_ty), mask=ym)
+
+
+def edited_linear(x, theta, delta, threshold, bias, proto_index) -> torch.Tensor:
+    B, S, K = x.shape
+    N = theta.shape[-1]
+    y = torch.empty((B, S, N), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    per_sample = proto_index is None and theta.dim() == 3
+    t_ps = theta.stride(0) if theta.dim() == 3 else 0
+    b_ps = bias.stride(0) if bias is not None and bias.dim() == 2 else 0
+    grid = (B, triton.cdiv(S, BM), triton.cdiv(N, BN))
+    wrap_triton(_edited_linear_kernel)[grid](
+        x, theta, delta, threshold, bias if bias is not None else threshold,
+        proto_index if proto_index is not None else threshold, y,
+        S, K, N,
+        x.stride(0), x.stride(1), x.stride(2), t_ps, theta.stride(-2), theta.stride(-1),
+        delta.stride(0), delta.stride(1), delta.stride(2), b_ps, bias.stride(-1) if bias is not None else 0,
+        y.stride(0), y.stride(1), y.stride(2), 0 if threshold.numel() == 1 else 1,
+        HAS_INDEX=proto_index is not None, PER_SAMPLE=per_sample, HAS_BIAS=bias is not None,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+    )
+    return y
+
+
+@triton.jit
+def _hyper_kernel(
+    e_ptr, w_ptr, bias_ptr, offsets_ptr, rows_ptr, out_ptr, thr_ptr,
+    B, D, N,
+    e_bs, e_ds, w_ps, w_ds, w_ns, b_ps, b_ns, o_ps, o_bs, o_ns, thr_stride,
+    GATHERED: tl.constexpr, HAS_BIAS: tl.constexpr, SUMSQ: tl.constexpr, HAS_THR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    p = tl.program_id(0).to(tl.int64)
+    local = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
+    if GATHERED:
+        start = tl.load(offsets_ptr + p)
+        count = tl.load(offsets_ptr + p + 1) - start
+        valid = local < count
+        rows = tl.load(rows_ptr + start + local, mask=valid, other=0)
+    else:
+        valid = local < B
+        rows = local
+    acc_dtype = tl.float64 if e_ptr.dtype.element_ty == tl.float64 else tl.float32
+    if SUMSQ:
+        sq = tl.zeros([BLOCK_M], dtype=tl.float64)
+        if HAS_THR:
+            t = tl.load(thr_ptr + rows * thr_stride, mask=valid, other=0.0)
+    n_blocks = tl.cdiv(N, BLOCK_N) if SUMSQ else 1
+    for nb in range(0, n_blocks):
+        if SUMSQ:
+            rn = nb * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        else:
+            rn = tl.program_id(2).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + rk
+            ev = tl.load(e_ptr + rows[:, None] * e_bs + kk[None, :] * e_ds,
+                         mask=valid[:, None] & (kk[None, :] < D), other=0.0).to(acc_dtype)
+            wv = tl.load(w_ptr + p * w_ps + kk[:, None] * w_ds + rn[None, :] * w_ns,
+                         mask=(kk[:, None] < D) & (rn[None, :] < N), other=0.0).to(acc_dtype)
+            acc = tl.dot(ev, wv, acc, input_precision="ieee")
+        if HAS_BIAS:
+            bv = tl.load(bias_ptr + p * b_ps + rn * b_ns, mask=rn < N, other=0.0)
+            acc = acc + bv.to(acc_dtype)[None, :]
+        m = valid[:, None] & (rn[None, :] < N)
+        if SUMSQ:
+            g = acc
+            if HAS_THR:
+                g = _clip(g, t.to(acc_dtype)[:, None])
+            g = g.to(tl.float64)
+            sq += tl.sum(tl.where(m, g * g, 0.0), axis=1)
+        else:
+            tl.store(out_ptr + p * o_ps + rows[:, None] * o_bs + rn[None, :] * o_ns,
+                     acc.to(out_ptr.dtype.element_ty), mask=m)
+    if SUMSQ:
+        tl.store(out_ptr + rows * o_bs + p * o_ps, sq, mask=valid)
+
+
+def segments(index: torch.Tensor, protos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(offsets [P+1], rows [B]): rows stably sorted by index, group p = rows[offsets[p]:offsets[p+1]]."""
+    rows = torch.sort(index, stable=True).indices
+    counts = torch.bincount(index, minlength=protos)
+    offsets = torch.zeros(protos + 1, dtype=torch.int64, device=index.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return offsets, rows
+
+
+def _launch_hyper(e, weight, bias, index, out, sumsq: bool, threshold=None) -> None:
+    B, D = e.shape
+    P, _, N = weight.shape
+    if index is not None:
+        offsets, rows = segments(index, P)
+    else:
+        offsets = rows = e  # unused
+    if sumsq:
+        o_ps, o_bs, o_ns = out.stride(1), out.stride(0), 0
+    elif index is not None:
+        o_ps, o_bs, o_ns = 0, out.stride(0), out.stride(1)
+    else:
+        o_ps, o_bs, o_ns = out.stride(0), out.stride(1), out.stride(2)
+    grid = (P, triton.cdiv(B, BM), 1 if sumsq else triton.cdiv(N, BN))
+    thr = threshold if threshold is not None else e
+    wrap_triton(_hyper_kernel)[grid](
+        e, weight, bias if bias is not None else e, offsets, rows, out, thr,
+        B, D, N,
+        e.stride(0), e.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
+        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+        o_ps, o_bs, o_ns, 0 if threshold is None or threshold.numel() == 1 else 1,
+        GATHERED=index is not None, HAS_BIAS=bias is not None, SUMSQ=sumsq, HAS_THR=threshold is not None,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+    )
+
+
+def hyper_matmul(e, weight, bias, index) -> torch.Tensor:
+    B = e.shape[0]
+    P, _, N = weight.shape
+    shape = (B, N) if index is not None else (P, B, N)
+    out = torch.empty(shape, dtype=e.dtype, device=e.device)
+    if out.numel() and P:
+        _launch_hyper(e, weight, bias, index, out, sumsq=False)
+    return out
+
+
+def edit_sumsq(e, weight, bias, threshold) -> torch.Tensor:
+    B = e.shape[0]
+    P, _, N = weight.shape
+    out = torch.zeros((B, P), dtype=torch.float64, device=e.device)
+    if out.numel() and N:
+        _launch_hyper(e, weight, bias, None, out, sumsq=True,
+                      threshold=None if threshold is None else threshold.reshape(-1))
+    return out
