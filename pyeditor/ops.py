@@ -203,90 +203,6 @@ def _make_quant_backward(dequantize_op):
         if bias_dtype is not None and ctx.needs_input_grad[7]:
             grad_bias = grad.reshape(-1, n).to(acc).sum(0).to(bias_dtype)
         return grad_x, None, None, None, None, None, None, grad_bias, None
-# ==================================================================== Persona serving (issue 4)
-# edited_linear / hyper_matmul / edit_sumsq: C++ schemas in csrc/register.cpp, Triton twins here.
-# Backwards call registered ops only: the forward op itself on transposed views (d x, d e),
-# bmm / index_add (d theta, d weight, d bias) and apply_edit_backward (the |delta| <= T mask).
-if backends.triton_available():
-    from pyeditor.kernels import hyper as _hyper_kernels
-
-    @triton_op("pyeditor::edited_linear_triton", mutates_args=())
-    def edited_linear_triton(x: Tensor, theta: Tensor, delta: Tensor, threshold: Tensor,
-                             bias: Optional[Tensor] = None, proto_index: Optional[Tensor] = None) -> Tensor:
-        return _hyper_kernels.edited_linear(x, theta, delta, threshold, bias, proto_index)
-
-    @triton_op("pyeditor::hyper_matmul_triton", mutates_args=())
-    def hyper_matmul_triton(e: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                            index: Optional[Tensor] = None) -> Tensor:
-        return _hyper_kernels.hyper_matmul(e, weight, bias, index)
-
-    @triton_op("pyeditor::edit_sumsq_triton", mutates_args=())
-    def edit_sumsq_triton(e: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                          threshold: Optional[Tensor] = None) -> Tensor:
-        return _hyper_kernels.edit_sumsq(e, weight, bias, threshold)
-
-
-def hyper_ops(backend: str):
-    """(edited_linear, hyper_matmul, edit_sumsq) ops for a resolved backend other than reference."""
-    suffix = "_triton" if backend == "triton" else ""
-    return _op("edited_linear" + suffix), _op("hyper_matmul" + suffix), _op("edit_sumsq" + suffix)
-
-
-def _fake_edited_linear(x, theta, delta, threshold, bias=None, proto_index=None):
-    return x.new_empty((x.shape[0], x.shape[1], theta.shape[-1]))
-
-
-def _fake_hyper_matmul(e, weight, bias=None, index=None):
-    if index is not None:
-        return e.new_empty((e.shape[0], weight.shape[2]))
-    return e.new_empty((weight.shape[0], e.shape[0], weight.shape[2]))
-
-
-def _fake_edit_sumsq(e, weight, bias=None, threshold=None):
-    return e.new_empty((e.shape[0], weight.shape[0]), dtype=torch.float64)
-
-
-def _acc(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _linear_setup_context(ctx, inputs, output):
-    x, theta, delta, threshold, bias, proto_index = (tuple(inputs) + (None, None))[:6]
-    ctx.save_for_backward(x, theta, delta, threshold, proto_index)
-    ctx.bias_shape = None if bias is None else tuple(bias.shape)
-
-
-def _make_linear_backward(forward_op, mask_op):
-    def backward(ctx, grad):
-        x, theta, delta, threshold, proto_index = ctx.saved_tensors
-        need_x, need_theta, need_delta, _, need_bias = (tuple(ctx.needs_input_grad) + (False,) * 6)[:5]
-        acc = _acc(x)
-        gx = gtheta = gdelta = gbias = None
-        if need_x:  # dy @ K^T: the same fused op on transposed views of theta and delta
-            gx = forward_op(grad.to(x.dtype), theta.transpose(-1, -2), delta.transpose(-1, -2), threshold,
-                            None, proto_index)
-        if need_theta or need_delta:
-            outer = torch.bmm(x.transpose(1, 2).to(acc), grad.to(acc))  # [B, in, out] = x_b^T dy_b
-            if need_delta:
-                gdelta = mask_op(outer, delta.to(acc), threshold).to(delta.dtype)
-            if need_theta:
-                if theta.dim() == 2:
-                    gtheta = outer.sum(0)
-                elif proto_index is not None:
-                    gtheta = outer.new_zeros(theta.shape).index_add_(0, proto_index, outer)
-                else:
-                    gtheta = outer
-                gtheta = gtheta.to(theta.dtype)
-        if need_bias:
-            per_sample = grad.to(acc).sum(1)  # [B, out]
-            if len(ctx.bias_shape) == 1:
-                gbias = per_sample.sum(0)
-            elif proto_index is not None:
-                gbias = per_sample.new_zeros(ctx.bias_shape).index_add_(0, proto_index, per_sample)
-            else:
-                gbias = per_sample
-            gbias = gbias.to(grad.dtype)
-        return gx, gtheta, gdelta, None, gbias, None
 
     return backward
 
@@ -303,6 +219,7 @@ if HAS_CPP:  # the C++ op's autograd is registered in C++ (csrc/quant_autograd.c
     _register_quant("quant_linear", "quant_dequantize", autograd=False)
 if backends.triton_available():
     _register_quant("quant_linear_triton", "quant_dequantize_triton", autograd=True)
+
 # ---------------------------------------------------------------- nearest-prototype search (issue 5)
 _SEARCH_METRICS = ("l2", "ip", "cosine")
 
@@ -433,6 +350,95 @@ def search_op(backend: str):
     if op is None:
         op = _SEARCH_OPS[backend] = _op("nearest_prototype_triton" if backend == "triton" else "nearest_prototype").default
     return op
+
+# ==================================================================== Persona serving (issue 4)
+# edited_linear / hyper_matmul / edit_sumsq: C++ schemas in csrc/register.cpp, Triton twins here.
+# Backwards call registered ops only: the forward op itself on transposed views (d x, d e),
+# bmm / index_add (d theta, d weight, d bias) and apply_edit_backward (the |delta| <= T mask).
+if backends.triton_available():
+    from pyeditor.kernels import hyper as _hyper_kernels
+
+    @triton_op("pyeditor::edited_linear_triton", mutates_args=())
+    def edited_linear_triton(x: Tensor, theta: Tensor, delta: Tensor, threshold: Tensor,
+                             bias: Optional[Tensor] = None, proto_index: Optional[Tensor] = None) -> Tensor:
+        return _hyper_kernels.edited_linear(x, theta, delta, threshold, bias, proto_index)
+
+    @triton_op("pyeditor::hyper_matmul_triton", mutates_args=())
+    def hyper_matmul_triton(e: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                            index: Optional[Tensor] = None) -> Tensor:
+        return _hyper_kernels.hyper_matmul(e, weight, bias, index)
+
+    @triton_op("pyeditor::edit_sumsq_triton", mutates_args=())
+    def edit_sumsq_triton(e: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                          threshold: Optional[Tensor] = None) -> Tensor:
+        return _hyper_kernels.edit_sumsq(e, weight, bias, threshold)
+
+
+def hyper_ops(backend: str):
+    """(edited_linear, hyper_matmul, edit_sumsq) ops for a resolved backend other than reference."""
+    suffix = "_triton" if backend == "triton" else ""
+    return _op("edited_linear" + suffix), _op("hyper_matmul" + suffix), _op("edit_sumsq" + suffix)
+
+
+def _fake_edited_linear(x, theta, delta, threshold, bias=None, proto_index=None):
+    return x.new_empty((x.shape[0], x.shape[1], theta.shape[-1]))
+
+
+def _fake_hyper_matmul(e, weight, bias=None, index=None):
+    if index is not None:
+        return e.new_empty((e.shape[0], weight.shape[2]))
+    return e.new_empty((weight.shape[0], e.shape[0], weight.shape[2]))
+
+
+def _fake_edit_sumsq(e, weight, bias=None, threshold=None):
+    return e.new_empty((e.shape[0], weight.shape[0]), dtype=torch.float64)
+
+
+def _acc(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, theta, delta, threshold, bias, proto_index = (tuple(inputs) + (None, None))[:6]
+    ctx.save_for_backward(x, theta, delta, threshold, proto_index)
+    ctx.bias_shape = None if bias is None else tuple(bias.shape)
+
+
+def _make_linear_backward(forward_op, mask_op):
+    def backward(ctx, grad):
+        x, theta, delta, threshold, proto_index = ctx.saved_tensors
+        need_x, need_theta, need_delta, _, need_bias = (tuple(ctx.needs_input_grad) + (False,) * 6)[:5]
+        acc = _acc(x)
+        gx = gtheta = gdelta = gbias = None
+        if need_x:  # dy @ K^T: the same fused op on transposed views of theta and delta
+            gx = forward_op(grad.to(x.dtype), theta.transpose(-1, -2), delta.transpose(-1, -2), threshold,
+                            None, proto_index)
+        if need_theta or need_delta:
+            outer = torch.bmm(x.transpose(1, 2).to(acc), grad.to(acc))  # [B, in, out] = x_b^T dy_b
+            if need_delta:
+                gdelta = mask_op(outer, delta.to(acc), threshold).to(delta.dtype)
+            if need_theta:
+                if theta.dim() == 2:
+                    gtheta = outer.sum(0)
+                elif proto_index is not None:
+                    gtheta = outer.new_zeros(theta.shape).index_add_(0, proto_index, outer)
+                else:
+                    gtheta = outer
+                gtheta = gtheta.to(theta.dtype)
+        if need_bias:
+            per_sample = grad.to(acc).sum(1)  # [B, out]
+            if len(ctx.bias_shape) == 1:
+                gbias = per_sample.sum(0)
+            elif proto_index is not None:
+                gbias = per_sample.new_zeros(ctx.bias_shape).index_add_(0, proto_index, per_sample)
+            else:
+                gbias = per_sample
+            gbias = gbias.to(grad.dtype)
+        return gx, gtheta, gdelta, None, gbias, None
+
+    return backward
+
+
 def _hyper_setup_context(ctx, inputs, output):
     e, weight, bias, index = (tuple(inputs) + (None, None))[:4]
     ctx.save_for_backward(e, weight, index)
