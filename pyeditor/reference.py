@@ -423,10 +423,11 @@ def nearest_prototype(x: Tensor, prototypes: Tensor, k: int = 1, metric: str = "
     return dist.to(x.dtype), idx
 
 
-def _kmeans_assign(x: Tensor, centroids: Tensor, metric: str) -> tuple:
+def _kmeans_assign(x: Tensor, centroids: Tensor, metric: str, search=None) -> tuple:
     """(labels [B] int64, loss [B] float64 >= 0): l2 -> ||x - c||^2, ip -> ||x|| - x.c,
-    cosine -> 1 - cos(x, c), each against the chosen centroid."""
-    score, idx = nearest_prototype(x, centroids, 1, metric)
+    cosine -> 1 - cos(x, c), each against the chosen centroid. ``search`` replaces
+    nearest_prototype (the kernels' k-means passes its own)."""
+    score, idx = (search or nearest_prototype)(x, centroids, 1, metric)
     s = score[:, 0].to(torch.float64)
     if metric == "ip":
         s = x.to(torch.float64).norm(dim=1) - s
@@ -466,6 +467,12 @@ def kmeans(
     """
     _check_float("x", x, (2,))
     _check_metric(metric)
+    n_clusters, n_iter, seed = _check_kmeans_args(x, n_clusters, n_iter, init, seed, tol)
+    return lloyd(x, n_clusters, n_iter, init, seed, metric, tol, _kmeans_assign)
+
+
+def _check_kmeans_args(x: Tensor, n_clusters, n_iter, init, seed, tol) -> tuple:
+    """Validated (n_clusters, n_iter, seed) for a k-means fit of x [B, d]."""
     B = x.shape[0]
     n_clusters = _check_int("n_clusters", n_clusters, 1)
     if n_clusters > B:
@@ -478,9 +485,18 @@ def kmeans(
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x must be finite (no NaN or inf)")
+    return n_clusters, n_iter, seed
 
+
+def lloyd(x: Tensor, n_clusters: int, n_iter: int, init: str, seed: int, metric: str, tol: float,
+          assign, on_iteration=None) -> tuple:
+    """The k-means algorithm of :func:`kmeans` on validated arguments, with the assignment
+    step given: ``assign(points, centroids, metric) -> (labels, loss float64 >= 0)``. The
+    kernels' k-means (pyeditor.search) runs this same loop with its own assignment;
+    ``on_iteration(i, inertia)`` is called after each update round."""
+    B = x.shape[0]
     acc = _acc_dtype(x.dtype)
-    xs = x.to(acc)
+    xs = x.to(acc).contiguous()
     pts = _unit_rows(xs) if metric == "cosine" else xs  # what the update averages / sums
 
     def as_centroid(v: Tensor) -> Tensor:
@@ -491,7 +507,7 @@ def kmeans(
         chosen = torch.randperm(B, generator=gen)[:n_clusters].tolist()
     else:
         chosen = [int(torch.randint(B, (1,), generator=gen))]
-        best = _kmeans_assign(xs, as_centroid(pts[chosen]), metric)[1]
+        best = assign(xs, as_centroid(pts[chosen]), metric)[1]
         for _ in range(1, n_clusters):
             w = best.clone()
             w[chosen] = 0.0
@@ -500,15 +516,16 @@ def kmeans(
                 w[chosen] = 0.0
             nxt = int(torch.multinomial(w, 1, generator=gen))
             chosen.append(nxt)
-            loss = _kmeans_assign(xs, as_centroid(pts[[nxt]]), metric)[1]
+            loss = assign(xs, as_centroid(pts[[nxt]]), metric)[1]
             best = torch.minimum(best, loss)
     c = as_centroid(pts[chosen])
 
-    labels, loss = _kmeans_assign(xs, c, metric)
+    labels, loss = assign(xs, c, metric)
     inertia = float(loss.sum())
-    for _ in range(n_iter):
+    ones = torch.ones(B, dtype=acc, device=x.device)
+    for it in range(n_iter):
         sums = torch.zeros_like(c).index_add_(0, labels, pts)
-        counts = torch.zeros(n_clusters, dtype=acc).index_add_(0, labels, torch.ones(B, dtype=acc))
+        counts = torch.zeros(n_clusters, dtype=acc, device=x.device).index_add_(0, labels, ones)
         if metric == "l2":
             new = sums / counts.clamp_min(1.0).unsqueeze(1)
         else:
@@ -519,13 +536,15 @@ def kmeans(
             far = torch.sort(loss, descending=True, stable=True).indices[: empty.numel()]
             new[empty] = as_centroid(pts[far])
         c = new
-        labels, loss = _kmeans_assign(xs, c, metric)
+        labels, loss = assign(xs, c, metric)
         prev, inertia = inertia, float(loss.sum())
+        if on_iteration is not None:
+            on_iteration(it + 1, inertia)
         change = abs(prev - inertia) / prev if prev > 0 else 0.0
         if change < tol:
             break
     centroids = c.to(x.dtype)
-    labels, loss = _kmeans_assign(xs, centroids.to(acc), metric)
+    labels, loss = assign(xs, centroids.to(acc), metric)
     return centroids, labels, float(loss.sum())
 
 

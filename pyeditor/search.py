@@ -103,17 +103,6 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def _assign(x: Tensor, c: Tensor, metric: str, backend: Optional[str]) -> tuple[Tensor, Tensor]:
-    """(labels, loss float64 >= 0) as reference._kmeans_assign, on the chosen backend."""
-    score, idx = nearest_prototype(x, c, 1, metric, backend=backend)
-    s = score[:, 0].to(torch.float64)
-    if metric == "ip":
-        s = x.to(torch.float64).norm(dim=1) - s
-    elif metric == "cosine":
-        s = 1.0 - s
-    return idx[:, 0], s.clamp_min(0.0)
-
-
 def kmeans(
     x: Tensor,
     n_clusters: int,
@@ -139,68 +128,14 @@ def kmeans(
         raise ValueError(f"x must be 2-D [B, d], got shape {tuple(x.shape)}")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    B = x.shape[0]
-    n_clusters = reference._check_int("n_clusters", n_clusters, 1)
-    if n_clusters > B:
-        raise ValueError(f"n_clusters must be <= the number of points ({B}), got {n_clusters}")
-    n_iter = reference._check_int("n_iter", n_iter, 0)
-    seed = reference._check_int("seed", seed, 0)
-    if init not in ("k-means++", "random"):
-        raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("x must be finite (no NaN or inf)")
-
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xs = x.to(acc).contiguous()
-    pts = reference._unit_rows(xs) if metric == "cosine" else xs
-    unit = reference._unit_rows
-
-    def as_centroid(v: Tensor) -> Tensor:
-        return v if metric == "l2" else unit(v)
-
-    gen = torch.Generator().manual_seed(seed)
-    if init == "random":
-        chosen = torch.randperm(B, generator=gen)[:n_clusters].tolist()
-    else:
-        chosen = [int(torch.randint(B, (1,), generator=gen))]
-        best = _assign(xs, as_centroid(pts[chosen]), metric, backend)[1]
-        for _ in range(1, n_clusters):
-            w = best.clone()
-            w[chosen] = 0.0
-            if not bool(w.sum() > 0):
-                w = torch.ones_like(w)
-                w[chosen] = 0.0
-            nxt = int(torch.multinomial(w, 1, generator=gen))
-            chosen.append(nxt)
-            best = torch.minimum(best, _assign(xs, as_centroid(pts[[nxt]]), metric, backend)[1])
-    c = as_centroid(pts[chosen])
-
+    n_clusters, n_iter, seed = reference._check_kmeans_args(x, n_clusters, n_iter, init, seed, tol)
     bar = _Progress(progress, n_iter)
-    labels, loss = _assign(xs, c, metric, backend)
-    inertia = float(loss.sum())
-    ones = torch.ones(B, dtype=acc, device=x.device)
-    for it in range(n_iter):
-        sums = torch.zeros_like(c).index_add_(0, labels, pts)
-        counts = torch.zeros(n_clusters, dtype=acc, device=x.device).index_add_(0, labels, ones)
-        if metric == "l2":
-            new = sums / counts.clamp_min(1.0).unsqueeze(1)
-        else:
-            norm = sums.norm(dim=1, keepdim=True)
-            new = torch.where(norm == 0, c, sums / norm)
-        empty = torch.nonzero(counts == 0).flatten()
-        if empty.numel():
-            far = torch.sort(loss, descending=True, stable=True).indices[: empty.numel()]
-            new[empty] = as_centroid(pts[far])
-        c = new
-        labels, loss = _assign(xs, c, metric, backend)
-        prev, inertia = inertia, float(loss.sum())
-        bar.update(it + 1, inertia)
-        change = abs(prev - inertia) / prev if prev > 0 else 0.0
-        if change < tol:
-            break
-    bar.close()
-    centroids = c.to(x.dtype)
-    labels, loss = _assign(xs, centroids.to(acc), metric, backend)
-    return centroids, labels, float(loss.sum())
+
+    def search(pts, c, k, m):
+        return nearest_prototype(pts, c, k, m, backend=backend)
+
+    try:
+        return reference.lloyd(x, n_clusters, n_iter, init, seed, metric, tol,
+                               lambda pts, c, m: reference._kmeans_assign(pts, c, m, search), on_iteration=bar.update)
+    finally:
+        bar.close()
