@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <sys/mman.h>
 
+#include "../aten_storage.h"
 #include "../edit_args.h"
 #include "../ops.h"
 #include "pyeditor/cpu_spans.h"
@@ -11,10 +12,6 @@
 
 namespace pyeditor {
 namespace {
-
-template <class T> struct storage_of { using type = T; };
-template <> struct storage_of<at::BFloat16> { using type = pe::bf16; };
-template <> struct storage_of<at::Half> { using type = pe::f16; };
 
 constexpr int64_t kColBlock = 16384;    // elements per work item along a row
 constexpr int64_t kGrainElems = 65536;  // at least this many elements per thread task

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../aten_storage.h"
 #include "../hyper_args.h"
 #include "../ops.h"
 #include "pyeditor/hyper_math.h"
@@ -20,10 +21,6 @@ namespace {
 using cpu::kTileK;
 using cpu::kTileM;
 using cpu::kTileN;
-
-template <class T> struct storage_of { using type = T; };
-template <> struct storage_of<at::BFloat16> { using type = pe::bf16; };
-template <> struct storage_of<at::Half> { using type = pe::f16; };
 
 template <class A> struct Buffers {
   std::vector<A> a, tile, acc;

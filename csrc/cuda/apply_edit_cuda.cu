@@ -5,16 +5,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "../aten_storage.h"
 #include "../edit_args.h"
 #include "../ops.h"
 #include "pyeditor/edit_math.h"
 
 namespace pyeditor {
 namespace {
-
-template <class T> struct storage_of { using type = T; };
-template <> struct storage_of<at::BFloat16> { using type = pe::bf16; };
-template <> struct storage_of<at::Half> { using type = pe::f16; };
 
 constexpr int64_t kColBlock = 4096;
 constexpr int kThreads = 256;

@@ -11,16 +11,13 @@
 #include <algorithm>
 #include <vector>
 
+#include "../aten_storage.h"
 #include "../hyper_args.h"
 #include "../ops.h"
 #include "pyeditor/hyper_math.h"
 
 namespace pyeditor {
 namespace {
-
-template <class T> struct storage_of { using type = T; };
-template <> struct storage_of<at::BFloat16> { using type = pe::bf16; };
-template <> struct storage_of<at::Half> { using type = pe::f16; };
 
 constexpr int kT = 16;
 

@@ -9,14 +9,7 @@
 
 #include "pyeditor/edit_math.h"
 
-static int failures = 0;
-#define EXPECT(cond)                                                  \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      std::fprintf(stderr, "%s:%d: EXPECT(%s) failed\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                     \
-    }                                                                 \
-  } while (0)
+#include "expect.h"
 
 static uint16_t half_bits_of(_Float16 h) {
   uint16_t b;

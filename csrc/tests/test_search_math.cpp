@@ -9,14 +9,7 @@
 #include "pyeditor/search_math.h"
 
 namespace ps = pe::search;
-static int failures = 0;
-#define EXPECT(cond)                                                                   \
-  do {                                                                                 \
-    if (!(cond)) {                                                                     \
-      std::fprintf(stderr, "%s:%d: EXPECT(%s) failed\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                      \
-    }                                                                                  \
-  } while (0)
+#include "expect.h"
 
 static void test_topk_order() {
   ps::TopK<float, 4> t;
