@@ -15,32 +15,30 @@ namespace pe::quant::cpu {
 namespace {
 
 // ---------------------------------------------------------------- portable path
-void dot_f32_scalar(const uint8_t* tile, int bits, int64_t blocks, const float* x, int64_t ldx, int64_t m,
-                    float* out, int64_t ldo) {
+// One loop for both activation types: fp32 x with fp32 sums, int8 x with int32 sums.
+template <class X, class Acc>
+void dot_scalar(const uint8_t* tile, int bits, int64_t blocks, const X* x, int64_t ldx, int64_t m, Acc* out,
+                int64_t ldo) {
   for (int64_t r = 0; r < m; ++r) {
-    float acc[kTileN] = {};
+    Acc acc[kTileN] = {};
     for (int64_t b = 0; b < blocks; ++b) {
       const uint8_t* blk = tile + b * block_bytes(bits);
-      const float* xr = x + r * ldx + b * kTileK;
+      const X* xr = x + r * ldx + b * kTileK;
       for (int kk = 0; kk < kTileK; ++kk)
-        for (int c = 0; c < kTileN; ++c) acc[c] += static_cast<float>(get_code(blk, bits, c, kk)) * xr[kk];
+        for (int c = 0; c < kTileN; ++c) acc[c] += static_cast<Acc>(get_code(blk, bits, c, kk)) * static_cast<Acc>(xr[kk]);
     }
     std::memcpy(out + r * ldo, acc, sizeof acc);
   }
 }
 
+void dot_f32_scalar(const uint8_t* tile, int bits, int64_t blocks, const float* x, int64_t ldx, int64_t m,
+                    float* out, int64_t ldo) {
+  dot_scalar(tile, bits, blocks, x, ldx, m, out, ldo);
+}
+
 void dot_i8_scalar(const uint8_t* tile, int bits, int64_t blocks, const int8_t* x, int64_t ldx, int64_t m,
                    int32_t* out, int64_t ldo) {
-  for (int64_t r = 0; r < m; ++r) {
-    int32_t acc[kTileN] = {};
-    for (int64_t b = 0; b < blocks; ++b) {
-      const uint8_t* blk = tile + b * block_bytes(bits);
-      const int8_t* xr = x + r * ldx + b * kTileK;
-      for (int kk = 0; kk < kTileK; ++kk)
-        for (int c = 0; c < kTileN; ++c) acc[c] += static_cast<int32_t>(get_code(blk, bits, c, kk)) * xr[kk];
-    }
-    std::memcpy(out + r * ldo, acc, sizeof acc);
-  }
+  dot_scalar(tile, bits, blocks, x, ldx, m, out, ldo);
 }
 
 #ifdef PE_QUANT_X86
@@ -214,6 +212,9 @@ PE_AVX512 float quantize_row_avx512(const float* x, int64_t n, int8_t* out, int6
 }
 
 bool detect_vnni() {
+#ifdef PE_QUANT_FORCE_PORTABLE  // test builds: run the portable path on a VNNI machine too
+  return false;
+#endif
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vnni");
