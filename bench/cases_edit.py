@@ -189,7 +189,8 @@ def _make_first_touch(shape, dt: str, ctx: Context) -> Prepared:
     fresh_thp = advise if isinstance(advise, str) else \
         (lambda: advise(torch.empty(shape, dtype=dtype, device=ctx.device)).fill_(0))
 
-    def derive(m: dict) -> dict:
+    def derive(stats: dict) -> dict:
+        m = {k: v["median_s"] for k, v in stats.items()}
         cost = m["fresh"] - m["touched"]
         pages = nbytes / 4096
         out = {"first_touch_s": cost, "first_touch_us_per_4k_page": cost / pages * 1e6,

@@ -40,8 +40,10 @@ class Prepared:
     reference: Optional[Callable[[], torch.Tensor]] = None  # oracle output for max|err|
     tol: Optional[float] = None  # max|err| above this is flagged
     notes: list[str] = field(default_factory=list)
-    # derive(medians_by_impl_in_seconds) -> extra metrics for the row
-    derive: Optional[Callable[[dict[str, float]], dict[str, Any]]] = None
+    # derive({impl: Timing.as_dict()}) -> extra metrics for the row
+    derive: Optional[Callable[[dict[str, dict[str, Any]]], dict[str, Any]]] = None
+    # overrides of the runner's timing arguments for this case (e.g. fewer reps for a slow peer)
+    timing: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ def run_case(case: Case, ctx: Context, timing_kw: Optional[dict] = None) -> dict
     fns = {n: prep.fns.get(n, "not provided by the case") for n in case.impls}
     runnable = {n: f for n, f in fns.items() if not isinstance(f, str)}
     mon = CpuMonitor()
-    timed = measure_interleaved(runnable, sync=ctx.sync, **(timing_kw or {}))
+    timed = measure_interleaved(runnable, sync=ctx.sync, **{**(timing_kw or {}), **prep.timing})
     row["load"] = mon.read()
 
     impls: dict[str, dict[str, Any]] = {}
@@ -81,7 +81,7 @@ def run_case(case: Case, ctx: Context, timing_kw: Optional[dict] = None) -> dict
             impls[p]["speedup"] = s
     if prep.derive is not None:
         try:
-            row["extra"] = prep.derive({k: v["median_s"] for k, v in impls.items() if "median_s" in v})
+            row["extra"] = prep.derive({k: v for k, v in impls.items() if "median_s" in v})
         except Exception as e:
             row["extra"] = {"error": error_text(e)}
     del prep, ref, fns, runnable

@@ -25,6 +25,7 @@ class Timing:
     max_s: float
     mean_s: float
     iqr_s: float  # spread: 75th - 25th percentile
+    p99_s: float  # 99th percentile, interpolated (close to the max when there are few samples)
     reps: int
     warmup_reps: int
     first_call_s: float  # includes compilation / lazy init
@@ -37,8 +38,9 @@ class Timing:
 
 def _stats(samples: list[float], warm: int, first: float) -> Timing:
     q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [samples[0]] * 3
+    p99 = statistics.quantiles(samples, n=100, method="inclusive")[98] if len(samples) >= 2 else samples[0]
     return Timing(median_s=statistics.median(samples), min_s=min(samples), max_s=max(samples),
-                  mean_s=statistics.fmean(samples), iqr_s=q[2] - q[0], reps=len(samples),
+                  mean_s=statistics.fmean(samples), iqr_s=q[2] - q[0], p99_s=p99, reps=len(samples),
                   warmup_reps=warm, first_call_s=first)
 
 
