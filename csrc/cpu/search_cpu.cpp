@@ -81,7 +81,8 @@ Packed pack_prototypes(const float* P, int64_t N, int64_t d, int metric, const s
   pk.count = static_cast<int64_t>(valid.size());
   pk.num_panels = (pk.count + kLanes - 1) / kLanes;
   pk.panels = at::zeros({std::max<int64_t>(pk.num_panels, 1), d, kLanes}, at::kFloat);
-  pk.bias.assign(pk.num_panels * kLanes, 0.f);
+  // padding lanes rank last (+inf) so the vector epilogue needs no lane mask
+  pk.bias.assign(pk.num_panels * kLanes, INFINITY);
   std::vector<double> centre(d, 0.0);
   if (metric == ps::kL2 && pk.count > 0) {
     for (int64_t j : valid)
@@ -103,7 +104,7 @@ Packed pack_prototypes(const float* P, int64_t N, int64_t d, int metric, const s
       dst[i * kLanes] = v;
       n2 += static_cast<double>(v) * v;
     }
-    if (metric == ps::kL2) pk.bias[c] = static_cast<float>(n2);
+    pk.bias[c] = metric == ps::kL2 ? static_cast<float>(n2) : 0.f;
     pmax2 = std::max(pmax2, n2);
   }
   pk.pmax = std::sqrt(pmax2);
@@ -142,6 +143,88 @@ inline __attribute__((always_inline)) void micro_tile(const float* xb, int64_t d
           *reinterpret_cast<const v16fu*>(bias + p * kLanes) - scale * acc[r][p];
 }
 
+// ---------------------------------------------------------------- vector top-k epilogue
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+inline __attribute__((always_inline)) v16f vmin(v16f a, v16f b) { return a < b ? a : b; }
+inline __attribute__((always_inline)) v16i vmin(v16i a, v16i b) { return a < b ? a : b; }
+
+// Smallest element of a vector (NaN-free input), by halving: four shuffles instead of 15
+// dependent scalar compares.
+template <class V> inline __attribute__((always_inline)) V spread_min(V a) {
+  a = vmin(a, __builtin_shuffle(a, v16i{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
+  a = vmin(a, __builtin_shuffle(a, v16i{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
+  a = vmin(a, __builtin_shuffle(a, v16i{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
+  return vmin(a, __builtin_shuffle(a, v16i{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
+}
+
+template <class V> inline __attribute__((always_inline)) V spread_sum(V a) {
+  a += __builtin_shuffle(a, v16i{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  a += __builtin_shuffle(a, v16i{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  a += __builtin_shuffle(a, v16i{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  return a + __builtin_shuffle(a, v16i{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+}
+
+// out = x - shift (or x when shift is null); returns the float32 sum of squares of out, whose
+// relative error is below gamma32(d + 2) (callers inflate by it). Vector partial sums: a
+// float64 reduction per row cost more than the row's share of the distance tile.
+inline __attribute__((always_inline)) float shifted_sumsq(const float* x, const float* shift, float* out,
+                                                          int64_t d) {
+  v16f acc{};
+  int64_t i = 0;
+  for (; i + kLanes <= d; i += kLanes) {
+    v16f v = *reinterpret_cast<const v16fu*>(x + i);
+    if (shift) v -= *reinterpret_cast<const v16fu*>(shift + i);
+    *reinterpret_cast<v16fu*>(out + i) = v;
+    acc += v * v;
+  }
+  float s = spread_sum(acc)[0];
+  for (; i < d; ++i) {
+    const float v = shift ? x[i] - shift[i] : x[i];
+    out[i] = v;
+    s += v * v;
+  }
+  return s;
+}
+
+// Feeds one query's keys for NV panels (NV*16 lanes in prototype order; lanes >= live are
+// padding) into its running top list, smallest first, stopping at the first key that cannot
+// enter. With random keys the branchy scalar scan mispredicted on most lanes; this costs a
+// few vector reductions per extracted candidate, and one when the panel holds nothing better.
+// NaN keys (only from float32 overflow, whose rows the acceptance bound always rejects) are
+// taken as +inf, so they rank last but still fill the list as the scalar scan did.
+template <int NV, class Top>
+inline __attribute__((always_inline)) void take_smallest(const float* keys, int64_t live, const int64_t* orig,
+                                                         Top& top) {
+  const v16i iota{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const v16f inf = v16f{} + INFINITY;
+  v16f kv[NV];
+  for (int v = 0; v < NV; ++v) {
+    kv[v] = *reinterpret_cast<const v16f*>(keys + v * kLanes);
+    kv[v] = kv[v] == kv[v] ? kv[v] : inf;
+  }
+  uint32_t taken = 0;  // lanes already fed (they then read +inf)
+  for (int t = 0; t < top.limit; ++t) {
+    v16f m = kv[0];
+    for (int v = 1; v < NV; ++v) m = vmin(m, kv[v]);
+    m = spread_min(m);  // every lane holds the minimum
+    const float key = m[0];
+    if (key == INFINITY) {
+      // what is left is +inf (overflowed keys, or padding): index order decides, as in a scan
+      for (int64_t l = 0; l < live && !top.full(); ++l)
+        if (!(taken >> l & 1u)) top.push(INFINITY, orig[l]);
+      return;
+    }
+    v16i pick = v16i{} + NV * kLanes;
+    for (int v = 0; v < NV; ++v) pick = vmin(pick, kv[v] == m ? iota + v * kLanes : pick);
+    const int lane = spread_min(pick)[0];  // the lowest lane holding it (a live one: key < inf)
+    if (top.full() && !pe::search::before(key, orig[lane], top.worst(), top.idx[top.n - 1])) return;
+    top.push(key, orig[lane]);
+    kv[lane / kLanes][lane % kLanes] = INFINITY;
+    taken |= 1u << lane;
+  }
+}
+
 struct BlockJob {
   const float* x;        // [B, d] float32, contiguous
   const float* P;        // [N, d] original prototypes, float32
@@ -163,18 +246,12 @@ inline __attribute__((always_inline)) void blocked_rows(const BlockJob& job) {
   std::vector<double> xnorm(rows, 0.0);
   std::vector<char> finite(rows, 1);
   std::vector<ps::TopK<float, CAP>> tops(rows);
+  const float* shift = metric == ps::kL2 ? pk.shift.data() : nullptr;
+  const double inflate = 1.0 + ps::gamma32(d + 2);
   for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = job.x + (job.row0 + r) * d;
-    finite[r] = ps::row_finite(xr, d);
-    double n2 = 0.0;
-    const float* shift = metric == ps::kL2 ? pk.shift.data() : nullptr;
-#pragma omp simd reduction(+ : n2)
-    for (int64_t i = 0; i < d; ++i) {
-      const float v = shift ? xr[i] - shift[i] : xr[i];
-      xb[r * d + i] = v;
-      n2 += static_cast<double>(v) * v;
-    }
-    xnorm[r] = std::sqrt(n2);
+    const float n2 = shifted_sumsq(job.x + (job.row0 + r) * d, shift, xb.data() + r * d, d);
+    finite[r] = n2 < INFINITY;  // false for inf / NaN entries (and overflow: those rows go exact)
+    xnorm[r] = std::sqrt(static_cast<double>(n2) * inflate);  // an upper bound on ||x'||
     tops[r].reset(k + 1);
   }
   const float scale = metric == ps::kL2 ? 2.f : 1.f;
@@ -192,17 +269,8 @@ inline __attribute__((always_inline)) void blocked_rows(const BlockJob& job) {
       const int64_t rend = std::min<int64_t>(kMR, rows - r0);
       const int64_t* orig = pk.orig.data() + base;
       for (int64_t r = 0; r < rend; ++r) {
-        auto& top = tops[r0 + r];
-        const float* kr = keys + r * width;
-        // a local threshold: most lanes cost one compare (lanes come in index order, so a
-        // key equal to the threshold can never enter)
-        float thr = top.full() ? top.worst() : INFINITY;
-        for (int64_t l = 0; l < lanes; ++l) {
-          if (kr[l] < thr || !top.full()) {
-            top.push(kr[l], orig[l]);
-            thr = top.full() ? top.worst() : INFINITY;
-          }
-        }
+        if (np == 2) take_smallest<2>(keys + r * width, lanes, orig, tops[r0 + r]);
+        else take_smallest<1>(keys + r * width, lanes, orig, tops[r0 + r]);
       }
     }
   }
