@@ -136,11 +136,12 @@ def main(argv=None) -> Dict[str, float]:
     p.add_argument("--test-users", type=int, default=32, help="devices served with packed layers")
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--features", type=int, default=16)
-    p.add_argument("--classes", type=int, default=8)
+    p.add_argument("--classes", type=int, default=32, help="items to choose from")
     p.add_argument("--hidden", type=int, default=128, help="width of the frozen backbone")
     p.add_argument("--embed", type=int, default=16, help="user embedding z")
     p.add_argument("--recent", type=int, default=16, help="real-time interactions summarised into z")
     p.add_argument("--samples", type=int, default=64, help="interactions per user and split")
+    p.add_argument("--spread", type=float, default=0.6, help="spread of a user's interactions around its centre")
     p.add_argument("--beta", type=float, default=0.125, help="tier fraction (8-bit top beta, 4-bit next beta)")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=16)
@@ -151,7 +152,7 @@ def main(argv=None) -> Dict[str, float]:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
 
-    world = Users(args.users, args.groups, args.features, args.classes, args.seed)
+    world = Users(args.users, args.groups, args.features, args.classes, args.seed, args.spread)
     hist_x, hist_y = world.interactions(args.samples)
     recent_x, _ = world.interactions(args.recent)       # the real-time window the device summarises
     test_x, test_y = world.interactions(args.samples)   # what the device must then predict

@@ -181,6 +181,8 @@ def run_pipeline(args) -> Dict[str, float]:
             multi_logits = torch.bmm(multi_logits, k) + layer.bias[proto].unsqueeze(1)
             if n + 1 < len(weights):
                 multi_logits = torch.relu(multi_logits)
+        # the device's forward with its received K equals the cloud's fused edited_linear forward
+        fused_gap = float((model(tx, edits, proto) - multi_logits).abs().max())
         zero = torch.zeros(len(test), dtype=torch.long)
         single_logits = base(tx, single(emb_t, zero), zero)
         static_logits = static(tx)
@@ -189,6 +191,7 @@ def run_pipeline(args) -> Dict[str, float]:
         "static_acc": accuracy(static_logits, ty),
         "single_acc": accuracy(single_logits, ty),
         "multi_acc": accuracy(multi_logits, ty),
+        "served_vs_fused_max_abs": fused_gap,
         "history_sessions": len(hist),
         "test_sessions": len(test),
         "cluster_purity": purity,
