@@ -265,6 +265,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--latency-size", type=int, default=512, help="adaptive layer is size x size in the timing")
     p.add_argument("--latency-batch", type=int, default=256)
+    p.add_argument("--latency-hidden", type=int, default=64, help="editor width (embedding and layer features)")
     p.add_argument("--latency-repeats", type=int, default=5)
     p.add_argument("--no-latency", action="store_true", help="skip the timing")
     return p.parse_args(argv)
@@ -284,11 +285,11 @@ def main(argv=None) -> Dict[str, float]:
     print(f"history cluster purity {res['cluster_purity']:.3f}, test assignment purity "
           f"{res['test_assignment_purity']:.3f}; train + eval {res['train_eval_s']:.1f} s")
     if not args.no_latency:
-        lat = adaptation_latency(args.latency_size, 64, 64, args.prototypes, args.latency_batch, args.threshold,
-                                 args.latency_repeats)
+        lat = adaptation_latency(args.latency_size, args.latency_hidden, args.latency_hidden, args.prototypes,
+                                 args.latency_batch, args.threshold, args.latency_repeats)
         res.update(lat)
         print(f"adaptation latency (embedding in, {args.latency_size}x{args.latency_size} adaptive weights out, "
-              f"N_M={args.prototypes}, median of {args.latency_repeats}):")
+              f"editor width {args.latency_hidden}, N_M={args.prototypes}, median of {args.latency_repeats}):")
         print(f"  {args.latency_batch} devices: {lat['latency_batch_ms']:.2f} ms = "
               f"{lat['latency_per_device_ms']:.3f} ms per device")
         print(f"  1 device:   {lat['latency_single_ms']:.3f} ms   (paper, Persona Table 1: {PAPER_LATENCY_MS} ms)")

@@ -39,7 +39,7 @@ def test_persona_pipeline_multi_prototype_beats_static_and_single(persona, capsy
     res = persona.main(["--no-latency", "--seed", "0"])
     out = capsys.readouterr().out
     assert "Persona multi-prototype" in out and "static" in out
-    # seeds 0-4: multi - static >= 0.17, multi - single >= 0.02
+    # seeds 0-4 (cpu backend): multi - static >= 0.17, multi - single >= 0.019
     assert res["multi_acc"] > res["static_acc"] + 0.10
     assert res["multi_acc"] > res["single_acc"] + 0.01
     assert res["single_acc"] > res["static_acc"]
