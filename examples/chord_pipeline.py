@@ -119,7 +119,8 @@ def serve(backbone: nn.Sequential, readout: nn.Linear, codes: Dict[str, Tensor],
     outs = {name: backbone.get_submodule(name).out_features for name in LAYERS}
     bits = {name: pyeditor.decode_strategy(codes[name], outs[name]) for name in LAYERS}
     local = quantize_model(copy.deepcopy(backbone), lambda name, lin: bits.get(name))
-    assert all(isinstance(local.get_submodule(n), PackedLinear) for n in LAYERS)
+    if not all(isinstance(local.get_submodule(n), PackedLinear) for n in LAYERS):
+        raise RuntimeError("quantize_model left a backbone layer unpacked")
     with torch.no_grad():
         return readout(local(x))
 

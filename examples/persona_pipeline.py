@@ -175,7 +175,8 @@ def run_pipeline(args) -> Dict[str, float]:
         proto = assign(multi, emb_t)
         edits = [pyeditor.generate_edit(e, w, b, index=proto, threshold=args.threshold)
                  for e, w, b in zip(multi.layer_embeddings(emb_t), multi.head_weights, multi.head_biases)]
-        weights = [pyeditor.apply_edit(layer.theta, g, args.threshold, proto) for layer, g in zip(model.adaptive, edits)]
+        weights = [pyeditor.apply_edit(layer.theta, g, args.threshold, proto)   # what each device receives
+                   for layer, g in zip(model.adaptive, edits)]
         multi_logits = model.shared(tx)
         for n, (layer, k) in enumerate(zip(model.adaptive, weights)):      # the device's own forward with K
             multi_logits = torch.bmm(multi_logits, k) + layer.bias[proto].unsqueeze(1)
