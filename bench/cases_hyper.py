@@ -7,6 +7,11 @@ Rows (default run, fp32, the issue's sizes):
   assign         same sizes, no threshold: ours = method='auto' (fused epilogue at these sizes), and the
                  cached Gram (serving keeps it while editors are frozen); peer: every prototype's edit + norms
   assign+T       same sizes, threshold 0.5: ours = fused matmul + clipped sum-of-squares epilogue
+                 (every assign row also measures the peak extra memory of ours and the peer with
+                 torch.profiler's memory events: pyeditor.memory.peak_extra_bytes)
+  heads          the heads of a 3-layer editor (512x512, 512x128, 128x10 edits) at d=128, P=8, B=256
+                 gathered: hyper_matmul_heads (one launch) vs a loop of hyper_matmul per head vs plain
+                 torch (the segmented form per head)
 --full adds the all-prototype hyper_matmul, an odd-shaped edited_linear and bf16 rows.
 """
 from __future__ import annotations
@@ -163,13 +168,91 @@ def _make_assign(B, d, P, n, dt, threshold, cached, ctx: Context) -> Prepared:
         ours = lambda: pyeditor.assign_prototypes(e, w, b, threshold, **_kw(ctx))  # noqa: E731
         note = "ours: fused matmul, clip + sum of squares in the epilogue (no [P, B, n] tensor)"
 
+    def derive(_medians) -> dict:
+        from pyeditor.memory import peak_extra_bytes
+
+        edits = P * B * n * e.element_size()  # the peer's [P, B, n] tensor
+        peak = {OURS: peak_extra_bytes(ours), "naive": peak_extra_bytes(naive)}
+        ratio = peak[OURS] / edits
+        return {"peak_extra_bytes": peak, "edits_bytes": edits, "ours_over_edits": ratio,
+                "summary": f"peak extra memory (profiler): ours {peak[OURS] / 2**20:.2f} MiB, naive "
+                           f"{peak['naive'] / 2**20:.1f} MiB; ours / [P,B,n] = {ratio:.4f} "
+                           f"({'within' if ratio <= 1 / P else 'ABOVE'} the 1/P = {1 / P:.3f} bound)"}
+
     return Prepared(
+        derive=derive,
         fns={OURS: lambda: ours().norms, "naive": lambda: naive()[0].double()},
         # the cached Gram path reads e and P (d+1)^2 float64 Gram entries (twice: value and bound)
         bytes_moved=(e.nbytes + 2 * P * (d + 1) ** 2 * 8) if (threshold is None and cached) else w.nbytes + e.nbytes,
         reference=lambda: ref.edit_norms(e, w, b, threshold).to(torch.float64), tol=1e-2,
         notes=[note, "naive: baddbmm into [P, B, n] (+ clamp), vector_norm over n, argmin: "
                      f"extra memory {P * B * n * e.element_size() >> 20} MiB"],
+    )
+
+
+# -- hyper_matmul_heads -------------------------------------------------------------------
+
+def _make_heads(B, d, P, shapes, dt, ctx: Context) -> Prepared:
+    import pyeditor
+
+    gen = torch.Generator().manual_seed(0)
+    dtype = DTYPES[dt]
+    sizes = [i * o for i, o in shapes]
+    N = sum(sizes)
+    e = _randn((len(sizes), B, d), dtype, ctx.device, gen)
+    w = _randn((P, d, N), dtype, ctx.device, gen, d ** -0.5)
+    b = _randn((P, N), dtype, ctx.device, gen, 0.1)
+    idx = torch.randint(0, P, (B,), generator=gen).to(ctx.device)
+    # the loop and torch forms keep one parameter per head, as ParameterEditor used to
+    heads_w = [t.contiguous() for t in w.split(sizes, dim=2)]
+    heads_b = [t.contiguous() for t in b.split(sizes, dim=1)]
+
+    def ours():
+        return pyeditor.hyper_matmul_heads(e, w, sizes, b, idx, **_kw(ctx))
+
+    def loop():
+        return [pyeditor.hyper_matmul(e[l], heads_w[l], heads_b[l], idx, **_kw(ctx)) for l in range(len(sizes))]
+
+    def plain():  # per head: sort once, one addmm per prototype into a contiguous slice, permute back
+        order = torch.sort(idx, stable=True).indices
+        counts = torch.bincount(idx, minlength=P).tolist()
+        outs = []
+        for l, n in enumerate(sizes):
+            es = e[l].index_select(0, order)
+            tmp = torch.empty(B, n, dtype=e.dtype, device=e.device)
+            start = 0
+            for p, c in enumerate(counts):
+                if c:
+                    torch.addmm(heads_b[l][p], es[start:start + c], heads_w[l][p], out=tmp[start:start + c])
+                    start += c
+            outs.append(torch.empty_like(tmp).index_copy_(0, order, tmp))
+        return outs
+
+    # the impls return L tensors, which the runner's check cannot compare: check them here, once,
+    # against float64 products per (head, prototype segment) (the reference's per-sample weight
+    # gather would need B*d*n floats for the 512x512 head)
+    want, start = [], 0
+    for n in sizes:
+        o = torch.empty(B, n, dtype=torch.float64, device=e.device)
+        for p in range(P):
+            rows = (idx == p).nonzero().flatten()
+            o[rows] = e[len(want)].index_select(0, rows).double() @ w[p, :, start:start + n].double() \
+                + b[p, start:start + n].double()
+        want.append(o)
+        start += n
+    errs = {}
+    for name, fn in ((OURS, ours), ("loop", loop), ("torch", plain)):
+        errs[name] = max((g.double() - r.double()).abs().max().item() for g, r in zip(fn(), want))
+        if not errs[name] <= TOL[dt]:
+            raise AssertionError(f"{name}: max|err| {errs[name]:.2e} above {TOL[dt]}")
+    return Prepared(
+        fns={OURS: ours, "loop": loop, "torch": plain},
+        bytes_moved=w.nbytes + b.nbytes + e.nbytes + B * N * e.element_size(),
+        notes=["ours: one hyper_matmul_heads launch over a (head, prototype, column tiles) work table",
+               "loop: pyeditor.hyper_matmul once per head (L launches; per-head weight tensors)",
+               "torch: per head, sort by index, addmm per prototype into a slice, index_copy_ back",
+               "max|err| vs float64 per-segment products, checked once when the row is built: "
+               + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())],
     )
 
 
@@ -205,12 +288,20 @@ def _assign(B, d, P, n, dt, threshold=None, cached=False, full=False):
                  "T": threshold})
 
 
+def _heads(B, d, P, shapes, dt, full=False):
+    shape = f"B{B}xd{d}-" + ",".join(f"{i}x{o}" for i, o in shapes) + f"-P{P}"
+    return Case(f"{FAMILY}/hyper_matmul_heads/{shape}/{dt}", f"hyper_matmul_heads gathered {shape} {dt}", FAMILY,
+                (OURS, "loop", "torch"), functools.partial(_make_heads, B, d, P, shapes, dt), full,
+                {"op": "hyper_matmul_heads", "B": B, "d": d, "P": P, "heads": [list(s) for s in shapes], "dtype": dt})
+
+
 CASES: list[Case] = [
     _linear(64, 16, 512, 512, 8, "fp32"),
     _gathered(256, 128, 8, 65536, "fp32"),
     _assign(256, 128, 8, 65536, "fp32"),
     _assign(256, 128, 8, 65536, "fp32", cached=True),
     _assign(256, 128, 8, 65536, "fp32", threshold=T),
+    _heads(256, 128, 8, [(512, 512), (512, 128), (128, 10)], "fp32"),
     # --full
     _all(256, 128, 8, 8192, "fp32"),
     _linear(33, 7, 300, 517, 5, "fp32", full=True),

@@ -85,13 +85,51 @@ HyperArgs prepare_hyper(const at::Tensor& e, const at::Tensor& weight, const c10
   TORCH_CHECK(e.dim() == 2, "pyeditor: e must be [B, d], got ", e.sizes());
   TORCH_CHECK(weight.dim() == 3 && weight.size(1) == e.size(1), "pyeditor: weight must be [P, ", e.size(1),
               ", n], got ", weight.sizes());
-  HyperArgs a{e.size(0), e.size(1), weight.size(2), weight.size(0), at::Tensor()};
+  HyperArgs a{e.size(0), e.size(1), weight.size(2), weight.size(0), at::Tensor(), {0, weight.size(2)}};
   if (bias.has_value()) {
     check_float(*bias, "bias", e);
     TORCH_CHECK(bias->dim() == 2 && bias->size(0) == a.protos && bias->size(1) == a.width,
                 "pyeditor: bias must be [", a.protos, ", ", a.width, "], got ", bias->sizes());
   }
   if (index.has_value()) a.index = prepare_index(*index, a.batch, a.protos, "index");
+  return a;
+}
+
+namespace {
+
+std::vector<int64_t> head_offsets(at::IntArrayRef sizes, int64_t heads, int64_t width) {
+  TORCH_CHECK(static_cast<int64_t>(sizes.size()) == heads, "pyeditor: sizes has ", sizes.size(),
+              " entries but e holds ", heads, " heads");
+  std::vector<int64_t> off(1, 0);
+  for (size_t l = 0; l < sizes.size(); ++l) {
+    TORCH_CHECK(sizes[l] >= 0, "pyeditor: sizes[", l, "] = ", sizes[l], " is negative");
+    off.push_back(off.back() + sizes[l]);
+  }
+  TORCH_CHECK(off.back() == width, "pyeditor: sizes sum to ", off.back(), " but the heads have ", width, " columns");
+  return off;
+}
+
+}  // namespace
+
+HyperArgs prepare_hyper_heads(const at::Tensor& e, const at::Tensor& weight, at::IntArrayRef sizes,
+                              const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& index) {
+  TORCH_CHECK(e.dim() == 3 && e.size(0) >= 1, "pyeditor: e must be [L >= 1, B, d] (one embedding per head), got ",
+              e.sizes());
+  HyperArgs a = prepare_hyper(e.select(0, 0), weight, bias, index);
+  a.heads = head_offsets(sizes, e.size(0), a.width);
+  return a;
+}
+
+HyperArgs prepare_weight_grad(const at::Tensor& e, const at::Tensor& grad, at::IntArrayRef sizes,
+                              const at::Tensor& index, int64_t protos) {
+  check_float(e, "e", e);
+  check_float(grad, "grad", e);
+  TORCH_CHECK(e.dim() == 3, "pyeditor: e must be [L, B, d], got ", e.sizes());
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == e.size(1), "pyeditor: grad must be [", e.size(1), ", N], got ",
+              grad.sizes());
+  TORCH_CHECK(protos >= 0, "pyeditor: protos must be >= 0, got ", protos);
+  HyperArgs a{e.size(1), e.size(2), grad.size(1), protos, prepare_index(index, e.size(1), protos, "index"), {}};
+  a.heads = head_offsets(sizes, e.size(0), a.width);
   return a;
 }
 

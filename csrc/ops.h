@@ -44,7 +44,12 @@ std::tuple<at::Tensor, at::Tensor> nearest_prototype_cuda(const at::Tensor& x, c
   at::Tensor hyper_matmul_##dev(const at::Tensor& e, const at::Tensor& weight,                                 \
                                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& index); \
   at::Tensor edit_sumsq_##dev(const at::Tensor& e, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, \
-                              const c10::optional<at::Tensor>& threshold);
+                              const c10::optional<at::Tensor>& threshold);                                     \
+  at::Tensor hyper_matmul_heads_##dev(const at::Tensor& e, const at::Tensor& weight, at::IntArrayRef sizes,    \
+                                      const c10::optional<at::Tensor>& bias,                                   \
+                                      const c10::optional<at::Tensor>& index);                                 \
+  at::Tensor hyper_weight_grad_##dev(const at::Tensor& e, const at::Tensor& grad, at::IntArrayRef sizes,       \
+                                     const at::Tensor& index, int64_t protos);
 PE_DECLARE_HYPER(cpu)
 #ifdef PYEDITOR_WITH_CUDA
 PE_DECLARE_HYPER(cuda)

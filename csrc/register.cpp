@@ -44,6 +44,10 @@ TORCH_LIBRARY(pyeditor, m) {
   m.def("edited_linear(Tensor x, Tensor theta, Tensor delta, Tensor threshold, Tensor? bias=None, Tensor? proto_index=None) -> Tensor");
   m.def("hyper_matmul(Tensor e, Tensor weight, Tensor? bias=None, Tensor? index=None) -> Tensor");
   m.def("edit_sumsq(Tensor e, Tensor weight, Tensor? bias=None, Tensor? threshold=None) -> Tensor");
+  // every head of one editor in one launch: weight [P, d, sum(sizes)], head l reads e[l]
+  m.def("hyper_matmul_heads(Tensor e, Tensor weight, int[] sizes, Tensor? bias=None, Tensor? index=None) -> Tensor");
+  // gathered weight gradient, per prototype segment: [P, d, sum(sizes)]
+  m.def("hyper_weight_grad(Tensor e, Tensor grad, int[] sizes, Tensor index, int protos) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pyeditor, CPU, m) {
@@ -56,6 +60,8 @@ TORCH_LIBRARY_IMPL(pyeditor, CPU, m) {
   m.impl("edited_linear", &edited_linear_cpu);
   m.impl("hyper_matmul", &hyper_matmul_cpu);
   m.impl("edit_sumsq", &edit_sumsq_cpu);
+  m.impl("hyper_matmul_heads", &hyper_matmul_heads_cpu);
+  m.impl("hyper_weight_grad", &hyper_weight_grad_cpu);
 }
 
 #ifdef PYEDITOR_WITH_CUDA
@@ -69,6 +75,8 @@ TORCH_LIBRARY_IMPL(pyeditor, CUDA, m) {
   m.impl("edited_linear", &edited_linear_cuda);
   m.impl("hyper_matmul", &hyper_matmul_cuda);
   m.impl("edit_sumsq", &edit_sumsq_cuda);
+  m.impl("hyper_matmul_heads", &hyper_matmul_heads_cuda);
+  m.impl("hyper_weight_grad", &hyper_weight_grad_cuda);
 }
 #endif
 

@@ -7,6 +7,10 @@
   tile and the segment's rows through the sorted row list, so no per-sample weight copy).
 * ``edit_sumsq``: the all-prototype product reduced in the epilogue to sum(clip(g)^2) per
   (sample, prototype); no [P, B, n] tensor.
+* ``hyper_matmul_heads``: every head of an editor (weights concatenated along n, head l reading
+  e[l]) in one launch over a table of column tiles, each inside one head; hyper_matmul is the
+  one-head case of the same kernel.
+* ``weight_grad``: dW_p = e[rows of p]^T @ grad[rows of p] per head, looping over p's segment only.
 
 Every operand is addressed through its strides; offsets are int64. fp32 dots use
 input_precision="ieee" (no TF32) so GPU results match the reference.
@@ -89,9 +93,9 @@ def edited_linear(x, theta, delta, threshold, bias, proto_index) -> torch.Tensor
 
 @triton.jit
 def _hyper_kernel(
-    e_ptr, w_ptr, bias_ptr, offsets_ptr, rows_ptr, out_ptr, thr_ptr,
+    e_ptr, w_ptr, bias_ptr, offsets_ptr, rows_ptr, out_ptr, thr_ptr, tiles_ptr,
     B, D, N,
-    e_bs, e_ds, w_ps, w_ds, w_ns, b_ps, b_ns, o_ps, o_bs, o_ns, thr_stride,
+    e_ls, e_bs, e_ds, w_ps, w_ds, w_ns, b_ps, b_ns, o_ps, o_bs, o_ns, thr_stride,
     GATHERED: tl.constexpr, HAS_BIAS: tl.constexpr, SUMSQ: tl.constexpr, HAS_THR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -112,23 +116,29 @@ def _hyper_kernel(
         if HAS_THR:
             t = tl.load(thr_ptr + rows * thr_stride, mask=valid, other=0.0)
     n_blocks = tl.cdiv(N, BLOCK_N) if SUMSQ else 1
+    head = 0
+    n_end = N
+    if not SUMSQ:  # one column tile of the head table: (head, first column, end column)
+        tile = tl.program_id(2).to(tl.int64) * 3
+        head = tl.load(tiles_ptr + tile)
+        n_end = tl.load(tiles_ptr + tile + 2)
     for nb in range(0, n_blocks):
         if SUMSQ:
             rn = nb * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         else:
-            rn = tl.program_id(2).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+            rn = tl.load(tiles_ptr + tile + 1) + tl.arange(0, BLOCK_N).to(tl.int64)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + rk
-            ev = tl.load(e_ptr + rows[:, None] * e_bs + kk[None, :] * e_ds,
+            ev = tl.load(e_ptr + head * e_ls + rows[:, None] * e_bs + kk[None, :] * e_ds,
                          mask=valid[:, None] & (kk[None, :] < D), other=0.0).to(acc_dtype)
             wv = tl.load(w_ptr + p * w_ps + kk[:, None] * w_ds + rn[None, :] * w_ns,
-                         mask=(kk[:, None] < D) & (rn[None, :] < N), other=0.0).to(acc_dtype)
+                         mask=(kk[:, None] < D) & (rn[None, :] < n_end), other=0.0).to(acc_dtype)
             acc = tl.dot(ev, wv, acc, input_precision="ieee")
         if HAS_BIAS:
-            bv = tl.load(bias_ptr + p * b_ps + rn * b_ns, mask=rn < N, other=0.0)
+            bv = tl.load(bias_ptr + p * b_ps + rn * b_ns, mask=rn < n_end, other=0.0)
             acc = acc + bv.to(acc_dtype)[None, :]
-        m = valid[:, None] & (rn[None, :] < N)
+        m = valid[:, None] & (rn[None, :] < n_end)
         if SUMSQ:
             g = acc
             if HAS_THR:
@@ -151,8 +161,21 @@ def segments(index: torch.Tensor, protos: int) -> tuple[torch.Tensor, torch.Tens
     return offsets, rows
 
 
-def _launch_hyper(e, weight, bias, index, out, sumsq: bool, threshold=None) -> None:
-    B, D = e.shape
+def head_tiles(sizes, width: int, device) -> torch.Tensor:
+    """[T, 3] int64 (head, first column, end column): column tiles of the heads concatenated along
+    n, each inside one head and at most ``width`` wide (csrc/include/pyeditor/hyper_math.h's
+    head_tiles); empty heads own none."""
+    table, start = [], 0
+    for head, n in enumerate(sizes):
+        table += [(head, c, min(c + width, start + n)) for c in range(start, start + n, width)]
+        start += n
+    return torch.tensor(table, dtype=torch.int64, device=device).reshape(-1, 3)
+
+
+def _launch_hyper(e, weight, bias, index, out, sumsq: bool, threshold=None, sizes=None) -> None:
+    """e [B, d] (one head) or [L, B, d] with ``sizes`` (heads concatenated along weight's n)."""
+    e3 = e if e.dim() == 3 else e.unsqueeze(0)
+    _, B, D = e3.shape
     P, _, N = weight.shape
     if index is not None:
         offsets, rows = segments(index, P)
@@ -164,12 +187,13 @@ def _launch_hyper(e, weight, bias, index, out, sumsq: bool, threshold=None) -> N
         o_ps, o_bs, o_ns = 0, out.stride(0), out.stride(1)
     else:
         o_ps, o_bs, o_ns = out.stride(0), out.stride(1), out.stride(2)
-    grid = (P, triton.cdiv(B, BM), 1 if sumsq else triton.cdiv(N, BN))
+    tiles = offsets if sumsq else head_tiles([N] if sizes is None else sizes, BN, e.device)
+    grid = (P, triton.cdiv(B, BM), 1 if sumsq else tiles.shape[0])
     thr = threshold if threshold is not None else e
     wrap_triton(_hyper_kernel)[grid](
-        e, weight, bias if bias is not None else e, offsets, rows, out, thr,
+        e3, weight, bias if bias is not None else e, offsets, rows, out, thr, tiles,
         B, D, N,
-        e.stride(0), e.stride(1), weight.stride(0), weight.stride(1), weight.stride(2),
+        e3.stride(0), e3.stride(1), e3.stride(2), weight.stride(0), weight.stride(1), weight.stride(2),
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
         o_ps, o_bs, o_ns, 0 if threshold is None or threshold.numel() == 1 else 1,
         GATHERED=index is not None, HAS_BIAS=bias is not None, SUMSQ=sumsq, HAS_THR=threshold is not None,
@@ -184,6 +208,65 @@ def hyper_matmul(e, weight, bias, index) -> torch.Tensor:
     out = torch.empty(shape, dtype=e.dtype, device=e.device)
     if out.numel() and P:
         _launch_hyper(e, weight, bias, index, out, sumsq=False)
+    return out
+
+
+def hyper_matmul_heads(e, weight, sizes, bias, index) -> torch.Tensor:
+    B = e.shape[1]
+    P, _, N = weight.shape
+    shape = (B, N) if index is not None else (P, B, N)
+    out = torch.empty(shape, dtype=e.dtype, device=e.device)
+    if out.numel() and P:
+        _launch_hyper(e, weight, bias, index, out, sumsq=False, sizes=sizes)
+    return out
+
+
+@triton.jit
+def _weight_grad_kernel(
+    e_ptr, g_ptr, offsets_ptr, rows_ptr, tiles_ptr, out_ptr,
+    D, e_ls, e_bs, e_ds, g_bs, g_ns, o_ps, o_ds, o_ns,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # out[p, dm, rn] = sum over p's segment rows r of e[head, r, dm] * grad[r, rn]
+    p = tl.program_id(0).to(tl.int64)
+    dm = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    tile = tl.program_id(2).to(tl.int64) * 3
+    head = tl.load(tiles_ptr + tile)
+    rn = tl.load(tiles_ptr + tile + 1) + tl.arange(0, BLOCK_N).to(tl.int64)
+    n_end = tl.load(tiles_ptr + tile + 2)
+    start = tl.load(offsets_ptr + p)
+    count = tl.load(offsets_ptr + p + 1) - start
+    acc_dtype = tl.float64 if e_ptr.dtype.element_ty == tl.float64 else tl.float32
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
+    for k0 in range(0, count, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        valid = kk < count
+        rows = tl.load(rows_ptr + start + kk, mask=valid, other=0)
+        ev = tl.load(e_ptr + head * e_ls + rows[None, :] * e_bs + dm[:, None] * e_ds,
+                     mask=(dm[:, None] < D) & valid[None, :], other=0.0).to(acc_dtype)
+        gv = tl.load(g_ptr + rows[:, None] * g_bs + rn[None, :] * g_ns,
+                     mask=valid[:, None] & (rn[None, :] < n_end), other=0.0).to(acc_dtype)
+        acc = tl.dot(ev, gv, acc, input_precision="ieee")
+    tl.store(out_ptr + p * o_ps + dm[:, None] * o_ds + rn[None, :] * o_ns, acc.to(out_ptr.dtype.element_ty),
+             mask=(dm[:, None] < D) & (rn[None, :] < n_end))
+
+
+def weight_grad(e, grad, sizes, index, protos: int) -> torch.Tensor:
+    """[P, d, N]: e [L, B, d], grad [B, N] split into heads by ``sizes``, index [B]."""
+    _, B, D = e.shape
+    N = grad.shape[1]
+    out = torch.empty((protos, D, N), dtype=grad.dtype, device=grad.device)
+    if out.numel() == 0:
+        return out
+    offsets, rows = segments(index, protos)
+    tiles = head_tiles(sizes, BN, e.device)
+    grid = (protos, triton.cdiv(D, BM), tiles.shape[0])
+    wrap_triton(_weight_grad_kernel)[grid](
+        e, grad, offsets, rows, tiles, out,
+        D, e.stride(0), e.stride(1), e.stride(2), grad.stride(0), grad.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+    )
     return out
 
 

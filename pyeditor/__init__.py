@@ -10,12 +10,14 @@ from . import quant
 from .quant import (PackedWeight, allocate_bits, decode_strategy, dequantize, encode_strategy,
                     packed_linear, quantize_channelwise)
 from .search import kmeans, kmeans_predict, nearest_prototype
-from .hyper import assign_prototypes, edit_norms, edited_linear, generate_edit, hyper_matmul, prototype_gram
+from .hyper import (assign_prototypes, edit_norms, edited_linear, generate_edit, hyper_matmul, hyper_matmul_heads,
+                    prototype_gram)
 from . import nn  # noqa: E402  (modules: PackedLinear, quantize_model, EditedLinear, ParameterEditor)
 
 __all__ = ["apply_edit", "backends", "reference", "nn",
            "quant", "PackedWeight", "quantize_channelwise", "dequantize", "packed_linear", "encode_strategy",
            "decode_strategy", "allocate_bits",
            "nearest_prototype", "kmeans", "kmeans_predict",
-           "assign_prototypes", "edit_norms", "edited_linear", "generate_edit", "hyper_matmul", "prototype_gram"]
+           "assign_prototypes", "edit_norms", "edited_linear", "generate_edit", "hyper_matmul", "prototype_gram",
+           "hyper_matmul_heads"]
 __version__ = "0.1.0"

@@ -6,7 +6,7 @@ Same names and arguments as their definitions in :mod:`pyeditor.reference`, plus
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -111,6 +111,49 @@ def hyper_matmul(e: Tensor, weight: Tensor, bias: Optional[Tensor] = None, index
     if name == "reference":
         return reference.hyper_matmul(e, weight, bias, index)
     return ops.hyper_ops(name)[1](e, weight, bias, index)
+
+
+def hyper_matmul_heads(e: Tensor, weight: Union[Tensor, Sequence[Tensor]], sizes: Optional[Sequence[int]] = None,
+                       bias: Union[Tensor, Sequence[Tensor], None] = None, index: Optional[Tensor] = None,
+                       *, backend: Optional[str] = None) -> List[Tensor]:
+    """Every per-layer head of one editor in one kernel launch (a grouped matmul).
+
+    e [L, B, d]: head l reads e[l] (``e.expand(L, B, d)`` shares one embedding without a copy).
+    weight: the heads concatenated along n, [P, d, sum(sizes)], with ``sizes`` their widths; or
+    a list of L heads [P, d, n_l] (concatenated here: a copy per call, so store the concatenated
+    form, as :class:`pyeditor.nn.ParameterEditor` does). bias: None, [P, sum(sizes)] or a list of
+    [P, n_l]. index as :func:`hyper_matmul`. Returns L views, [B, n_l] with index, [P, B, n_l]
+    without. Differentiable in e, weight, bias.
+    """
+    if isinstance(weight, (list, tuple)):
+        if sizes is not None:
+            raise ValueError("pass sizes only with a concatenated weight tensor, not with a list of heads")
+        if not weight:
+            raise ValueError("weight must hold at least one head")
+        for l, w in enumerate(weight):
+            validate.float_tensor(w, f"weight[{l}]")
+        sizes = [int(w.shape[-1]) for w in weight]
+        weight = torch.cat(list(weight), dim=-1)
+    elif sizes is None:
+        raise ValueError("sizes is required with a concatenated weight: the width of each head")
+    if isinstance(bias, (list, tuple)):
+        bias = torch.cat(list(bias), dim=-1)
+    sizes = list(sizes)
+    validate.float_tensor(e, "e")
+    if e.dim() != 3 or e.shape[0] < 1:
+        raise ValueError(f"e must be [L >= 1, B, d] (one embedding per head), got shape {tuple(e.shape)}")
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in sizes):
+        raise TypeError(f"sizes must be ints >= 0 (one width per head), got {sizes!r}")
+    if len(sizes) != e.shape[0]:
+        raise ValueError(f"sizes has {len(sizes)} entries but e holds {e.shape[0]} heads")
+    index = _check_hyper(e[0], weight, bias, index)
+    if sum(sizes) != weight.shape[2]:
+        raise ValueError(f"sizes sum to {sum(sizes)} but weight has {weight.shape[2]} columns")
+    name = backends.resolve(backend, e.device)
+    if name == "reference":
+        return reference.hyper_matmul_heads(e, weight, sizes, bias, index)
+    out = ops.heads_ops(name)[0](e, weight, sizes, bias, index)
+    return list(out.split(sizes, dim=-1))
 
 
 def generate_edit(e: Tensor, weight: Tensor, bias: Optional[Tensor] = None, index: Optional[Tensor] = None,

@@ -208,10 +208,14 @@ class ParameterEditor(nn.Module):
 
     embedding [B, embed_dim] -> shared neck (Linear + ReLU) -> per-layer encoders (one linear
     each, run as one batched matmul) -> optional cross-layer sequential module Omega_seq (a GRU
-    over the layer axis, Eq. 13) -> per-layer heads, one generator per prototype, run with
-    :func:`pyeditor.hyper_matmul` (gathered by ``proto_index`` when given, so each sample only
-    pays for its own prototype's head). Returns a list of edits, one per layer, each
+    over the layer axis, Eq. 13) -> per-layer heads, one generator per prototype, all run in one
+    launch by :func:`pyeditor.hyper_matmul_heads` (gathered by ``proto_index`` when given, so each
+    sample only pays for its own prototype's heads). Returns a list of edits, one per layer, each
     [B, in_l * out_l] (or [P, B, in_l * out_l] without proto_index), ready for EditedLinear.
+
+    The heads are stored concatenated: ``head_weight`` [P, hidden, sum(in_l * out_l)] and
+    ``head_bias`` [P, sum(in_l * out_l)], layer l owning the columns ``head_slices[l]``.
+    Checkpoints with the earlier per-layer ``head_weights.l`` / ``head_biases.l`` keys still load.
     """
 
     def __init__(self, embed_dim: int, hidden: int, layer_shapes: Sequence[Tuple[int, int]], prototypes: int = 1,
@@ -223,19 +227,30 @@ class ParameterEditor(nn.Module):
             raise ValueError("layer_shapes must name at least one layer")
         kw = {"device": device, "dtype": dtype}
         self.layer_shapes = [(int(i), int(o)) for i, o in layer_shapes]
+        self.head_sizes = [i * o for i, o in self.layer_shapes]
+        starts = [sum(self.head_sizes[:l]) for l in range(len(self.head_sizes))]
+        self.head_slices = [slice(s, s + n) for s, n in zip(starts, self.head_sizes)]
         self.backend = backend
         self.neck = nn.Sequential(nn.Linear(embed_dim, hidden, **kw), nn.ReLU())
         L = len(self.layer_shapes)
         self.encoder_weight = nn.Parameter(torch.empty(L, hidden, hidden, **kw))
         self.encoder_bias = nn.Parameter(torch.zeros(L, hidden, **kw))
         self.sequential = nn.GRU(hidden, hidden, batch_first=True, **kw) if sequential else None
-        self.head_weights = nn.ParameterList()
-        self.head_biases = nn.ParameterList()
-        for i, o in self.layer_shapes:
-            # small init: edits start near zero, so every prototype starts at its own Theta
-            self.head_weights.append(nn.Parameter(torch.randn(prototypes, hidden, i * o, **kw) * (0.01 / hidden ** 0.5)))
-            self.head_biases.append(nn.Parameter(torch.zeros(prototypes, i * o, **kw)))
+        # small init: edits start near zero, so every prototype starts at its own Theta
+        total = sum(self.head_sizes)
+        self.head_weight = nn.Parameter(torch.randn(prototypes, hidden, total, **kw) * (0.01 / hidden ** 0.5))
+        self.head_bias = nn.Parameter(torch.zeros(prototypes, total, **kw))
         nn.init.uniform_(self.encoder_weight, -hidden ** -0.5, hidden ** -0.5)
+        self.register_load_state_dict_pre_hook(ParameterEditor._concatenate_old_heads)
+
+    @staticmethod
+    def _concatenate_old_heads(module, state_dict, prefix, *args) -> None:
+        """Turns the per-layer head_weights.l / head_biases.l keys of older checkpoints into the
+        concatenated head_weight / head_bias."""
+        for old, new in (("head_weights", "head_weight"), ("head_biases", "head_bias")):
+            keys = [f"{prefix}{old}.{l}" for l in range(len(module.head_sizes))]
+            if f"{prefix}{new}" not in state_dict and all(k in state_dict for k in keys):
+                state_dict[f"{prefix}{new}"] = torch.cat([state_dict.pop(k) for k in keys], dim=-1)
 
     def layer_embeddings(self, embedding: Tensor) -> Tensor:
         """[L, B, hidden]: the per-layer embeddings e^n (after Omega_seq if enabled)."""
@@ -248,8 +263,8 @@ class ParameterEditor(nn.Module):
         return e
 
     def forward(self, embedding: Tensor, proto_index: Optional[Tensor] = None) -> List[Tensor]:
-        from .hyper import hyper_matmul
+        from .hyper import hyper_matmul_heads
 
         e = self.layer_embeddings(embedding)
-        return [hyper_matmul(e[n], w, b, proto_index, backend=self.backend)
-                for n, (w, b) in enumerate(zip(self.head_weights, self.head_biases))]
+        return hyper_matmul_heads(e, self.head_weight, self.head_sizes, self.head_bias, proto_index,
+                                  backend=self.backend)

@@ -6,8 +6,9 @@ only, so they trace under torch.compile and run on every backend.
 """
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -354,7 +355,8 @@ def search_op(backend: str):
 # ==================================================================== Persona serving (issue 4)
 # edited_linear / hyper_matmul / edit_sumsq: C++ schemas in csrc/register.cpp, Triton twins here.
 # Backwards call registered ops only: the forward op itself on transposed views (d x, d e),
-# bmm / index_add (d theta, d weight, d bias) and apply_edit_backward (the |delta| <= T mask).
+# bmm / index_add (d theta, d weight, d bias), apply_edit_backward (the |delta| <= T mask) and
+# hyper_weight_grad (gathered d weight, summed over each prototype's segment only).
 if backends.triton_available():
     from pyeditor.kernels import hyper as _hyper_kernels
 
@@ -372,6 +374,15 @@ if backends.triton_available():
     def edit_sumsq_triton(e: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                           threshold: Optional[Tensor] = None) -> Tensor:
         return _hyper_kernels.edit_sumsq(e, weight, bias, threshold)
+
+    @triton_op("pyeditor::hyper_matmul_heads_triton", mutates_args=())
+    def hyper_matmul_heads_triton(e: Tensor, weight: Tensor, sizes: List[int], bias: Optional[Tensor] = None,
+                                  index: Optional[Tensor] = None) -> Tensor:
+        return _hyper_kernels.hyper_matmul_heads(e, weight, sizes, bias, index)
+
+    @triton_op("pyeditor::hyper_weight_grad_triton", mutates_args=())
+    def hyper_weight_grad_triton(e: Tensor, grad: Tensor, sizes: List[int], index: Tensor, protos: int) -> Tensor:
+        return _hyper_kernels.weight_grad(e, grad, sizes, index, protos)
 
 
 def hyper_ops(backend: str):
@@ -392,6 +403,22 @@ def _fake_hyper_matmul(e, weight, bias=None, index=None):
 
 def _fake_edit_sumsq(e, weight, bias=None, threshold=None):
     return e.new_empty((e.shape[0], weight.shape[0]), dtype=torch.float64)
+
+
+def heads_ops(backend: str):
+    """(hyper_matmul_heads, hyper_weight_grad) ops for a resolved backend other than reference."""
+    suffix = "_triton" if backend == "triton" else ""
+    return _op("hyper_matmul_heads" + suffix), _op("hyper_weight_grad" + suffix)
+
+
+def _fake_hyper_matmul_heads(e, weight, sizes, bias=None, index=None):
+    if index is not None:
+        return e.new_empty((e.shape[1], weight.shape[2]))
+    return e.new_empty((weight.shape[0], e.shape[1], weight.shape[2]))
+
+
+def _fake_hyper_weight_grad(e, grad, sizes, index, protos):
+    return grad.new_empty((protos, e.shape[2], grad.shape[1]))
 
 
 def _acc(t: Tensor) -> torch.dtype:
@@ -445,7 +472,7 @@ def _hyper_setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _make_hyper_backward(forward_op):
+def _make_hyper_backward(forward_op, weight_grad_op):
     def backward(ctx, grad):
         e, weight, index = ctx.saved_tensors
         need_e, need_w, need_b = (tuple(ctx.needs_input_grad) + (False,) * 4)[:3]
@@ -463,10 +490,8 @@ def _make_hyper_backward(forward_op):
         else:  # grad [B, n]
             if need_e:  # dy @ W[index]^T: the gathered op on the transposed weights
                 ge = forward_op(grad.to(e.dtype), weight.transpose(1, 2), None, index)
-            if need_w:  # per prototype e_seg^T dy_seg, as a masked batched product (no host sync)
-                onehot = torch.nn.functional.one_hot(index, P).to(acc).t()  # [P, B]
-                em = onehot[:, :, None] * e.to(acc)[None]  # [P, B, d]
-                gw = torch.bmm(em.transpose(1, 2), g.expand(P, *g.shape)).to(weight.dtype)
+            if need_w:  # per prototype e_seg^T dy_seg over its segment only (the segmented op)
+                gw = weight_grad_op(e.unsqueeze(0), grad.to(e.dtype), [grad.shape[1]], index, P)
             if need_b:
                 gb = g.new_zeros((P, g.shape[1])).index_add_(0, index, g).to(weight.dtype)
         return ge, gw, gb, None
@@ -474,17 +499,64 @@ def _make_hyper_backward(forward_op):
     return backward
 
 
-def _register_hyper(linear: str, hyper: str, sumsq: str, mask: str) -> None:
+def _heads_setup_context(ctx, inputs, output):
+    e, weight, sizes, bias, index = (tuple(inputs) + (None, None))[:5]
+    ctx.save_for_backward(e, weight, index)
+    ctx.sizes = list(sizes)
+    ctx.has_bias = bias is not None
+
+
+def _make_heads_backward(hyper_op, weight_grad_op):
+    """Backward of hyper_matmul_heads: d weight in one segmented op over every head (gathered),
+    d e per head (the gathered hyper_matmul op on the head's transposed columns), d bias by index."""
+    def backward(ctx, grad):
+        e, weight, index = ctx.saved_tensors
+        need_e, need_w, _, need_b = (tuple(ctx.needs_input_grad) + (False,) * 5)[:4]
+        acc = _acc(e)
+        P = weight.shape[0]
+        cols = [(c - n, n) for n, c in zip(ctx.sizes, itertools.accumulate(ctx.sizes))]
+        ge = gw = gb = None
+        g = grad.to(acc)
+        if index is None:  # grad [P, B, N]
+            if need_e:
+                ge = torch.stack([torch.bmm(g.narrow(2, c, n), weight.narrow(2, c, n).to(acc).transpose(1, 2)).sum(0)
+                                  for c, n in cols]).to(e.dtype)
+            if need_w:
+                gw = torch.cat([torch.matmul(e[l].to(acc).t(), g.narrow(2, c, n)) for l, (c, n) in enumerate(cols)],
+                               2).to(weight.dtype)
+            if need_b:
+                gb = g.sum(1).to(weight.dtype)
+        else:  # grad [B, N]
+            dy = grad.to(e.dtype)
+            if need_e:
+                ge = torch.stack([hyper_op(dy.narrow(1, c, n), weight.narrow(2, c, n).transpose(1, 2), None, index)
+                                  for c, n in cols])
+            if need_w:
+                gw = weight_grad_op(e, dy, ctx.sizes, index, P)
+            if need_b:
+                gb = g.new_zeros((P, g.shape[1])).index_add_(0, index, g).to(weight.dtype)
+        return ge, gw, None, gb, None
+
+    return backward
+
+
+def _register_hyper(linear: str, hyper: str, sumsq: str, mask: str, heads: str, weight_grad: str) -> None:
     torch.library.register_fake(f"pyeditor::{linear}", _fake_edited_linear)
     torch.library.register_fake(f"pyeditor::{hyper}", _fake_hyper_matmul)
     torch.library.register_fake(f"pyeditor::{sumsq}", _fake_edit_sumsq)
+    torch.library.register_fake(f"pyeditor::{heads}", _fake_hyper_matmul_heads)
+    torch.library.register_fake(f"pyeditor::{weight_grad}", _fake_hyper_weight_grad)
     torch.library.register_autograd(f"pyeditor::{linear}", _make_linear_backward(_op(linear), _op(mask)),
                                     setup_context=_linear_setup_context)
-    torch.library.register_autograd(f"pyeditor::{hyper}", _make_hyper_backward(_op(hyper)),
+    torch.library.register_autograd(f"pyeditor::{hyper}", _make_hyper_backward(_op(hyper), _op(weight_grad)),
                                     setup_context=_hyper_setup_context)
+    torch.library.register_autograd(f"pyeditor::{heads}", _make_heads_backward(_op(hyper), _op(weight_grad)),
+                                    setup_context=_heads_setup_context)
 
 
 if HAS_CPP:
-    _register_hyper("edited_linear", "hyper_matmul", "edit_sumsq", "apply_edit_backward")
+    _register_hyper("edited_linear", "hyper_matmul", "edit_sumsq", "apply_edit_backward", "hyper_matmul_heads",
+                    "hyper_weight_grad")
 if backends.triton_available():
-    _register_hyper("edited_linear_triton", "hyper_matmul_triton", "edit_sumsq_triton", "apply_edit_backward_triton")
+    _register_hyper("edited_linear_triton", "hyper_matmul_triton", "edit_sumsq_triton", "apply_edit_backward_triton",
+                    "hyper_matmul_heads_triton", "hyper_weight_grad_triton")

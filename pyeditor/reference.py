@@ -285,6 +285,41 @@ def hyper_matmul(
     return _hyper_matmul_acc(e, weight, bias, index, acc).to(e.dtype)
 
 
+def _check_heads(e, weight, sizes, bias, index) -> Optional[Tensor]:
+    _check_float("e", e, (3,))
+    if e.shape[0] < 1:
+        raise ValueError(f"e must hold at least one head: [L >= 1, B, d], got shape {tuple(e.shape)}")
+    if not isinstance(sizes, (list, tuple)) or any(isinstance(n, bool) or not isinstance(n, int) or n < 0
+                                                   for n in sizes):
+        raise TypeError(f"sizes must be a list of ints >= 0 (one width per head), got {sizes!r}")
+    if len(sizes) != e.shape[0]:
+        raise ValueError(f"sizes has {len(sizes)} entries but e holds {e.shape[0]} heads")
+    _check_float("weight", weight, (3,))
+    if sum(sizes) != weight.shape[2]:
+        raise ValueError(f"sizes sum to {sum(sizes)} but weight has {weight.shape[2]} columns")
+    return _check_hyper(e[0], weight, bias, index)
+
+
+def hyper_matmul_heads(
+    e: Tensor, weight: Tensor, sizes: Sequence[int], bias: Optional[Tensor] = None, index: Optional[Tensor] = None
+) -> List[Tensor]:
+    """The per-layer heads of one editor: ``hyper_matmul`` of head l on its own embeddings.
+
+    e:      [L, B, d], e[l] feeds head l.
+    weight: [P, d, sum(sizes)], the L heads' generators concatenated along n (head l owns
+            columns [sum(sizes[:l]), sum(sizes[:l+1]))); bias None or [P, sum(sizes)].
+    index:  as hyper_matmul. Returns L tensors: [B, n_l] with index, [P, B, n_l] without.
+    """
+    index = _check_heads(e, weight, sizes, bias, index)
+    acc = _acc_of(e, weight, bias)
+    out, start = [], 0
+    for l, n in enumerate(sizes):
+        b = None if bias is None else bias[:, start:start + n]
+        out.append(_hyper_matmul_acc(e[l], weight[:, :, start:start + n], b, index, acc).to(e.dtype))
+        start += n
+    return out
+
+
 def generate_edit(
     e: Tensor,
     weight: Tensor,

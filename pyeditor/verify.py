@@ -233,6 +233,44 @@ def _hyper_checks(small: bool) -> Iterator[Check]:
 CHECKS.append(_hyper_checks)  # issue 4
 
 
+def _hyper_heads_checks(small: bool) -> Iterator[Check]:
+    """hyper_matmul_heads: the heads of one editor in one launch, forward and gradients."""
+    from . import hyper
+
+    cases = [(6, 8, [20, 5, 33], 3, [2, 0, 1, 1, 2, 0]), (5, 7, [9, 4], 2, None)]
+    if not small:
+        cases.append((10, 16, [70, 1, 12], 8, [i % 8 for i in range(10)]))
+    for dtype in DTYPES:
+        for B, d, sizes, P, index in cases:
+            label = f"e[{len(sizes)},{B},{d}] heads{sizes} P{P}" + (" idx" if index else "")
+
+            def inputs(device, B=B, d=d, sizes=sizes, P=P, index=index, dtype=dtype):
+                idx = None if index is None else torch.tensor(index, device=device)
+                return (_rand((len(sizes), B, d), dtype, device, seed=1), _rand((P, d, sum(sizes)), dtype, device, seed=2),
+                        _rand((P, sum(sizes)), dtype, device, seed=3), idx)
+
+            def run(backend, device, inputs=inputs, sizes=sizes):
+                e, w, b, idx = inputs(device)
+                return (torch.cat(hyper.hyper_matmul_heads(e, w, sizes, b, idx, backend=backend), -1),
+                        torch.cat(reference.hyper_matmul_heads(e, w, sizes, b, idx), -1))
+
+            def run_grad(backend, device, inputs=inputs, sizes=sizes):
+                results = []
+                for fn in (lambda *a: hyper.hyper_matmul_heads(*a, backend=backend), reference.hyper_matmul_heads):
+                    e, w, b, idx = inputs(device)
+                    e, w, b = e.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+                    out = torch.cat(fn(e, w, sizes, b, idx), -1)
+                    (out * _rand(out.shape, out.dtype, device, seed=5)).sum().backward()
+                    results.append(torch.cat([t.grad.flatten().float() for t in (e, w, b)]))
+                return results[0], results[1]
+
+            yield Check("hyper_matmul_heads", label, dtype, run)
+            yield Check("hyper_matmul_heads (grad)", label, dtype, run_grad)
+
+
+CHECKS.append(_hyper_heads_checks)  # issue 4: grouped heads
+
+
 def _targets() -> list[tuple[str, str]]:
     targets = []
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):

@@ -12,20 +12,21 @@
 #include "../aten_storage.h"
 #include "../hyper_args.h"
 #include "../ops.h"
+#include "hyper_cpu.h"
 #include "pyeditor/hyper_math.h"
 #include "tile_gemm.h"
 
 namespace pyeditor {
 namespace {
 
+using cpu::cptr;
+using cpu::Groups;
 using cpu::kTileK;
 using cpu::kTileM;
 using cpu::kTileN;
-
-template <class A> struct Buffers {
-  std::vector<A> a, tile, acc;
-  Buffers() : a(kTileM * kTileK), tile(4 * kTileK * kTileN), acc(kTileM * kTileN) {}  // 4 = kHyperGroup
-};
+using cpu::make_groups;
+using cpu::mptr;
+using cpu::Scratch;
 
 // a[r][k] = src[row(r), k0 + k] for `rows` rows given by `row_of`.
 template <class S, class A, class RowOf>
@@ -101,9 +102,6 @@ template <class A> double sum_clipped_squares(const A* acc, int64_t nc, bool cli
   return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
-template <class S> const S* cptr(const at::Tensor& t) { return reinterpret_cast<const S*>(t.const_data_ptr()); }
-template <class S> S* mptr(at::Tensor& t) { return reinterpret_cast<S*>(t.mutable_data_ptr()); }
-
 // ------------------------------------------------------------------ edited_linear
 // A work item is one sample and a group of up to kGroup column tiles: its edited rows are packed
 // in one pass over whole contiguous row segments of delta and theta (so the prefetchers stream
@@ -173,65 +171,65 @@ void edited_linear_kernel(const LinearArgs& g, const at::Tensor& x, const at::Te
 }
 
 // ------------------------------------------------------------------ hyper_matmul / edit_sumsq
-// Groups of rows sharing one generator: all rows for every p (all-prototype form), or the
-// rows whose index is p (gathered form, counting-sorted: no per-sample weight copy).
-struct Groups {
-  std::vector<int64_t> offsets, rows;  // empty rows: identity (every group holds all B rows)
-  int64_t batch = 0;
-  int64_t begin(int64_t p) const { return rows.empty() ? 0 : offsets[p]; }
-  int64_t size(int64_t p) const { return rows.empty() ? batch : offsets[p + 1] - offsets[p]; }
-  int64_t row(int64_t p, int64_t i) const { return rows.empty() ? i : rows[offsets[p] + i]; }
+// One product e_head[rows of group p] @ W_p[:, columns of the head]: where its operands live.
+template <class S> struct HeadView {
+  const S* e;
+  int64_t e_row, e_col;
+  const S* w;  // W_p at the head's first column
+  int64_t w_row, w_col, dim, width;
 };
 
-Groups make_groups(const HyperArgs& g) {
-  Groups gr;
-  gr.batch = g.batch;
-  if (g.index.defined()) {
-    gr.offsets.resize(g.protos + 1);
-    gr.rows.resize(g.batch);
-    pe::counting_segments(g.index.const_data_ptr<int64_t>(), g.batch, g.protos, gr.offsets.data(), gr.rows.data());
+// Thread scratch of hyper_tiles, sized to the problem (a small d needs small tiles).
+constexpr int64_t kHyperGroup = 4;  // column tiles packed together when d fits one k-block
+
+template <class A> struct Buffers {
+  A *a, *tile, *acc;
+  static int64_t size(int64_t dim) {
+    const int64_t kc = std::max<int64_t>(1, std::min(dim, kTileK));
+    return kTileM * kc + kHyperGroup * kc * kTileN + kTileM * kTileN;
   }
-  return gr;
-}
+  Buffers(A* base, int64_t dim) {
+    const int64_t kc = std::max<int64_t>(1, std::min(dim, kTileK));
+    a = base;
+    tile = a + kTileM * kc;
+    acc = tile + kHyperGroup * kc * kTileN;
+  }
+};
 
 // Runs fn(r0, rows, j0, nc) with buf.acc = e[rows of group p, r0..] @ W_p[:, j0:j0+nc] for every
-// row block and column tile jb in [jb_begin, jb_end). When d fits one k-block, kHyperGroup
-// tiles are packed together row by row, so each row of W_p is read as one contiguous run.
-constexpr int64_t kHyperGroup = 4;
-
+// row block and column tile jb in [jb_begin, jb_end) of the view. When d fits one k-block,
+// kHyperGroup tiles are packed together row by row, so each row of W_p is read as one run.
 template <class S, class Fn>
-void hyper_tiles(const HyperArgs& g, const Groups& gr, const at::Tensor& e, const at::Tensor& w, int64_t p,
-                 int64_t jb_begin, int64_t jb_end, Buffers<pe::acc_t<S>>& buf, Fn fn) {
+void hyper_tiles(const HeadView<S>& v, const Groups& gr, int64_t p, int64_t jb_begin, int64_t jb_end,
+                 const Buffers<pe::acc_t<S>>& buf, Fn fn) {
   using A = pe::acc_t<S>;
-  const S* ep = cptr<S>(e);
-  const S* wp = cptr<S>(w) + p * w.stride(0);
   const int64_t m = gr.size(p);
-  const bool one_k = g.dim <= kTileK;
+  const bool one_k = v.dim <= kTileK;
   for (int64_t r0 = 0; r0 < m; r0 += kTileM) {
     const int64_t rows = std::min(kTileM, m - r0);
     auto row_of = [&gr, p, r0](int64_t r) { return gr.row(p, r0 + r); };
-    if (one_k) pack_rows(buf.a.data(), ep, e.stride(0), e.stride(1), rows, 0, g.dim, row_of);
+    if (one_k) pack_rows(buf.a, v.e, v.e_row, v.e_col, rows, 0, v.dim, row_of);
     for (int64_t jb = jb_begin; jb < jb_end; jb += kHyperGroup) {
       const int64_t jn = std::min(kHyperGroup, jb_end - jb);
       if (one_k) {
-        for (int64_t k = 0; k < g.dim; ++k)
+        for (int64_t k = 0; k < v.dim; ++k)
           for (int64_t q = 0; q < jn; ++q) {
             const int64_t j0 = (jb + q) * kTileN;
-            pack_tile<false, S, A>(buf.tile.data() + (q * kTileK + k) * kTileN, wp, w.stride(1), w.stride(2), nullptr,
-                                   0, 0, A(0), k, 1, j0, std::min(kTileN, g.width - j0));
+            pack_tile<false, S, A>(buf.tile + (q * v.dim + k) * kTileN, v.w, v.w_row, v.w_col, nullptr, 0, 0, A(0),
+                                   k, 1, j0, std::min(kTileN, v.width - j0));
           }
       }
       for (int64_t q = 0; q < jn; ++q) {
-        const int64_t j0 = (jb + q) * kTileN, nc = std::min(kTileN, g.width - j0);
-        std::fill(buf.acc.begin(), buf.acc.begin() + rows * kTileN, A(0));
+        const int64_t j0 = (jb + q) * kTileN, nc = std::min(kTileN, v.width - j0);
+        std::fill(buf.acc, buf.acc + rows * kTileN, A(0));
         if (one_k) {
-          cpu::tile_gemm(buf.a.data(), rows, g.dim, buf.tile.data() + q * kTileK * kTileN, buf.acc.data());
+          cpu::tile_gemm(buf.a, rows, v.dim, buf.tile + q * v.dim * kTileN, buf.acc);
         } else {
-          for (int64_t k0 = 0; k0 < g.dim; k0 += kTileK) {
-            const int64_t kc = std::min(kTileK, g.dim - k0);
-            pack_rows(buf.a.data(), ep, e.stride(0), e.stride(1), rows, k0, kc, row_of);
-            pack_tile<false, S, A>(buf.tile.data(), wp, w.stride(1), w.stride(2), nullptr, 0, 0, A(0), k0, kc, j0, nc);
-            cpu::tile_gemm(buf.a.data(), rows, kc, buf.tile.data(), buf.acc.data());
+          for (int64_t k0 = 0; k0 < v.dim; k0 += kTileK) {
+            const int64_t kc = std::min(kTileK, v.dim - k0);
+            pack_rows(buf.a, v.e, v.e_row, v.e_col, rows, k0, kc, row_of);
+            pack_tile<false, S, A>(buf.tile, v.w, v.w_row, v.w_col, nullptr, 0, 0, A(0), k0, kc, j0, nc);
+            cpu::tile_gemm(buf.a, rows, kc, buf.tile, buf.acc);
           }
         }
         fn(r0, rows, j0, nc);
@@ -240,32 +238,48 @@ void hyper_tiles(const HyperArgs& g, const Groups& gr, const at::Tensor& e, cons
   }
 }
 
+// Every head of hyper_matmul_heads (hyper_matmul is the one-head case) in one parallel loop over
+// a work table of (head, prototype, run of column tiles), like a grouped GEMM: head l reads
+// e[l] and the columns [heads[l], heads[l+1]) of W_p, and writes the same columns of out.
 template <class S>
 void hyper_matmul_kernel(const HyperArgs& g, const at::Tensor& e, const at::Tensor& w, const at::Tensor* bias,
                          at::Tensor& out) {
   using A = pe::acc_t<S>;
+  struct Item { int64_t head, p, jb0, jb1; };
   const Groups gr = make_groups(g);
-  const int64_t nj = pe::ceil_div(g.width, kTileN);
-  // column blocks per item: enough items for every thread, long enough to amortize packing e
-  const int64_t per = std::max<int64_t>(1, std::min<int64_t>(16, nj * g.protos / (8 * at::get_num_threads())));
-  const int64_t chunks = pe::ceil_div(nj, per);
+  const int64_t L = static_cast<int64_t>(g.heads.size()) - 1;
+  int64_t tiles = 0;
+  for (int64_t l = 0; l < L; ++l) tiles += pe::ceil_div(g.heads[l + 1] - g.heads[l], kTileN);
+  // column tiles per item: enough items for every thread, long enough to amortize packing e
+  const int64_t per = std::max<int64_t>(1, std::min<int64_t>(16, tiles * g.protos / (8 * at::get_num_threads())));
+  std::vector<Item> items;
+  for (int64_t p = 0; p < g.protos; ++p) {
+    if (gr.size(p) == 0) continue;
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t nj = pe::ceil_div(g.heads[l + 1] - g.heads[l], kTileN);
+      for (int64_t jb = 0; jb < nj; jb += per) items.push_back({l, p, jb, std::min(nj, jb + per)});
+    }
+  }
   const bool gathered = g.index.defined();
   const int64_t og = gathered ? 0 : out.stride(0), orow = out.stride(gathered ? 0 : 1), ocol = out.stride(-1);
   S* op = mptr<S>(out);
   const S* bp = bias ? cptr<S>(*bias) : nullptr;
   const int64_t bs0 = bias ? bias->stride(0) : 0, bs1 = bias ? bias->stride(1) : 0;
-  at::parallel_for(0, g.protos * chunks, 1, [&](int64_t begin, int64_t end) {
-    Buffers<A> buf;
+  const Scratch<A> scratch(Buffers<A>::size(g.dim));
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    const Buffers<A> buf(scratch.get(), g.dim);
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t p = it / chunks, c = it % chunks;
-      if (gr.size(p) == 0) continue;
-      hyper_tiles<S>(g, gr, e, w, p, c * per, std::min(nj, (c + 1) * per), buf,
-                     [&](int64_t r0, int64_t rows, int64_t j0, int64_t nc) {
-        const S* brow = bp ? bp + p * bs0 + j0 * bs1 : nullptr;
+      const Item& item = items[it];
+      const int64_t p = item.p, c0 = g.heads[item.head];
+      const HeadView<S> v{cptr<S>(e) + item.head * e.stride(0), e.stride(1), e.stride(2),
+                          cptr<S>(w) + p * w.stride(0) + c0 * w.stride(2), w.stride(1), w.stride(2), g.dim,
+                          g.heads[item.head + 1] - c0};
+      hyper_tiles<S>(v, gr, p, item.jb0, item.jb1, buf, [&](int64_t r0, int64_t rows, int64_t j0, int64_t nc) {
+        const S* brow = bp ? bp + p * bs0 + (c0 + j0) * bs1 : nullptr;
         for (int64_t r = 0; r < rows; ++r) {
-          A* acc = buf.acc.data() + r * kTileN;
+          A* acc = buf.acc + r * kTileN;
           add_bias(acc, brow, bs1, nc);
-          store_row(op + p * og + gr.row(p, r0 + r) * orow + j0 * ocol, ocol, acc, nc);
+          store_row(op + p * og + gr.row(p, r0 + r) * orow + (c0 + j0) * ocol, ocol, acc, nc);
         }
       });
     }
@@ -287,18 +301,21 @@ void edit_sumsq_kernel(const HyperArgs& g, const at::Tensor& e, const at::Tensor
   const int64_t bs0 = bias ? bias->stride(0) : 0, bs1 = bias ? bias->stride(1) : 0;
   const A* tp = thr.defined() ? thr.const_data_ptr<A>() : nullptr;
   const int64_t ts = thr.defined() && thr.numel() > 1 ? 1 : 0;
+  const Scratch<A> scratch(Buffers<A>::size(g.dim));
   at::parallel_for(0, g.protos * chunks, 1, [&](int64_t begin, int64_t end) {
-    Buffers<A> buf;
+    const Buffers<A> buf(scratch.get(), g.dim);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t p = it / chunks, c = it % chunks;
       const int64_t jb0 = c * per, jb1 = std::min(nj, (c + 1) * per);
       if (jb0 >= jb1) continue;
       double* part = pp + c * g.batch * g.protos;
-      hyper_tiles<S>(g, gr, e, w, p, jb0, jb1, buf, [&](int64_t r0, int64_t rows, int64_t j0, int64_t nc) {
+      const HeadView<S> v{cptr<S>(e), e.stride(0), e.stride(1), cptr<S>(w) + p * w.stride(0), w.stride(1),
+                          w.stride(2), g.dim, g.width};
+      hyper_tiles<S>(v, gr, p, jb0, jb1, buf, [&](int64_t r0, int64_t rows, int64_t j0, int64_t nc) {
         const S* brow = bp ? bp + p * bs0 + j0 * bs1 : nullptr;
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t row = gr.row(p, r0 + r);
-          A* acc = buf.acc.data() + r * kTileN;
+          A* acc = buf.acc + r * kTileN;
           add_bias(acc, brow, bs1, nc);
           part[row * g.protos + p] += sum_clipped_squares<A>(acc, nc, tp != nullptr, tp ? tp[row * ts] : A(0));
         }
@@ -328,10 +345,10 @@ at::Tensor edited_linear_cpu(const at::Tensor& x, const at::Tensor& theta, const
   return y;
 }
 
-at::Tensor hyper_matmul_cpu(const at::Tensor& e, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                            const c10::optional<at::Tensor>& index) {
-  check_cpu(e, "e");
-  const HyperArgs g = prepare_hyper(e, weight, bias, index);
+namespace {
+
+at::Tensor hyper_heads_cpu(const HyperArgs& g, const at::Tensor& e, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias) {
   at::Tensor out = g.index.defined() ? at::empty({g.batch, g.width}, e.options())
                                      : at::empty({g.protos, g.batch, g.width}, e.options());
   if (out.numel() == 0) return out;
@@ -340,6 +357,21 @@ at::Tensor hyper_matmul_cpu(const at::Tensor& e, const at::Tensor& weight, const
     hyper_matmul_kernel<S>(g, e, weight, bias.has_value() ? &*bias : nullptr, out);
   });
   return out;
+}
+
+}  // namespace
+
+at::Tensor hyper_matmul_cpu(const at::Tensor& e, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                            const c10::optional<at::Tensor>& index) {
+  check_cpu(e, "e");
+  const HyperArgs g = prepare_hyper(e, weight, bias, index);
+  return hyper_heads_cpu(g, e.unsqueeze(0), weight, bias);  // the one-head case
+}
+
+at::Tensor hyper_matmul_heads_cpu(const at::Tensor& e, const at::Tensor& weight, at::IntArrayRef sizes,
+                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& index) {
+  check_cpu(e, "e");
+  return hyper_heads_cpu(prepare_hyper_heads(e, weight, sizes, bias, index), e, weight, bias);
 }
 
 at::Tensor edit_sumsq_cpu(const at::Tensor& e, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

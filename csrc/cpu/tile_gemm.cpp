@@ -1,6 +1,8 @@
-// Micro-kernels behind tile_gemm: an AVX-512 register-blocked kernel (6 rows x 64 columns of
-// accumulators, one broadcast + 4 FMAs per row and k) picked at load time, and a portable loop
-// the compiler vectorizes for every other case (and for double).
+// Micro-kernels behind tile_gemm, picked at load time: an AVX-512 register-blocked kernel (6 rows
+// x 64 columns of accumulators, one broadcast + 4 FMAs per row and k), an AVX2 one (3 rows x 32
+// columns, each half of the tile in turn: 12 accumulators + 4 tile vectors fill the 16 ymm
+// registers), and a portable loop the compiler vectorizes for every other case (and for double).
+// PE_TILE_FORCE_PORTABLE / PE_TILE_FORCE_AVX2 pin the choice (the ctests run each variant).
 #include "tile_gemm.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -67,27 +69,77 @@ __attribute__((target("avx512f"))) void tile_gemm_avx512(const float* a, int64_t
   }
 }
 
+// R rows (1..3) of one 32-column half of the tile (`tile` and `acc` point at the half).
+template <int R>
+__attribute__((target("avx2,fma"))) inline void block_avx2(const float* a, int64_t kc, const float* tile,
+                                                           float* acc) {
+  __m256 c[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) c[r][v] = _mm256_loadu_ps(acc + r * kTileN + 8 * v);
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* t = tile + k * kTileN;
+    const __m256 b0 = _mm256_loadu_ps(t), b1 = _mm256_loadu_ps(t + 8), b2 = _mm256_loadu_ps(t + 16),
+                 b3 = _mm256_loadu_ps(t + 24);
+    for (int r = 0; r < R; ++r) {
+      const __m256 s = _mm256_broadcast_ss(a + r * kc + k);
+      c[r][0] = _mm256_fmadd_ps(s, b0, c[r][0]);
+      c[r][1] = _mm256_fmadd_ps(s, b1, c[r][1]);
+      c[r][2] = _mm256_fmadd_ps(s, b2, c[r][2]);
+      c[r][3] = _mm256_fmadd_ps(s, b3, c[r][3]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(acc + r * kTileN + 8 * v, c[r][v]);
+}
+
 __attribute__((target("avx2,fma"))) void tile_gemm_avx2(const float* a, int64_t rows, int64_t kc,
                                                         const float* tile, float* acc) {
-  tile_gemm_portable(a, rows, kc, tile, acc);
+  static_assert(kTileN == 64, "the AVX2 kernel covers the tile as two 32-column halves");
+  for (int64_t half = 0; half < kTileN; half += 32) {
+    int64_t r = 0;
+    for (; r + 3 <= rows; r += 3) block_avx2<3>(a + r * kc, kc, tile + half, acc + r * kTileN + half);
+    if (rows - r == 2) block_avx2<2>(a + r * kc, kc, tile + half, acc + r * kTileN + half);
+    if (rows - r == 1) block_avx2<1>(a + r * kc, kc, tile + half, acc + r * kTileN + half);
+  }
 }
 
 using FloatKernel = void (*)(const float*, int64_t, int64_t, const float*, float*);
 
-FloatKernel pick_float_kernel() {
+struct Picked {
+  FloatKernel fn;
+  const char* level;
+};
+
+Picked pick_float_kernel() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return tile_gemm_avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return tile_gemm_avx2;
-  return tile_gemm_portable<float>;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#if defined(PE_TILE_FORCE_PORTABLE)
+  return {tile_gemm_portable<float>, "portable"};
+#elif defined(PE_TILE_FORCE_AVX2)
+  if (avx2) return {tile_gemm_avx2, "avx2"};
+  return {tile_gemm_portable<float>, "portable"};
+#else
+  if (__builtin_cpu_supports("avx512f")) return {tile_gemm_avx512, "avx512"};
+  if (avx2) return {tile_gemm_avx2, "avx2"};
+  return {tile_gemm_portable<float>, "portable"};
+#endif
 }
-const FloatKernel kFloatKernel = pick_float_kernel();
+const Picked kFloatKernel = pick_float_kernel();
 #endif
 
 }  // namespace
 
+const char* tile_gemm_level() {
+#ifdef PE_HAVE_X86
+  return kFloatKernel.level;
+#else
+  return "portable";
+#endif
+}
+
 void tile_gemm(const float* a, int64_t rows, int64_t kc, const float* tile, float* acc) {
 #ifdef PE_HAVE_X86
-  kFloatKernel(a, rows, kc, tile, acc);
+  kFloatKernel.fn(a, rows, kc, tile, acc);
 #else
   tile_gemm_portable(a, rows, kc, tile, acc);
 #endif

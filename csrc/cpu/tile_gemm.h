@@ -13,6 +13,8 @@ constexpr int64_t kTileK = 256;  // tile depth
 constexpr int64_t kTileM = 128;  // rows per accumulator block
 
 void tile_gemm(const float* a, int64_t rows, int64_t kc, const float* tile, float* acc);
+// The float kernel tile_gemm runs here: "avx512", "avx2" or "portable".
+const char* tile_gemm_level();
 void tile_gemm(const double* a, int64_t rows, int64_t kc, const double* tile, double* acc);
 
 }  // namespace pyeditor::cpu

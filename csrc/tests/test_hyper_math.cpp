@@ -43,6 +43,13 @@ int main() {
   for (int i = 0; i < 5; ++i) CHECK(offsets[i] == 0);
   CHECK(pe::sample_slot(nullptr, true, 5) == 5 && pe::sample_slot(nullptr, false, 5) == 0 &&
         pe::sample_slot(index, false, 3) == 3);
+  // head tiles: heads of 5, 0 and 3 columns in tiles of 4 -> (0,0,4) (0,4,5) (2,5,8)
+  const int64_t heads[4] = {0, 5, 5, 8};
+  CHECK(pe::head_tiles(heads, 3, 4, nullptr) == 3);
+  std::vector<int64_t> table(9);
+  pe::head_tiles(heads, 3, 4, table.data());
+  const int64_t want_table[9] = {0, 0, 4, 0, 4, 5, 2, 5, 8};
+  for (int i = 0; i < 9; ++i) CHECK(table[i] == want_table[i]);
   if (failures == 0) std::printf("hyper_math: all checks passed\n");
   return failures == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

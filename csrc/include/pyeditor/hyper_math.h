@@ -42,4 +42,21 @@ inline void counting_segments(const int64_t* index, int64_t rows, int64_t groups
   offsets[0] = 0;
 }
 
+// Column tiles of heads concatenated along n (grouped matmul, one launch for every head): head l
+// owns columns [heads[l], heads[l+1]); tile i is (head, first column, end column), lies inside one
+// head and is at most `width` wide. Writes the table when `table` (3 per tile) is given; returns
+// the number of tiles. Empty heads own no tile.
+inline int64_t head_tiles(const int64_t* heads, int64_t count, int64_t width, int64_t* table) {
+  int64_t n = 0;
+  for (int64_t l = 0; l < count; ++l) {
+    for (int64_t c = heads[l]; c < heads[l + 1]; c += width, ++n) {
+      if (!table) continue;
+      table[3 * n] = l;
+      table[3 * n + 1] = c;
+      table[3 * n + 2] = c + width < heads[l + 1] ? c + width : heads[l + 1];
+    }
+  }
+  return n;
+}
+
 }  // namespace pe
