@@ -73,9 +73,8 @@ def expand_editor(single: ParameterEditor, prototypes: int, embed_dim: int, hidd
     state = {k: v for k, v in single.state_dict().items() if not k.startswith("head_")}
     multi.load_state_dict(state, strict=False)
     with torch.no_grad():
-        for dst, src in zip(list(multi.head_weights) + list(multi.head_biases),
-                            list(single.head_weights) + list(single.head_biases)):
-            dst.copy_(src.expand_as(dst))
+        multi.head_weight.copy_(single.head_weight.expand_as(multi.head_weight))
+        multi.head_bias.copy_(single.head_bias.expand_as(multi.head_bias))
     return multi
 
 
@@ -92,8 +91,7 @@ def edit_norms_all_layers(editor: ParameterEditor, emb: Tensor) -> Tensor:
     """[B, P] ||G^(j)|| over every adaptive layer: per-layer pyeditor.assign_prototypes norms,
     combined in quadrature (Eq. 11-12 over the device's whole edit)."""
     e = editor.layer_embeddings(emb)
-    sq = sum(pyeditor.assign_prototypes(e[n], w, b).norms.square()
-             for n, (w, b) in enumerate(zip(editor.head_weights, editor.head_biases)))
+    sq = sum(pyeditor.assign_prototypes(e[n], *editor.head(n)).norms.square() for n in range(e.shape[0]))
     return sq.sqrt()
 
 
@@ -173,8 +171,8 @@ def run_pipeline(args) -> Dict[str, float]:
     with torch.no_grad():
         tx, ty = test.query_x, test.query_y
         proto = assign(multi, emb_t)
-        edits = [pyeditor.generate_edit(e, w, b, index=proto, threshold=args.threshold)
-                 for e, w, b in zip(multi.layer_embeddings(emb_t), multi.head_weights, multi.head_biases)]
+        edits = [pyeditor.generate_edit(e, *multi.head(n), index=proto, threshold=args.threshold)
+                 for n, e in enumerate(multi.layer_embeddings(emb_t))]
         weights = [pyeditor.apply_edit(layer.theta, g, args.threshold, proto)   # what each device receives
                    for layer, g in zip(model.adaptive, edits)]
         multi_logits = model.shared(tx)
@@ -228,7 +226,7 @@ def adaptation_latency(size: int, embed_dim: int, hidden: int, prototypes: int, 
     torch.manual_seed(0)
     editor = ParameterEditor(embed_dim, hidden, [(size, size)], prototypes, sequential=True).eval()
     theta = torch.randn(prototypes, size, size) / size ** 0.5
-    w, b = editor.head_weights[0].detach(), editor.head_biases[0].detach()
+    w, b = (t.detach() for t in editor.head(0))
     gram = pyeditor.prototype_gram(w, b)
     out = torch.empty(batch, size, size)
 

@@ -189,6 +189,9 @@ class EditedLinear(nn.Module):
         if squeeze:
             x = x.unsqueeze(1)
         P = self.theta.shape[0]
+        n = self.in_features * self.out_features
+        if P == 1 and proto_index is None and delta.dim() == 3 and delta.shape[0] == 1 and delta.shape[2] == n:
+            delta = delta[0]  # a one-prototype ParameterEditor's [1, B, in*out] (no proto_index given)
         if proto_index is None:
             if P != 1:
                 raise ValueError(f"this layer has {P} prototypes: pass proto_index")
@@ -261,6 +264,12 @@ class ParameterEditor(nn.Module):
         if self.sequential is not None:
             e = self.sequential(e.transpose(0, 1))[0].transpose(0, 1)
         return e
+
+    def head(self, layer: int) -> Tuple[Tensor, Optional[Tensor]]:
+        """Layer ``layer``'s generators: (weight [P, hidden, in*out], bias [P, in*out]) as views of
+        the concatenated parameters (for assign_prototypes / prototype_gram / generate_edit)."""
+        cols = self.head_slices[layer]
+        return self.head_weight[:, :, cols], None if self.head_bias is None else self.head_bias[:, cols]
 
     def forward(self, embedding: Tensor, proto_index: Optional[Tensor] = None) -> List[Tensor]:
         from .hyper import hyper_matmul_heads

@@ -9,6 +9,11 @@ import pytest
 
 import torch  # noqa: E402  (torch does not import triton)
 
+# one compile cache per checkout: inductor's shared /tmp cache can hand one checkout a graph
+# compiled in another that calls ops this one does not have
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "inductor"))
+
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")

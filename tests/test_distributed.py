@@ -34,8 +34,7 @@ class EditedNet(nn.Module):
                                      EditedLinear(5, 3, prototypes=2, threshold=0.3, **kw)])
         self.editor = ParameterEditor(4, 8, [(6, 5), (5, 3)], prototypes=2, sequential=True, **kw)
         with torch.no_grad():  # edits large enough that some are clipped and some are not
-            for w in self.editor.head_weights:
-                w.mul_(300)
+            self.editor.head_weight.mul_(300)
 
     def forward(self, x, emb, proto):
         edits = self.editor(emb, proto)

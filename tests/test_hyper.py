@@ -332,3 +332,19 @@ def test_nn_modules_train():
     close(lin[0](x, deltas[0], idx), want, 8)
     single = pyeditor.nn.EditedLinear.from_linear(torch.nn.Linear(8, 5), prototypes=1)
     assert single(x[:, 0], torch.zeros(B, 40)).shape == (B, 5)
+
+
+def test_one_prototype_editor_feeds_edited_linear_without_index():
+    # a one-prototype editor returns [1, B, in*out] without proto_index; the layer takes it as is
+    torch.manual_seed(0)
+    B = 4
+    editor = pyeditor.nn.ParameterEditor(embed_dim=5, hidden=8, layer_shapes=[(6, 3)], prototypes=1)
+    layer = pyeditor.nn.EditedLinear(6, 3, prototypes=1, threshold=0.2)
+    emb, x = torch.randn(B, 5), torch.randn(B, 2, 6)
+    (delta,) = editor(emb)
+    assert delta.shape == (1, B, 18)
+    want = ref.edited_linear(x, layer.theta[0], delta[0], 0.2, layer.bias[0])
+    close(layer(x, delta), want, 8)
+    # the per-layer head views feed the functional ops
+    w, b = editor.head(0)
+    close(pyeditor.hyper_matmul(editor.layer_embeddings(emb)[0], w, b)[0], delta[0], 8)

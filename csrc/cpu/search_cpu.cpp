@@ -187,6 +187,31 @@ inline __attribute__((always_inline)) float shifted_sumsq(const float* x, const 
   return s;
 }
 
+// The float64 direct-difference key of one float32 pair (l2), or exact_key for the other
+// metrics. Eight float64 partial sums reduced by halving: the generic reduction's epilogue
+// spilled to the stack and cost as much as the whole distance tile row.
+typedef double v8d __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32), aligned(4)));
+typedef int64_t v8l __attribute__((vector_size(64)));
+inline __attribute__((always_inline)) double exact_key_f32(const float* x, const float* p, int64_t d, int metric,
+                                                           double xn) {
+  if (metric != ps::kL2) return ps::exact_key(x, p, d, metric, xn);
+  v8d acc{};
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) {
+    const v8d t = __builtin_convertvector(*reinterpret_cast<const v8f*>(x + i), v8d) -
+                  __builtin_convertvector(*reinterpret_cast<const v8f*>(p + i), v8d);
+    acc += t * t;
+  }
+  acc += __builtin_shuffle(acc, v8l{4, 5, 6, 7, 0, 1, 2, 3});
+  double s = acc[0] + acc[1] + acc[2] + acc[3];
+  for (; i < d; ++i) {
+    const double t = static_cast<double>(x[i]) - static_cast<double>(p[i]);
+    s += t * t;
+  }
+  return s;
+}
+
 // Feeds one query's keys for NV panels (NV*16 lanes in prototype order; lanes >= live are
 // padding) into its running top list, smallest first, stopping at the first key that cannot
 // enter. With random keys the branchy scalar scan mispredicted on most lanes; this costs a
@@ -229,7 +254,7 @@ struct BlockJob {
   const float* x;        // [B, d] float32, contiguous
   const float* P;        // [N, d] original prototypes, float32
   const Packed* pk;
-  int64_t N, d, row0, rows;
+  int64_t N, d, row0, rows, B;
   int k, metric;
   float* dist;           // [B, k]
   int64_t* idx;          // [B, k]
@@ -246,6 +271,10 @@ inline __attribute__((always_inline)) void blocked_rows(const BlockJob& job) {
   std::vector<double> xnorm(rows, 0.0);
   std::vector<char> finite(rows, 1);
   std::vector<ps::TopK<float, CAP>> tops(rows);
+  // the next block is usually this thread's next item: start its DRAM reads now
+  const float* next = job.x + (job.row0 + rows) * d;
+  const int64_t ahead = std::min<int64_t>(rows, job.B - job.row0 - rows) * d;
+  for (int64_t i = 0; i < ahead; i += 16) __builtin_prefetch(next + i);
   const float* shift = metric == ps::kL2 ? pk.shift.data() : nullptr;
   const double inflate = 1.0 + ps::gamma32(d + 2);
   for (int64_t r = 0; r < rows; ++r) {
@@ -284,7 +313,7 @@ inline __attribute__((always_inline)) void blocked_rows(const BlockJob& job) {
       double span = metric == ps::kL2 ? (xnorm[r] + pk.pmax) * (xnorm[r] + pk.pmax) : xnorm[r] * pk.pmax;
       ps::Bound b{span < ps::kHuge ? g * span : INFINITY, 0.0};
       const double xn = metric == ps::kCosine ? ps::norm64(xr, d) : 0.0;
-      auto exact = [&](int64_t j) { return ps::exact_key(xr, job.P + j * d, d, metric, xn); };
+      auto exact = [&](int64_t j) { return exact_key_f32(xr, job.P + j * d, d, metric, xn); };
       if (ps::accept_fast(tops[r], k, b, metric, exact, dist, idx)) continue;
     }
     ps::exact_query<CAP>(xr, job.P, d, job.N, d, k, metric, dist, idx);
@@ -310,7 +339,7 @@ inline __attribute__((always_inline)) void direct_rows(const float* x, const flo
     if (ps::row_finite(xr, d)) {
       const ps::Bound b = ps::direct_fast<CAP>(xr, P, d, N, d, k, metric, top);
       const double xn = metric == ps::kCosine ? ps::norm64(xr, d) : 0.0;
-      auto exact = [&](int64_t j) { return ps::exact_key(xr, P + j * d, d, metric, xn); };
+      auto exact = [&](int64_t j) { return exact_key_f32(xr, P + j * d, d, metric, xn); };
       if (ps::accept_fast(top, k, b, metric, exact, dist + q * k, idx + q * k)) continue;
     }
     ps::exact_query<CAP>(xr, P, d, N, d, k, metric, dist + q * k, idx + q * k);
@@ -367,7 +396,7 @@ void fast_all(const float* x, const float* P, int64_t B, int64_t N, int64_t d, i
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t row0 = b * kMC;
-      BlockJob job{x, P, &pk, N, d, row0, std::min<int64_t>(kMC, B - row0), k, metric, dist, idx};
+      BlockJob job{x, P, &pk, N, d, row0, std::min<int64_t>(kMC, B - row0), B, k, metric, dist, idx};
       blocked_job(job, cap);
     }
   });
