@@ -23,6 +23,17 @@ NAMES = ("cpu", "cuda", "triton", "reference")
 ENV_VAR = "PYEDITOR_BACKEND"
 
 
+_ENV_DATA, _ENV_KEY = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
+
+
+def env(name: str) -> str | None:
+    """os.environ.get(name), without its cost for an unset name (about 1 us: get() raises and
+    catches a KeyError); per-call dispatch of small ops reads the environment every time."""
+    if _ENV_DATA is not None and _ENV_KEY is not None and _ENV_KEY(name) not in _ENV_DATA:
+        return None
+    return os.environ.get(name)
+
+
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -63,7 +74,7 @@ _resolved: dict = {}
 
 def resolve(backend: str | None, device: torch.device) -> str:
     """The backend to run on ``device``: the argument, else $PYEDITOR_BACKEND, else the default."""
-    key = (backend, device.type, os.environ.get(ENV_VAR) if backend is None else None)
+    key = (backend, device.type, env(ENV_VAR) if backend is None else None)
     name = _resolved.get(key)
     if name is None:
         name = _resolved[key] = _resolve(backend, device)  # raises for a bad choice, never cached

@@ -518,7 +518,8 @@ def _check_kmeans_args(x: Tensor, n_clusters, n_iter, init, seed, tol) -> tuple:
         raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
-    if not bool(torch.isfinite(x).all()):
+    # min and max are finite exactly when every entry is (NaN propagates): one pass, no mask
+    if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
         raise ValueError("x must be finite (no NaN or inf)")
     return n_clusters, n_iter, seed
 
@@ -557,10 +558,9 @@ def lloyd(x: Tensor, n_clusters: int, n_iter: int, init: str, seed: int, metric:
 
     labels, loss = assign(xs, c, metric)
     inertia = float(loss.sum())
-    ones = torch.ones(B, dtype=acc, device=x.device)
     for it in range(n_iter):
         sums = torch.zeros_like(c).index_add_(0, labels, pts)
-        counts = torch.zeros(n_clusters, dtype=acc, device=x.device).index_add_(0, labels, ones)
+        counts = torch.bincount(labels, minlength=n_clusters).to(acc)
         if metric == "l2":
             new = sums / counts.clamp_min(1.0).unsqueeze(1)
         else:
@@ -579,7 +579,8 @@ def lloyd(x: Tensor, n_clusters: int, n_iter: int, init: str, seed: int, metric:
         if change < tol:
             break
     centroids = c.to(x.dtype)
-    labels, loss = assign(xs, centroids.to(acc), metric)
+    if centroids.dtype != acc:  # rounding moved the centroids: label and score what is returned
+        labels, loss = assign(xs, centroids.to(acc), metric)
     return centroids, labels, float(loss.sum())
 
 

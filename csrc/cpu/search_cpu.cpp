@@ -330,6 +330,52 @@ PE_SEARCH_CLONES void blocked_job(const BlockJob& job, int cap) {
   }
 }
 
+// ps::direct_fast for l2 with explicit vector sums: four prototypes at a time, each sum
+// reduced by halving (the generic reduction's epilogue spilled to the stack). Same keys up to
+// float32 summation order, hence the same relative bound.
+template <int CAP>
+inline __attribute__((always_inline)) ps::Bound direct_l2(const float* x, const float* P, int64_t N, int64_t d, int k,
+                                                          ps::TopK<float, CAP>& top) {
+  top.reset(k + 1);
+  const int64_t dv = d / kLanes * kLanes;
+  int64_t j = 0;
+  for (; j + 4 <= N; j += 4) {
+    const float* p = P + j * d;
+    v16f a0{}, a1{}, a2{}, a3{};
+    for (int64_t i = 0; i < dv; i += kLanes) {
+      const v16f xv = *reinterpret_cast<const v16fu*>(x + i);
+      const v16f t0 = xv - *reinterpret_cast<const v16fu*>(p + i);
+      const v16f t1 = xv - *reinterpret_cast<const v16fu*>(p + d + i);
+      const v16f t2 = xv - *reinterpret_cast<const v16fu*>(p + 2 * d + i);
+      const v16f t3 = xv - *reinterpret_cast<const v16fu*>(p + 3 * d + i);
+      a0 += t0 * t0;
+      a1 += t1 * t1;
+      a2 += t2 * t2;
+      a3 += t3 * t3;
+    }
+    float s[4] = {spread_sum(a0)[0], spread_sum(a1)[0], spread_sum(a2)[0], spread_sum(a3)[0]};
+    for (int64_t i = dv; i < d; ++i)
+      for (int q = 0; q < 4; ++q) {
+        const float t = x[i] - p[q * d + i];
+        s[q] += t * t;
+      }
+    for (int q = 0; q < 4; ++q) top.push(s[q], j + q);
+  }
+  for (; j < N; ++j) {
+    const float* p = P + j * d;
+    v16f a{};
+    for (int64_t i = 0; i < dv; i += kLanes) {
+      const v16f t = *reinterpret_cast<const v16fu*>(x + i) - *reinterpret_cast<const v16fu*>(p + i);
+      a += t * t;
+    }
+    float s = spread_sum(a)[0];
+    for (int64_t i = dv; i < d; ++i) s += (x[i] - p[i]) * (x[i] - p[i]);
+    top.push(s, j);
+  }
+  const double beta = ps::gamma32(d + 3);
+  return {0.0, beta / (1.0 - beta)};
+}
+
 template <int CAP>
 inline __attribute__((always_inline)) void direct_rows(const float* x, const float* P, int64_t N, int64_t d, int k,
                                                        int metric, int64_t q0, int64_t q1, float* dist, int64_t* idx) {
@@ -337,7 +383,8 @@ inline __attribute__((always_inline)) void direct_rows(const float* x, const flo
   for (int64_t q = q0; q < q1; ++q) {
     const float* xr = x + q * d;
     if (ps::row_finite(xr, d)) {
-      const ps::Bound b = ps::direct_fast<CAP>(xr, P, d, N, d, k, metric, top);
+      const ps::Bound b = metric == ps::kL2 ? direct_l2<CAP>(xr, P, N, d, k, top)
+                                            : ps::direct_fast<CAP>(xr, P, d, N, d, k, metric, top);
       const double xn = metric == ps::kCosine ? ps::norm64(xr, d) : 0.0;
       auto exact = [&](int64_t j) { return exact_key_f32(xr, P + j * d, d, metric, xn); };
       if (ps::accept_fast(top, k, b, metric, exact, dist + q * k, idx + q * k)) continue;
