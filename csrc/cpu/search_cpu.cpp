@@ -474,7 +474,11 @@ std::tuple<at::Tensor, at::Tensor> nearest_prototype_cpu(const at::Tensor& x, co
               dist.mutable_data_ptr<double>(), idx.mutable_data_ptr<int64_t>());
     return {dist.to(x.scalar_type()), idx};
   }
-  at::Tensor xf = x.to(at::kFloat).contiguous(), pf = prototypes.to(at::kFloat).contiguous();
+  // skip the no-op conversions' dispatcher round trips: one device's search is a few us
+  auto as_f32 = [](const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+  };
+  const at::Tensor xf = as_f32(x), pf = as_f32(prototypes);
   at::Tensor dist = at::empty({B, k}, x.options().dtype(at::kFloat));
   const float* xp = xf.const_data_ptr<float>();
   const float* pp = pf.const_data_ptr<float>();
@@ -483,6 +487,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_prototype_cpu(const at::Tensor& x, co
   } else {
     fast_all(xp, pp, B, N, d, kk, metric, dist.mutable_data_ptr<float>(), idx.mutable_data_ptr<int64_t>());
   }
+  if (x.scalar_type() == at::kFloat) return {dist, idx};
   return {dist.to(x.scalar_type()), idx};
 }
 
