@@ -6,21 +6,9 @@ import torch
 import pyeditor
 from pyeditor import hyper
 from pyeditor import reference as ref
-from pyeditor.testing import check_close, reduction_tolerance
+from pyeditor.testing import check_close
 
-from conftest import backend_params
-
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-BACKENDS = backend_params()
-
-
-def make(shape, dtype=torch.float32, device="cpu", scale=1.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
-
-
-def close(got, want, k):
-    check_close(got, want, tol=reduction_tolerance(want.dtype, k))
+from test_hyper import BACKENDS, DTYPES, close, make  # one set of input/tolerance helpers for the family
 
 
 HEADS = {  # (B, d, sizes, P, index)
