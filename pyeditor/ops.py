@@ -431,6 +431,16 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.bias_shape = None if bias is None else tuple(bias.shape)
 
 
+
+def _sum_to_prototypes(per_sample: Tensor, shape, proto_index: Optional[Tensor]) -> Tensor:
+    """A per-sample gradient [B, ...] summed onto the parameter of ``shape``: one shared copy
+    (no prototype axis), one per prototype (index_add_ by proto_index), or per sample."""
+    if len(shape) == per_sample.dim() - 1:
+        return per_sample.sum(0)
+    if proto_index is not None:
+        return per_sample.new_zeros(shape).index_add_(0, proto_index, per_sample)
+    return per_sample
+
 def _make_linear_backward(forward_op, mask_op):
     def backward(ctx, grad):
         x, theta, delta, threshold, proto_index = ctx.saved_tensors
@@ -445,22 +455,10 @@ def _make_linear_backward(forward_op, mask_op):
             if need_delta:
                 gdelta = mask_op(outer, delta.to(acc), threshold).to(delta.dtype)
             if need_theta:
-                if theta.dim() == 2:
-                    gtheta = outer.sum(0)
-                elif proto_index is not None:
-                    gtheta = outer.new_zeros(theta.shape).index_add_(0, proto_index, outer)
-                else:
-                    gtheta = outer
-                gtheta = gtheta.to(theta.dtype)
+                gtheta = _sum_to_prototypes(outer, theta.shape, proto_index).to(theta.dtype)
         if need_bias:
             per_sample = grad.to(acc).sum(1)  # [B, out]
-            if len(ctx.bias_shape) == 1:
-                gbias = per_sample.sum(0)
-            elif proto_index is not None:
-                gbias = per_sample.new_zeros(ctx.bias_shape).index_add_(0, proto_index, per_sample)
-            else:
-                gbias = per_sample
-            gbias = gbias.to(grad.dtype)
+            gbias = _sum_to_prototypes(per_sample, ctx.bias_shape, proto_index).to(grad.dtype)
         return gx, gtheta, gdelta, None, gbias, None
 
     return backward

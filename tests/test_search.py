@@ -144,6 +144,24 @@ def test_strided_empty_and_huge_values(backend, device):
                 ref.nearest_prototype(big.float(), (p.double() * 1e25).float(), 2))
 
 
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 33])
+@pytest.mark.parametrize("scale", [1.0, 1e18, 1e-30])
+def test_blocked_epilogue_panel_edges(n, scale):
+    # the CPU blocked pass (B >= 32) feeds each 16/32-lane panel to the vector top-k: fewer
+    # prototypes than the k+1 slots, padded lanes, duplicates, overflowing and tiny keys
+    g = torch.Generator().manual_seed(n)
+    for d in (1, 17, 64):
+        x, p = torch.randn(70, d, generator=g) * scale, torch.randn(n, d, generator=g) * scale
+        p[n // 2] = p[0]
+        x[5] = p[0]
+        for k in sorted({1, min(n, 2), n}):
+            for metric in ("l2", "ip", "cosine"):
+                dist, idx = pyeditor.nearest_prototype(x, p, k, metric, backend="cpu")
+                want_d, want_i = ref.nearest_prototype(x, p, k, metric)
+                assert torch.equal(idx, want_i), (n, d, k, scale, metric)
+                check_close(dist, want_d)
+
+
 def test_deterministic_across_threads():
     x, p = clustered(3000, 100, 33, 300.0, seed=7)
     old = torch.get_num_threads()
