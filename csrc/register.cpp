@@ -9,9 +9,18 @@
 #define PYEDITOR_TORCH_VERSION "unknown"
 #endif
 
-// An importable, empty Python module: loading it runs the registrations below.
+namespace pyeditor {
+PyObject* search_cpu_eager(PyObject* self, PyObject* args);  // eager_call.cpp
+}
+
+// An importable Python module: loading it runs the registrations below. Its one function is
+// the eager fast path of the CPU search (eager_call.cpp); every op is reached via torch.ops.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {
+      {"search_cpu_eager", pyeditor::search_cpu_eager, METH_VARARGS,
+       "nearest_prototype_cpu(x, prototypes, k, metric) for plain CPU tensors, else None"},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 

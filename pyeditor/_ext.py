@@ -37,3 +37,15 @@ def build_info() -> dict:
     if not load():
         return {"unavailable": _why_not}
     return dict(kv.split("=", 1) for kv in torch.ops.pyeditor.build_info().split(";"))
+
+
+def search_cpu_eager(x, prototypes, k: int, metric: str):
+    """The CPU search kernel called without the dispatcher (csrc/eager_call.cpp): (dist, idx),
+    or None when the tensors or the dispatch state need the registered op."""
+    if not load():
+        return None
+    global search_cpu_eager
+    from ._C import search_cpu_eager as direct
+
+    search_cpu_eager = direct  # later calls go straight to C
+    return direct(x, prototypes, k, metric)

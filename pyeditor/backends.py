@@ -26,12 +26,29 @@ ENV_VAR = "PYEDITOR_BACKEND"
 _ENV_DATA, _ENV_KEY = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
 
 
+_ENCODED: dict = {}
+
+
 def env(name: str) -> str | None:
     """os.environ.get(name), without its cost for an unset name (about 1 us: get() raises and
     catches a KeyError); per-call dispatch of small ops reads the environment every time."""
-    if _ENV_DATA is not None and _ENV_KEY is not None and _ENV_KEY(name) not in _ENV_DATA:
-        return None
+    if _ENV_DATA is not None and _ENV_KEY is not None:
+        key = _ENCODED.get(name)
+        if key is None:
+            key = _ENCODED[name] = _ENV_KEY(name)
+        if key not in _ENV_DATA:
+            return None
     return os.environ.get(name)
+
+
+def env_set(name: str) -> bool:
+    """Whether the environment has ``name`` (set, possibly empty): env() without the lookup."""
+    if _ENV_DATA is not None and _ENV_KEY is not None:
+        key = _ENCODED.get(name)
+        if key is None:
+            key = _ENCODED[name] = _ENV_KEY(name)
+        return key in _ENV_DATA
+    return name in os.environ
 
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None

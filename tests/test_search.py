@@ -146,20 +146,31 @@ def test_strided_empty_and_huge_values(backend, device):
 
 @pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 33])
 @pytest.mark.parametrize("scale", [1.0, 1e18, 1e-30])
-def test_blocked_epilogue_panel_edges(n, scale):
-    # the CPU blocked pass (B >= 32) feeds each 16/32-lane panel to the vector top-k: fewer
-    # prototypes than the k+1 slots, padded lanes, duplicates, overflowing and tiny keys
+@pytest.mark.parametrize("batch", [5, 70])
+def test_cpu_passes_at_panel_edges(n, scale, batch):
+    # batch 70 takes the CPU blocked pass: k = 1 runs the 16-query transposed tile (rows 64 + 6,
+    # so a partial tile; d not a multiple of its 16-dim chunks), k > 1 feeds each 16/32-lane
+    # panel to the vector top-k. batch 5 takes the direct pass (k = 1, l2: 16 prototypes per
+    # butterfly-reduced group). Fewer prototypes than the k+1 slots, padded lanes, partial
+    # groups, duplicates, overflowing and tiny keys, NaN and inf prototypes.
     g = torch.Generator().manual_seed(n)
-    for d in (1, 17, 64):
-        x, p = torch.randn(70, d, generator=g) * scale, torch.randn(n, d, generator=g) * scale
+    for d in (1, 16, 17, 64):
+        x, p = torch.randn(batch, d, generator=g) * scale, torch.randn(n, d, generator=g) * scale
         p[n // 2] = p[0]
-        x[5] = p[0]
-        for k in sorted({1, min(n, 2), n}):
-            for metric in ("l2", "ip", "cosine"):
-                dist, idx = pyeditor.nearest_prototype(x, p, k, metric, backend="cpu")
-                want_d, want_i = ref.nearest_prototype(x, p, k, metric)
-                assert torch.equal(idx, want_i), (n, d, k, scale, metric)
-                check_close(dist, want_d)
+        x[min(3, batch - 1)] = p[0]
+        variants = [p]
+        if n > 2:
+            bad = p.clone()
+            bad[1, 0] = math.nan
+            bad[n - 1, -1] = math.inf
+            variants.append(bad)
+        for protos in variants:
+            for k in sorted({1, min(n, 2), n}):
+                for metric in ("l2", "ip", "cosine"):
+                    dist, idx = pyeditor.nearest_prototype(x, protos, k, metric, backend="cpu")
+                    want_d, want_i = ref.nearest_prototype(x, protos, k, metric)
+                    assert torch.equal(idx, want_i), (n, d, k, scale, metric)
+                    check_close(dist, want_d)
 
 
 def test_deterministic_across_threads():
@@ -212,6 +223,43 @@ def test_cpp_checks_itself():
         op(x, p, 1, "l1")
     with pytest.raises(RuntimeError, match="must be floating"):
         op(x.int(), p, 1, "l2")
+
+
+@pytest.mark.skipif("cpu" not in pyeditor.backends.available("cpu"), reason="needs the C++ extension")
+def test_eager_cpu_call_and_its_fallbacks():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pyeditor import _ext
+
+    x, p = clustered(3, 20, 8, 0.0, seed=5)
+    direct = _ext.search_cpu_eager(x, p, 2, "l2")
+    assert direct is not None, "a plain eager CPU call should skip the dispatcher"
+    want = torch.ops.pyeditor.nearest_prototype(x, p, 2, "l2")
+    for got in (direct, pyeditor.nearest_prototype(x, p, 2)):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as mode:  # a dispatch mode must see the registered op
+        got = pyeditor.nearest_prototype(x, p, 2)
+    assert any("pyeditor.nearest_prototype" in n for n in mode.names), mode.names
+    assert torch.equal(got[1], want[1])
+    with FakeTensorMode() as fake:  # fake tensors take the op's fake kernel
+        d, i = pyeditor.nearest_prototype(fake.from_tensor(x), fake.from_tensor(p), 2)
+    assert i.shape == (3, 2) and i.dtype == torch.int64
+    # anything but a valid plain call answers None (the checked path then raises)
+    for args in [(x, p, 0, "l2"), (x, p, 21, "l2"), (x, p, True, "l2"), (x, p, 1, "l1"), (x[0], p, 1, "l2"),
+                 (x[:, :3], p, 1, "l2"), (x.int(), p, 1, "l2"), (x, p.to("meta"), 1, "l2"),
+                 (x.to(torch.float8_e4m3fn), p, 1, "l2")]:
+        assert _ext.search_cpu_eager(*args) is None, args
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

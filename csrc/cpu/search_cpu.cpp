@@ -40,12 +40,13 @@ int parse_metric(c10::string_view m) {
 
 // Prototypes prepared for the blocked pass (float32 mode).
 struct Packed {
-  at::Tensor panels;           // [panels, d, 16] float32 (64-byte aligned)
+  at::Tensor panels;           // [panels, dpad, 16] float32 (64-byte aligned), zero rows past d
   std::vector<float> bias;     // per packed lane: ||p'||^2 (l2) or 0
   std::vector<int64_t> orig;   // packed lane -> original prototype index
-  std::vector<float> shift;    // the centre subtracted from queries (l2), else empty
+  std::vector<float> shift;    // the centre subtracted from queries (l2; dpad long), else empty
   double pmax = 0.0;           // max ||p'|| over packed prototypes
   int64_t count = 0, num_panels = 0;
+  int64_t dpad = 0;            // d rounded up to 16: the top-1 tile reads whole 16-dim chunks
 };
 
 // Exact scan for any k (k > kMaxK): float64 keys of every prototype, partial sort.
@@ -80,21 +81,22 @@ Packed pack_prototypes(const float* P, int64_t N, int64_t d, int metric, const s
   pk.orig = valid;
   pk.count = static_cast<int64_t>(valid.size());
   pk.num_panels = (pk.count + kLanes - 1) / kLanes;
-  pk.panels = at::zeros({std::max<int64_t>(pk.num_panels, 1), d, kLanes}, at::kFloat);
+  pk.dpad = (d + kLanes - 1) / kLanes * kLanes;
+  pk.panels = at::zeros({std::max<int64_t>(pk.num_panels, 1), pk.dpad, kLanes}, at::kFloat);
   // padding lanes rank last (+inf) so the vector epilogue needs no lane mask
   pk.bias.assign(pk.num_panels * kLanes, INFINITY);
   std::vector<double> centre(d, 0.0);
   if (metric == ps::kL2 && pk.count > 0) {
     for (int64_t j : valid)
       for (int64_t i = 0; i < d; ++i) centre[i] += P[j * d + i];
-    pk.shift.resize(d);
+    pk.shift.assign(pk.dpad, 0.f);  // zero past d: the top-1 tile subtracts whole chunks
     for (int64_t i = 0; i < d; ++i) pk.shift[i] = static_cast<float>(centre[i] / pk.count);
   }
   float* out = pk.panels.data_ptr<float>();
   double pmax2 = 0.0;
   for (int64_t c = 0; c < pk.count; ++c) {
     const float* p = P + valid[c] * d;
-    float* dst = out + (c / kLanes) * d * kLanes + (c % kLanes);
+    float* dst = out + (c / kLanes) * pk.dpad * kLanes + (c % kLanes);
     const double inv = metric == ps::kCosine ? ps::norm64(p, d) : 1.0;
     double n2 = 0.0;
     for (int64_t i = 0; i < d; ++i) {
@@ -187,22 +189,36 @@ inline __attribute__((always_inline)) float shifted_sumsq(const float* x, const 
   return s;
 }
 
-// The float64 direct-difference key of one float32 pair (l2), or exact_key for the other
-// metrics. Eight float64 partial sums reduced by halving: the generic reduction's epilogue
-// spilled to the stack and cost as much as the whole distance tile row.
+// x[0:8] - p[0:8] widened to float64. Written lane by lane because GCC 12 then emits one
+// memory-operand vcvtps2pd per row; __builtin_convertvector on 8-float vectors went through
+// 128-bit halves and inserts.
 typedef double v8d __attribute__((vector_size(64)));
-typedef float v8f __attribute__((vector_size(32), aligned(4)));
+inline __attribute__((always_inline)) v8d diff_f64(const float* x, const float* p) {
+  v8d t;
+  for (int l = 0; l < 8; ++l) t[l] = static_cast<double>(x[l]) - static_cast<double>(p[l]);
+  return t;
+}
+
+// The float64 direct-difference key of one float32 pair (l2), or exact_key for the other
+// metrics. Float64 partial sums reduced by halving: the generic reduction's epilogue
+// spilled to the stack and cost as much as the whole distance tile row.
 typedef int64_t v8l __attribute__((vector_size(64)));
 inline __attribute__((always_inline)) double exact_key_f32(const float* x, const float* p, int64_t d, int metric,
                                                            double xn) {
   if (metric != ps::kL2) return ps::exact_key(x, p, d, metric, xn);
-  v8d acc{};
+  v8d acc0{}, acc1{};
   int64_t i = 0;
-  for (; i + 8 <= d; i += 8) {
-    const v8d t = __builtin_convertvector(*reinterpret_cast<const v8f*>(x + i), v8d) -
-                  __builtin_convertvector(*reinterpret_cast<const v8f*>(p + i), v8d);
-    acc += t * t;
+  for (; i + 16 <= d; i += 16) {  // two independent sums
+    const v8d t0 = diff_f64(x + i, p + i), t1 = diff_f64(x + i + 8, p + i + 8);
+    acc0 += t0 * t0;
+    acc1 += t1 * t1;
   }
+  if (i + 8 <= d) {
+    const v8d t = diff_f64(x + i, p + i);
+    acc0 += t * t;
+    i += 8;
+  }
+  v8d acc = acc0 + acc1;
   acc += __builtin_shuffle(acc, v8l{4, 5, 6, 7, 0, 1, 2, 3});
   double s = acc[0] + acc[1] + acc[2] + acc[3];
   for (; i < d; ++i) {
@@ -260,32 +276,49 @@ struct BlockJob {
   int64_t* idx;          // [B, k]
 };
 
+// Accepts one query's fast top list (exact winner keys) or rescans it exactly. n2 is the
+// float32 sum of squares of the centred query (inf / NaN: not finite, always rescanned).
+template <int CAP>
+inline __attribute__((always_inline)) void finish_query(const BlockJob& job, int64_t q, float n2,
+                                                        const ps::TopK<float, CAP>& top) {
+  const int64_t d = job.d;
+  const int metric = job.metric, k = job.k;
+  const float* xr = job.x + q * d;
+  float* dist = job.dist + q * k;
+  int64_t* idx = job.idx + q * k;
+  if (n2 < INFINITY) {
+    const double pmax = job.pk->pmax;
+    const double xnorm = std::sqrt(static_cast<double>(n2) * (1.0 + ps::gamma32(d + 2)));  // >= ||x'||
+    const double span = metric == ps::kL2 ? (xnorm + pmax) * (xnorm + pmax) : xnorm * pmax;
+    ps::Bound b{span < ps::kHuge ? ps::gamma32(d + 8) * span : INFINITY, 0.0};
+    const double xn = metric == ps::kCosine ? ps::norm64(xr, d) : 0.0;
+    auto exact = [&](int64_t j) { return exact_key_f32(xr, job.P + j * d, d, metric, xn); };
+    if (ps::accept_fast(top, k, b, metric, exact, dist, idx)) return;
+  }
+  ps::exact_query<CAP>(xr, job.P, d, job.N, d, k, metric, dist, idx);
+}
+
 template <int CAP>
 inline __attribute__((always_inline)) void blocked_rows(const BlockJob& job) {
   const int64_t d = job.d, rows = job.rows;
   const Packed& pk = *job.pk;
-  const int metric = job.metric, k = job.k;
-  const int64_t padded = (rows + kMR - 1) / kMR * kMR;
   alignas(64) float keys[kMR * 2 * kLanes];
-  std::vector<float> xb(padded * d, 0.f);
-  std::vector<double> xnorm(rows, 0.0);
-  std::vector<char> finite(rows, 1);
+  // centred copies of the block's queries, zero rows up to a multiple of kMR
+  std::vector<float> xb((rows + kMR - 1) / kMR * kMR * d, 0.f);
+  std::vector<float> n2(rows);
   std::vector<ps::TopK<float, CAP>> tops(rows);
   // the next block is usually this thread's next item: start its DRAM reads now
   const float* next = job.x + (job.row0 + rows) * d;
   const int64_t ahead = std::min<int64_t>(rows, job.B - job.row0 - rows) * d;
   for (int64_t i = 0; i < ahead; i += 16) __builtin_prefetch(next + i);
-  const float* shift = metric == ps::kL2 ? pk.shift.data() : nullptr;
-  const double inflate = 1.0 + ps::gamma32(d + 2);
+  const float* shift = job.metric == ps::kL2 ? pk.shift.data() : nullptr;
   for (int64_t r = 0; r < rows; ++r) {
-    const float n2 = shifted_sumsq(job.x + (job.row0 + r) * d, shift, xb.data() + r * d, d);
-    finite[r] = n2 < INFINITY;  // false for inf / NaN entries (and overflow: those rows go exact)
-    xnorm[r] = std::sqrt(static_cast<double>(n2) * inflate);  // an upper bound on ||x'||
-    tops[r].reset(k + 1);
+    n2[r] = shifted_sumsq(job.x + (job.row0 + r) * d, shift, xb.data() + r * d, d);
+    tops[r].reset(job.k + 1);
   }
-  const float scale = metric == ps::kL2 ? 2.f : 1.f;
+  const float scale = job.metric == ps::kL2 ? 2.f : 1.f;
   const float* panels = pk.panels.const_data_ptr<float>();
-  const int64_t pstride = d * kLanes;
+  const int64_t pstride = pk.dpad * kLanes;
   for (int64_t pn = 0; pn < pk.num_panels; pn += 2) {
     const int np = pk.num_panels - pn >= 2 ? 2 : 1;
     const int width = np * kLanes;
@@ -303,26 +336,264 @@ inline __attribute__((always_inline)) void blocked_rows(const BlockJob& job) {
       }
     }
   }
-  const double g = ps::gamma32(d + 8);
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t q = job.row0 + r;
-    const float* xr = job.x + q * d;
-    float* dist = job.dist + q * k;
-    int64_t* idx = job.idx + q * k;
-    if (finite[r]) {
-      double span = metric == ps::kL2 ? (xnorm[r] + pk.pmax) * (xnorm[r] + pk.pmax) : xnorm[r] * pk.pmax;
-      ps::Bound b{span < ps::kHuge ? g * span : INFINITY, 0.0};
-      const double xn = metric == ps::kCosine ? ps::norm64(xr, d) : 0.0;
-      auto exact = [&](int64_t j) { return exact_key_f32(xr, job.P + j * d, d, metric, xn); };
-      if (ps::accept_fast(tops[r], k, b, metric, exact, dist, idx)) continue;
+  for (int64_t r = 0; r < rows; ++r) finish_query<CAP>(job, job.row0 + r, n2[r], tops[r]);
+}
+
+// ---------------------------------------------------------------- top-1 pass (k = 1)
+// For k = 1 only the best two keys per query matter (the second for the acceptance gap).
+// Queries go 16 at a time: their centred rows are stored in 16-dim chunks, (r, i) at
+// (i / 16) * 256 + r * 16 + i % 16, so the micro-kernel addresses all 16 rows from one
+// pointer with constant offsets. The 16 x 16 key tile (lanes = prototypes) is transposed in
+// registers so that lanes = queries: the running best two are then vector compares and
+// blends, with no horizontal reductions or branches per query.
+constexpr int kMR2 = 16;               // queries per top-1 tile
+constexpr int kChunk = kMR2 * kLanes;  // floats per 16-dim chunk of a tile
+
+// One butterfly stage on 16 vectors: swaps bit BIT of the row index with the same bit of the
+// lane index (BIT = 1, 2, 4, 8 in turn give the 16 x 16 transpose).
+template <int BIT> inline __attribute__((always_inline)) void swap_index_bit(v16f& a, v16f& b) {
+  v16i lo, hi;  // two-source shuffle indices (16 + j picks lane j of b)
+  for (int j = 0; j < kLanes; ++j) {
+    lo[j] = (j & BIT) ? kLanes + (j ^ BIT) : j;
+    hi[j] = (j & BIT) ? kLanes + j : (j | BIT);
+  }
+  const v16f x = a, y = b;
+  a = __builtin_shuffle(x, y, lo);
+  b = __builtin_shuffle(x, y, hi);
+}
+
+template <int BIT> inline __attribute__((always_inline)) void swap_index_bit(v16f (&m)[kMR2]) {
+#pragma GCC unroll 16
+  for (int i = 0; i < kMR2; ++i)
+    if (!(i & BIT)) swap_index_bit<BIT>(m[i], m[i | BIT]);
+}
+
+// Lane r of the result = the sum of m[r]'s lanes: the same butterflies, adding each pair.
+inline __attribute__((always_inline)) v16f row_sums(v16f (&m)[kMR2]) {
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) swap_index_bit<8>(m[i], m[i + 8]), m[i] += m[i + 8];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) swap_index_bit<4>(m[i], m[i + 4]), m[i] += m[i + 4];
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) swap_index_bit<2>(m[i], m[i + 2]), m[i] += m[i + 2];
+  swap_index_bit<1>(m[0], m[1]);
+  return m[0] + m[1];
+}
+
+// Writes queries x[0, nr) (nr <= 16; the rest of the tile is zero), minus shift (padded to
+// dpad, or null), into tile form and returns their float32 sums of squares (lanes = rows).
+inline __attribute__((always_inline)) v16f load_tile(const float* x, int64_t d, int64_t nr, const float* shift,
+                                                     float* tile) {
+  const int64_t full = d / kLanes, rem = d - full * kLanes, chunks = (d + kLanes - 1) / kLanes;
+  v16f sq[kMR2];
+  for (int r = 0; r < kMR2; ++r) {
+    v16f acc{};
+    float* dst = tile + r * kLanes;
+    if (r < nr) {
+      const float* xr = x + r * d;
+      for (int64_t c = 0; c < full; ++c) {
+        v16f v = *reinterpret_cast<const v16fu*>(xr + c * kLanes);
+        if (shift) v -= *reinterpret_cast<const v16fu*>(shift + c * kLanes);
+        *reinterpret_cast<v16fu*>(dst + c * kChunk) = v;
+        acc += v * v;
+      }
+      if (rem) {
+        v16f v{};
+        for (int64_t i = 0; i < rem; ++i) v[i] = shift ? xr[full * kLanes + i] - shift[full * kLanes + i] : xr[full * kLanes + i];
+        *reinterpret_cast<v16fu*>(dst + full * kChunk) = v;
+        acc += v * v;
+      }
+    } else {
+      for (int64_t c = 0; c < chunks; ++c) *reinterpret_cast<v16fu*>(dst + c * kChunk) = v16f{};
     }
-    ps::exact_query<CAP>(xr, job.P, d, job.N, d, k, metric, dist, idx);
+    sq[r] = acc;
+  }
+  return row_sums(sq);
+}
+
+// keys[r] = bias - scale * x'_r . p' for the tile's 16 queries and one panel (lanes = prototypes).
+inline __attribute__((always_inline)) void tile16(const float* tile, int64_t dpad, const float* panel,
+                                                  const float* bias, float scale, v16f (&keys)[kMR2]) {
+  v16f acc[kMR2];
+#pragma GCC unroll 16
+  for (int r = 0; r < kMR2; ++r) acc[r] = v16f{};
+  for (int64_t c = 0; c < dpad; c += kLanes) {
+    const float* xc = tile + c * kMR2;
+    const float* pc = panel + c * kLanes;
+#pragma GCC unroll 16
+    for (int j = 0; j < kLanes; ++j) {
+      const v16f b = *reinterpret_cast<const v16f*>(pc + j * kLanes);
+#pragma GCC unroll 16
+      for (int r = 0; r < kMR2; ++r) acc[r] += xc[r * kLanes + j] * b;
+    }
+  }
+  const v16f bv = *reinterpret_cast<const v16fu*>(bias);
+#pragma GCC unroll 16
+  for (int r = 0; r < kMR2; ++r) keys[r] = bv - scale * acc[r];
+}
+
+// The best two (key, packed lane) per query lane; ties keep the lower lane, as the packed
+// order is the prototypes' index order. NaN keys never enter.
+struct Best2 {
+  v16f k1, k2;
+  v16i i1, i2;
+};
+
+inline __attribute__((always_inline)) void offer(Best2& b, v16f v, v16i lane) {
+  const v16i m1 = v < b.k1, m2 = v < b.k2;
+  b.k2 = m1 ? b.k1 : (m2 ? v : b.k2);
+  b.i2 = m1 ? b.i1 : (m2 ? lane : b.i2);
+  b.k1 = m1 ? v : b.k1;
+  b.i1 = m1 ? lane : b.i1;
+}
+
+// ps::accept_fast for k = 1 on 16 queries at once (float64 lanes, two halves): a query's
+// winner is accepted when its centred norm is finite, its key is below kHuge and the second
+// key's lower bound lies above the winner's upper bound. All-ones lanes are accepted.
+// Float32 sum of (x - p_r)^2 over d for the `live` (<= 16) prototype rows of g (lane r; lanes
+// >= live read +inf), 16 rows at a time so that one butterfly (row_sums) reduces all 16 sums.
+// Its error is relative: below gamma32(d + 3) of the sum, whatever the order.
+inline __attribute__((always_inline)) v16f group_sums_l2(const float* x, const float* g, int64_t live, int64_t d) {
+  const int64_t dv = d / kLanes * kLanes;
+  v16f acc[kLanes];
+  alignas(64) float tail[kLanes] = {};
+#pragma GCC unroll 16
+  for (int r = 0; r < kLanes; ++r) acc[r] = v16f{};
+  if (live == kLanes) {  // full groups: no per-row test in the hot loop
+    for (int64_t i = 0; i < dv; i += kLanes) {
+      const v16f xv = *reinterpret_cast<const v16fu*>(x + i);
+#pragma GCC unroll 16
+      for (int r = 0; r < kLanes; ++r) {
+        const v16f t = xv - *reinterpret_cast<const v16fu*>(g + r * d + i);
+        acc[r] += t * t;
+      }
+    }
+  } else {
+    for (int64_t r = 0; r < live; ++r)
+      for (int64_t i = 0; i < dv; i += kLanes) {
+        const v16f t = *reinterpret_cast<const v16fu*>(x + i) - *reinterpret_cast<const v16fu*>(g + r * d + i);
+        acc[r] += t * t;
+      }
+  }
+  for (int64_t r = 0; r < live; ++r)
+    for (int64_t i = dv; i < d; ++i) {
+      const float t = x[i] - g[r * d + i];
+      tail[r] += t * t;
+    }
+  for (int64_t r = live; r < kLanes; ++r) tail[r] = INFINITY;  // missing prototypes never enter
+  return row_sums(acc) + *reinterpret_cast<const v16f*>(tail);
+}
+
+// k = 1, l2: a finite query the blocked pass could not settle (a near-tie under its bound,
+// which scales with ||x'|| + max ||p'||). Float32 direct-difference keys have a relative error
+// below rel, so prototype j can only win if key_j (1 - rel) <= min key (1 + rel); only those
+// few get float64 keys. Falls back to the full float64 scan when no key is finite.
+inline __attribute__((always_inline)) void refine_l2_top1(const float* x, const float* P, int64_t N, int64_t d,
+                                                          float* dist, int64_t* idx) {
+  static thread_local std::vector<float> keys;
+  keys.resize((N + kLanes - 1) / kLanes * kLanes);
+  v16f lo = v16f{} + INFINITY;
+  for (int64_t j0 = 0; j0 < N; j0 += kLanes) {
+    const v16f s = group_sums_l2(x, P + j0 * d, std::min<int64_t>(kLanes, N - j0), d);
+    *reinterpret_cast<v16fu*>(keys.data() + j0) = s;
+    lo = vmin(lo, s == s ? s : lo);  // NaN (a NaN prototype) never wins
+  }
+  const double best = spread_min(lo)[0];
+  if (!(best < ps::kHuge)) return ps::exact_query<2>(x, P, d, N, d, 1, ps::kL2, dist, idx);
+  const double beta = ps::gamma32(d + 3), rel = beta / (1.0 - beta), cut = best * (1.0 + rel);
+  double be = INFINITY;
+  int64_t bj = -1;
+  for (int64_t j = 0; j < N; ++j) {
+    if (!(keys[j] * (1.0 - rel) <= cut)) continue;
+    const double e = exact_key_f32(x, P + j * d, d, ps::kL2, 0.0);
+    if (e == e && (bj < 0 || ps::before(e, j, be, bj))) be = e, bj = j;
+  }
+  if (bj < 0) return ps::exact_query<2>(x, P, d, N, d, 1, ps::kL2, dist, idx);
+  dist[0] = static_cast<float>(be);
+  idx[0] = bj;
+}
+
+template <int H> inline __attribute__((always_inline)) v8d half_f64(v16f v) {
+  return __builtin_convertvector(__builtin_shufflevector(v, v, 8 * H, 8 * H + 1, 8 * H + 2, 8 * H + 3, 8 * H + 4,
+                                                         8 * H + 5, 8 * H + 6, 8 * H + 7),
+                                 v8d);
+}
+
+template <int H>
+inline __attribute__((always_inline)) v8l accept_half(const Best2& best, v16f n2, double inflate, double g,
+                                                      double pmax, bool l2) {
+  const v8d n2d = half_f64<H>(n2), k1 = half_f64<H>(best.k1), k2 = half_f64<H>(best.k2);
+  v8d xn;
+  for (int l = 0; l < 8; ++l) xn[l] = std::sqrt(n2d[l] * inflate);  // >= ||x'||; NaN / inf stay so
+  const v8d span = l2 ? (xn + pmax) * (xn + pmax) : xn * pmax;
+  const v8d abs_err = g * span;
+  const v8d ak = k1 < 0 ? -k1 : k1;
+  return (n2d < INFINITY) & (ak < ps::kHuge) & (span < ps::kHuge) & (k2 - abs_err > k1 + abs_err);
+}
+
+inline __attribute__((always_inline)) v16i accept_top1(const Best2& best, v16f n2, const BlockJob& job) {
+  const double inflate = 1.0 + ps::gamma32(job.d + 2), g = ps::gamma32(job.d + 8), pmax = job.pk->pmax;
+  const bool l2 = job.metric == ps::kL2;
+  const v8l lo = accept_half<0>(best, n2, inflate, g, pmax, l2), hi = accept_half<1>(best, n2, inflate, g, pmax, l2);
+  v16i ok;
+  for (int l = 0; l < 8; ++l) ok[l] = static_cast<int32_t>(lo[l]), ok[8 + l] = static_cast<int32_t>(hi[l]);
+  return ok;
+}
+
+inline __attribute__((always_inline)) void blocked_rows_top1(const BlockJob& job) {
+  const int64_t d = job.d, rows = job.rows;
+  const Packed& pk = *job.pk;
+  static thread_local std::vector<float> tile;  // reused: no allocation per block
+  tile.resize(pk.dpad * kMR2);
+  const float* shift = job.metric == ps::kL2 ? pk.shift.data() : nullptr;
+  const float scale = job.metric == ps::kL2 ? 2.f : 1.f;
+  const float* panels = pk.panels.const_data_ptr<float>();
+  for (int64_t r0 = 0; r0 < rows; r0 += kMR2) {
+    const int64_t nr = std::min<int64_t>(kMR2, rows - r0);
+    const int64_t q0 = job.row0 + r0;
+    // the next tile (maybe the next block's): start its DRAM reads now
+    const float* next = job.x + (q0 + kMR2) * d;
+    const int64_t ahead = std::max<int64_t>(0, std::min<int64_t>(kMR2, job.B - q0 - kMR2)) * d;
+    for (int64_t i = 0; i < ahead; i += 16) __builtin_prefetch(next + i);
+    alignas(64) float n2[kMR2];
+    *reinterpret_cast<v16f*>(n2) = load_tile(job.x + q0 * d, d, nr, shift, tile.data());
+    Best2 best{v16f{} + INFINITY, v16f{} + INFINITY, v16i{} - 1, v16i{} - 1};
+    for (int64_t pn = 0; pn < pk.num_panels; ++pn) {
+      v16f keys[kMR2];
+      tile16(tile.data(), pk.dpad, panels + pn * pk.dpad * kLanes, pk.bias.data() + pn * kLanes, scale, keys);
+      swap_index_bit<1>(keys);
+      swap_index_bit<2>(keys);
+      swap_index_bit<4>(keys);
+      swap_index_bit<8>(keys);
+      const int base = static_cast<int>(pn * kLanes);
+#pragma GCC unroll 16
+      for (int c = 0; c < kLanes; ++c) offer(best, keys[c], v16i{} + (base + c));
+    }
+    alignas(64) int32_t ok[kMR2], i1[kMR2];
+    *reinterpret_cast<v16i*>(ok) = accept_top1(best, *reinterpret_cast<const v16f*>(n2), job);
+    *reinterpret_cast<v16i*>(i1) = best.i1;
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t q = q0 + r;
+      const float* xr = job.x + q * d;
+      if (ok[r]) {
+        const int64_t j = pk.orig[i1[r]];
+        const double xn = job.metric == ps::kCosine ? ps::norm64(xr, d) : 0.0;
+        const double e = exact_key_f32(xr, job.P + j * d, d, job.metric, xn);
+        if (e == e) {  // NaN: the pair is not eligible after all
+          job.dist[q] = static_cast<float>(ps::key_to_distance(e, job.metric));
+          job.idx[q] = j;
+          continue;
+        }
+      }
+      if (job.metric == ps::kL2 && n2[r] < INFINITY) refine_l2_top1(xr, job.P, job.N, d, job.dist + q, job.idx + q);
+      else ps::exact_query<2>(xr, job.P, d, job.N, d, 1, job.metric, job.dist + q, job.idx + q);
+    }
   }
 }
 
 PE_SEARCH_CLONES void blocked_job(const BlockJob& job, int cap) {
   switch (cap) {
-    case 2: return blocked_rows<2>(job);
+    case 2: return job.pk->count >= 2 ? blocked_rows_top1(job) : blocked_rows<2>(job);
     case 4: return blocked_rows<4>(job);
     case 8: return blocked_rows<8>(job);
     case 16: return blocked_rows<16>(job);
@@ -376,6 +647,25 @@ inline __attribute__((always_inline)) ps::Bound direct_l2(const float* x, const 
   return {0.0, beta / (1.0 - beta)};
 }
 
+// direct_l2 for k = 1: the group sums kept as the best two per lane; the 32 lane candidates
+// are merged once at the end. Per-prototype horizontal sums and list inserts cost more than
+// the distances for one device's query. Same keys up to summation order, same bound as
+// direct_l2.
+inline __attribute__((always_inline)) ps::Bound direct_l2_top1(const float* x, const float* P, int64_t N, int64_t d,
+                                                               ps::TopK<float, 2>& top) {
+  const v16i iota{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  Best2 best{v16f{} + INFINITY, v16f{} + INFINITY, v16i{} - 1, v16i{} - 1};
+  for (int64_t j0 = 0; j0 < N; j0 += kLanes)
+    offer(best, group_sums_l2(x, P + j0 * d, std::min<int64_t>(kLanes, N - j0), d), iota + static_cast<int>(j0));
+  top.reset(2);
+  for (int l = 0; l < kLanes; ++l) {
+    if (best.i1[l] >= 0) top.push(best.k1[l], best.i1[l]);
+    if (best.i2[l] >= 0) top.push(best.k2[l], best.i2[l]);
+  }
+  const double beta = ps::gamma32(d + 3);
+  return {0.0, beta / (1.0 - beta)};
+}
+
 template <int CAP>
 inline __attribute__((always_inline)) void direct_rows(const float* x, const float* P, int64_t N, int64_t d, int k,
                                                        int metric, int64_t q0, int64_t q1, float* dist, int64_t* idx) {
@@ -383,8 +673,22 @@ inline __attribute__((always_inline)) void direct_rows(const float* x, const flo
   for (int64_t q = q0; q < q1; ++q) {
     const float* xr = x + q * d;
     if (ps::row_finite(xr, d)) {
-      const ps::Bound b = metric == ps::kL2 ? direct_l2<CAP>(xr, P, N, d, k, top)
-                                            : ps::direct_fast<CAP>(xr, P, d, N, d, k, metric, top);
+      ps::Bound b;
+      if constexpr (CAP == 2) {
+        if (metric == ps::kL2) {
+          b = direct_l2_top1(xr, P, N, d, top);
+          // +inf keys (float32 overflow) never enter the lanes: a short list is rescanned
+          if (top.n < std::min<int64_t>(N, 2)) {
+            ps::exact_query<CAP>(xr, P, d, N, d, k, metric, dist + q * k, idx + q * k);
+            continue;
+          }
+        } else {
+          b = ps::direct_fast<CAP>(xr, P, d, N, d, k, metric, top);
+        }
+      } else {
+        b = metric == ps::kL2 ? direct_l2<CAP>(xr, P, N, d, k, top)
+                              : ps::direct_fast<CAP>(xr, P, d, N, d, k, metric, top);
+      }
       const double xn = metric == ps::kCosine ? ps::norm64(xr, d) : 0.0;
       auto exact = [&](int64_t j) { return exact_key_f32(xr, P + j * d, d, metric, xn); };
       if (ps::accept_fast(top, k, b, metric, exact, dist + q * k, idx + q * k)) continue;
