@@ -1,0 +1,217 @@
+// Vector helpers shared by the CPU search passes (search_blocked.cpp, search_direct.cpp):
+// GCC vector extensions, so that each pass's target_clones compile them for AVX-512, AVX2 or
+// baseline x86-64. Internal to csrc/cpu.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "pyeditor/search_math.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PE_SEARCH_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PE_SEARCH_CLONES
+#endif
+
+namespace pyeditor::search_cpu {
+
+namespace ps = pe::search;
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v16fu __attribute__((vector_size(64), aligned(4)));  // unaligned loads
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef int64_t v8l __attribute__((vector_size(64)));
+constexpr int kLanes = 16;  // floats per vector: prototypes per packed panel, queries per tile
+
+inline __attribute__((always_inline)) v16f vmin(v16f a, v16f b) { return a < b ? a : b; }
+inline __attribute__((always_inline)) v16i vmin(v16i a, v16i b) { return a < b ? a : b; }
+
+// Smallest element of a vector (NaN-free input), by halving: four shuffles instead of 15
+// dependent scalar compares.
+template <class V> inline __attribute__((always_inline)) V spread_min(V a) {
+  a = vmin(a, __builtin_shuffle(a, v16i{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
+  a = vmin(a, __builtin_shuffle(a, v16i{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
+  a = vmin(a, __builtin_shuffle(a, v16i{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
+  return vmin(a, __builtin_shuffle(a, v16i{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
+}
+
+template <class V> inline __attribute__((always_inline)) V spread_sum(V a) {
+  a += __builtin_shuffle(a, v16i{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  a += __builtin_shuffle(a, v16i{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  a += __builtin_shuffle(a, v16i{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  return a + __builtin_shuffle(a, v16i{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+}
+
+// out = x - shift (or x when shift is null); returns the float32 sum of squares of out, whose
+// relative error is below gamma32(d + 2) (callers inflate by it). Vector partial sums: a
+// float64 reduction per row cost more than the row's share of the distance tile.
+inline __attribute__((always_inline)) float shifted_sumsq(const float* x, const float* shift, float* out,
+                                                          int64_t d) {
+  v16f acc{};
+  int64_t i = 0;
+  for (; i + kLanes <= d; i += kLanes) {
+    v16f v = *reinterpret_cast<const v16fu*>(x + i);
+    if (shift) v -= *reinterpret_cast<const v16fu*>(shift + i);
+    *reinterpret_cast<v16fu*>(out + i) = v;
+    acc += v * v;
+  }
+  float s = spread_sum(acc)[0];
+  for (; i < d; ++i) {
+    const float v = shift ? x[i] - shift[i] : x[i];
+    out[i] = v;
+    s += v * v;
+  }
+  return s;
+}
+
+// x[0:8] - p[0:8] widened to float64. Written lane by lane because GCC 12 then emits one
+// memory-operand vcvtps2pd per row; __builtin_convertvector on 8-float vectors went through
+// 128-bit halves and inserts.
+typedef double v8d __attribute__((vector_size(64)));
+inline __attribute__((always_inline)) v8d diff_f64(const float* x, const float* p) {
+  v8d t;
+  for (int l = 0; l < 8; ++l) t[l] = static_cast<double>(x[l]) - static_cast<double>(p[l]);
+  return t;
+}
+
+// The float64 direct-difference key of one float32 pair (l2), or exact_key for the other
+// metrics. Float64 partial sums reduced by halving: the generic reduction's epilogue
+// spilled to the stack and cost as much as the whole distance tile row.
+inline __attribute__((always_inline)) double exact_key_f32(const float* x, const float* p, int64_t d, int metric,
+                                                           double xn) {
+  if (metric != ps::kL2) return ps::exact_key(x, p, d, metric, xn);
+  v8d acc0{}, acc1{};
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {  // two independent sums
+    const v8d t0 = diff_f64(x + i, p + i), t1 = diff_f64(x + i + 8, p + i + 8);
+    acc0 += t0 * t0;
+    acc1 += t1 * t1;
+  }
+  if (i + 8 <= d) {
+    const v8d t = diff_f64(x + i, p + i);
+    acc0 += t * t;
+    i += 8;
+  }
+  v8d acc = acc0 + acc1;
+  acc += __builtin_shuffle(acc, v8l{4, 5, 6, 7, 0, 1, 2, 3});
+  double s = acc[0] + acc[1] + acc[2] + acc[3];
+  for (; i < d; ++i) {
+    const double t = static_cast<double>(x[i]) - static_cast<double>(p[i]);
+    s += t * t;
+  }
+  return s;
+}
+
+// One butterfly stage on 16 vectors: swaps bit BIT of the row index with the same bit of the
+// lane index (BIT = 1, 2, 4, 8 in turn give the 16 x 16 transpose).
+template <int BIT> inline __attribute__((always_inline)) void swap_index_bit(v16f& a, v16f& b) {
+  v16i lo, hi;  // two-source shuffle indices (16 + j picks lane j of b)
+  for (int j = 0; j < kLanes; ++j) {
+    lo[j] = (j & BIT) ? kLanes + (j ^ BIT) : j;
+    hi[j] = (j & BIT) ? kLanes + j : (j | BIT);
+  }
+  const v16f x = a, y = b;
+  a = __builtin_shuffle(x, y, lo);
+  b = __builtin_shuffle(x, y, hi);
+}
+
+template <int BIT> inline __attribute__((always_inline)) void swap_index_bit(v16f (&m)[kLanes]) {
+#pragma GCC unroll 16
+  for (int i = 0; i < kLanes; ++i)
+    if (!(i & BIT)) swap_index_bit<BIT>(m[i], m[i | BIT]);
+}
+
+// Lane r of the result = the sum of m[r]'s lanes: the same butterflies, adding each pair.
+inline __attribute__((always_inline)) v16f row_sums(v16f (&m)[kLanes]) {
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) swap_index_bit<8>(m[i], m[i + 8]), m[i] += m[i + 8];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) swap_index_bit<4>(m[i], m[i + 4]), m[i] += m[i + 4];
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) swap_index_bit<2>(m[i], m[i + 2]), m[i] += m[i + 2];
+  swap_index_bit<1>(m[0], m[1]);
+  return m[0] + m[1];
+}
+
+// The best two (key, packed lane) per query lane; ties keep the lower lane, as the packed
+// order is the prototypes' index order. NaN keys never enter.
+struct Best2 {
+  v16f k1, k2;
+  v16i i1, i2;
+};
+
+inline __attribute__((always_inline)) void offer(Best2& b, v16f v, v16i lane) {
+  const v16i m1 = v < b.k1, m2 = v < b.k2;
+  b.k2 = m1 ? b.k1 : (m2 ? v : b.k2);
+  b.i2 = m1 ? b.i1 : (m2 ? lane : b.i2);
+  b.k1 = m1 ? v : b.k1;
+  b.i1 = m1 ? lane : b.i1;
+}
+
+// Float32 sum of (x - p_r)^2 over d for the `live` (<= 16) prototype rows of g (lane r; lanes
+// >= live read +inf), 16 rows at a time so that one butterfly (row_sums) reduces all 16 sums.
+// Its error is relative: below gamma32(d + 3) of the sum, whatever the order.
+inline __attribute__((always_inline)) v16f group_sums_l2(const float* x, const float* g, int64_t live, int64_t d) {
+  const int64_t dv = d / kLanes * kLanes;
+  v16f acc[kLanes];
+  alignas(64) float tail[kLanes] = {};
+#pragma GCC unroll 16
+  for (int r = 0; r < kLanes; ++r) acc[r] = v16f{};
+  if (live == kLanes) {  // full groups: no per-row test in the hot loop
+    for (int64_t i = 0; i < dv; i += kLanes) {
+      const v16f xv = *reinterpret_cast<const v16fu*>(x + i);
+#pragma GCC unroll 16
+      for (int r = 0; r < kLanes; ++r) {
+        const v16f t = xv - *reinterpret_cast<const v16fu*>(g + r * d + i);
+        acc[r] += t * t;
+      }
+    }
+  } else {
+    for (int64_t r = 0; r < live; ++r)
+      for (int64_t i = 0; i < dv; i += kLanes) {
+        const v16f t = *reinterpret_cast<const v16fu*>(x + i) - *reinterpret_cast<const v16fu*>(g + r * d + i);
+        acc[r] += t * t;
+      }
+  }
+  for (int64_t r = 0; r < live; ++r)
+    for (int64_t i = dv; i < d; ++i) {
+      const float t = x[i] - g[r * d + i];
+      tail[r] += t * t;
+    }
+  for (int64_t r = live; r < kLanes; ++r) tail[r] = INFINITY;  // missing prototypes never enter
+  return row_sums(acc) + *reinterpret_cast<const v16f*>(tail);
+}
+
+// k = 1, l2: a finite query the blocked pass could not settle (a near-tie under its bound,
+// which scales with ||x'|| + max ||p'||). Float32 direct-difference keys have a relative error
+// below rel, so prototype j can only win if key_j (1 - rel) <= min key (1 + rel); only those
+// few get float64 keys. Falls back to the full float64 scan when no key is finite.
+inline __attribute__((always_inline)) void refine_l2_top1(const float* x, const float* P, int64_t N, int64_t d,
+                                                          float* dist, int64_t* idx) {
+  static thread_local std::vector<float> keys;
+  keys.resize((N + kLanes - 1) / kLanes * kLanes);
+  v16f lo = v16f{} + INFINITY;
+  for (int64_t j0 = 0; j0 < N; j0 += kLanes) {
+    const v16f s = group_sums_l2(x, P + j0 * d, std::min<int64_t>(kLanes, N - j0), d);
+    *reinterpret_cast<v16fu*>(keys.data() + j0) = s;
+    lo = vmin(lo, s == s ? s : lo);  // NaN (a NaN prototype) never wins
+  }
+  const double best = spread_min(lo)[0];
+  if (!(best < ps::kHuge)) return ps::exact_query<2>(x, P, d, N, d, 1, ps::kL2, dist, idx);
+  const double beta = ps::gamma32(d + 3), rel = beta / (1.0 - beta), cut = best * (1.0 + rel);
+  double be = INFINITY;
+  int64_t bj = -1;
+  for (int64_t j = 0; j < N; ++j) {
+    if (!(keys[j] * (1.0 - rel) <= cut)) continue;
+    const double e = exact_key_f32(x, P + j * d, d, ps::kL2, 0.0);
+    if (e == e && (bj < 0 || ps::before(e, j, be, bj))) be = e, bj = j;
+  }
+  if (bj < 0) return ps::exact_query<2>(x, P, d, N, d, 1, ps::kL2, dist, idx);
+  dist[0] = static_cast<float>(be);
+  idx[0] = bj;
+}
+
+}  // namespace pyeditor::search_cpu
