@@ -64,6 +64,8 @@ def run_benchmark(benchmark, ctx: Context, bw: dict, case: Case, impl: str, warm
     info.update(label=case.label, impl=impl, backend=ctx.backend or "auto", bytes=prep.bytes_moved,
                 copy_gbps=bw["copy_gbps"], roofline_s=roofline_s(prep.bytes_moved, bw["copy_gbps"]))
     if ref is not None:
+        if impl in prep.convert:
+            result = prep.convert[impl](result)
         info["max_abs_err"] = err = max_abs_err(result, ref)
     del result
     benchmark(fn)

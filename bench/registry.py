@@ -44,6 +44,9 @@ class Prepared:
     derive: Optional[Callable[[dict[str, dict[str, Any]]], dict[str, Any]]] = None
     # overrides of the runner's timing arguments for this case (e.g. fewer reps for a slow peer)
     timing: dict[str, Any] = field(default_factory=dict)
+    # impl -> fn(output) -> the tensor compared with the reference; applied outside the timed
+    # call, so each impl is timed on its own library call and output type only
+    convert: dict[str, Callable[[Any], torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,10 @@ def run_case(case: Case, ctx: Context, timing_kw: Optional[dict] = None) -> dict
         entry = impls[name] = r.as_dict()
         if ref is not None:
             try:
-                entry["max_abs_err"] = err = max_abs_err(fn(), ref)
+                got = fn()
+                if name in prep.convert:
+                    got = prep.convert[name](got)
+                entry["max_abs_err"] = err = max_abs_err(got, ref)
                 if prep.tol is not None and not err <= prep.tol:
                     entry["error_above_tol"] = True
             except Exception as e:
