@@ -127,8 +127,13 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   at::parallel_for(0, items, grain, [&](int64_t ibegin, int64_t iend) {
     const int64_t begin = starts.empty() ? ibegin : starts[ibegin];
     const int64_t end = starts.empty() ? iend : starts[iend];
-    std::vector<float> accf(fast ? 0 : m * q::kTileN), wbuf(fast ? 0 : kp * q::kTileN);
-    std::vector<int32_t> acci(fast ? m * q::kTileN : 0);
+    // per-thread scratch, grown when needed and never cleared (the kernels write before they
+    // read): a fresh zeroed 256 KiB decode buffer per work item cost a quarter of a 2-bit GEMV
+    static thread_local std::vector<float> accf, wbuf;
+    static thread_local std::vector<int32_t> acci;
+    if (!fast && accf.size() < static_cast<size_t>(m * q::kTileN)) accf.resize(m * q::kTileN);
+    if (!fast && wbuf.size() < static_cast<size_t>(kp * q::kTileN)) wbuf.resize(kp * q::kTileN);
+    if (fast && acci.size() < static_cast<size_t>(m * q::kTileN)) acci.resize(m * q::kTileN);
     for (int64_t t = begin; t < end; ++t) {
       const Tile& tile = tiles[t];
       if (fast)
