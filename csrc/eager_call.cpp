@@ -1,13 +1,15 @@
 // Eager fast path for one device's CPU search: Python calls nearest_prototype_cpu directly,
 // skipping the Python-side checks and the dispatcher's argument boxing (together about 2.5 us
-// of a one-query call). It takes only valid calls on plain dense CPU tensors with no dispatch
-// or torch-function mode, functorch layer or other thread-local dispatch key active; for
-// anything else it returns None and the caller takes the checked path to the registered op
-// torch.ops.pyeditor.nearest_prototype (which also raises the errors for bad input).
+// of a one-query call). It takes only valid calls on plain CPU tensors (dense, strided, no
+// nested / zero / conjugate / subclass / functorch / functional wrapper) with no dispatch or
+// torch-function mode active; for anything else it returns None and the caller takes the
+// checked path to the registered op torch.ops.pyeditor.nearest_prototype (which also raises the
+// errors for bad input).
 #include <Python.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstring>
@@ -17,11 +19,22 @@
 namespace pyeditor {
 namespace {
 
-bool plain_float_cpu(const at::Tensor& t) {
-  return t.defined() && t.device().is_cpu() && t.layout() == at::kStrided && t.has_storage() &&
-         !t.unsafeGetTensorImpl()->is_python_dispatch() && !t.is_neg() && !t.is_conj() &&
-         t.dim() == 2 && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
-                          t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16);
+// The dispatch keys of a plain CPU tensor (inference tensors have a subset); anything else
+// (nested, zero tensor, conjugate / negative views, Python subclasses, functorch and
+// functionalization wrappers, other devices) adds a key outside this set.
+const c10::DispatchKeySet& plain_cpu_keys() {
+  static const c10::DispatchKeySet keys({c10::DispatchKey::CPU, c10::DispatchKey::AutogradCPU,
+                                         c10::DispatchKey::ADInplaceOrView, c10::DispatchKey::AutocastCPU});
+  return keys;
+}
+
+bool plain_float_matrix(const at::Tensor& t) {
+  // (operator- keeps backend bits, so test the subset relation with &)
+  if (!t.defined() || (t.key_set() & plain_cpu_keys()) != t.key_set() || !t.device().is_cpu() ||
+      t.layout() != at::kStrided || !t.has_storage() || t.dim() != 2)
+    return false;
+  const auto s = t.scalar_type();
+  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
 }
 
 bool no_modes() {
@@ -31,41 +44,46 @@ bool no_modes() {
          !at::impl::torch_function_mode_enabled();
 }
 
+// Releases the GIL for its lifetime, and takes it back on every exit, exceptions included.
+struct NoGil {
+  PyThreadState* state = PyEval_SaveThread();
+  ~NoGil() { PyEval_RestoreThread(state); }
+};
+
 }  // namespace
 
 PyObject* search_cpu_eager(PyObject* /*self*/, PyObject* args) {
-  PyObject *xo = nullptr, *po = nullptr, *ko = nullptr;
-  const char* metric = nullptr;
-  if (!PyArg_ParseTuple(args, "OOOs", &xo, &po, &ko, &metric)) return nullptr;
-  if (!THPVariable_Check(xo) || !THPVariable_Check(po) || !PyLong_CheckExact(ko)) Py_RETURN_NONE;
+  HANDLE_TH_ERRORS
+  PyObject *xo = nullptr, *po = nullptr, *ko = nullptr, *mo = nullptr;
+  if (!PyArg_ParseTuple(args, "OOOO", &xo, &po, &ko, &mo)) return nullptr;
+  if (!THPVariable_Check(xo) || !THPVariable_Check(po) || !PyLong_CheckExact(ko) || !PyUnicode_Check(mo))
+    Py_RETURN_NONE;
   const long long k = PyLong_AsLongLong(ko);
   if (k == -1 && PyErr_Occurred()) {
     PyErr_Clear();
     Py_RETURN_NONE;
   }
+  const char* metric = PyUnicode_AsUTF8(mo);
+  if (metric == nullptr) return nullptr;
   const at::Tensor& x = THPVariable_Unpack(xo);
   const at::Tensor& p = THPVariable_Unpack(po);
   const bool metric_ok = !std::strcmp(metric, "l2") || !std::strcmp(metric, "ip") || !std::strcmp(metric, "cosine");
-  if (!metric_ok || !plain_float_cpu(x) || !plain_float_cpu(p) || x.size(1) != p.size(1) || k < 1 ||
+  if (!metric_ok || !plain_float_matrix(x) || !plain_float_matrix(p) || x.size(1) != p.size(1) || k < 1 ||
       k > p.size(0) || !no_modes())
     Py_RETURN_NONE;
-  try {
-    // the profiler still sees the call under the op's name (a flag test when it is off)
-    RECORD_FUNCTION("pyeditor::nearest_prototype", std::vector<c10::IValue>({x, p}));
-    std::tuple<at::Tensor, at::Tensor> out;
-    if (x.size(0) * p.size(0) * p.size(1) < (int64_t(1) << 20)) {
-      out = nearest_prototype_cpu(x, p, k, metric);
-    } else {  // long searches let other Python threads run
-      Py_BEGIN_ALLOW_THREADS
-      out = nearest_prototype_cpu(x, p, k, metric);
-      Py_END_ALLOW_THREADS
-    }
-    return Py_BuildValue("(NN)", THPVariable_Wrap(std::move(std::get<0>(out))),
-                         THPVariable_Wrap(std::move(std::get<1>(out))));
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
+  // the profiler still sees the call under the op's name (a flag test when it is off)
+  RECORD_FUNCTION("pyeditor::nearest_prototype", std::vector<c10::IValue>({x, p}));
+  std::tuple<at::Tensor, at::Tensor> out;
+  const double work = static_cast<double>(x.size(0)) * static_cast<double>(p.size(0)) * static_cast<double>(p.size(1));
+  if (work < static_cast<double>(1 << 20)) {
+    out = nearest_prototype_cpu(x, p, k, metric);
+  } else {  // long searches let other Python threads run
+    NoGil released;
+    out = nearest_prototype_cpu(x, p, k, metric);
   }
+  return Py_BuildValue("(NN)", THPVariable_Wrap(std::move(std::get<0>(out))),
+                       THPVariable_Wrap(std::move(std::get<1>(out))));
+  END_HANDLE_TH_ERRORS
 }
 
 }  // namespace pyeditor

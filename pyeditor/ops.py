@@ -235,8 +235,14 @@ def _unit_rows64(v: Tensor) -> Tensor:
 
 
 def _gamma32(n: int) -> float:
+    # search_math.h gamma32: infinite once the bound would reach 1
     nu = n * 2.0 ** -24
-    return 2.0 * nu / (1.0 - nu)
+    return 2.0 * nu / (1.0 - nu) if nu < 1.0 / 3.0 else float("inf")
+
+
+def _underflow_err(n: int) -> float:
+    # search_math.h underflow_err: float32 products below the normal range err absolutely
+    return (n + 4) * 2.0 ** -148
 
 
 def _search_triton(x: Tensor, prototypes: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
@@ -284,7 +290,7 @@ def _search_triton(x: Tensor, prototypes: Tensor, k: int, metric: str) -> tuple[
                           l2=l2, scale=2.0 if l2 else 1.0, exact=False, first=j == 0)
             keys[:, j], ids[:, j] = out_k, out_i
         span = (nx + pmax).square() if l2 else nx * pmax
-        bound = torch.where(span < 1e36, _gamma32(d + 8) * span, float("inf"))
+        bound = torch.where(span < 1e36, _gamma32(d + 8) * span + _underflow_err(d), float("inf"))
         ak = keys[:, k - 1].to(torch.float64)
         ok = (ids[:, k - 1] == -1) | (ak.abs() < 1e36)
         if kk > k:

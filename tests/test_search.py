@@ -225,6 +225,34 @@ def test_cpp_checks_itself():
         op(x.int(), p, 1, "l2")
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_underflowing_keys(backend, device):
+    # squares below float32's smallest subnormal round to 0 or 2^-149 with an absolute error no
+    # relative bound covers: a = 2.6204e-23 gives 0.98 x 2^-149 in float64 but 0 in float32
+    a, b = 2.6204e-23, 2.6733e-23
+    p = torch.tensor([[a, a], [b, 0.0]])
+    for batch in (1, 40):  # the CPU's direct and blocked passes
+        x = torch.zeros(batch, 2)
+        for k in (1, 2):
+            got = pyeditor.nearest_prototype(x.to(device), p.to(device), k, "l2", backend=backend)
+            assert torch.equal(got[1].cpu(), ref.nearest_prototype(x, p, k, "l2")[1]), (batch, k)
+    # cosine: a prototype with a tiny (underflowing) norm still has its true direction
+    pc = torch.tensor([[1e-30, 0.0], [0.6, 0.8]])
+    xc = torch.tensor([[1.0, 0.0]]).expand(40, 2)
+    for batch in (1, 40):
+        got = pyeditor.nearest_prototype(xc[:batch].to(device), pc.to(device), 1, "cosine", backend=backend)
+        assert torch.equal(got[1].cpu(), ref.nearest_prototype(xc[:batch], pc, 1, "cosine")[1])
+
+
+def test_bound_for_huge_d():
+    # at d ~ 6M the float32 relative bound would reach 1 (and turn negative): it must reject
+    d = 6_000_000
+    x, p = torch.zeros(1, d), torch.ones(2, d)
+    p[1, 0] = 1 - 2.0 ** -24
+    for backend in ("cpu", "reference"):
+        assert pyeditor.nearest_prototype(x, p, 1, backend=backend)[1].item() == 1, backend
+
+
 @pytest.mark.skipif("cpu" not in pyeditor.backends.available("cpu"), reason="needs the C++ extension")
 def test_eager_cpu_call_and_its_fallbacks():
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -256,10 +284,16 @@ def test_eager_cpu_call_and_its_fallbacks():
         d, i = pyeditor.nearest_prototype(fake.from_tensor(x), fake.from_tensor(p), 2)
     assert i.shape == (3, 2) and i.dtype == torch.int64
     # anything but a valid plain call answers None (the checked path then raises)
-    for args in [(x, p, 0, "l2"), (x, p, 21, "l2"), (x, p, True, "l2"), (x, p, 1, "l1"), (x[0], p, 1, "l2"),
-                 (x[:, :3], p, 1, "l2"), (x.int(), p, 1, "l2"), (x, p.to("meta"), 1, "l2"),
-                 (x.to(torch.float8_e4m3fn), p, 1, "l2")]:
+    nested = torch.nested.nested_tensor([torch.randn(8), torch.randn(8)])
+    ragged = torch.nested.nested_tensor([torch.randn(8), torch.randn(5)])
+    for args in [(x, p, 0, "l2"), (x, p, 21, "l2"), (x, p, True, "l2"), (x, p, 1, "l1"), (x, p, 1, None),
+                 (x[0], p, 1, "l2"), (x[:, :3], p, 1, "l2"), (x.int(), p, 1, "l2"), (x, p.to("meta"), 1, "l2"),
+                 (x.to(torch.float8_e4m3fn), p, 1, "l2"), (nested, p, 1, "l2"), (ragged, p, 1, "l2"),
+                 (torch._efficientzerotensor(3, 8), p, 1, "l2")]:
         assert _ext.search_cpu_eager(*args) is None, args
+    # an error inside the kernel (here: no memory for a 2^40-row result) is raised, GIL held
+    with pytest.raises(RuntimeError):
+        _ext.search_cpu_eager(x[:1].expand(2 ** 40, 8), p, 1, "l2")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -130,7 +130,7 @@ inline __attribute__((always_inline)) void finish_query(const BlockJob& job, int
     const double pmax = job.pk->pmax;
     const double xnorm = std::sqrt(static_cast<double>(n2) * (1.0 + ps::gamma32(d + 2)));  // >= ||x'||
     const double span = metric == ps::kL2 ? (xnorm + pmax) * (xnorm + pmax) : xnorm * pmax;
-    ps::Bound b{span < ps::kHuge ? ps::gamma32(d + 8) * span : INFINITY, 0.0};
+    ps::Bound b{span < ps::kHuge ? ps::gamma32(d + 8) * span + ps::underflow_err(d) : INFINITY, 0.0};
     const double xn = metric == ps::kCosine ? ps::norm64(xr, d) : 0.0;
     auto exact = [&](int64_t j) { return exact_key_f32(xr, job.P + j * d, d, metric, xn); };
     if (ps::accept_fast(top, k, b, metric, exact, dist, idx)) return;
@@ -244,6 +244,37 @@ inline __attribute__((always_inline)) void tile16(const float* tile, int64_t dpa
 // ps::accept_fast for k = 1 on 16 queries at once (float64 lanes, two halves): a query's
 // winner is accepted when its centred norm is finite, its key is below kHuge and the second
 // key's lower bound lies above the winner's upper bound. All-ones lanes are accepted.
+// k = 1, l2: a finite query the blocked pass could not settle (a near-tie under its bound,
+// which scales with ||x'|| + max ||p'||). Float32 direct-difference keys err by at most
+// uf + rel * key (relative, plus underflow), so prototype j can only win if
+// key_j (1 - rel) - uf <= min key (1 + rel) + uf; only those few get float64 keys. Falls back to
+// the full float64 scan when no key is finite or the bound is not.
+inline __attribute__((always_inline)) void refine_l2_top1(const float* x, const float* P, int64_t N, int64_t d,
+                                                          float* dist, int64_t* idx) {
+  static thread_local std::vector<float> keys;
+  keys.resize((N + kLanes - 1) / kLanes * kLanes);
+  v16f lo = v16f{} + INFINITY;
+  for (int64_t j0 = 0; j0 < N; j0 += kLanes) {
+    const v16f s = group_sums_l2(x, P + j0 * d, std::min<int64_t>(kLanes, N - j0), d);
+    *reinterpret_cast<v16fu*>(keys.data() + j0) = s;
+    lo = vmin(lo, s == s ? s : lo);  // NaN (a NaN prototype) never wins
+  }
+  const double best = spread_min(lo)[0];
+  const double rel = ps::rel_of(ps::gamma32(d + 3)), uf = ps::underflow_err(d);
+  if (!(best < ps::kHuge) || !(rel < 1.0)) return ps::exact_query<2>(x, P, d, N, d, 1, ps::kL2, dist, idx);
+  const double cut = best * (1.0 + rel) + 2.0 * uf;
+  double be = INFINITY;
+  int64_t bj = -1;
+  for (int64_t j = 0; j < N; ++j) {
+    if (!(keys[j] * (1.0 - rel) <= cut)) continue;  // NaN keys too
+    const double e = exact_key_f32(x, P + j * d, d, ps::kL2, 0.0);
+    if (e == e && (bj < 0 || ps::before(e, j, be, bj))) be = e, bj = j;
+  }
+  if (bj < 0) return ps::exact_query<2>(x, P, d, N, d, 1, ps::kL2, dist, idx);
+  dist[0] = static_cast<float>(be);
+  idx[0] = bj;
+}
+
 template <int H> inline __attribute__((always_inline)) v8d half_f64(v16f v) {
   return __builtin_convertvector(__builtin_shufflevector(v, v, 8 * H, 8 * H + 1, 8 * H + 2, 8 * H + 3, 8 * H + 4,
                                                          8 * H + 5, 8 * H + 6, 8 * H + 7),
@@ -252,20 +283,22 @@ template <int H> inline __attribute__((always_inline)) v8d half_f64(v16f v) {
 
 template <int H>
 inline __attribute__((always_inline)) v8l accept_half(const Best2& best, v16f n2, double inflate, double g,
-                                                      double pmax, bool l2) {
+                                                      double uf, double pmax, bool l2) {
   const v8d n2d = half_f64<H>(n2), k1 = half_f64<H>(best.k1), k2 = half_f64<H>(best.k2);
   v8d xn;
   for (int l = 0; l < 8; ++l) xn[l] = std::sqrt(n2d[l] * inflate);  // >= ||x'||; NaN / inf stay so
   const v8d span = l2 ? (xn + pmax) * (xn + pmax) : xn * pmax;
-  const v8d abs_err = g * span;
+  const v8d abs_err = g * span + uf;
   const v8d ak = k1 < 0 ? -k1 : k1;
   return (n2d < INFINITY) & (ak < ps::kHuge) & (span < ps::kHuge) & (k2 - abs_err > k1 + abs_err);
 }
 
 inline __attribute__((always_inline)) v16i accept_top1(const Best2& best, v16f n2, const BlockJob& job) {
   const double inflate = 1.0 + ps::gamma32(job.d + 2), g = ps::gamma32(job.d + 8), pmax = job.pk->pmax;
+  const double uf = ps::underflow_err(job.d);
   const bool l2 = job.metric == ps::kL2;
-  const v8l lo = accept_half<0>(best, n2, inflate, g, pmax, l2), hi = accept_half<1>(best, n2, inflate, g, pmax, l2);
+  const v8l lo = accept_half<0>(best, n2, inflate, g, uf, pmax, l2);
+  const v8l hi = accept_half<1>(best, n2, inflate, g, uf, pmax, l2);
   v16i ok;
   for (int l = 0; l < 8; ++l) ok[l] = static_cast<int32_t>(lo[l]), ok[8 + l] = static_cast<int32_t>(hi[l]);
   return ok;

@@ -48,8 +48,7 @@ inline __attribute__((always_inline)) ps::Bound direct_l2(const float* x, const 
     for (int64_t i = dv; i < d; ++i) s += (x[i] - p[i]) * (x[i] - p[i]);
     top.push(s, j);
   }
-  const double beta = ps::gamma32(d + 3);
-  return {0.0, beta / (1.0 - beta)};
+  return {ps::underflow_err(d), ps::rel_of(ps::gamma32(d + 3))};
 }
 
 // direct_l2 for k = 1: the group sums kept as the best two per lane; the 32 lane candidates
@@ -67,8 +66,7 @@ inline __attribute__((always_inline)) ps::Bound direct_l2_top1(const float* x, c
     if (best.i1[l] >= 0) top.push(best.k1[l], best.i1[l]);
     if (best.i2[l] >= 0) top.push(best.k2[l], best.i2[l]);
   }
-  const double beta = ps::gamma32(d + 3);
-  return {0.0, beta / (1.0 - beta)};
+  return {ps::underflow_err(d), ps::rel_of(ps::gamma32(d + 3))};
 }
 
 template <int CAP>

@@ -37,8 +37,8 @@ struct BlockJob {
 // 16-wide panels for the blocked pass.
 Packed pack_prototypes(const float* P, int64_t N, int64_t d, int metric, const std::vector<int64_t>& valid);
 
-// Blocked pass over job.rows queries with a top-(k+1) list of capacity cap (k = 1: the
-// 16-query transposed tile).
+// Blocked pass over job.rows queries with a top-(k+1) list of capacity cap (k = 1 with at
+// least two packed prototypes: the 16-query transposed tile).
 void blocked_job(const BlockJob& job, int cap);
 
 // Direct pass over queries [q0, q1) against the raw prototypes (small batches).

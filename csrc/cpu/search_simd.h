@@ -153,7 +153,7 @@ inline __attribute__((always_inline)) void offer(Best2& b, v16f v, v16i lane) {
 
 // Float32 sum of (x - p_r)^2 over d for the `live` (<= 16) prototype rows of g (lane r; lanes
 // >= live read +inf), 16 rows at a time so that one butterfly (row_sums) reduces all 16 sums.
-// Its error is relative: below gamma32(d + 3) of the sum, whatever the order.
+// Its error is below gamma32(d + 3) of the sum, whatever the order, plus underflow_err(d).
 inline __attribute__((always_inline)) v16f group_sums_l2(const float* x, const float* g, int64_t live, int64_t d) {
   const int64_t dv = d / kLanes * kLanes;
   v16f acc[kLanes];
@@ -183,35 +183,6 @@ inline __attribute__((always_inline)) v16f group_sums_l2(const float* x, const f
     }
   for (int64_t r = live; r < kLanes; ++r) tail[r] = INFINITY;  // missing prototypes never enter
   return row_sums(acc) + *reinterpret_cast<const v16f*>(tail);
-}
-
-// k = 1, l2: a finite query the blocked pass could not settle (a near-tie under its bound,
-// which scales with ||x'|| + max ||p'||). Float32 direct-difference keys have a relative error
-// below rel, so prototype j can only win if key_j (1 - rel) <= min key (1 + rel); only those
-// few get float64 keys. Falls back to the full float64 scan when no key is finite.
-inline __attribute__((always_inline)) void refine_l2_top1(const float* x, const float* P, int64_t N, int64_t d,
-                                                          float* dist, int64_t* idx) {
-  static thread_local std::vector<float> keys;
-  keys.resize((N + kLanes - 1) / kLanes * kLanes);
-  v16f lo = v16f{} + INFINITY;
-  for (int64_t j0 = 0; j0 < N; j0 += kLanes) {
-    const v16f s = group_sums_l2(x, P + j0 * d, std::min<int64_t>(kLanes, N - j0), d);
-    *reinterpret_cast<v16fu*>(keys.data() + j0) = s;
-    lo = vmin(lo, s == s ? s : lo);  // NaN (a NaN prototype) never wins
-  }
-  const double best = spread_min(lo)[0];
-  if (!(best < ps::kHuge)) return ps::exact_query<2>(x, P, d, N, d, 1, ps::kL2, dist, idx);
-  const double beta = ps::gamma32(d + 3), rel = beta / (1.0 - beta), cut = best * (1.0 + rel);
-  double be = INFINITY;
-  int64_t bj = -1;
-  for (int64_t j = 0; j < N; ++j) {
-    if (!(keys[j] * (1.0 - rel) <= cut)) continue;
-    const double e = exact_key_f32(x, P + j * d, d, ps::kL2, 0.0);
-    if (e == e && (bj < 0 || ps::before(e, j, be, bj))) be = e, bj = j;
-  }
-  if (bj < 0) return ps::exact_query<2>(x, P, d, N, d, 1, ps::kL2, dist, idx);
-  dist[0] = static_cast<float>(be);
-  idx[0] = bj;
 }
 
 }  // namespace pyeditor::search_cpu

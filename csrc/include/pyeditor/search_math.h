@@ -35,11 +35,20 @@ constexpr int kMaxK = 32;          // largest k the fixed-capacity lists serve (
 constexpr double kUnit = 5.9604644775390625e-8;  // float32 unit roundoff 2^-24
 constexpr double kHuge = 1e36;     // above this a float32 key might have overflowed
 
-// gamma_n = n u / (1 - n u): the classic bound on n float32 roundings, doubled for slack.
+// gamma_n = n u / (1 - n u): the classic bound on n float32 roundings, doubled for slack;
+// infinite once it would reach 1 (n > ~5.6M), where rel_of below would turn negative.
 PE_HD double gamma32(int64_t n) {
   const double nu = static_cast<double>(n) * kUnit;
-  return nu < 0.5 ? 2.0 * nu / (1.0 - nu) : INFINITY;
+  return nu < 1.0 / 3.0 ? 2.0 * nu / (1.0 - nu) : INFINITY;
 }
+
+// The Bound::rel of a result whose error is at most beta times its exact value.
+PE_HD double rel_of(double beta) { return beta < 1.0 ? beta / (1.0 - beta) : INFINITY; }
+
+// Absolute error from underflow, which no relative bound covers: each of n float32 products or
+// squares below the normal range is off by up to half the smallest subnormal (2^-150). Doubled,
+// plus slack for the few other roundings of a key.
+PE_HD double underflow_err(int64_t n) { return static_cast<double>(n + 4) * 0x1p-148; }
 
 // ---------------------------------------------------------------- exact float64 keys
 template <class T> PE_HD double norm64(const T* v, int64_t d) {
@@ -90,6 +99,12 @@ template <class T> PE_HD bool row_finite(const T* x, int64_t d) {
   PE_SIMD_SUM_S
   for (int64_t i = 0; i < d; ++i) s += x[i] * T(0);
   return s == T(0);
+}
+
+template <class T> PE_HD bool row_is_zero(const T* x, int64_t d) {
+  for (int64_t i = 0; i < d; ++i)
+    if (x[i] != T(0)) return false;
+  return true;
 }
 
 // Writes k results of one query: distances (as O) and indices.
@@ -195,13 +210,13 @@ PE_HD Bound direct_fast(const float* x, const float* P, int64_t ldp, int64_t N, 
       }
       top.push(s, j);
     }
-    const double beta = gamma32(d + 3);
-    return {0.0, beta / (1.0 - beta)};
+    return {underflow_err(d), rel_of(gamma32(d + 3))};
   }
   float xn2 = 0.f;
   PE_SIMD_SUM_XN
   for (int64_t i = 0; i < d; ++i) xn2 += x[i] * x[i];
   double pmax = 0.0, raw_max = 0.0;
+  bool tiny = false;  // cosine: a nonzero prototype whose float32 norm is unreliable
   for (int64_t j = 0; j < N; ++j) {
     const float* p = P + j * ldp;
     float s = 0.f, pn2 = 0.f;
@@ -211,6 +226,9 @@ PE_HD Bound direct_fast(const float* x, const float* P, int64_t ldp, int64_t N, 
       pn2 += p[i] * p[i];
     }
     if (pn2 > raw_max) raw_max = pn2;  // NaN rows are skipped by the comparison
+    // ||p||^2 below 2^-60 (or underflowed to 0 from nonzero entries): dividing by it would
+    // blow the underflow error of x.p up without bound
+    if (metric == kCosine && pn2 < 0x1p-60f && (pn2 > 0.f || !row_is_zero(p, d))) tiny = true;
     top.push(metric == kCosine ? (pn2 == 0.f ? -0.f : -s / sqrtf(pn2)) : -s, j);
   }
   pmax = metric == kCosine ? 1.0 : raw_max;
@@ -218,8 +236,9 @@ PE_HD Bound direct_fast(const float* x, const float* P, int64_t ldp, int64_t N, 
   const double xn = sqrt(static_cast<double>(xn2) * (1.0 + gamma32(d)));
   const double pn = sqrt(pmax * (1.0 + gamma32(d)));
   // products near float32's range may have overflowed: then nothing is certain
-  if (!(xn * sqrt(raw_max) < kHuge)) return {INFINITY, 0.0};
-  return {gamma32(d + 8) * xn * pn, 0.0};
+  if (!(xn * sqrt(raw_max) < kHuge) || tiny) return {INFINITY, 0.0};
+  // cosine keys divide x.p (and its underflow error) by ||p|| >= 2^-30
+  return {gamma32(d + 8) * xn * pn + underflow_err(d) * (metric == kCosine ? 0x1p30 : 1.0), 0.0};
 }
 
 }  // namespace pe::search
