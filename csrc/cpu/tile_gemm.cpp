@@ -13,44 +13,60 @@
 namespace pyeditor::cpu {
 namespace {
 
+// The same chunked summation as the SIMD kernels (a zeroed partial per kSumChunk steps of k).
 template <class A>
 void tile_gemm_portable(const A* a, int64_t rows, int64_t kc, const A* tile, A* acc) {
+  A part[kTileN];
   for (int64_t r = 0; r < rows; ++r) {
     A* out = acc + r * kTileN;
     const A* ar = a + r * kc;
-    for (int64_t k = 0; k < kc; ++k) {
-      const A s = ar[k];
-      const A* t = tile + k * kTileN;
-      for (int64_t j = 0; j < kTileN; ++j) out[j] += s * t[j];
+    for (int64_t k0 = 0; k0 < kc; k0 += kSumChunk) {
+      const int64_t k1 = k0 + kSumChunk < kc ? k0 + kSumChunk : kc;
+      for (int64_t j = 0; j < kTileN; ++j) part[j] = A(0);
+      for (int64_t k = k0; k < k1; ++k) {
+        const A s = ar[k];
+        const A* t = tile + k * kTileN;
+        for (int64_t j = 0; j < kTileN; ++j) part[j] += s * t[j];
+      }
+      for (int64_t j = 0; j < kTileN; ++j) out[j] += part[j];
     }
   }
 }
 
 #ifdef PE_HAVE_X86
-// R rows (1..6) of the 64-wide tile: 4R accumulators stay in zmm registers across all of kc.
+// R rows (1..6) of the 64-wide tile: 4R accumulators stay in zmm registers for kSumChunk steps of k,
+// starting from zero, and each chunk's sum is then added to acc. Summing in chunks keeps the float32
+// rounding error of long reductions (d x in the edited_linear backward sums over n_out) close to
+// that of a blocked BLAS instead of one sequential chain over all of K, for ~3% more adds.
 template <int R>
 __attribute__((target("avx512f"))) inline void block_avx512(const float* a, int64_t kc, const float* tile,
                                                             float* acc) {
-  __m512 c[R][4];
+  for (int64_t k0 = 0; k0 < kc; k0 += kSumChunk) {
+    const int64_t k1 = k0 + kSumChunk < kc ? k0 + kSumChunk : kc;
+    __m512 c[R][4];
 #pragma GCC unroll 6
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 4; ++v) c[r][v] = _mm512_loadu_ps(acc + r * kTileN + 16 * v);
-  for (int64_t k = 0; k < kc; ++k) {
-    const float* t = tile + k * kTileN;
-    const __m512 b0 = _mm512_loadu_ps(t), b1 = _mm512_loadu_ps(t + 16), b2 = _mm512_loadu_ps(t + 32),
-                 b3 = _mm512_loadu_ps(t + 48);
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < 4; ++v) c[r][v] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k1; ++k) {
+      const float* t = tile + k * kTileN;
+      const __m512 b0 = _mm512_loadu_ps(t), b1 = _mm512_loadu_ps(t + 16), b2 = _mm512_loadu_ps(t + 32),
+                   b3 = _mm512_loadu_ps(t + 48);
 #pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      const __m512 s = _mm512_set1_ps(a[r * kc + k]);
-      c[r][0] = _mm512_fmadd_ps(s, b0, c[r][0]);
-      c[r][1] = _mm512_fmadd_ps(s, b1, c[r][1]);
-      c[r][2] = _mm512_fmadd_ps(s, b2, c[r][2]);
-      c[r][3] = _mm512_fmadd_ps(s, b3, c[r][3]);
+      for (int r = 0; r < R; ++r) {
+        const __m512 s = _mm512_set1_ps(a[r * kc + k]);
+        c[r][0] = _mm512_fmadd_ps(s, b0, c[r][0]);
+        c[r][1] = _mm512_fmadd_ps(s, b1, c[r][1]);
+        c[r][2] = _mm512_fmadd_ps(s, b2, c[r][2]);
+        c[r][3] = _mm512_fmadd_ps(s, b3, c[r][3]);
+      }
     }
-  }
 #pragma GCC unroll 6
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(acc + r * kTileN + 16 * v, c[r][v]);
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < 4; ++v) {
+        float* o = acc + r * kTileN + 16 * v;
+        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), c[r][v]));
+      }
+  }
 }
 
 __attribute__((target("avx512f"))) void tile_gemm_avx512(const float* a, int64_t rows, int64_t kc,
@@ -69,27 +85,34 @@ __attribute__((target("avx512f"))) void tile_gemm_avx512(const float* a, int64_t
   }
 }
 
-// R rows (1..3) of one 32-column half of the tile (`tile` and `acc` point at the half).
+// R rows (1..3) of one 32-column half of the tile (`tile` and `acc` point at the half), summed in
+// chunks of kSumChunk steps of k like the AVX-512 kernel.
 template <int R>
 __attribute__((target("avx2,fma"))) inline void block_avx2(const float* a, int64_t kc, const float* tile,
                                                            float* acc) {
-  __m256 c[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 4; ++v) c[r][v] = _mm256_loadu_ps(acc + r * kTileN + 8 * v);
-  for (int64_t k = 0; k < kc; ++k) {
-    const float* t = tile + k * kTileN;
-    const __m256 b0 = _mm256_loadu_ps(t), b1 = _mm256_loadu_ps(t + 8), b2 = _mm256_loadu_ps(t + 16),
-                 b3 = _mm256_loadu_ps(t + 24);
-    for (int r = 0; r < R; ++r) {
-      const __m256 s = _mm256_broadcast_ss(a + r * kc + k);
-      c[r][0] = _mm256_fmadd_ps(s, b0, c[r][0]);
-      c[r][1] = _mm256_fmadd_ps(s, b1, c[r][1]);
-      c[r][2] = _mm256_fmadd_ps(s, b2, c[r][2]);
-      c[r][3] = _mm256_fmadd_ps(s, b3, c[r][3]);
+  for (int64_t k0 = 0; k0 < kc; k0 += kSumChunk) {
+    const int64_t k1 = k0 + kSumChunk < kc ? k0 + kSumChunk : kc;
+    __m256 c[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < 4; ++v) c[r][v] = _mm256_setzero_ps();
+    for (int64_t k = k0; k < k1; ++k) {
+      const float* t = tile + k * kTileN;
+      const __m256 b0 = _mm256_loadu_ps(t), b1 = _mm256_loadu_ps(t + 8), b2 = _mm256_loadu_ps(t + 16),
+                   b3 = _mm256_loadu_ps(t + 24);
+      for (int r = 0; r < R; ++r) {
+        const __m256 s = _mm256_broadcast_ss(a + r * kc + k);
+        c[r][0] = _mm256_fmadd_ps(s, b0, c[r][0]);
+        c[r][1] = _mm256_fmadd_ps(s, b1, c[r][1]);
+        c[r][2] = _mm256_fmadd_ps(s, b2, c[r][2]);
+        c[r][3] = _mm256_fmadd_ps(s, b3, c[r][3]);
+      }
     }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < 4; ++v) {
+        float* o = acc + r * kTileN + 8 * v;
+        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), c[r][v]));
+      }
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(acc + r * kTileN + 8 * v, c[r][v]);
 }
 
 __attribute__((target("avx2,fma"))) void tile_gemm_avx2(const float* a, int64_t rows, int64_t kc,

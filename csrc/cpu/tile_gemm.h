@@ -11,6 +11,7 @@ namespace pyeditor::cpu {
 constexpr int64_t kTileN = 64;   // tile width; the AVX-512 kernel holds 6 x 64 accumulators
 constexpr int64_t kTileK = 256;  // tile depth
 constexpr int64_t kTileM = 128;  // rows per accumulator block
+constexpr int64_t kSumChunk = 32;  // k steps summed from zero before each add into acc (accuracy)
 
 void tile_gemm(const float* a, int64_t rows, int64_t kc, const float* tile, float* acc);
 // The float kernel tile_gemm runs here: "avx512", "avx2" or "portable".
