@@ -146,6 +146,43 @@ PE_AVX512 void decode_tile(const uint8_t* tile, int64_t blocks, float* w) {
   }
 }
 
+// Lookup-table GEMV (2 bits). In a 2-bit block byte t of a lane holds inputs t, 4+t (low nibble)
+// and 8+t, 12+t (high nibble); vpermps reads the low 4 bits of each lane, so the lane shifted
+// right by 8t (+4) indexes the pair table of those two inputs directly: 8 lookups and 8 adds per
+// 256 weights instead of 16 shift + lookup + FMA groups. Tables are stored in reading order.
+// (A 16-entry q * x_k table per input for 4 bits measured no faster than convert + FMA.)
+PE_AVX512 void build_lut_2bit(const float* x, int64_t kp, float* lut) {
+  const __m512 lo = _mm512_set_ps(3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0);
+  const __m512 hi = _mm512_set_ps(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  for (int64_t b = 0; b < kp / kTileK; ++b) {
+    const float* xs = x + b * kTileK;
+    for (int t = 0; t < 4; ++t)
+      for (int h = 0; h < 2; ++h) {
+        const __m512 v = _mm512_add_ps(_mm512_mul_ps(lo, _mm512_set1_ps(xs[8 * h + t])),
+                                       _mm512_mul_ps(hi, _mm512_set1_ps(xs[8 * h + 4 + t])));
+        _mm512_storeu_ps(lut + ((b * 4 + t) * 2 + h) * 16, v);
+      }
+  }
+}
+
+PE_AVX512 void dot_lut_2bit(const uint8_t* tile, int64_t b0, int64_t b1, const float* lut, float* out) {
+  __m512 acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = b0; b < b1; ++b) {
+    const __m512i c = _mm512_loadu_si512(tile + b * 64);
+    const float* tb = lut + b * 8 * 16;
+    for (int t = 0; t < 4; ++t) {
+      const __m512i v = t ? _mm512_srli_epi32(c, 8 * t) : c;
+      acc[2 * t] = _mm512_add_ps(acc[2 * t], _mm512_permutexvar_ps(v, _mm512_loadu_ps(tb + 2 * t * 16)));
+      acc[2 * t + 1] = _mm512_add_ps(acc[2 * t + 1], _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4),
+                                                                            _mm512_loadu_ps(tb + (2 * t + 1) * 16)));
+    }
+  }
+  const __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])),
+                                 _mm512_add_ps(_mm512_add_ps(acc[4], acc[5]), _mm512_add_ps(acc[6], acc[7])));
+  _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), s));
+}
+
 template <int R>
 PE_AVX512 void rows_f32(const float* w, int64_t kp, const float* x, int64_t ldx, float* out, int64_t ldo) {
   __m512 acc[R];
@@ -277,6 +314,24 @@ void tile_dot_f32(const uint8_t* tile, int bits, int64_t blocks, const float* x,
 #endif
   (void)wbuf;
   dot_f32_scalar(tile, bits, blocks, x, ldx, m, out, ldo);
+}
+
+int64_t lut_floats(int bits, int64_t kp) { return kVnni && bits == 2 ? kp * 8 : 0; }
+
+void build_lut(int bits, const float* x, int64_t kp, float* lut) {
+#ifdef PE_QUANT_X86
+  if (kVnni && bits == 2) return build_lut_2bit(x, kp, lut);
+#endif
+  (void)bits, (void)x, (void)kp, (void)lut;
+}
+
+int64_t lut_chunk_blocks(int bits) { return bits == 2 ? 32 : 0; }  // 32 blocks: 16 KiB of tables
+
+void tile_dot_lut(const uint8_t* tile, int bits, int64_t b0, int64_t b1, const float* lut, float* out) {
+#ifdef PE_QUANT_X86
+  if (kVnni && bits == 2) return dot_lut_2bit(tile, b0, b1, lut, out);
+#endif
+  (void)tile, (void)bits, (void)b0, (void)b1, (void)lut, (void)out;
 }
 
 void tile_dot_i8(const uint8_t* tile, int bits, int64_t blocks, const int8_t* x, int64_t ldx, int64_t m,

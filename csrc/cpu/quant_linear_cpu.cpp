@@ -36,6 +36,7 @@ std::vector<Tile> tiles_of(const PackedArgs& a, const uint8_t* data) {
 }
 
 constexpr int kChunksPerThread = 8;
+constexpr int64_t kLutGroup = 8;  // tiles sharing one L1-resident chunk of lookup tables
 
 // Tile boundaries [starts[i], starts[i+1]) of chunks holding about equal bytes of codes, or {}
 // to split by tile count (chunks_per_thread == 0, or too few tiles for it to matter).
@@ -113,6 +114,18 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
                 const at::Tensor& zero, const at::Tensor& perm, const float* bias, bool fast, at::Tensor& out) {
   const int64_t m = x2.size(0), kp = q::padded_k(a.k), blocks = kp / q::kTileK, n = a.n;
   const Activations act = prepare<T>(x2, kp, fast);
+  // GEMV (few rows, exact mode): x-scaled lookup tables, built once per call for each width
+  // that has a table path; lut[bits] holds m rows of lut_floats(bits, kp) floats.
+  std::vector<float> lut[9];
+  if (!fast && m < 4) {
+    for (const auto& b : a.buckets) {
+      const int bits = static_cast<int>(b.bits);
+      const int64_t per_row = q::cpu::lut_floats(bits, kp);
+      if (per_row == 0 || !lut[bits].empty() || b.rows == 0) continue;
+      lut[bits].resize(m * per_row);
+      for (int64_t r = 0; r < m; ++r) q::cpu::build_lut(bits, act.xf.data() + r * kp, kp, lut[bits].data() + r * per_row);
+    }
+  }
   const std::vector<Tile> tiles = tiles_of(a, data.const_data_ptr<uint8_t>());
   const float* s = scale.const_data_ptr<float>();
   const uint8_t* z = zero.const_data_ptr<uint8_t>();
@@ -131,16 +144,11 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
     // read): a fresh zeroed 256 KiB decode buffer per work item cost a quarter of a 2-bit GEMV
     static thread_local std::vector<float> accf, wbuf;
     static thread_local std::vector<int32_t> acci;
-    if (!fast && accf.size() < static_cast<size_t>(m * q::kTileN)) accf.resize(m * q::kTileN);
+    if (!fast && accf.size() < static_cast<size_t>(kLutGroup * m * q::kTileN)) accf.resize(kLutGroup * m * q::kTileN);
     if (!fast && wbuf.size() < static_cast<size_t>(kp * q::kTileN)) wbuf.resize(kp * q::kTileN);
     if (fast && acci.size() < static_cast<size_t>(m * q::kTileN)) acci.resize(m * q::kTileN);
-    for (int64_t t = begin; t < end; ++t) {
-      const Tile& tile = tiles[t];
-      if (fast)
-        q::cpu::tile_dot_i8(tile.ptr, tile.bits, blocks, act.xq.data(), kp, m, acci.data(), q::kTileN);
-      else
-        q::cpu::tile_dot_f32(tile.ptr, tile.bits, blocks, act.xf.data(), kp, m, accf.data(), q::kTileN,
-                             wbuf.data());
+    // y = s * (acc - z * sum x) + bias for the m rows of one tile, into original columns
+    auto epilogue = [&](const Tile& tile, const float* af, const int32_t* ai) {
       for (int c = 0; c < q::kTileN; ++c) {
         const int64_t row = tile.row + c;
         const int32_t col = p[row];
@@ -150,14 +158,40 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
         for (int64_t r = 0; r < m; ++r) {
           float v;
           if (fast) {
-            const double acc = static_cast<double>(acci[r * q::kTileN + c]) - zr * act.sum[r];
+            const double acc = static_cast<double>(ai[r * q::kTileN + c]) - zr * act.sum[r];
             v = static_cast<float>(acc) * (sr * act.xscale[r]);
           } else {
-            v = sr * static_cast<float>(static_cast<double>(accf[r * q::kTileN + c]) - zr * act.sum[r]);
+            v = sr * static_cast<float>(static_cast<double>(af[r * q::kTileN + c]) - zr * act.sum[r]);
           }
           y[r * n + col] = static_cast<T>(v + b);
         }
       }
+    };
+    for (int64_t t = begin; t < end;) {
+      const Tile& tile = tiles[t];
+      if (!fast && !lut[tile.bits].empty()) {
+        // up to kLutGroup same-width tiles walked together, K chunk by chunk
+        int64_t g_end = t + 1;
+        while (g_end < end && g_end - t < kLutGroup && tiles[g_end].bits == tile.bits) ++g_end;
+        const int64_t per_row = static_cast<int64_t>(lut[tile.bits].size()) / m;
+        const int64_t chunk = q::cpu::lut_chunk_blocks(tile.bits);
+        std::fill(accf.begin(), accf.begin() + (g_end - t) * m * q::kTileN, 0.0f);
+        for (int64_t b0 = 0; b0 < blocks; b0 += chunk)
+          for (int64_t u = t; u < g_end; ++u)
+            for (int64_t r = 0; r < m; ++r)
+              q::cpu::tile_dot_lut(tiles[u].ptr, tile.bits, b0, std::min(blocks, b0 + chunk),
+                                   lut[tile.bits].data() + r * per_row, accf.data() + ((u - t) * m + r) * q::kTileN);
+        for (int64_t u = t; u < g_end; ++u) epilogue(tiles[u], accf.data() + (u - t) * m * q::kTileN, nullptr);
+        t = g_end;
+        continue;
+      }
+      if (fast)
+        q::cpu::tile_dot_i8(tile.ptr, tile.bits, blocks, act.xq.data(), kp, m, acci.data(), q::kTileN);
+      else
+        q::cpu::tile_dot_f32(tile.ptr, tile.bits, blocks, act.xf.data(), kp, m, accf.data(), q::kTileN,
+                             wbuf.data());
+      epilogue(tile, accf.data(), acci.data());
+      ++t;
     }
   });
 }

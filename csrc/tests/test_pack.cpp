@@ -61,8 +61,22 @@ int main() {
           EXPECT(outf[r * q::kTileN + c] == static_cast<float>(wf), "f32 bits=%d m=%ld", bits, long(m));
           EXPECT(outi[r * q::kTileN + c] == wi, "i8 bits=%d m=%ld", bits, long(m));
         }
+      // the lookup-table GEMV (where this CPU and width have one), walked in two K ranges
+      const int64_t per_row = q::cpu::lut_floats(bits, k);
+      if (per_row > 0 && m == 1) {
+        std::vector<float> lut(per_row), outl(q::kTileN, 0.0f);
+        q::cpu::build_lut(bits, x.data(), k, lut.data());
+        q::cpu::tile_dot_lut(tile.data(), bits, 0, 2, lut.data(), outl.data());
+        q::cpu::tile_dot_lut(tile.data(), bits, 2, blocks, lut.data(), outl.data());
+        for (int c = 0; c < q::kTileN; ++c) {
+          double want = 0;
+          for (int64_t i = 0; i < k; ++i) want += double(codes[c * k + i]) * x[i];
+          EXPECT(outl[c] == static_cast<float>(want), "lut bits=%d c=%d got %g want %g", bits, c, outl[c], want);
+        }
+      }
     }
   }
+  std::printf("lookup-table GEMV widths on this CPU:%s\n", q::cpu::lut_floats(2, 16) ? " 2" : " none");
   // activation quantization: every element within half a step, sum consistent, NaN/inf refused
   for (int64_t n : {1, 15, 16, 33, 300}) {
     std::vector<float> x(n);

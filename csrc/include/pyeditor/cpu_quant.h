@@ -12,6 +12,18 @@ namespace pe::quant::cpu {
 void tile_dot_f32(const uint8_t* tile, int bits, int64_t blocks, const float* x, int64_t ldx, int64_t m,
                   float* out, int64_t ldo, float* wbuf);
 
+// Exact-mode GEMV through x-scaled lookup tables (few rows): lut_floats(bits, kp) floats of
+// table per activation row, 0 when this width or CPU has no table path (then use tile_dot_f32).
+// Only 2 bits has one (AVX-512): a 16-entry table per input pair, entry i = (i & 3) x_a +
+// (i >> 2) x_b, so a table lookup (vpermps) replaces decode + multiply for two inputs at once.
+int64_t lut_floats(int bits, int64_t kp);
+void build_lut(int bits, const float* x, int64_t kp, float* lut);
+// out[c] += sum_k q[c, k] x_k over blocks [b0, b1) for one activation row given by its tables.
+// Callers walk K in lut_chunk_blocks(bits) blocks across several tiles, so that chunk's tables
+// stay in L1 (a whole row's tables, 128 KiB at K = 4096, would be re-read from L2 per tile).
+void tile_dot_lut(const uint8_t* tile, int bits, int64_t b0, int64_t b1, const float* lut, float* out);
+int64_t lut_chunk_blocks(int bits);
+
 // The same with int8 activations and exact int32 sums (u8 x s8 dot products, VNNI where present).
 void tile_dot_i8(const uint8_t* tile, int bits, int64_t blocks, const int8_t* x, int64_t ldx, int64_t m,
                  int32_t* out, int64_t ldo);
