@@ -126,6 +126,29 @@ def test_cpu_paths_every_width(m, width):
                 tol=reduction_tolerance(torch.float32, k))
 
 
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_cpu_2bit_table_gemv_across_chunks_and_groups(m):
+    """The 2-bit lookup-table GEMV walks K in 32-block chunks over groups of 8 tiles: K = 1100
+    (chunks 32 + 32 + 5 blocks) and 13 tiles (a group of 8 and one of 5), with a NaN row, an inf
+    row and a stride-0 row among the m rows."""
+    n, k = 200, 1100
+    p, qw = both(rand((n, k), seed=11), 2)
+    x = rand((m, k), seed=12)
+    tol = reduction_tolerance(torch.float32, k)
+    check_close(quant.packed_linear(x, p, backend="cpu"), ref.packed_linear(x, qw), tol=tol)
+    x0 = rand((1, 1), seed=13).expand(m, k)  # stride 0 along K
+    check_close(quant.packed_linear(x0, p, backend="cpu"), ref.packed_linear(x0, qw), tol=tol)
+    if m > 1:
+        x = x.clone()
+        x[0, 700] = math.nan
+        x[1, 5] = math.inf
+        got, want = quant.packed_linear(x, p, backend="cpu"), ref.packed_linear(x, qw)
+        assert torch.isnan(got[0]).all() and torch.isnan(want[0]).all()
+        assert torch.equal(torch.isnan(got[1]), torch.isnan(want[1]))
+        assert torch.equal(torch.isinf(got[1]), torch.isinf(want[1]))
+        check_close(got[2:], want[2:], tol=tol)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_strided_and_broadcast_x(backend, device):
     n, k = 19, 40

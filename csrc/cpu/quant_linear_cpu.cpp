@@ -256,6 +256,16 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& data, const a
       run_linear<scalar_t>(a, x2, data, scale, zero, perm, b.defined() ? b.const_data_ptr<float>() : nullptr,
                            fast, out);
     });
+    // Rows holding +-inf but no NaN: s * (sum q x - z * sum x) turns inf - inf into NaN where the
+    // reference's sum of (q - z) * s * x gives +-inf, so those rows are redone on the dequantized
+    // weight (rare; one pass over x finds them).
+    const at::Tensor inf_rows = (x2.isinf().any(1) & x2.isnan().any(1).logical_not()).nonzero().squeeze(1);
+    if (inf_rows.numel()) {
+      const at::Tensor w = quant_dequantize_cpu(data, scale, zero, perm, buckets, a.k, a.n);
+      at::Tensor y = at::matmul(x2.index_select(0, inf_rows).to(at::kFloat), w.t());
+      if (b.defined()) y = y + b;
+      out.index_copy_(0, inf_rows, y.to(out.scalar_type()));
+    }
   }
   return out.reshape(shape);
 }
