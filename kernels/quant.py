@@ -5,7 +5,8 @@ tile and BLOCK_M activation rows; it walks K in blocks of 16 inputs, decodes the
 with one gather, shift and mask per plane, and accumulates sum_k q x_k and sum_k x_k in fp32;
 scale and zero point are applied once at the end: y = s * (acc - z * sum x) + bias, stored in
 the channel's original column. GEMV (M small): a multiply-and-reduce; GEMM: tl.dot in exact
-fp32 (input_precision="ieee"). Offsets are int64.
+fp32 (input_precision="ieee"). Offsets are int64. A tile whose factored result is not finite
+(an inf input) is recomputed in the reference's order.
 """
 from __future__ import annotations
 
@@ -66,6 +67,20 @@ def _linear_tile(
     col = tl.load(perm_ptr + rows).to(tl.int64)
     ok = (col >= 0) & (col < N)
     y = s[None, :] * (acc - z[None, :] * xsum[:, None])
+    # s * (sum q x - z * sum x) turns an inf input (or a sum that overflows) into inf - inf = NaN
+    # where the reference's sum of ((q - z) * s) * x gives +-inf: a tile with any non-finite
+    # result redoes it in the reference's order (rare; costs nothing otherwise).
+    finite = tl.abs(y) < float("inf")
+    if tl.min(tl.min(finite.to(tl.int32), axis=1), axis=0) == 0:
+        ref = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+        for blk in range(0, blocks):
+            q = _block_codes(data_ptr, tile_base + blk * block_bytes, c, kk, BITS).to(tl.float32)
+            w = (q - z[:, None]) * s[:, None]
+            k = blk * 16 + kk.to(tl.int64)
+            x = tl.load(x_ptr + m[:, None] * sx_m + k[None, :] * sx_k,
+                        mask=(m[:, None] < M) & (k[None, :] < K), other=0.0).to(tl.float32)
+            ref += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        y = tl.where(finite, y, ref)
     if HAS_BIAS:
         y += tl.load(bias_ptr + col, mask=ok, other=0.0).to(tl.float32)[None, :]
     col = tl.where(ok, col, 0)

@@ -256,10 +256,15 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& data, const a
       run_linear<scalar_t>(a, x2, data, scale, zero, perm, b.defined() ? b.const_data_ptr<float>() : nullptr,
                            fast, out);
     });
-    // Rows holding +-inf but no NaN: s * (sum q x - z * sum x) turns inf - inf into NaN where the
-    // reference's sum of (q - z) * s * x gives +-inf, so those rows are redone on the dequantized
-    // weight (rare; one pass over x finds them).
-    const at::Tensor inf_rows = (x2.isinf().any(1) & x2.isnan().any(1).logical_not()).nonzero().squeeze(1);
+    // s * (sum q x - z * sum x) turns an inf input (or a sum that overflows) into inf - inf = NaN
+    // where the reference's sum of ((q - z) * s) * x gives +-inf or a finite value: rows with a
+    // non-finite result and no NaN input are redone on the dequantized weight (rare; one pass
+    // over the output finds them).
+    at::Tensor inf_rows = out.isfinite().all(1).logical_not().nonzero().squeeze(1);
+    if (inf_rows.numel()) {
+      const at::Tensor no_nan = x2.index_select(0, inf_rows).isnan().any(1).logical_not();
+      inf_rows = inf_rows.index_select(0, no_nan.nonzero().squeeze(1));
+    }
     if (inf_rows.numel()) {
       const at::Tensor w = quant_dequantize_cpu(data, scale, zero, perm, buckets, a.k, a.n);
       at::Tensor y = at::matmul(x2.index_select(0, inf_rows).to(at::kFloat), w.t());

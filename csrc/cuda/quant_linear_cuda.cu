@@ -39,6 +39,16 @@ __global__ void quant_linear_kernel(const T* x, const uint8_t* data, const float
     sum += xv;
   }
   A v = static_cast<A>(scale[row]) * (acc - static_cast<A>(zero[row]) * sum);
+  if (!isfinite(v)) {
+    // an inf input (or an overflowing sum) makes the factored form inf - inf = NaN where the
+    // reference's sum of ((q - z) * s) * x gives +-inf or a finite value: redo it in that order
+    v = 0;
+    for (int64_t i = 0; i < k; ++i) {
+      const unsigned code = q::get_code(t + (i / q::kTileK) * q::block_bytes(b.bits), static_cast<int>(b.bits), c,
+                                        static_cast<int>(i % q::kTileK));
+      v += static_cast<A>(q::dequant(code, zero[row], scale[row])) * static_cast<A>(xr[i]);
+    }
+  }
   if (bias) v += static_cast<A>(bias[col]);
   y[r * n + col] = static_cast<T>(v);
 }
