@@ -149,6 +149,32 @@ def test_cpu_2bit_table_gemv_across_chunks_and_groups(m):
         check_close(got[2:], want[2:], tol=tol)
 
 
+@pytest.mark.parametrize("amx", ["1", "0"], ids=["amx-if-present", "avx512"])
+def test_cpu_gemm_paths(monkeypatch, amx):
+    """Many rows take the AMX bf16 GEMM where the CPU has it (PYEDITOR_CPU_AMX=0 forces the
+    AVX-512 one): rows off the 16-row grid, K off the 32-input grid and past one 1024-input chunk,
+    a group of 8 tiles and a partial one, every width; rows scaled far down (bf16 parts that AMX
+    would flush as denormals) and up; NaN and inf rows; bfloat16 activations."""
+    monkeypatch.setenv("PYEDITOR_CPU_AMX", amx)
+    n, k, m = 150, 1100, 37
+    p, qw = both(rand((n, k), seed=21), rand_bits(n, seed=22))
+    x = rand((m, k), seed=23)
+    tol = reduction_tolerance(torch.float32, k)
+    check_close(quant.packed_linear(x, p, backend="cpu"), ref.packed_linear(x, qw), tol=tol)
+    for e in (-112, 100):
+        xs = x * 2.0 ** e
+        got = quant.packed_linear(xs, p, backend="cpu").double() * 2.0 ** -e
+        check_close(got, ref.packed_linear(xs, qw).double() * 2.0 ** -e, tol=tol)
+    xb = x.to(torch.bfloat16)
+    check_close(quant.packed_linear(xb, p, backend="cpu"), ref.packed_linear(xb, qw), tol=reduction_tolerance(torch.bfloat16, k))
+    x = x.clone()
+    x[3, 50], x[4, 7], x[5, 9], x[5, 10] = math.nan, math.inf, math.inf, -math.inf
+    got, want = quant.packed_linear(x, p, backend="cpu"), ref.packed_linear(x, qw)
+    assert torch.isnan(got[3]).all()
+    for fn in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(fn(got), fn(want))
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_strided_and_broadcast_x(backend, device):
     n, k = 19, 40

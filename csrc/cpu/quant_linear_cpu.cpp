@@ -37,6 +37,7 @@ std::vector<Tile> tiles_of(const PackedArgs& a, const uint8_t* data) {
 
 constexpr int kChunksPerThread = 8;
 constexpr int64_t kLutGroup = 8;  // tiles sharing one L1-resident chunk of lookup tables
+constexpr int64_t kAmxRows = 8;   // from this many rows the exact mode runs on AMX where present
 
 // Tile boundaries [starts[i], starts[i+1]) of chunks holding about equal bytes of codes, or {}
 // to split by tile count (chunks_per_thread == 0, or too few tiles for it to matter).
@@ -62,18 +63,41 @@ void check_cpu(const at::Tensor& t, const char* name) {
 
 // Rows of activations as the kernels want them.
 struct Activations {
-  std::vector<float> xf;      // fp32 [M, Kp] (exact mode)
+  std::vector<float> xf;        // fp32 [M, Kp] (exact mode)
+  std::vector<uint16_t> parts;  // AMX exact mode: bf16 [3][m16][kp32], x = hi + mid + lo
+  std::vector<double> unscale;  // AMX exact mode: per row, the power of two sums are scaled by
+  int64_t m16 = 0, kp32 = 0;
   std::vector<int8_t> xq;     // int8 [M, Kp] (fast mode)
   std::vector<double> sum;    // sum_k x (exact) or sum_k xq (fast), per row
   std::vector<float> xscale;  // fast mode: x ~= xq * xscale
 };
 
 template <class T>
-Activations prepare(const at::Tensor& x2, int64_t kp, bool fast) {
+Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx) {
   const int64_t m = x2.size(0), k = x2.size(1);
   const T* x = x2.const_data_ptr<T>();
   Activations act;
   act.sum.assign(m, 0.0);
+  if (amx) {
+    act.m16 = (m + 15) / 16 * 16;
+    act.kp32 = q::cpu::amx_padded_k(k);
+    act.parts.assign(3 * act.m16 * act.kp32, 0);
+    act.unscale.assign(m, 1.0);
+    at::parallel_for(0, m, 16, [&](int64_t b, int64_t e) {
+      std::vector<float> row(std::is_same_v<T, float> ? 0 : k);
+      for (int64_t r = b; r < e; ++r) {
+        const float* xr;
+        if constexpr (std::is_same_v<T, float>) {
+          xr = x + r * k;
+        } else {
+          for (int64_t i = 0; i < k; ++i) row[i] = static_cast<float>(x[r * k + i]);
+          xr = row.data();
+        }
+        act.unscale[r] = q::cpu::split_row_bf16(xr, k, r, act.m16, act.kp32, act.parts.data(), &act.sum[r]);
+      }
+    });
+    return act;
+  }
   if (!fast) {
     act.xf.assign(m * kp, 0.0f);
     at::parallel_for(0, m, 16, [&](int64_t b, int64_t e) {
@@ -113,7 +137,8 @@ template <class T>
 void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& data, const at::Tensor& scale,
                 const at::Tensor& zero, const at::Tensor& perm, const float* bias, bool fast, at::Tensor& out) {
   const int64_t m = x2.size(0), kp = q::padded_k(a.k), blocks = kp / q::kTileK, n = a.n;
-  const Activations act = prepare<T>(x2, kp, fast);
+  const bool amx = !fast && m >= kAmxRows && q::cpu::amx_enabled();
+  const Activations act = prepare<T>(x2, kp, fast, amx);
   // GEMV (few rows, exact mode): x-scaled lookup tables, built once per call for each width
   // that has a table path; lut[bits] holds m rows of lut_floats(bits, kp) floats.
   std::vector<float> lut[9];
@@ -131,6 +156,49 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   const uint8_t* z = zero.const_data_ptr<uint8_t>();
   const int32_t* p = perm.const_data_ptr<int32_t>();
   T* y = out.mutable_data_ptr<T>();
+  // y = s * (acc - z * sum x) + bias for the m rows of one tile, into original columns
+  auto epilogue = [&](const Tile& tile, const float* af, const int32_t* ai) {
+    for (int c = 0; c < q::kTileN; ++c) {
+      const int64_t row = tile.row + c;
+      const int32_t col = p[row];
+      if (col < 0) continue;  // padding row
+      const double zr = z[row];
+      const float sr = s[row], b = bias ? bias[col] : 0.0f;
+      for (int64_t r = 0; r < m; ++r) {
+        float v;
+        if (fast) {
+          const double acc = static_cast<double>(ai[r * q::kTileN + c]) - zr * act.sum[r];
+          v = static_cast<float>(acc) * (sr * act.xscale[r]);
+        } else {
+          const double acc = amx ? static_cast<double>(af[r * q::kTileN + c]) * act.unscale[r]
+                                 : static_cast<double>(af[r * q::kTileN + c]);
+          v = sr * static_cast<float>(acc - zr * act.sum[r]);
+        }
+        y[r * n + col] = static_cast<T>(v + b);
+      }
+    }
+  };
+  if (amx) {
+    // groups of kAmxGroup tiles; each decodes its codes once per K chunk for all rows
+    const int64_t n_tiles = static_cast<int64_t>(tiles.size());
+    const int64_t groups = (n_tiles + q::cpu::kAmxGroup - 1) / q::cpu::kAmxGroup;
+    at::parallel_for(0, groups, 1, [&](int64_t gb, int64_t ge) {
+      static thread_local std::vector<float> acc;
+      static thread_local std::vector<uint32_t> pairs;
+      acc.resize(q::cpu::kAmxGroup * act.m16 * q::kTileN);
+      pairs.resize(q::cpu::kAmxGroup * q::cpu::kAmxChunkBlocks * 128);
+      for (int64_t g = gb; g < ge; ++g) {
+        const int64_t t0 = g * q::cpu::kAmxGroup, cnt = std::min<int64_t>(q::cpu::kAmxGroup, n_tiles - t0);
+        const uint8_t* ptrs[q::cpu::kAmxGroup];
+        int bits[q::cpu::kAmxGroup];
+        for (int64_t u = 0; u < cnt; ++u) ptrs[u] = tiles[t0 + u].ptr, bits[u] = tiles[t0 + u].bits;
+        q::cpu::tiles_dot_amx(ptrs, bits, static_cast<int>(cnt), blocks, act.parts.data(), act.m16, act.kp32,
+                              acc.data(), pairs.data());
+        for (int64_t u = 0; u < cnt; ++u) epilogue(tiles[t0 + u], acc.data() + u * act.m16 * q::kTileN, nullptr);
+      }
+    });
+    return;
+  }
   // Work items of equal cost: bytes of codes for few rows (a 2-bit tile streams a quarter of an
   // 8-bit one), tiles for many rows (the multiply-adds dominate).
   const std::vector<int64_t> starts = balanced_chunks(tiles, a.k, m < 4 ? kChunksPerThread : 0);
@@ -147,26 +215,6 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
     if (!fast && accf.size() < static_cast<size_t>(kLutGroup * m * q::kTileN)) accf.resize(kLutGroup * m * q::kTileN);
     if (!fast && wbuf.size() < static_cast<size_t>(kp * q::kTileN)) wbuf.resize(kp * q::kTileN);
     if (fast && acci.size() < static_cast<size_t>(m * q::kTileN)) acci.resize(m * q::kTileN);
-    // y = s * (acc - z * sum x) + bias for the m rows of one tile, into original columns
-    auto epilogue = [&](const Tile& tile, const float* af, const int32_t* ai) {
-      for (int c = 0; c < q::kTileN; ++c) {
-        const int64_t row = tile.row + c;
-        const int32_t col = p[row];
-        if (col < 0) continue;  // padding row
-        const double zr = z[row];
-        const float sr = s[row], b = bias ? bias[col] : 0.0f;
-        for (int64_t r = 0; r < m; ++r) {
-          float v;
-          if (fast) {
-            const double acc = static_cast<double>(ai[r * q::kTileN + c]) - zr * act.sum[r];
-            v = static_cast<float>(acc) * (sr * act.xscale[r]);
-          } else {
-            v = sr * static_cast<float>(static_cast<double>(af[r * q::kTileN + c]) - zr * act.sum[r]);
-          }
-          y[r * n + col] = static_cast<T>(v + b);
-        }
-      }
-    };
     for (int64_t t = begin; t < end;) {
       const Tile& tile = tiles[t];
       if (!fast && !lut[tile.bits].empty()) {

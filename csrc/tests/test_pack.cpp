@@ -1,6 +1,7 @@
 // Framework-free tests of the packed layout (pack.h) and the CPU tile kernels (cpu_quant.h):
 // every code written with put_code reads back with get_code, and the SIMD kernels' dot products
-// equal a direct sum over get_code for every width and row count.
+// equal a direct sum over get_code for every width and row count (AMX GEMM included).
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -77,6 +78,58 @@ int main() {
     }
   }
   std::printf("lookup-table GEMV widths on this CPU:%s\n", q::cpu::lut_floats(2, 16) ? " 2" : " none");
+  // the AMX GEMM: 9 tiles of mixed widths (a group of 8 and one), row counts off the 16 grid, K
+  // with an odd number of blocks and past one chunk; x in multiples of 1/8 so sums are exact
+  if (q::cpu::amx_enabled()) {
+    for (int64_t blocks : {int64_t(5), q::cpu::kAmxChunkBlocks + 1}) {
+      const int64_t k = blocks * q::kTileK, kp32 = q::cpu::amx_padded_k(k), n_tiles = 9;
+      std::vector<std::vector<uint8_t>> tiles(n_tiles);
+      std::vector<int> bits(n_tiles);
+      std::vector<unsigned> codes(n_tiles * q::kTileN * k);
+      for (int64_t g = 0; g < n_tiles; ++g) {
+        bits[g] = widths[g % 4];
+        tiles[g].assign(q::tile_bytes(bits[g], k), 0);
+        for (int c = 0; c < q::kTileN; ++c)
+          for (int64_t i = 0; i < k; ++i) {
+            const unsigned v = rng() & ((1u << bits[g]) - 1u);
+            codes[(g * q::kTileN + c) * k + i] = v;
+            q::put_code(tiles[g].data() + (i / q::kTileK) * q::block_bytes(bits[g]), bits[g], c,
+                        static_cast<int>(i % q::kTileK), v);
+          }
+      }
+      for (int64_t m : {1, 17, 33}) {
+        const int64_t m16 = (m + 15) / 16 * 16;
+        std::vector<float> x(m * k);
+        for (auto& v : x) v = static_cast<float>(static_cast<int>(rng() % 9) - 4) / 8.0f;
+        std::vector<uint16_t> parts(3 * m16 * kp32, 0);
+        std::vector<double> unscale(m), sum(m);
+        for (int64_t r = 0; r < m; ++r)
+          unscale[r] = q::cpu::split_row_bf16(x.data() + r * k, k, r, m16, kp32, parts.data(), &sum[r]);
+        std::vector<float> out(q::cpu::kAmxGroup * m16 * q::kTileN);
+        std::vector<uint32_t> wbuf(q::cpu::kAmxGroup * q::cpu::kAmxChunkBlocks * 128);
+        for (int64_t g0 = 0; g0 < n_tiles; g0 += q::cpu::kAmxGroup) {
+          const int n = static_cast<int>(std::min<int64_t>(q::cpu::kAmxGroup, n_tiles - g0));
+          const uint8_t* ptrs[q::cpu::kAmxGroup];
+          for (int u = 0; u < n; ++u) ptrs[u] = tiles[g0 + u].data();
+          q::cpu::tiles_dot_amx(ptrs, bits.data() + g0, n, blocks, parts.data(), m16, kp32, out.data(), wbuf.data());
+          for (int u = 0; u < n; ++u)
+            for (int64_t r = 0; r < m; ++r)
+              for (int c = 0; c < q::kTileN; ++c) {
+                double want = 0, xs = 0;
+                for (int64_t i = 0; i < k; ++i) {
+                  want += double(codes[((g0 + u) * q::kTileN + c) * k + i]) * x[r * k + i];
+                  xs += x[r * k + i];
+                }
+                const double got = out[(u * m16 + r) * q::kTileN + c] * unscale[r];
+                EXPECT(got == want, "amx k=%ld m=%ld tile=%ld c=%d got %g want %g", long(k), long(m), long(g0 + u), c,
+                       got, want);
+                EXPECT(sum[r] == xs, "amx row sum m=%ld r=%ld", long(m), long(r));
+              }
+        }
+      }
+    }
+  }
+  std::printf("AMX GEMM on this CPU: %s\n", q::cpu::amx_enabled() ? "yes (checked)" : "no");
   // activation quantization: every element within half a step, sum consistent, NaN/inf refused
   for (int64_t n : {1, 15, 16, 33, 300}) {
     std::vector<float> x(n);

@@ -24,6 +24,24 @@ void build_lut(int bits, const float* x, int64_t kp, float* lut);
 void tile_dot_lut(const uint8_t* tile, int bits, int64_t b0, int64_t b1, const float* lut, float* out);
 int64_t lut_chunk_blocks(int bits);
 
+// Exact-mode GEMM on Intel AMX-BF16 (many rows): amx_enabled() is false on other CPUs, when the
+// OS refuses tile state, or when the environment sets PYEDITOR_CPU_AMX=0. Activation rows are
+// split into three bf16 parts (x = hi + mid + lo) stored in A-tile order in `parts`
+// (3 * m16 * kp32 values, zero-initialised; m16 = rows rounded up to 16, kp32 =
+// amx_padded_k(k)). split_row_bf16 writes row r's parts, sets *sum = sum_i x_i (float64) and
+// returns the power of two that row's sums must be multiplied by (it is scaled so that no part
+// is a denormal, which AMX flushes). tiles_dot_amx: out[(g * m16 + r) * 16 + c] =
+// sum_k q_g[c, k] x[r, k] (before that factor) for n <= kAmxGroup tiles; wbuf holds
+// kAmxGroup * kAmxChunkBlocks * 128 uint32.
+constexpr int kAmxGroup = 8;
+constexpr int64_t kAmxChunkBlocks = 64;  // K chunk (1024 inputs) whose decoded pairs stay in L2
+bool amx_enabled();
+int64_t amx_padded_k(int64_t k);
+double split_row_bf16(const float* x, int64_t k, int64_t r, int64_t m16, int64_t kp32, uint16_t* parts,
+                      double* sum);
+void tiles_dot_amx(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const uint16_t* planes,
+                   int64_t m16, int64_t kp32, float* out, uint32_t* wbuf);
+
 // The same with int8 activations and exact int32 sums (u8 x s8 dot products, VNNI where present).
 void tile_dot_i8(const uint8_t* tile, int bits, int64_t blocks, const int8_t* x, int64_t ldx, int64_t m,
                  int32_t* out, int64_t ldo);

@@ -1,0 +1,57 @@
+// Decoding of one packed 16x16 block into AVX-512 registers, shared by the AVX-512 kernels
+// (quant_kernels.cpp) and the AMX GEMM (quant_amx.cpp). Internal to csrc/cpu.
+#pragma once
+#include <cstdint>
+
+#include "pyeditor/pack.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define PE_QUANT_X86 1
+#endif
+
+#ifdef PE_QUANT_X86
+namespace pe::quant::cpu {
+
+#define PE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+// One 16x16 block as four vectors: v[g] lane c holds the u8 codes of inputs 4g..4g+3 of
+// channel c (byte t = input 4g + t). Each field costs one shift and one mask.
+template <int BITS>
+PE_AVX512 inline void load_block(const uint8_t* b, __m512i v[4]) {
+  if constexpr (BITS == 8) {
+    for (int g = 0; g < 4; ++g) v[g] = _mm512_loadu_si512(b + 64 * g);
+  } else if constexpr (BITS == 2) {
+    const __m512i m2 = _mm512_set1_epi8(0x03);
+    const __m512i c = _mm512_loadu_si512(b);
+    v[0] = _mm512_and_si512(c, m2);
+    v[1] = _mm512_and_si512(_mm512_srli_epi32(c, 2), m2);
+    v[2] = _mm512_and_si512(_mm512_srli_epi32(c, 4), m2);
+    v[3] = _mm512_and_si512(_mm512_srli_epi32(c, 6), m2);
+  } else {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i c0 = _mm512_loadu_si512(b), c1 = _mm512_loadu_si512(b + 64);
+    v[0] = _mm512_and_si512(c0, m4);
+    v[1] = _mm512_and_si512(_mm512_srli_epi32(c0, 4), m4);
+    v[2] = _mm512_and_si512(c1, m4);
+    v[3] = _mm512_and_si512(_mm512_srli_epi32(c1, 4), m4);
+    if constexpr (BITS == 6) {  // the 2-bit plane of high bits, moved to bits 4-5
+      const __m512i m30 = _mm512_set1_epi8(0x30);
+      const __m512i h = _mm512_loadu_si512(b + 128);
+      v[0] = _mm512_or_si512(v[0], _mm512_and_si512(_mm512_slli_epi32(h, 4), m30));
+      v[1] = _mm512_or_si512(v[1], _mm512_and_si512(_mm512_slli_epi32(h, 2), m30));
+      v[2] = _mm512_or_si512(v[2], _mm512_and_si512(h, m30));
+      v[3] = _mm512_or_si512(v[3], _mm512_and_si512(_mm512_srli_epi32(h, 2), m30));
+    }
+  }
+}
+
+// byte t of every lane as 16 floats
+template <int T>
+PE_AVX512 inline __m512 byte_ps(__m512i v) {
+  if constexpr (T == 3) return _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 24));
+  return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * T), _mm512_set1_epi32(0xFF)));
+}
+
+}  // namespace pe::quant::cpu
+#endif
