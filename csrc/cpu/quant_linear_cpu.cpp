@@ -37,7 +37,8 @@ std::vector<Tile> tiles_of(const PackedArgs& a, const uint8_t* data) {
 
 constexpr int kChunksPerThread = 8;
 constexpr int64_t kLutGroup = 8;  // tiles sharing one L1-resident chunk of lookup tables
-constexpr int64_t kAmxRows = 8;   // from this many rows the exact mode runs on AMX where present
+constexpr int64_t kAmxRows = 4;   // from this many rows the exact mode runs on AMX where present (2x the
+                                  // AVX-512 GEMM at 4-7 rows already)
 
 // Tile boundaries [starts[i], starts[i+1]) of chunks holding about equal bytes of codes, or {}
 // to split by tile count (chunks_per_thread == 0, or too few tiles for it to matter).
