@@ -22,9 +22,9 @@ namespace pe::quant::cpu {
 namespace {
 
 #ifdef PE_QUANT_X86
-#define PE_AMX __attribute__((target("avx512f,avx512bw,avx512vnni,amx-tile,amx-bf16")))
+#define PE_AMX __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,amx-tile,amx-bf16,amx-int8")))
 
-// CPU has AMX-TILE and AMX-BF16 (plus the AVX-512 the decode uses), the OS saves tile state
+// CPU has AMX-TILE, -BF16 and -INT8 (plus the AVX-512 the decode uses), the OS saves tile state
 // (XCR0 bits 17-18), and Linux grants this process the tile data (arch_prctl, once).
 bool detect_amx() {
 #ifdef PE_QUANT_FORCE_PORTABLE
@@ -32,8 +32,9 @@ bool detect_amx() {
 #endif
   unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  const bool avx512 = (b & (1u << 16)) && (b & (1u << 30)) && (c & (1u << 11));  // F, BW, VNNI
-  if (!avx512 || !(d & (1u << 24)) || !(d & (1u << 22))) return false;           // AMX-TILE, AMX-BF16
+  const bool avx512 = (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31)) &&
+                      (c & (1u << 11));  // F, DQ, BW, VL, VNNI
+  if (!avx512 || !(d & (1u << 24)) || !(d & (1u << 22)) || !(d & (1u << 25))) return false;  // TILE BF16 INT8
   if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;        // OSXSAVE
   unsigned lo, hi;
   __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
@@ -189,6 +190,114 @@ PE_AMX void dot_amx(const uint8_t* const* tiles, const int* bits, int n, int64_t
   }
   _tile_release();
 }
+
+// ---------------------------------------------------------------- GEMV: fixed-point digits
+// One row x becomes X = round(x * 2^(45 - e)) (e = ilogb(max |x|), so |X| < 2^46) written as
+// kDigits signed base-256 digits; digit d of row r is row r * kDigits + d of the A tile, so one
+// TDPBSUD multiplies every digit of every row by 64 inputs x 16 channels of u8 codes at once.
+// Digits in A-tile order: step s (64 inputs) holds rows * 64 bytes.
+PE_AMX bool digits_row(const float* x, int64_t k, int64_t r, int64_t m, int64_t steps, int8_t* digits, int* e_out,
+                       int64_t* sx) {
+  __m512 amax = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  for (int64_t i = 0; i < k; i += 16) {
+    const __mmask16 live = k - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1u);
+    const __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(live, x + i));
+    bad |= _mm512_cmp_ps_mask(v, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);  // inf or NaN
+    amax = _mm512_max_ps(amax, v);
+  }
+  if (bad) return false;
+  const float mx = _mm512_reduce_max_ps(amax);
+  const int e = mx > 0.0f ? std::ilogb(mx) : 0;
+  const __m512d scale = _mm512_set1_pd(std::ldexp(1.0, 45 - e));
+  const int64_t rows = m * kDigits;
+  __m512i total = _mm512_setzero_si512();
+  for (int64_t i = 0; i < steps * 64; i += 8) {
+    const __mmask8 live = i >= k ? __mmask8(0) : (k - i >= 8 ? __mmask8(0xFF) : __mmask8((1u << (k - i)) - 1u));
+    __m512i X = _mm512_cvtpd_epi64(_mm512_mul_pd(_mm512_cvtps_pd(_mm256_maskz_loadu_ps(live, x + i)), scale));
+    total = _mm512_add_epi64(total, X);
+    int8_t* dst = digits + (i / 64) * rows * 64 + r * kDigits * 64 + i % 64;
+    for (int d = kDigits - 1; d >= 0; --d) {  // least significant first; d = 0 is the top digit
+      const __m512i D = _mm512_srai_epi64(_mm512_slli_epi64(X, 56), 56);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + d * 64), _mm512_cvtepi64_epi8(D));
+      X = _mm512_srai_epi64(_mm512_sub_epi64(X, D), 8);
+    }
+  }
+  *sx = _mm512_reduce_add_epi64(total);
+  *e_out = e;
+  return true;
+}
+
+// B tile of one 64-input step of a tile (16 rows of 64 bytes: input group g of block j at row
+// 4j + g, byte c * 4 + t = code of channel c, input 4g + t): the 8-bit layout itself; other
+// widths are unpacked into buf. Blocks past the tile's end are zero.
+template <int BITS>
+PE_AMX const uint8_t* b_tile(const uint8_t* tile, int64_t b0, int64_t blocks, uint8_t* buf) {
+  if (BITS == 8 && b0 + 4 <= blocks) return tile + b0 * 256;
+  for (int j = 0; j < 4; ++j) {
+    __m512i v[4];
+    if (b0 + j < blocks) {
+      load_block<BITS>(tile + (b0 + j) * BITS * 32, v);
+    } else {
+      for (int g = 0; g < 4; ++g) v[g] = _mm512_setzero_si512();
+    }
+    for (int g = 0; g < 4; ++g) _mm512_storeu_si512(buf + (4 * j + g) * 64, v[g]);
+  }
+  return buf;
+}
+
+PE_AMX const uint8_t* b_tile_any(int bits, const uint8_t* tile, int64_t b0, int64_t blocks, uint8_t* buf) {
+  switch (bits) {
+    case 2: return b_tile<2>(tile, b0, blocks, buf);
+    case 4: return b_tile<4>(tile, b0, blocks, buf);
+    case 6: return b_tile<6>(tile, b0, blocks, buf);
+    default: return b_tile<8>(tile, b0, blocks, buf);
+  }
+}
+
+// C tiles 0..n-1 (n <= kDigitTiles channel tiles) = digits x codes over all steps. Two kinds of
+// waiting are kept off the critical path, each measured to cost several times the products:
+// a tile load into a register still read by an unfinished product (registers alternate by step
+// parity: A in 2 / 3, B of tile u in 4 + u / 6 + u), and a tile load of bytes just written by
+// vector stores (B tiles are unpacked kAhead steps before they are loaded, into a ring of
+// buffers).
+constexpr int kAhead = 2, kRing = 4;
+
+// one step into registers A, B0, B1 (the _tile_* intrinsics take register numbers as tokens)
+#define PE_DIGIT_STEP(A, B0, B1, s)                               \
+  do {                                                            \
+    _tile_loadd(A, digits + (s) * rows * 64, 64);                 \
+    _tile_loadd(B0, src[(s) % kRing][0], 64);                     \
+    if (n > 1) _tile_loadd(B1, src[(s) % kRing][1], 64);          \
+    _tile_dpbsud(0, A, B0);                                       \
+    if (n > 1) _tile_dpbsud(1, A, B1);                            \
+  } while (0)
+
+PE_AMX void dot_digits(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const int8_t* digits,
+                       int64_t rows, int32_t* out) {
+  TileConfig cfg;
+  for (int t = 0; t < 4; ++t) cfg.rows[t] = static_cast<uint8_t>(rows), cfg.colsb[t] = 64;
+  for (int t = 4; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+  alignas(64) uint8_t buf[kRing][kDigitTiles][1024];
+  const uint8_t* src[kRing][kDigitTiles] = {};
+  const int64_t steps = (blocks + 3) / 4;
+  for (int64_t s = 0; s < std::min<int64_t>(kAhead, steps); ++s)
+    for (int u = 0; u < n; ++u) src[s % kRing][u] = b_tile_any(bits[u], tiles[u], 4 * s, blocks, buf[s % kRing][u]);
+  _tile_zero(0);
+  _tile_zero(1);
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t ahead = s + kAhead;
+    if (ahead < steps)
+      for (int u = 0; u < n; ++u)
+        src[ahead % kRing][u] = b_tile_any(bits[u], tiles[u], 4 * ahead, blocks, buf[ahead % kRing][u]);
+    if (s % 2 == 0) PE_DIGIT_STEP(2, 4, 5, s);
+    else PE_DIGIT_STEP(3, 6, 7, s);
+  }
+  _tile_stored(0, out, 64);
+  if (n > 1) _tile_stored(1, out + rows * 16, 64);
+  _tile_release();
+}
 #else
 const bool kAmx = false;
 #endif
@@ -223,6 +332,26 @@ void tiles_dot_amx(const uint8_t* const* tiles, const int* bits, int n, int64_t 
 #endif
   (void)tiles, (void)bits, (void)n, (void)blocks, (void)planes, (void)m16, (void)kp32, (void)out, (void)wbuf;
   std::abort();  // callers check amx_enabled() first; never return sums that were not computed
+}
+
+int64_t digit_bytes(int64_t m, int64_t k) { return (k + 63) / 64 * 64 * m * kDigits; }
+
+bool split_digits(const float* x, int64_t k, int64_t r, int64_t m, int8_t* digits, int* e, int64_t* sx) {
+#ifdef PE_QUANT_X86
+  return digits_row(x, k, r, m, (k + 63) / 64, digits, e, sx);
+#else
+  (void)x, (void)k, (void)r, (void)m, (void)digits, (void)e, (void)sx;
+  std::abort();  // callers check amx_enabled() first
+#endif
+}
+
+void tiles_dot_digits(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const int8_t* digits,
+                      int64_t m, int32_t* out) {
+#ifdef PE_QUANT_X86
+  if (kAmx) return dot_digits(tiles, bits, n, blocks, digits, m * kDigits, out);
+#endif
+  (void)tiles, (void)bits, (void)n, (void)blocks, (void)digits, (void)m, (void)out;
+  std::abort();  // callers check amx_enabled() first
 }
 
 }  // namespace pe::quant::cpu

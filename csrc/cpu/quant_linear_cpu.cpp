@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -68,17 +69,35 @@ struct Activations {
   std::vector<uint16_t> parts;  // AMX exact mode: bf16 [3][m16][kp32], x = hi + mid + lo
   std::vector<double> unscale;  // AMX exact mode: per row, the power of two sums are scaled by
   int64_t m16 = 0, kp32 = 0;
+  std::vector<int8_t> digits;   // AMX exact GEMV: fixed-point digits of each row (cpu_quant.h)
+  std::vector<double> pow2;     // AMX exact GEMV: 2^(e - 45) per row
+  std::vector<int64_t> sx;      // AMX exact GEMV: sum of the fixed-point row
   std::vector<int8_t> xq;     // int8 [M, Kp] (fast mode)
   std::vector<double> sum;    // sum_k x (exact) or sum_k xq (fast), per row
   std::vector<float> xscale;  // fast mode: x ~= xq * xscale
 };
 
 template <class T>
-Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx) {
+Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool digits) {
   const int64_t m = x2.size(0), k = x2.size(1);
   const T* x = x2.const_data_ptr<T>();
   Activations act;
   act.sum.assign(m, 0.0);
+  if (digits) {
+    act.digits.assign(q::cpu::digit_bytes(m, k), 0);
+    act.pow2.assign(m, 1.0);
+    act.sx.assign(m, 0);
+    std::vector<float> row(k);
+    bool ok = true;
+    for (int64_t r = 0; r < m && ok; ++r) {
+      for (int64_t i = 0; i < k; ++i) row[i] = static_cast<float>(x[r * k + i]);
+      int e = 0;
+      ok = q::cpu::split_digits(row.data(), k, r, m, act.digits.data(), &e, &act.sx[r]);
+      act.pow2[r] = std::ldexp(1.0, e - 45);
+    }
+    if (ok) return act;
+    act.digits.clear();  // a row with inf or NaN: the float path below
+  }
   if (amx) {
     act.m16 = (m + 15) / 16 * 16;
     act.kp32 = q::cpu::amx_padded_k(k);
@@ -139,11 +158,13 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
                 const at::Tensor& zero, const at::Tensor& perm, const float* bias, bool fast, at::Tensor& out) {
   const int64_t m = x2.size(0), kp = q::padded_k(a.k), blocks = kp / q::kTileK, n = a.n;
   const bool amx = !fast && m >= kAmxRows && q::cpu::amx_enabled();
-  const Activations act = prepare<T>(x2, kp, fast, amx);
+  const bool try_digits = !fast && !amx && m <= q::cpu::kDigitRowsMax && q::cpu::amx_enabled();
+  const Activations act = prepare<T>(x2, kp, fast, amx, try_digits);
+  const bool digits = !act.digits.empty();
   // GEMV (few rows, exact mode): x-scaled lookup tables, built once per call for each width
   // that has a table path; lut[bits] holds m rows of lut_floats(bits, kp) floats.
   std::vector<float> lut[9];
-  if (!fast && m < 4) {
+  if (!fast && !digits && m < 4) {
     for (const auto& b : a.buckets) {
       const int bits = static_cast<int>(b.bits);
       const int64_t per_row = q::cpu::lut_floats(bits, kp);
@@ -167,7 +188,13 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
       const float sr = s[row], b = bias ? bias[col] : 0.0f;
       for (int64_t r = 0; r < m; ++r) {
         float v;
-        if (fast) {
+        if (digits) {  // exact in 128 bits, then one rounding to double
+          __int128 acc = 0;
+          for (int d = 0; d < q::cpu::kDigits; ++d)
+            acc += static_cast<__int128>(ai[(r * q::cpu::kDigits + d) * q::kTileN + c]) << (8 * (q::cpu::kDigits - 1 - d));
+          acc -= static_cast<__int128>(z[row]) * act.sx[r];
+          v = sr * static_cast<float>(static_cast<double>(acc) * act.pow2[r]);
+        } else if (fast) {
           const double acc = static_cast<double>(ai[r * q::kTileN + c]) - zr * act.sum[r];
           v = static_cast<float>(acc) * (sr * act.xscale[r]);
         } else {
@@ -216,6 +243,18 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
     if (!fast && accf.size() < static_cast<size_t>(kLutGroup * m * q::kTileN)) accf.resize(kLutGroup * m * q::kTileN);
     if (!fast && wbuf.size() < static_cast<size_t>(kp * q::kTileN)) wbuf.resize(kp * q::kTileN);
     if (fast && acci.size() < static_cast<size_t>(m * q::kTileN)) acci.resize(m * q::kTileN);
+    if (digits && acci.size() < static_cast<size_t>(q::cpu::kDigitTiles * m * q::cpu::kDigits * q::kTileN))
+      acci.resize(q::cpu::kDigitTiles * m * q::cpu::kDigits * q::kTileN);
+    for (int64_t t = begin; digits && t < end; t += q::cpu::kDigitTiles) {  // tiles per pass over the digits
+      const int64_t cnt = std::min<int64_t>(q::cpu::kDigitTiles, end - t);
+      const uint8_t* ptrs[q::cpu::kDigitTiles];
+      int bits[q::cpu::kDigitTiles];
+      for (int64_t u = 0; u < cnt; ++u) ptrs[u] = tiles[t + u].ptr, bits[u] = tiles[t + u].bits;
+      q::cpu::tiles_dot_digits(ptrs, bits, static_cast<int>(cnt), blocks, act.digits.data(), m, acci.data());
+      for (int64_t u = 0; u < cnt; ++u)
+        epilogue(tiles[t + u], nullptr, acci.data() + u * m * q::cpu::kDigits * q::kTileN);
+    }
+    if (digits) return;
     for (int64_t t = begin; t < end;) {
       const Tile& tile = tiles[t];
       if (!fast && !lut[tile.bits].empty()) {
@@ -309,11 +348,26 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& data, const a
     // where the reference's sum of ((q - z) * s) * x gives +-inf or a finite value: rows with a
     // non-finite result and no NaN input are redone on the dequantized weight (rare; one pass
     // over the output finds them).
-    at::Tensor inf_rows = out.isfinite().all(1).logical_not().nonzero().squeeze(1);
-    if (inf_rows.numel()) {
-      const at::Tensor no_nan = x2.index_select(0, inf_rows).isnan().any(1).logical_not();
-      inf_rows = inf_rows.index_select(0, no_nan.nonzero().squeeze(1));
-    }
+    // a plain scan (the ATen isfinite / nonzero chain cost ~20 us per call)
+    std::vector<uint8_t> bad(out.size(0), 0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pyeditor_quant_finite", [&] {
+      const scalar_t* o = out.const_data_ptr<scalar_t>();
+      const scalar_t* xs = x2.const_data_ptr<scalar_t>();
+      at::parallel_for(0, out.size(0), 64, [&](int64_t rb, int64_t re) {
+        for (int64_t r = rb; r < re; ++r) {
+          bool inf = false;
+          for (int64_t c = 0; c < a.n; ++c) inf |= !(std::fabs(static_cast<float>(o[r * a.n + c])) <= FLT_MAX);
+          if (!inf) continue;
+          bool nan_input = false;
+          for (int64_t i = 0; i < a.k; ++i) nan_input |= std::isnan(static_cast<float>(xs[r * a.k + i]));
+          bad[r] = !nan_input;
+        }
+      });
+    });
+    std::vector<int64_t> redo;
+    for (int64_t r = 0; r < out.size(0); ++r)
+      if (bad[r]) redo.push_back(r);
+    const at::Tensor inf_rows = at::tensor(redo, x2.options().dtype(at::kLong));
     if (inf_rows.numel()) {
       const at::Tensor w = quant_dequantize_cpu(data, scale, zero, perm, buckets, a.k, a.n);
       at::Tensor y = at::matmul(x2.index_select(0, inf_rows).to(at::kFloat), w.t());

@@ -42,6 +42,23 @@ double split_row_bf16(const float* x, int64_t k, int64_t r, int64_t m16, int64_t
 void tiles_dot_amx(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const uint16_t* planes,
                    int64_t m16, int64_t kp32, float* out, uint32_t* wbuf);
 
+// Exact GEMV (1-2 rows) on AMX-INT8: each row becomes kDigits signed base-256 digits of a
+// 46-bit fixed-point copy X = round(x * 2^(45 - e)), e = ilogb(max |x|) (an element below
+// 2^(e - 46) in magnitude is rounded: far under float32 rounding of the sum). The digits of all
+// rows form one A tile, so one TDPBSUD takes 64 inputs x 16 channels of u8 codes (the 8-bit
+// layout is the B tile as stored). digits: digit_bytes(m, k) bytes, zero-initialised;
+// split_digits writes row r (of m), sets *e and *sx = sum_k X_k, and returns false for a row
+// with inf or NaN (use another path). tiles_dot_digits: out[((u * m + r) * kDigits + d) * 16 + c]
+// = sum_k q_u[c, k] D_d[r, k] for n <= kDigitTiles tiles; sum_k q x = 2^(e - 45) *
+// sum_d 256^(kDigits - 1 - d) out.
+constexpr int kDigits = 6;
+constexpr int kDigitTiles = 2;
+constexpr int64_t kDigitRowsMax = 2;  // kDigits * rows <= 16 (one A tile)
+int64_t digit_bytes(int64_t m, int64_t k);
+bool split_digits(const float* x, int64_t k, int64_t r, int64_t m, int8_t* digits, int* e, int64_t* sx);
+void tiles_dot_digits(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const int8_t* digits,
+                      int64_t m, int32_t* out);
+
 // The same with int8 activations and exact int32 sums (u8 x s8 dot products, VNNI where present).
 void tile_dot_i8(const uint8_t* tile, int bits, int64_t blocks, const int8_t* x, int64_t ldx, int64_t m,
                  int32_t* out, int64_t ldo);
