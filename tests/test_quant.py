@@ -127,10 +127,11 @@ def test_cpu_paths_every_width(m, width):
 
 
 @pytest.mark.parametrize("m", [1, 2, 3])
-def test_cpu_2bit_table_gemv_across_chunks_and_groups(m):
+def test_cpu_2bit_table_gemv_across_chunks_and_groups(monkeypatch, m):
     """The 2-bit lookup-table GEMV walks K in 32-block chunks over groups of 8 tiles: K = 1100
     (chunks 32 + 32 + 5 blocks) and 13 tiles (a group of 8 and one of 5), with a NaN row, an inf
-    row and a stride-0 row among the m rows."""
+    row and a stride-0 row among the m rows. (AMX off: with it, 1-2 rows take the AMX GEMV.)"""
+    monkeypatch.setenv("PYEDITOR_CPU_AMX", "0")
     n, k = 200, 1100
     p, qw = both(rand((n, k), seed=11), 2)
     x = rand((m, k), seed=12)
@@ -173,6 +174,37 @@ def test_cpu_gemm_paths(monkeypatch, amx):
     assert torch.isnan(got[3]).all()
     for fn in (torch.isnan, torch.isposinf, torch.isneginf):
         assert torch.equal(fn(got), fn(want))
+
+
+@pytest.mark.parametrize("amx", ["1", "0"], ids=["amx-if-present", "avx512"])
+@pytest.mark.parametrize("m", [1, 2])
+def test_cpu_gemv_paths(monkeypatch, amx, m):
+    """One or two rows take the AMX-INT8 fixed-point GEMV where the CPU has it (else, or with
+    PYEDITOR_CPU_AMX=0, the AVX-512 / lookup-table one): K = 1100 (a partial last 64-input step,
+    so the 8-bit tiles are unpacked there too), every width, rows scaled far down and up, a zero
+    row, bfloat16, and inf / NaN rows (which leave the fixed-point path)."""
+    monkeypatch.setenv("PYEDITOR_CPU_AMX", amx)
+    n, k = 150, 1100
+    p, qw = both(rand((n, k), seed=31), rand_bits(n, seed=32))
+    x = rand((m, k), seed=33)
+    tol = reduction_tolerance(torch.float32, k)
+    check_close(quant.packed_linear(x, p, backend="cpu"), ref.packed_linear(x, qw), tol=tol)
+    for e in (-127, -112, 100):  # 2^-127: mostly float32 denormals; against the float64 reference
+        xs = x * 2.0 ** e
+        got = quant.packed_linear(xs, p, backend="cpu").double() * 2.0 ** -e
+        check_close(got, ref.packed_linear(xs.double(), qw) * 2.0 ** -e, tol=tol)
+    z = torch.zeros(m, k)
+    check_close(quant.packed_linear(z, p, backend="cpu"), ref.packed_linear(z, qw), tol=(0.0, 0.0))
+    xb = x.to(torch.bfloat16)
+    check_close(quant.packed_linear(xb, p, backend="cpu"), ref.packed_linear(xb, qw), tol=reduction_tolerance(torch.bfloat16, k))
+    for bad in (math.nan, math.inf):
+        xi = x.clone()
+        xi[0, 70] = bad
+        got, want = quant.packed_linear(xi, p, backend="cpu"), ref.packed_linear(xi, qw)
+        for fn in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(fn(got), fn(want))
+        if m == 2:
+            check_close(got[1], want[1], tol=tol)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

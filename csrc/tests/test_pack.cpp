@@ -129,7 +129,67 @@ int main() {
       }
     }
   }
-  std::printf("AMX GEMM on this CPU: %s\n", q::cpu::amx_enabled() ? "yes (checked)" : "no");
+  // the AMX fixed-point GEMV: 1-2 rows, tiles of every width in pairs and alone, K with a
+  // partial 64-input step (8-bit unpacked there) and not; x in multiples of 1/8 so sums are exact
+  if (q::cpu::amx_enabled()) {
+    for (int64_t blocks : {int64_t(5), int64_t(12)}) {
+      const int64_t k = blocks * q::kTileK, n_tiles = 5;
+      std::vector<std::vector<uint8_t>> tiles(n_tiles);
+      std::vector<int> bits(n_tiles);
+      std::vector<unsigned> codes(n_tiles * q::kTileN * k);
+      for (int64_t g = 0; g < n_tiles; ++g) {
+        bits[g] = widths[(g + 3) % 4];
+        tiles[g].assign(q::tile_bytes(bits[g], k), 0);
+        for (int c = 0; c < q::kTileN; ++c)
+          for (int64_t i = 0; i < k; ++i) {
+            const unsigned v = rng() & ((1u << bits[g]) - 1u);
+            codes[(g * q::kTileN + c) * k + i] = v;
+            q::put_code(tiles[g].data() + (i / q::kTileK) * q::block_bytes(bits[g]), bits[g], c,
+                        static_cast<int>(i % q::kTileK), v);
+          }
+      }
+      for (int64_t m = 1; m <= q::cpu::kDigitRowsMax; ++m) {
+        std::vector<float> x(m * k);
+        for (auto& v : x) v = static_cast<float>(static_cast<int>(rng() % 201) - 100) / 8.0f;
+        std::vector<int8_t> digits(q::cpu::digit_bytes(m, k), 0);
+        std::vector<int> e(m);
+        std::vector<int64_t> sx(m);
+        for (int64_t r = 0; r < m; ++r)
+          EXPECT(q::cpu::split_digits(x.data() + r * k, k, r, m, digits.data(), &e[r], &sx[r]), "digits row %ld", long(r));
+        std::vector<int32_t> out(q::cpu::kDigitTiles * m * q::cpu::kDigits * q::kTileN);
+        for (int64_t g0 = 0; g0 < n_tiles; g0 += q::cpu::kDigitTiles) {
+          const int n = static_cast<int>(std::min<int64_t>(q::cpu::kDigitTiles, n_tiles - g0));
+          const uint8_t* ptrs[q::cpu::kDigitTiles];
+          for (int u = 0; u < n; ++u) ptrs[u] = tiles[g0 + u].data();
+          q::cpu::tiles_dot_digits(ptrs, bits.data() + g0, n, blocks, digits.data(), m, out.data());
+          for (int u = 0; u < n; ++u)
+            for (int64_t r = 0; r < m; ++r) {
+              double xs = 0;
+              for (int64_t i = 0; i < k; ++i) xs += x[r * k + i];
+              EXPECT(std::ldexp(static_cast<double>(sx[r]), e[r] - 45) == xs, "digits sum m=%ld r=%ld", long(m), long(r));
+              for (int c = 0; c < q::kTileN; ++c) {
+                double want = 0, got = 0;
+                for (int64_t i = 0; i < k; ++i) want += double(codes[((g0 + u) * q::kTileN + c) * k + i]) * x[r * k + i];
+                for (int d = 0; d < q::cpu::kDigits; ++d)
+                  got += std::ldexp(double(out[((u * m + r) * q::cpu::kDigits + d) * q::kTileN + c]),
+                                    8 * (q::cpu::kDigits - 1 - d) + e[r] - 45);
+                EXPECT(got == want, "digits k=%ld m=%ld tile=%ld c=%d got %g want %g", long(k), long(m), long(g0 + u),
+                       c, got, want);
+              }
+            }
+        }
+      }
+      std::vector<float> bad(k, 1.0f);
+      std::vector<int8_t> digits(q::cpu::digit_bytes(1, k), 0);
+      int e0;
+      int64_t sx0;
+      bad[k / 2] = INFINITY;
+      EXPECT(!q::cpu::split_digits(bad.data(), k, 0, 1, digits.data(), &e0, &sx0), "inf row accepted");
+      bad[k / 2] = NAN;
+      EXPECT(!q::cpu::split_digits(bad.data(), k, 0, 1, digits.data(), &e0, &sx0), "NaN row accepted");
+    }
+  }
+  std::printf("AMX GEMM and GEMV on this CPU: %s\n", q::cpu::amx_enabled() ? "yes (checked)" : "no");
   // activation quantization: every element within half a step, sum consistent, NaN/inf refused
   for (int64_t n : {1, 15, 16, 33, 300}) {
     std::vector<float> x(n);
