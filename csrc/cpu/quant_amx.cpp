@@ -273,29 +273,37 @@ constexpr int kAhead = 2, kRing = 4;
     if (n > 1) _tile_dpbsud(1, A, B1);                            \
   } while (0)
 
-PE_AMX void dot_digits(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const int8_t* digits,
-                       int64_t rows, int32_t* out) {
+// n channel tiles, two at a time, under one tile configuration (loading it costs about as much
+// as a 16-channel x 1024-input pair of tiles).
+PE_AMX void dot_digits(const uint8_t* const* all_tiles, const int* all_bits, int64_t n_all, int64_t blocks,
+                       const int8_t* digits, int64_t rows, int32_t* all_out) {
   TileConfig cfg;
   for (int t = 0; t < 4; ++t) cfg.rows[t] = static_cast<uint8_t>(rows), cfg.colsb[t] = 64;
   for (int t = 4; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
   _tile_loadconfig(&cfg);
   alignas(64) uint8_t buf[kRing][kDigitTiles][1024];
-  const uint8_t* src[kRing][kDigitTiles] = {};
   const int64_t steps = (blocks + 3) / 4;
-  for (int64_t s = 0; s < std::min<int64_t>(kAhead, steps); ++s)
-    for (int u = 0; u < n; ++u) src[s % kRing][u] = b_tile_any(bits[u], tiles[u], 4 * s, blocks, buf[s % kRing][u]);
-  _tile_zero(0);
-  _tile_zero(1);
-  for (int64_t s = 0; s < steps; ++s) {
-    const int64_t ahead = s + kAhead;
-    if (ahead < steps)
-      for (int u = 0; u < n; ++u)
-        src[ahead % kRing][u] = b_tile_any(bits[u], tiles[u], 4 * ahead, blocks, buf[ahead % kRing][u]);
-    if (s % 2 == 0) PE_DIGIT_STEP(2, 4, 5, s);
-    else PE_DIGIT_STEP(3, 6, 7, s);
+  for (int64_t t0 = 0; t0 < n_all; t0 += kDigitTiles) {
+    const uint8_t* const* tiles = all_tiles + t0;
+    const int* bits = all_bits + t0;
+    const int n = static_cast<int>(std::min<int64_t>(kDigitTiles, n_all - t0));
+    int32_t* out = all_out + t0 * rows * 16;
+    const uint8_t* src[kRing][kDigitTiles] = {};
+    for (int64_t s = 0; s < std::min<int64_t>(kAhead, steps); ++s)
+      for (int u = 0; u < n; ++u) src[s % kRing][u] = b_tile_any(bits[u], tiles[u], 4 * s, blocks, buf[s % kRing][u]);
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t ahead = s + kAhead;
+      if (ahead < steps)
+        for (int u = 0; u < n; ++u)
+          src[ahead % kRing][u] = b_tile_any(bits[u], tiles[u], 4 * ahead, blocks, buf[ahead % kRing][u]);
+      if (s % 2 == 0) PE_DIGIT_STEP(2, 4, 5, s);
+      else PE_DIGIT_STEP(3, 6, 7, s);
+    }
+    _tile_stored(0, out, 64);
+    if (n > 1) _tile_stored(1, out + rows * 16, 64);
   }
-  _tile_stored(0, out, 64);
-  if (n > 1) _tile_stored(1, out + rows * 16, 64);
   _tile_release();
 }
 #else
@@ -345,7 +353,7 @@ bool split_digits(const float* x, int64_t k, int64_t r, int64_t m, int8_t* digit
 #endif
 }
 
-void tiles_dot_digits(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const int8_t* digits,
+void tiles_dot_digits(const uint8_t* const* tiles, const int* bits, int64_t n, int64_t blocks, const int8_t* digits,
                       int64_t m, int32_t* out) {
 #ifdef PE_QUANT_X86
   if (kAmx) return dot_digits(tiles, bits, n, blocks, digits, m * kDigits, out);

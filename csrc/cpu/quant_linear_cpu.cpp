@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <type_traits>
@@ -57,6 +58,18 @@ std::vector<int64_t> balanced_chunks(const std::vector<Tile>& tiles, int64_t k, 
   }
   starts.push_back(n);
   return starts;
+}
+
+// fn(i, i + 1) for every i < items, each thread claiming the next item when it is done: on a
+// VM whose vCPUs the host takes away for a while, a static split would leave the whole call
+// waiting for the slowed thread's fixed half. (No difference was measurable through the
+// benchmark host's noise; kept because it cannot be slower by more than an atomic per item.)
+template <class F>
+void parallel_claim(int64_t items, const F& fn) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(items, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) fn(i, i + 1);
+  });
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
@@ -210,7 +223,7 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
     // groups of kAmxGroup tiles; each decodes its codes once per K chunk for all rows
     const int64_t n_tiles = static_cast<int64_t>(tiles.size());
     const int64_t groups = (n_tiles + q::cpu::kAmxGroup - 1) / q::cpu::kAmxGroup;
-    at::parallel_for(0, groups, 1, [&](int64_t gb, int64_t ge) {
+    parallel_claim(groups, [&](int64_t gb, int64_t ge) {
       static thread_local std::vector<float> acc;
       static thread_local std::vector<uint32_t> pairs;
       acc.resize(q::cpu::kAmxGroup * act.m16 * q::kTileN);
@@ -233,7 +246,7 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   const int64_t work = std::max<int64_t>(1, kp * q::kTileN * std::max<int64_t>(m, 1));
   const int64_t grain = starts.empty() ? std::max<int64_t>(1, (int64_t(1) << 16) / work) : 1;
   const int64_t items = starts.empty() ? static_cast<int64_t>(tiles.size()) : static_cast<int64_t>(starts.size()) - 1;
-  at::parallel_for(0, items, grain, [&](int64_t ibegin, int64_t iend) {
+  auto body = [&](int64_t ibegin, int64_t iend) {
     const int64_t begin = starts.empty() ? ibegin : starts[ibegin];
     const int64_t end = starts.empty() ? iend : starts[iend];
     // per-thread scratch, grown when needed and never cleared (the kernels write before they
@@ -243,16 +256,15 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
     if (!fast && accf.size() < static_cast<size_t>(kLutGroup * m * q::kTileN)) accf.resize(kLutGroup * m * q::kTileN);
     if (!fast && wbuf.size() < static_cast<size_t>(kp * q::kTileN)) wbuf.resize(kp * q::kTileN);
     if (fast && acci.size() < static_cast<size_t>(m * q::kTileN)) acci.resize(m * q::kTileN);
-    if (digits && acci.size() < static_cast<size_t>(q::cpu::kDigitTiles * m * q::cpu::kDigits * q::kTileN))
-      acci.resize(q::cpu::kDigitTiles * m * q::cpu::kDigits * q::kTileN);
-    for (int64_t t = begin; digits && t < end; t += q::cpu::kDigitTiles) {  // tiles per pass over the digits
-      const int64_t cnt = std::min<int64_t>(q::cpu::kDigitTiles, end - t);
-      const uint8_t* ptrs[q::cpu::kDigitTiles];
-      int bits[q::cpu::kDigitTiles];
-      for (int64_t u = 0; u < cnt; ++u) ptrs[u] = tiles[t + u].ptr, bits[u] = tiles[t + u].bits;
-      q::cpu::tiles_dot_digits(ptrs, bits, static_cast<int>(cnt), blocks, act.digits.data(), m, acci.data());
-      for (int64_t u = 0; u < cnt; ++u)
-        epilogue(tiles[t + u], nullptr, acci.data() + u * m * q::cpu::kDigits * q::kTileN);
+    if (digits) {  // the work item's tiles in one call (one tile configuration)
+      static thread_local std::vector<const uint8_t*> ptrs;
+      static thread_local std::vector<int> bits;
+      ptrs.clear(), bits.clear();
+      for (int64_t t = begin; t < end; ++t) ptrs.push_back(tiles[t].ptr), bits.push_back(tiles[t].bits);
+      const int64_t per_tile = m * q::cpu::kDigits * q::kTileN;
+      if (acci.size() < static_cast<size_t>((end - begin) * per_tile)) acci.resize((end - begin) * per_tile);
+      q::cpu::tiles_dot_digits(ptrs.data(), bits.data(), end - begin, blocks, act.digits.data(), m, acci.data());
+      for (int64_t t = begin; t < end; ++t) epilogue(tiles[t], nullptr, acci.data() + (t - begin) * per_tile);
     }
     if (digits) return;
     for (int64_t t = begin; t < end;) {
@@ -281,7 +293,9 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
       epilogue(tile, accf.data(), acci.data());
       ++t;
     }
-  });
+  };
+  if (starts.empty()) at::parallel_for(0, items, grain, body);
+  else parallel_claim(items, body);  // byte-balanced GEMV chunks
 }
 
 }  // namespace

@@ -156,28 +156,25 @@ int main() {
         std::vector<int64_t> sx(m);
         for (int64_t r = 0; r < m; ++r)
           EXPECT(q::cpu::split_digits(x.data() + r * k, k, r, m, digits.data(), &e[r], &sx[r]), "digits row %ld", long(r));
-        std::vector<int32_t> out(q::cpu::kDigitTiles * m * q::cpu::kDigits * q::kTileN);
-        for (int64_t g0 = 0; g0 < n_tiles; g0 += q::cpu::kDigitTiles) {
-          const int n = static_cast<int>(std::min<int64_t>(q::cpu::kDigitTiles, n_tiles - g0));
-          const uint8_t* ptrs[q::cpu::kDigitTiles];
-          for (int u = 0; u < n; ++u) ptrs[u] = tiles[g0 + u].data();
-          q::cpu::tiles_dot_digits(ptrs, bits.data() + g0, n, blocks, digits.data(), m, out.data());
-          for (int u = 0; u < n; ++u)
-            for (int64_t r = 0; r < m; ++r) {
-              double xs = 0;
-              for (int64_t i = 0; i < k; ++i) xs += x[r * k + i];
-              EXPECT(std::ldexp(static_cast<double>(sx[r]), e[r] - 45) == xs, "digits sum m=%ld r=%ld", long(m), long(r));
-              for (int c = 0; c < q::kTileN; ++c) {
-                double want = 0, got = 0;
-                for (int64_t i = 0; i < k; ++i) want += double(codes[((g0 + u) * q::kTileN + c) * k + i]) * x[r * k + i];
-                for (int d = 0; d < q::cpu::kDigits; ++d)
-                  got += std::ldexp(double(out[((u * m + r) * q::cpu::kDigits + d) * q::kTileN + c]),
-                                    8 * (q::cpu::kDigits - 1 - d) + e[r] - 45);
-                EXPECT(got == want, "digits k=%ld m=%ld tile=%ld c=%d got %g want %g", long(k), long(m), long(g0 + u),
-                       c, got, want);
-              }
+        std::vector<int32_t> out(n_tiles * m * q::cpu::kDigits * q::kTileN);
+        std::vector<const uint8_t*> ptrs(n_tiles);
+        for (int64_t u = 0; u < n_tiles; ++u) ptrs[u] = tiles[u].data();
+        q::cpu::tiles_dot_digits(ptrs.data(), bits.data(), n_tiles, blocks, digits.data(), m, out.data());
+        for (int64_t u = 0; u < n_tiles; ++u)
+          for (int64_t r = 0; r < m; ++r) {
+            double xs = 0;
+            for (int64_t i = 0; i < k; ++i) xs += x[r * k + i];
+            EXPECT(std::ldexp(static_cast<double>(sx[r]), e[r] - 45) == xs, "digits sum m=%ld r=%ld", long(m), long(r));
+            for (int c = 0; c < q::kTileN; ++c) {
+              double want = 0, got = 0;
+              for (int64_t i = 0; i < k; ++i) want += double(codes[(u * q::kTileN + c) * k + i]) * x[r * k + i];
+              for (int d = 0; d < q::cpu::kDigits; ++d)
+                got += std::ldexp(double(out[((u * m + r) * q::cpu::kDigits + d) * q::kTileN + c]),
+                                  8 * (q::cpu::kDigits - 1 - d) + e[r] - 45);
+              EXPECT(got == want, "digits k=%ld m=%ld tile=%ld c=%d got %g want %g", long(k), long(m), long(u), c,
+                     got, want);
             }
-        }
+          }
       }
       std::vector<float> bad(k, 1.0f);
       std::vector<int8_t> digits(q::cpu::digit_bytes(1, k), 0);
