@@ -207,6 +207,22 @@ def test_cpu_gemv_paths(monkeypatch, amx, m):
             check_close(got[1], want[1], tol=tol)
 
 
+@pytest.mark.parametrize("m", [1, 5, 16, 17])
+def test_cpu_fast_mode_amx_equals_vnni(monkeypatch, m):
+    """The fast mode's integer sums are exact on both CPU paths (AMX-INT8 tiles for up to 16
+    rows where present, VNNI otherwise), so their results are identical bit for bit."""
+    n, k = 70, 1100
+    p, _ = both(rand((n, k), seed=41), rand_bits(n, seed=42))
+    x = rand((m, k), seed=43)
+    x[0, 3] = math.nan
+    monkeypatch.setenv("PYEDITOR_CPU_AMX", "1")
+    got = quant.packed_linear(x, p, fast=True, backend="cpu")
+    monkeypatch.setenv("PYEDITOR_CPU_AMX", "0")
+    want = quant.packed_linear(x, p, fast=True, backend="cpu")
+    assert torch.equal(got.isnan(), want.isnan()) and torch.isnan(got[0]).all()
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_strided_and_broadcast_x(backend, device):
     n, k = 19, 40

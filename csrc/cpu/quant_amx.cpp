@@ -353,12 +353,12 @@ bool split_digits(const float* x, int64_t k, int64_t r, int64_t m, int8_t* digit
 #endif
 }
 
-void tiles_dot_digits(const uint8_t* const* tiles, const int* bits, int64_t n, int64_t blocks, const int8_t* digits,
-                      int64_t m, int32_t* out) {
+void tiles_dot_digits(const uint8_t* const* tiles, const int* bits, int64_t n, int64_t blocks, const int8_t* a,
+                      int64_t rows, int32_t* out) {
 #ifdef PE_QUANT_X86
-  if (kAmx) return dot_digits(tiles, bits, n, blocks, digits, m * kDigits, out);
+  if (kAmx && rows >= 1 && rows <= 16) return dot_digits(tiles, bits, n, blocks, a, rows, out);
 #endif
-  (void)tiles, (void)bits, (void)n, (void)blocks, (void)digits, (void)m, (void)out;
+  (void)tiles, (void)bits, (void)n, (void)blocks, (void)a, (void)rows, (void)out;
   std::abort();  // callers check amx_enabled() first
 }
 

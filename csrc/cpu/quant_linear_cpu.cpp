@@ -82,7 +82,8 @@ struct Activations {
   std::vector<uint16_t> parts;  // AMX exact mode: bf16 [3][m16][kp32], x = hi + mid + lo
   std::vector<double> unscale;  // AMX exact mode: per row, the power of two sums are scaled by
   int64_t m16 = 0, kp32 = 0;
-  std::vector<int8_t> digits;   // AMX exact GEMV: fixed-point digits of each row (cpu_quant.h)
+  std::vector<int8_t> digits;   // AMX GEMV: A tiles (exact: fixed-point digits of each row; fast: xq)
+  int64_t a_rows = 0;           // AMX GEMV: rows of those A tiles
   std::vector<double> pow2;     // AMX exact GEMV: 2^(e - 45) per row
   std::vector<int64_t> sx;      // AMX exact GEMV: sum of the fixed-point row
   std::vector<int8_t> xq;     // int8 [M, Kp] (fast mode)
@@ -91,7 +92,7 @@ struct Activations {
 };
 
 template <class T>
-Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool digits) {
+Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool digits, bool fast_tiles) {
   const int64_t m = x2.size(0), k = x2.size(1);
   const T* x = x2.const_data_ptr<T>();
   Activations act;
@@ -108,7 +109,10 @@ Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool 
       ok = q::cpu::split_digits(row.data(), k, r, m, act.digits.data(), &e, &act.sx[r]);
       act.pow2[r] = std::ldexp(1.0, e - 45);
     }
-    if (ok) return act;
+    if (ok) {
+      act.a_rows = m * q::cpu::kDigits;
+      return act;
+    }
     act.digits.clear();  // a row with inf or NaN: the float path below
   }
   if (amx) {
@@ -163,6 +167,13 @@ Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool 
       act.sum[r] = static_cast<double>(s);
     }
   });
+  if (fast_tiles) {  // the int8 rows as AMX A tiles: step s of 64 inputs holds m rows of 64 bytes
+    const int64_t steps = (kp / q::kTileK + 3) / 4;
+    act.digits.assign(steps * m * 64, 0);
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t i = 0; i < kp; ++i) act.digits[(i / 64) * m * 64 + r * 64 + i % 64] = act.xq[r * kp + i];
+    act.a_rows = m;
+  }
   return act;
 }
 
@@ -171,9 +182,12 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
                 const at::Tensor& zero, const at::Tensor& perm, const float* bias, bool fast, at::Tensor& out) {
   const int64_t m = x2.size(0), kp = q::padded_k(a.k), blocks = kp / q::kTileK, n = a.n;
   const bool amx = !fast && m >= kAmxRows && q::cpu::amx_enabled();
-  const bool try_digits = !fast && !amx && m <= q::cpu::kDigitRowsMax && q::cpu::amx_enabled();
-  const Activations act = prepare<T>(x2, kp, fast, amx, try_digits);
-  const bool digits = !act.digits.empty();
+  // GEMV on AMX-INT8 (cpu_quant.h): exact for 1-2 rows, fast (int8 rows) for up to 16
+  const bool gemv_amx = m <= 16 && q::cpu::amx_enabled();
+  const Activations act = prepare<T>(x2, kp, fast, amx, gemv_amx && !fast && m <= q::cpu::kDigitRowsMax,
+                                     gemv_amx && fast);
+  const bool tiles_a = !act.digits.empty();     // either of those runs
+  const bool digits = tiles_a && !fast;          // the exact one
   // GEMV (few rows, exact mode): x-scaled lookup tables, built once per call for each width
   // that has a table path; lut[bits] holds m rows of lut_floats(bits, kp) floats.
   std::vector<float> lut[9];
@@ -256,17 +270,18 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
     if (!fast && accf.size() < static_cast<size_t>(kLutGroup * m * q::kTileN)) accf.resize(kLutGroup * m * q::kTileN);
     if (!fast && wbuf.size() < static_cast<size_t>(kp * q::kTileN)) wbuf.resize(kp * q::kTileN);
     if (fast && acci.size() < static_cast<size_t>(m * q::kTileN)) acci.resize(m * q::kTileN);
-    if (digits) {  // the work item's tiles in one call (one tile configuration)
+    if (tiles_a) {  // the work item's tiles in one call (one tile configuration)
       static thread_local std::vector<const uint8_t*> ptrs;
       static thread_local std::vector<int> bits;
       ptrs.clear(), bits.clear();
       for (int64_t t = begin; t < end; ++t) ptrs.push_back(tiles[t].ptr), bits.push_back(tiles[t].bits);
-      const int64_t per_tile = m * q::cpu::kDigits * q::kTileN;
+      const int64_t per_tile = act.a_rows * q::kTileN;
       if (acci.size() < static_cast<size_t>((end - begin) * per_tile)) acci.resize((end - begin) * per_tile);
-      q::cpu::tiles_dot_digits(ptrs.data(), bits.data(), end - begin, blocks, act.digits.data(), m, acci.data());
+      q::cpu::tiles_dot_digits(ptrs.data(), bits.data(), end - begin, blocks, act.digits.data(), act.a_rows,
+                               acci.data());
       for (int64_t t = begin; t < end; ++t) epilogue(tiles[t], nullptr, acci.data() + (t - begin) * per_tile);
     }
-    if (digits) return;
+    if (tiles_a) return;
     for (int64_t t = begin; t < end;) {
       const Tile& tile = tiles[t];
       if (!fast && !lut[tile.bits].empty()) {

@@ -159,7 +159,8 @@ int main() {
         std::vector<int32_t> out(n_tiles * m * q::cpu::kDigits * q::kTileN);
         std::vector<const uint8_t*> ptrs(n_tiles);
         for (int64_t u = 0; u < n_tiles; ++u) ptrs[u] = tiles[u].data();
-        q::cpu::tiles_dot_digits(ptrs.data(), bits.data(), n_tiles, blocks, digits.data(), m, out.data());
+        q::cpu::tiles_dot_digits(ptrs.data(), bits.data(), n_tiles, blocks, digits.data(), m * q::cpu::kDigits,
+                                 out.data());
         for (int64_t u = 0; u < n_tiles; ++u)
           for (int64_t r = 0; r < m; ++r) {
             double xs = 0;

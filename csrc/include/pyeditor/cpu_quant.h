@@ -48,16 +48,18 @@ void tiles_dot_amx(const uint8_t* const* tiles, const int* bits, int n, int64_t 
 // rows form one A tile, so one TDPBSUD takes 64 inputs x 16 channels of u8 codes (the 8-bit
 // layout is the B tile as stored). digits: digit_bytes(m, k) bytes, zero-initialised;
 // split_digits writes row r (of m), sets *e and *sx = sum_k X_k, and returns false for a row
-// with inf or NaN (use another path). tiles_dot_digits: out[((u * m + r) * kDigits + d) * 16 + c]
-// = sum_k q_u[c, k] D_d[r, k] for tiles u < n; sum_k q x = 2^(e - 45) *
-// sum_d 256^(kDigits - 1 - d) out.
+// with inf or NaN (use another path). tiles_dot_digits: out[(u * rows + j) * 16 + c] =
+// sum_k q_u[c, k] a[j, k] for tiles u < n and A-tile rows j < rows <= 16 (a: int8, step s of 64
+// inputs at a + s * rows * 64); with rows = m * kDigits and the digits above, j = r * kDigits + d
+// and sum_k q x = 2^(e - 45) * sum_d 256^(kDigits - 1 - d) out. The fast (int8) mode passes its
+// m <= 16 quantized rows the same way.
 constexpr int kDigits = 6;
 constexpr int kDigitTiles = 2;  // tiles per pass over the digits
 constexpr int64_t kDigitRowsMax = 2;  // kDigits * rows <= 16 (one A tile)
 int64_t digit_bytes(int64_t m, int64_t k);
 bool split_digits(const float* x, int64_t k, int64_t r, int64_t m, int8_t* digits, int* e, int64_t* sx);
-void tiles_dot_digits(const uint8_t* const* tiles, const int* bits, int64_t n, int64_t blocks, const int8_t* digits,
-                      int64_t m, int32_t* out);
+void tiles_dot_digits(const uint8_t* const* tiles, const int* bits, int64_t n, int64_t blocks, const int8_t* a,
+                      int64_t rows, int32_t* out);
 
 // The same with int8 activations and exact int32 sums (u8 x s8 dot products, VNNI where present).
 void tile_dot_i8(const uint8_t* tile, int bits, int64_t blocks, const int8_t* x, int64_t ldx, int64_t m,
