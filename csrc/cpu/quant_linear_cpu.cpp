@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -39,8 +40,10 @@ std::vector<Tile> tiles_of(const PackedArgs& a, const uint8_t* data) {
 
 constexpr int kChunksPerThread = 8;
 constexpr int64_t kLutGroup = 8;  // tiles sharing one L1-resident chunk of lookup tables
-constexpr int64_t kAmxRows = 4;   // from this many rows the exact mode runs on AMX where present (2x the
-                                  // AVX-512 GEMM at 4-7 rows already)
+// Where AMX is present: the exact GEMV (fixed-point digits, a pass over the codes per 2 rows)
+// up to this many rows, the bf16 GEMM above (measured at 4 rows: 0.6 ms against 2.4-2.7 ms for a
+// cache-resident 4096x4096 CHORD mix; both 2-4x the AVX-512 paths).
+constexpr int64_t kDigitGemvRows = 8;
 
 // Tile boundaries [starts[i], starts[i+1]) of chunks holding about equal bytes of codes, or {}
 // to split by tile count (chunks_per_thread == 0, or too few tiles for it to matter).
@@ -83,7 +86,11 @@ struct Activations {
   std::vector<double> unscale;  // AMX exact mode: per row, the power of two sums are scaled by
   int64_t m16 = 0, kp32 = 0;
   std::vector<int8_t> digits;   // AMX GEMV: A tiles (exact: fixed-point digits of each row; fast: xq)
-  int64_t a_rows = 0;           // AMX GEMV: rows of those A tiles
+  int64_t a_rows = 0;           // AMX GEMV: A-tile rows in all (the result rows per channel)
+  struct Group {
+    int64_t offset, rows, first;  // A tiles at digits + offset, `rows` of them from result row `first`
+  };
+  std::vector<Group> groups;    // AMX GEMV: one pass over the codes each (at most 16 A rows)
   std::vector<double> pow2;     // AMX exact GEMV: 2^(e - 45) per row
   std::vector<int64_t> sx;      // AMX exact GEMV: sum of the fixed-point row
   std::vector<int8_t> xq;     // int8 [M, Kp] (fast mode)
@@ -97,23 +104,29 @@ Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool 
   const T* x = x2.const_data_ptr<T>();
   Activations act;
   act.sum.assign(m, 0.0);
-  if (digits) {
-    act.digits.assign(q::cpu::digit_bytes(m, k), 0);
+  if (digits) {  // rows in groups of kDigitRowsMax, each group one A tile per step
+    const int64_t per_group = q::cpu::digit_bytes(q::cpu::kDigitRowsMax, k);
+    act.digits.assign(per_group * ((m + q::cpu::kDigitRowsMax - 1) / q::cpu::kDigitRowsMax), 0);
     act.pow2.assign(m, 1.0);
     act.sx.assign(m, 0);
     std::vector<float> row(k);
     bool ok = true;
-    for (int64_t r = 0; r < m && ok; ++r) {
-      for (int64_t i = 0; i < k; ++i) row[i] = static_cast<float>(x[r * k + i]);
-      int e = 0;
-      ok = q::cpu::split_digits(row.data(), k, r, m, act.digits.data(), &e, &act.sx[r]);
-      act.pow2[r] = std::ldexp(1.0, e - 45);
+    for (int64_t g0 = 0; g0 < m && ok; g0 += q::cpu::kDigitRowsMax) {
+      const int64_t rows = std::min<int64_t>(q::cpu::kDigitRowsMax, m - g0), off = g0 / q::cpu::kDigitRowsMax * per_group;
+      act.groups.push_back({off, rows * q::cpu::kDigits, g0 * q::cpu::kDigits});
+      for (int64_t r = g0; r < g0 + rows && ok; ++r) {
+        for (int64_t i = 0; i < k; ++i) row[i] = static_cast<float>(x[r * k + i]);
+        int e = 0;
+        ok = q::cpu::split_digits(row.data(), k, r - g0, rows, act.digits.data() + off, &e, &act.sx[r]);
+        act.pow2[r] = std::ldexp(1.0, e - 45);
+      }
     }
     if (ok) {
       act.a_rows = m * q::cpu::kDigits;
       return act;
     }
     act.digits.clear();  // a row with inf or NaN: the float path below
+    act.groups.clear();
   }
   if (amx) {
     act.m16 = (m + 15) / 16 * 16;
@@ -173,6 +186,7 @@ Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool 
     for (int64_t r = 0; r < m; ++r)
       for (int64_t i = 0; i < kp; ++i) act.digits[(i / 64) * m * 64 + r * 64 + i % 64] = act.xq[r * kp + i];
     act.a_rows = m;
+    act.groups.push_back({0, m, 0});
   }
   return act;
 }
@@ -181,11 +195,12 @@ template <class T>
 void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& data, const at::Tensor& scale,
                 const at::Tensor& zero, const at::Tensor& perm, const float* bias, bool fast, at::Tensor& out) {
   const int64_t m = x2.size(0), kp = q::padded_k(a.k), blocks = kp / q::kTileK, n = a.n;
-  const bool amx = !fast && m >= kAmxRows && q::cpu::amx_enabled();
-  // GEMV on AMX-INT8 (cpu_quant.h): exact for 1-2 rows, fast (int8 rows) for up to 16
-  const bool gemv_amx = m <= 16 && q::cpu::amx_enabled();
-  const Activations act = prepare<T>(x2, kp, fast, amx, gemv_amx && !fast && m <= q::cpu::kDigitRowsMax,
-                                     gemv_amx && fast);
+  const bool amx = !fast && m > kDigitGemvRows && q::cpu::amx_enabled();
+  // GEMV on AMX-INT8 (cpu_quant.h): exact for up to kDigitGemvRows rows (a pass over the codes
+  // per 2 rows), fast (int8 rows) for up to 16 (one pass)
+  const bool gemv_amx = q::cpu::amx_enabled();
+  const Activations act = prepare<T>(x2, kp, fast, amx, gemv_amx && !fast && m <= kDigitGemvRows,
+                                     gemv_amx && fast && m <= 16);
   const bool tiles_a = !act.digits.empty();     // either of those runs
   const bool digits = tiles_a && !fast;          // the exact one
   // GEMV (few rows, exact mode): x-scaled lookup tables, built once per call for each width
@@ -256,7 +271,7 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   }
   // Work items of equal cost: bytes of codes for few rows (a 2-bit tile streams a quarter of an
   // 8-bit one), tiles for many rows (the multiply-adds dominate).
-  const std::vector<int64_t> starts = balanced_chunks(tiles, a.k, m < 4 ? kChunksPerThread : 0);
+  const std::vector<int64_t> starts = balanced_chunks(tiles, a.k, m < 4 || tiles_a ? kChunksPerThread : 0);
   const int64_t work = std::max<int64_t>(1, kp * q::kTileN * std::max<int64_t>(m, 1));
   const int64_t grain = starts.empty() ? std::max<int64_t>(1, (int64_t(1) << 16) / work) : 1;
   const int64_t items = starts.empty() ? static_cast<int64_t>(tiles.size()) : static_cast<int64_t>(starts.size()) - 1;
@@ -275,10 +290,22 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
       static thread_local std::vector<int> bits;
       ptrs.clear(), bits.clear();
       for (int64_t t = begin; t < end; ++t) ptrs.push_back(tiles[t].ptr), bits.push_back(tiles[t].bits);
-      const int64_t per_tile = act.a_rows * q::kTileN;
-      if (acci.size() < static_cast<size_t>((end - begin) * per_tile)) acci.resize((end - begin) * per_tile);
-      q::cpu::tiles_dot_digits(ptrs.data(), bits.data(), end - begin, blocks, act.digits.data(), act.a_rows,
-                               acci.data());
+      const int64_t per_tile = act.a_rows * q::kTileN, n_tiles = end - begin;
+      if (acci.size() < static_cast<size_t>(n_tiles * per_tile)) acci.resize(n_tiles * per_tile);
+      if (act.groups.size() == 1) {
+        q::cpu::tiles_dot_digits(ptrs.data(), bits.data(), n_tiles, blocks, act.digits.data(), act.a_rows,
+                                 acci.data());
+      } else {  // one pass per group, its rows copied into place
+        static thread_local std::vector<int32_t> part;
+        for (const auto& g : act.groups) {
+          if (part.size() < static_cast<size_t>(n_tiles * g.rows * q::kTileN)) part.resize(n_tiles * g.rows * q::kTileN);
+          q::cpu::tiles_dot_digits(ptrs.data(), bits.data(), n_tiles, blocks, act.digits.data() + g.offset, g.rows,
+                                   part.data());
+          for (int64_t u = 0; u < n_tiles; ++u)
+            std::memcpy(acci.data() + u * per_tile + g.first * q::kTileN, part.data() + u * g.rows * q::kTileN,
+                        sizeof(int32_t) * g.rows * q::kTileN);
+        }
+      }
       for (int64_t t = begin; t < end; ++t) epilogue(tiles[t], nullptr, acci.data() + (t - begin) * per_tile);
     }
     if (tiles_a) return;

@@ -42,7 +42,7 @@ double split_row_bf16(const float* x, int64_t k, int64_t r, int64_t m16, int64_t
 void tiles_dot_amx(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const uint16_t* planes,
                    int64_t m16, int64_t kp32, float* out, uint32_t* wbuf);
 
-// Exact GEMV (1-2 rows) on AMX-INT8: each row becomes kDigits signed base-256 digits of a
+// Exact GEMV (few rows, 2 per A tile) on AMX-INT8: each row becomes kDigits signed base-256 digits of a
 // 46-bit fixed-point copy X = round(x * 2^(45 - e)), e = ilogb(max |x|) (an element below
 // 2^(e - 46) in magnitude is rounded: far under float32 rounding of the sum). The digits of all
 // rows form one A tile, so one TDPBSUD takes 64 inputs x 16 channels of u8 codes (the 8-bit
@@ -55,7 +55,7 @@ void tiles_dot_amx(const uint8_t* const* tiles, const int* bits, int n, int64_t 
 // m <= 16 quantized rows the same way.
 constexpr int kDigits = 6;
 constexpr int kDigitTiles = 2;  // tiles per pass over the digits
-constexpr int64_t kDigitRowsMax = 2;  // kDigits * rows <= 16 (one A tile)
+constexpr int64_t kDigitRowsMax = 2;  // rows per A tile: kDigits * rows <= 16
 int64_t digit_bytes(int64_t m, int64_t k);
 bool split_digits(const float* x, int64_t k, int64_t r, int64_t m, int8_t* digits, int* e, int64_t* sx);
 void tiles_dot_digits(const uint8_t* const* tiles, const int* bits, int64_t n, int64_t blocks, const int8_t* a,
