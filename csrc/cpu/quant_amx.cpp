@@ -159,9 +159,9 @@ PE_AMX void tile_block(const uint16_t* a, int64_t part, int64_t rb, const uint32
   }
 
 PE_AMX void dot_amx(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const uint16_t* planes,
-                    int64_t m16, int64_t kp32, float* out, uint32_t* wbuf) {
+                    int64_t m16, int64_t kp32, int64_t r_begin, int64_t r_end, float* out, uint32_t* wbuf) {
   configure_tiles();
-  std::memset(out, 0, sizeof(float) * n * m16 * kTileN);
+  for (int g = 0; g < n; ++g) std::memset(out + (g * m16 + r_begin) * kTileN, 0, sizeof(float) * (r_end - r_begin) * kTileN);
   const int64_t plane = m16 * kp32, per_tile = kAmxChunkBlocks * 128, steps_all = kp32 / 32;
   for (int64_t b0 = 0; b0 < blocks; b0 += kAmxChunkBlocks) {
     const int64_t nb = std::min<int64_t>(kAmxChunkBlocks, blocks - b0), steps = (nb + 1) / 2;
@@ -170,8 +170,8 @@ PE_AMX void dot_amx(const uint8_t* const* tiles, const int* bits, int n, int64_t
       PE_BITS_SWITCH_AMX(bits[g], decode_pairs, tiles[g] + b0 * block_bytes(bits[g]), nb, w)
       if (nb % 2) std::memset(w + nb * 128, 0, 128 * sizeof(uint32_t));  // pairs with zero inputs
     }
-    for (int64_t r = 0; r < m16; r += 32) {
-      const bool two_m = r + 16 < m16;
+    for (int64_t r = r_begin; r < r_end; r += 32) {
+      const bool two_m = r + 16 < r_end;
       const uint16_t* a = planes + ((r / 16) * steps_all + b0 / 2) * 512;
       for (int g = 0; g < n; g += 2) {
         const bool two_n = g + 1 < n;
@@ -334,11 +334,13 @@ double split_row_bf16(const float* x, int64_t k, int64_t r, int64_t m16, int64_t
 }
 
 void tiles_dot_amx(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const uint16_t* planes,
-                   int64_t m16, int64_t kp32, float* out, uint32_t* wbuf) {
+                   int64_t m16, int64_t kp32, int64_t r_begin, int64_t r_end, float* out, uint32_t* wbuf) {
 #ifdef PE_QUANT_X86
-  if (kAmx) return dot_amx(tiles, bits, n, blocks, planes, m16, kp32, out, wbuf);
+  if (kAmx && r_begin % 16 == 0 && r_begin <= r_end && r_end <= m16)
+    return dot_amx(tiles, bits, n, blocks, planes, m16, kp32, r_begin, r_end, out, wbuf);
 #endif
-  (void)tiles, (void)bits, (void)n, (void)blocks, (void)planes, (void)m16, (void)kp32, (void)out, (void)wbuf;
+  (void)tiles, (void)bits, (void)n, (void)blocks, (void)planes, (void)m16, (void)kp32, (void)r_begin, (void)r_end;
+  (void)out, (void)wbuf;
   std::abort();  // callers check amx_enabled() first; never return sums that were not computed
 }
 

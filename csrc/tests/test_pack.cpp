@@ -111,7 +111,12 @@ int main() {
           const int n = static_cast<int>(std::min<int64_t>(q::cpu::kAmxGroup, n_tiles - g0));
           const uint8_t* ptrs[q::cpu::kAmxGroup];
           for (int u = 0; u < n; ++u) ptrs[u] = tiles[g0 + u].data();
-          q::cpu::tiles_dot_amx(ptrs, bits.data() + g0, n, blocks, parts.data(), m16, kp32, out.data(), wbuf.data());
+          // rows in two ranges (the second starting past a 32-row pair when m16 allows)
+          const int64_t split = m16 > 32 ? 32 : m16;
+          q::cpu::tiles_dot_amx(ptrs, bits.data() + g0, n, blocks, parts.data(), m16, kp32, 0, split, out.data(),
+                                wbuf.data());
+          q::cpu::tiles_dot_amx(ptrs, bits.data() + g0, n, blocks, parts.data(), m16, kp32, split, m16, out.data(),
+                                wbuf.data());
           for (int u = 0; u < n; ++u)
             for (int64_t r = 0; r < m; ++r)
               for (int c = 0; c < q::kTileN; ++c) {

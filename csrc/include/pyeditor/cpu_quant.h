@@ -31,7 +31,8 @@ int64_t lut_chunk_blocks(int bits);
 // amx_padded_k(k)). split_row_bf16 writes row r's parts, sets *sum = sum_i x_i (float64) and
 // returns the power of two that row's sums must be multiplied by (it is scaled so that no part
 // is a denormal, which AMX flushes). tiles_dot_amx: out[(g * m16 + r) * 16 + c] =
-// sum_k q_g[c, k] x[r, k] (before that factor) for n <= kAmxGroup tiles; wbuf holds
+// sum_k q_g[c, k] x[r, k] (before that factor) for n <= kAmxGroup tiles and rows r in
+// [r_begin, r_end) (r_begin a multiple of 16, r_end <= m16); wbuf holds
 // kAmxGroup * kAmxChunkBlocks * 128 uint32.
 constexpr int kAmxGroup = 8;
 constexpr int64_t kAmxChunkBlocks = 64;  // K chunk (1024 inputs) whose decoded pairs stay in L2
@@ -40,7 +41,7 @@ int64_t amx_padded_k(int64_t k);
 double split_row_bf16(const float* x, int64_t k, int64_t r, int64_t m16, int64_t kp32, uint16_t* parts,
                       double* sum);
 void tiles_dot_amx(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const uint16_t* planes,
-                   int64_t m16, int64_t kp32, float* out, uint32_t* wbuf);
+                   int64_t m16, int64_t kp32, int64_t r_begin, int64_t r_end, float* out, uint32_t* wbuf);
 
 // Exact GEMV (few rows, 2 per A tile) on AMX-INT8: each row becomes kDigits signed base-256 digits of a
 // 46-bit fixed-point copy X = round(x * 2^(45 - e)), e = ilogb(max |x|) (an element below
