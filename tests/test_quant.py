@@ -208,10 +208,10 @@ def test_cpu_gemv_paths(monkeypatch, amx, m):
             check_close(got[1:], want[1:], tol=tol)
 
 
-@pytest.mark.parametrize("m", [1, 5, 16, 17])
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 40])
 def test_cpu_fast_mode_amx_equals_vnni(monkeypatch, m):
-    """The fast mode's integer sums are exact on both CPU paths (AMX-INT8 tiles for up to 16
-    rows where present, VNNI otherwise), so their results are identical bit for bit."""
+    """The fast mode's integer sums are exact on both CPU paths (AMX-INT8 tiles, 16 rows a pass,
+    where present; VNNI otherwise), so their results are identical bit for bit."""
     n, k = 70, 1100
     p, _ = both(rand((n, k), seed=41), rand_bits(n, seed=42))
     x = rand((m, k), seed=43)

@@ -180,13 +180,17 @@ Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool 
       act.sum[r] = static_cast<double>(s);
     }
   });
-  if (fast_tiles) {  // the int8 rows as AMX A tiles: step s of 64 inputs holds m rows of 64 bytes
+  if (fast_tiles) {  // the int8 rows as AMX A tiles, 16 rows a group: step s holds its rows x 64 bytes
     const int64_t steps = (kp / q::kTileK + 3) / 4;
-    act.digits.assign(steps * m * 64, 0);
-    for (int64_t r = 0; r < m; ++r)
-      for (int64_t i = 0; i < kp; ++i) act.digits[(i / 64) * m * 64 + r * 64 + i % 64] = act.xq[r * kp + i];
+    act.digits.assign(steps * ((m + 15) / 16 * 16) * 64, 0);
+    for (int64_t g0 = 0; g0 < m; g0 += 16) {
+      const int64_t rows = std::min<int64_t>(16, m - g0), off = g0 * steps * 64;
+      act.groups.push_back({off, rows, g0});
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t i = 0; i < kp; ++i)
+          act.digits[off + (i / 64) * rows * 64 + r * 64 + i % 64] = act.xq[(g0 + r) * kp + i];
+    }
     act.a_rows = m;
-    act.groups.push_back({0, m, 0});
   }
   return act;
 }
@@ -197,10 +201,11 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   const int64_t m = x2.size(0), kp = q::padded_k(a.k), blocks = kp / q::kTileK, n = a.n;
   const bool amx = !fast && m > kDigitGemvRows && q::cpu::amx_enabled();
   // GEMV on AMX-INT8 (cpu_quant.h): exact for up to kDigitGemvRows rows (a pass over the codes
-  // per 2 rows), fast (int8 rows) for up to 16 (one pass)
+  // per 2 rows); the fast mode's int8 rows for any M (a pass per 16 rows: M = 256, 4096x4096
+  // CHORD mix 13.5 ms against 32.9 ms on VNNI)
   const bool gemv_amx = q::cpu::amx_enabled();
   const Activations act = prepare<T>(x2, kp, fast, amx, gemv_amx && !fast && m <= kDigitGemvRows,
-                                     gemv_amx && fast && m <= 16);
+                                     gemv_amx && fast);
   const bool tiles_a = !act.digits.empty();     // either of those runs
   const bool digits = tiles_a && !fast;          // the exact one
   // GEMV (few rows, exact mode): x-scaled lookup tables, built once per call for each width

@@ -53,7 +53,7 @@ void tiles_dot_amx(const uint8_t* const* tiles, const int* bits, int n, int64_t 
 // sum_k q_u[c, k] a[j, k] for tiles u < n and A-tile rows j < rows <= 16 (a: int8, step s of 64
 // inputs at a + s * rows * 64); with rows = m * kDigits and the digits above, j = r * kDigits + d
 // and sum_k q x = 2^(e - 45) * sum_d 256^(kDigits - 1 - d) out. The fast (int8) mode passes its
-// m <= 16 quantized rows the same way.
+// quantized rows the same way, 16 at a time.
 constexpr int kDigits = 6;
 constexpr int kDigitTiles = 2;  // tiles per pass over the digits
 constexpr int64_t kDigitRowsMax = 2;  // rows per A tile: kDigits * rows <= 16
