@@ -98,6 +98,18 @@ struct Activations {
   std::vector<float> xscale;  // fast mode: x ~= xq * xscale
 };
 
+// Row r of x [m, k] as float32: x itself for float, else converted into buf.
+template <class T>
+const float* row_as_float(const T* x, int64_t r, int64_t k, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x + r * k;
+  } else {
+    buf.resize(k);
+    for (int64_t i = 0; i < k; ++i) buf[i] = static_cast<float>(x[r * k + i]);
+    return buf.data();
+  }
+}
+
 template <class T>
 Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool digits, bool fast_tiles) {
   const int64_t m = x2.size(0), k = x2.size(1);
@@ -109,15 +121,15 @@ Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool 
     act.digits.assign(per_group * ((m + q::cpu::kDigitRowsMax - 1) / q::cpu::kDigitRowsMax), 0);
     act.pow2.assign(m, 1.0);
     act.sx.assign(m, 0);
-    std::vector<float> row(k);
+    std::vector<float> row;
     bool ok = true;
     for (int64_t g0 = 0; g0 < m && ok; g0 += q::cpu::kDigitRowsMax) {
       const int64_t rows = std::min<int64_t>(q::cpu::kDigitRowsMax, m - g0), off = g0 / q::cpu::kDigitRowsMax * per_group;
       act.groups.push_back({off, rows * q::cpu::kDigits, g0 * q::cpu::kDigits});
       for (int64_t r = g0; r < g0 + rows && ok; ++r) {
-        for (int64_t i = 0; i < k; ++i) row[i] = static_cast<float>(x[r * k + i]);
         int e = 0;
-        ok = q::cpu::split_digits(row.data(), k, r - g0, rows, act.digits.data() + off, &e, &act.sx[r]);
+        ok = q::cpu::split_digits(row_as_float(x, r, k, row), k, r - g0, rows, act.digits.data() + off, &e,
+                                  &act.sx[r]);
         act.pow2[r] = std::ldexp(1.0, e - 45);
       }
     }
@@ -134,17 +146,10 @@ Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool 
     act.parts.assign(3 * act.m16 * act.kp32, 0);
     act.unscale.assign(m, 1.0);
     at::parallel_for(0, m, 16, [&](int64_t b, int64_t e) {
-      std::vector<float> row(std::is_same_v<T, float> ? 0 : k);
-      for (int64_t r = b; r < e; ++r) {
-        const float* xr;
-        if constexpr (std::is_same_v<T, float>) {
-          xr = x + r * k;
-        } else {
-          for (int64_t i = 0; i < k; ++i) row[i] = static_cast<float>(x[r * k + i]);
-          xr = row.data();
-        }
-        act.unscale[r] = q::cpu::split_row_bf16(xr, k, r, act.m16, act.kp32, act.parts.data(), &act.sum[r]);
-      }
+      std::vector<float> row;
+      for (int64_t r = b; r < e; ++r)
+        act.unscale[r] = q::cpu::split_row_bf16(row_as_float(x, r, k, row), k, r, act.m16, act.kp32,
+                                                act.parts.data(), &act.sum[r]);
     });
     return act;
   }
@@ -166,17 +171,10 @@ Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool 
   act.xq.assign(m * kp, 0);
   act.xscale.assign(m, 1.0f);
   at::parallel_for(0, m, 16, [&](int64_t b, int64_t e) {
-    std::vector<float> row(std::is_same_v<T, float> ? 0 : k);
+    std::vector<float> row;
     for (int64_t r = b; r < e; ++r) {
-      const float* xr;
-      if constexpr (std::is_same_v<T, float>) {
-        xr = x + r * k;
-      } else {
-        for (int64_t i = 0; i < k; ++i) row[i] = static_cast<float>(x[r * k + i]);
-        xr = row.data();
-      }
       int64_t s = 0;
-      act.xscale[r] = q::cpu::quantize_row_i8(xr, k, act.xq.data() + r * kp, &s);
+      act.xscale[r] = q::cpu::quantize_row_i8(row_as_float(x, r, k, row), k, act.xq.data() + r * kp, &s);
       act.sum[r] = static_cast<double>(s);
     }
   });

@@ -24,6 +24,28 @@ static int failures = 0;
     }                                      \
   } while (0)
 
+// n tiles of random codes over k inputs, tile g of width width_of(g); codes[(g * 16 + c) * k + i].
+struct RandomTiles {
+  std::vector<std::vector<uint8_t>> tiles;
+  std::vector<int> bits;
+  std::vector<unsigned> codes;
+};
+template <class Width>
+RandomTiles random_tiles(std::mt19937& rng, int64_t n, int64_t k, Width width_of) {
+  RandomTiles t{std::vector<std::vector<uint8_t>>(n), std::vector<int>(n), std::vector<unsigned>(n * q::kTileN * k)};
+  for (int64_t g = 0; g < n; ++g) {
+    const int bits = t.bits[g] = width_of(g);
+    t.tiles[g].assign(q::tile_bytes(bits, k), 0);
+    for (int c = 0; c < q::kTileN; ++c)
+      for (int64_t i = 0; i < k; ++i) {
+        const unsigned v = rng() & ((1u << bits) - 1u);
+        t.codes[(g * q::kTileN + c) * k + i] = v;
+        q::put_code(t.tiles[g].data() + (i / q::kTileK) * q::block_bytes(bits), bits, c, static_cast<int>(i % q::kTileK), v);
+      }
+  }
+  return t;
+}
+
 int main() {
   std::mt19937 rng(7);
   const int widths[] = {2, 4, 6, 8};
@@ -83,20 +105,10 @@ int main() {
   if (q::cpu::amx_enabled()) {
     for (int64_t blocks : {int64_t(5), q::cpu::kAmxChunkBlocks + 1}) {
       const int64_t k = blocks * q::kTileK, kp32 = q::cpu::amx_padded_k(k), n_tiles = 9;
-      std::vector<std::vector<uint8_t>> tiles(n_tiles);
-      std::vector<int> bits(n_tiles);
-      std::vector<unsigned> codes(n_tiles * q::kTileN * k);
-      for (int64_t g = 0; g < n_tiles; ++g) {
-        bits[g] = widths[g % 4];
-        tiles[g].assign(q::tile_bytes(bits[g], k), 0);
-        for (int c = 0; c < q::kTileN; ++c)
-          for (int64_t i = 0; i < k; ++i) {
-            const unsigned v = rng() & ((1u << bits[g]) - 1u);
-            codes[(g * q::kTileN + c) * k + i] = v;
-            q::put_code(tiles[g].data() + (i / q::kTileK) * q::block_bytes(bits[g]), bits[g], c,
-                        static_cast<int>(i % q::kTileK), v);
-          }
-      }
+      const RandomTiles rt = random_tiles(rng, n_tiles, k, [&](int64_t g) { return widths[g % 4]; });
+      const auto& tiles = rt.tiles;
+      const auto& bits = rt.bits;
+      const auto& codes = rt.codes;
       for (int64_t m : {1, 17, 33}) {
         const int64_t m16 = (m + 15) / 16 * 16;
         std::vector<float> x(m * k);
@@ -139,20 +151,10 @@ int main() {
   if (q::cpu::amx_enabled()) {
     for (int64_t blocks : {int64_t(5), int64_t(12)}) {
       const int64_t k = blocks * q::kTileK, n_tiles = 5;
-      std::vector<std::vector<uint8_t>> tiles(n_tiles);
-      std::vector<int> bits(n_tiles);
-      std::vector<unsigned> codes(n_tiles * q::kTileN * k);
-      for (int64_t g = 0; g < n_tiles; ++g) {
-        bits[g] = widths[(g + 3) % 4];
-        tiles[g].assign(q::tile_bytes(bits[g], k), 0);
-        for (int c = 0; c < q::kTileN; ++c)
-          for (int64_t i = 0; i < k; ++i) {
-            const unsigned v = rng() & ((1u << bits[g]) - 1u);
-            codes[(g * q::kTileN + c) * k + i] = v;
-            q::put_code(tiles[g].data() + (i / q::kTileK) * q::block_bytes(bits[g]), bits[g], c,
-                        static_cast<int>(i % q::kTileK), v);
-          }
-      }
+      const RandomTiles rt = random_tiles(rng, n_tiles, k, [&](int64_t g) { return widths[(g + 3) % 4]; });
+      const auto& tiles = rt.tiles;
+      const auto& bits = rt.bits;
+      const auto& codes = rt.codes;
       for (int64_t m = 1; m <= q::cpu::kDigitRowsMax; ++m) {
         std::vector<float> x(m * k);
         for (auto& v : x) v = static_cast<float>(static_cast<int>(rng() % 201) - 100) / 8.0f;
