@@ -150,14 +150,6 @@ PE_AMX void tile_block(const uint16_t* a, int64_t part, int64_t rb, const uint32
   if constexpr (MB == 2 && NB == 2) _tile_stored(3, c11, 64);
 }
 
-#define PE_BITS_SWITCH_AMX(bits, F, ...) \
-  switch (bits) {                        \
-    case 2: F<2>(__VA_ARGS__); break;     \
-    case 4: F<4>(__VA_ARGS__); break;     \
-    case 6: F<6>(__VA_ARGS__); break;     \
-    default: F<8>(__VA_ARGS__); break;    \
-  }
-
 PE_AMX void dot_amx(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const uint16_t* planes,
                     int64_t m16, int64_t kp32, int64_t r_begin, int64_t r_end, float* out, uint32_t* wbuf) {
   configure_tiles();
@@ -167,7 +159,7 @@ PE_AMX void dot_amx(const uint8_t* const* tiles, const int* bits, int n, int64_t
     const int64_t nb = std::min<int64_t>(kAmxChunkBlocks, blocks - b0), steps = (nb + 1) / 2;
     for (int g = 0; g < n; ++g) {
       uint32_t* w = wbuf + g * per_tile;
-      PE_BITS_SWITCH_AMX(bits[g], decode_pairs, tiles[g] + b0 * block_bytes(bits[g]), nb, w)
+      PE_BITS_SWITCH(bits[g], decode_pairs, tiles[g] + b0 * block_bytes(bits[g]), nb, w)
       if (nb % 2) std::memset(w + nb * 128, 0, 128 * sizeof(uint32_t));  // pairs with zero inputs
     }
     for (int64_t r = r_begin; r < r_end; r += 32) {

@@ -11,6 +11,15 @@
 #endif
 
 #ifdef PE_QUANT_X86
+// F<bits>(args...) for a runtime width in {2, 4, 6, 8}
+#define PE_BITS_SWITCH(bits, F, ...)  \
+  switch (bits) {                     \
+    case 2: F<2>(__VA_ARGS__); break;  \
+    case 4: F<4>(__VA_ARGS__); break;  \
+    case 6: F<6>(__VA_ARGS__); break;  \
+    default: F<8>(__VA_ARGS__); break; \
+  }
+
 namespace pe::quant::cpu {
 
 #define PE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))

@@ -240,13 +240,6 @@ bool detect_vnni() {
 }
 const bool kVnni = detect_vnni();
 
-#define PE_BITS_SWITCH(bits, F, ...)        \
-  switch (bits) {                           \
-    case 2: F<2>(__VA_ARGS__); break;        \
-    case 4: F<4>(__VA_ARGS__); break;        \
-    case 6: F<6>(__VA_ARGS__); break;        \
-    default: F<8>(__VA_ARGS__); break;       \
-  }
 #else
 const bool kVnni = false;
 #endif
