@@ -208,6 +208,19 @@ def test_cpu_gemv_paths(monkeypatch, amx, m):
             check_close(got[1:], want[1:], tol=tol)
 
 
+@pytest.mark.parametrize("amx", ["1", "0"], ids=["amx-if-present", "avx512"])
+@pytest.mark.parametrize("k", [0, 70000])
+def test_cpu_gemv_k_edges(monkeypatch, amx, k):
+    """No inputs (bias only), and more inputs than the AMX fixed-point GEMV's int32 digit sums
+    allow (it must leave them to the float path)."""
+    monkeypatch.setenv("PYEDITOR_CPU_AMX", amx)
+    n = 20
+    p, qw = both(rand((n, k), seed=51), rand_bits(n, seed=52))
+    x, b = rand((2, k), seed=53), rand((n,), seed=54)
+    check_close(quant.packed_linear(x, p, b, backend="cpu"), ref.packed_linear(x, qw, b),
+                tol=reduction_tolerance(torch.float32, k))
+
+
 @pytest.mark.parametrize("m", [1, 5, 16, 17, 40])
 def test_cpu_fast_mode_amx_equals_vnni(monkeypatch, m):
     """The fast mode's integer sums are exact on both CPU paths (AMX-INT8 tiles, 16 rows a pass,

@@ -1,9 +1,11 @@
-// Exact-mode GEMM of packed tiles on Intel AMX (bf16 tiles, fp32 accumulators), see cpu_quant.h.
-// Codes 0..255 are exact in bf16 and a float32 activation splits exactly into three bf16 parts
-// (x = hi + mid + lo), so sum_k q x_k is three bf16 tile products accumulated in float32: every
-// product is exact and the adds are float32 adds, as on the AVX-512 path, at a fraction of the
-// cost. Each row is first scaled by a power of two (exact) so that no part is a denormal, which
-// AMX would flush to zero.
+// Packed tiles on Intel AMX, see cpu_quant.h. Two kernels:
+// - exact GEMM (bf16 tiles, fp32 accumulators): codes 0..255 are exact in bf16 and a float32
+//   activation splits exactly into three bf16 parts (x = hi + mid + lo), so sum_k q x_k is three
+//   bf16 tile products accumulated in float32: every product is exact and the adds are float32
+//   adds, as on the AVX-512 path, at a fraction of the cost. Each row is first scaled by a power
+//   of two (exact) so that no part is a denormal, which AMX would flush to zero.
+// - GEMV (int8 tiles, int32 accumulators): the A tile holds fixed-point digits of a few exact
+//   rows, or the fast mode's int8 rows; u8 codes are the B tiles.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -314,6 +316,7 @@ int64_t amx_padded_k(int64_t k) { return (k + 31) / 32 * 32; }
 double split_row_bf16(const float* x, int64_t k, int64_t r, int64_t m16, int64_t kp32, uint16_t* parts,
                       double* sum) {
 #ifdef PE_QUANT_X86
+  if (!kAmx) std::abort();  // callers check amx_enabled() first (this needs AVX-512)
   const float amax = row_stats(x, k, sum);
   int e = 0;
   if (amax > 0.0f && std::isfinite(amax)) e = std::min(126, std::max(-126, std::ilogb(amax)));
@@ -340,6 +343,7 @@ int64_t digit_bytes(int64_t m, int64_t k) { return (k + 63) / 64 * 64 * m * kDig
 
 bool split_digits(const float* x, int64_t k, int64_t r, int64_t m, int8_t* digits, int* e, int64_t* sx) {
 #ifdef PE_QUANT_X86
+  if (!kAmx) std::abort();  // callers check amx_enabled() first (this needs AVX-512)
   return digits_row(x, k, r, m, (k + 63) / 64, digits, e, sx);
 #else
   (void)x, (void)k, (void)r, (void)m, (void)digits, (void)e, (void)sx;

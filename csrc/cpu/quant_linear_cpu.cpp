@@ -202,9 +202,11 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   // per 2 rows); the fast mode's int8 rows for any M (a pass per 16 rows: M = 256, 4096x4096
   // CHORD mix 13.5 ms against 32.9 ms on VNNI)
   const bool gemv_amx = q::cpu::amx_enabled();
-  const Activations act = prepare<T>(x2, kp, fast, amx, gemv_amx && !fast && m <= kDigitGemvRows,
+  // (digit sums are int32: |digit| <= 128 times codes <= 255 stays exact up to 65536 inputs,
+  // the same bound the fast mode checks on entry)
+  const Activations act = prepare<T>(x2, kp, fast, amx, gemv_amx && !fast && m <= kDigitGemvRows && a.k <= 65536,
                                      gemv_amx && fast);
-  const bool tiles_a = !act.digits.empty();     // either of those runs
+  const bool tiles_a = !act.groups.empty();     // either of those runs
   const bool digits = tiles_a && !fast;          // the exact one
   // GEMV (few rows, exact mode): x-scaled lookup tables, built once per call for each width
   // that has a table path; lut[bits] holds m rows of lut_floats(bits, kp) floats.
