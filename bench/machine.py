@@ -40,6 +40,18 @@ def caches() -> dict[str, str]:
     return out
 
 
+def last_level_cache_bytes() -> int:
+    """Size of the largest data/unified cache the OS reports for cpu0 (0 when unknown)."""
+    best = 0
+    for size in caches().values():
+        text = size.strip().upper()
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMGB") if mult > 1 else text
+        if digits.isdigit():
+            best = max(best, int(digits) * mult)
+    return best
+
+
 def _git(*args: str) -> Optional[str]:
     # read-only queries; GIT_OPTIONAL_LOCKS=0 keeps `git status` from touching the index
     env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")

@@ -30,8 +30,9 @@ PackedArgs check_packed(const at::Tensor& data, const at::Tensor& scale, const a
   TORCH_CHECK(bytes == data.numel(), "pyeditor: packed data holds ", data.numel(), " bytes, the buckets need ",
               bytes);
   TORCH_CHECK(a.rows >= out_features, "pyeditor: ", a.rows, " packed rows cannot hold ", out_features, " channels");
+  const auto perm_type = out_features <= q::kPermInt16Channels ? at::kShort : at::kInt;
   for (auto [t, name, type] : {std::tuple{&scale, "scale", at::kFloat}, {&zero, "zero", at::kByte},
-                               {&perm, "perm", at::kInt}}) {
+                               {&perm, "perm", perm_type}}) {
     TORCH_CHECK(t->scalar_type() == type && t->dim() == 1 && t->size(0) == a.rows && t->is_contiguous(),
                 "pyeditor: packed ", name, " must be a contiguous [", a.rows, "] ", type, " tensor, got ",
                 t->scalar_type(), " ", t->sizes());
@@ -41,8 +42,15 @@ PackedArgs check_packed(const at::Tensor& data, const at::Tensor& scale, const a
   return a;
 }
 
+pe::quant::PermView perm_view(const at::Tensor& perm) {
+  pe::quant::PermView v;
+  if (perm.scalar_type() == at::kShort) v.p16 = perm.const_data_ptr<int16_t>();
+  else v.p32 = perm.const_data_ptr<int32_t>();
+  return v;
+}
+
 void check_perm_values(const at::Tensor& perm_cpu, int64_t n) {
-  const int32_t* p = perm_cpu.const_data_ptr<int32_t>();
+  const pe::quant::PermView p = perm_view(perm_cpu);
   std::vector<uint8_t> seen(static_cast<size_t>(n), 0);
   int64_t hits = 0;
   for (int64_t i = 0; i < perm_cpu.numel(); ++i) {

@@ -16,11 +16,15 @@ struct PackedArgs {
   int64_t rows = 0;       // packed rows (sum of the buckets, padded to tiles)
 };
 
-// data uint8 [bytes], scale float32 [rows], zero uint8 [rows], perm int32 [rows];
+// data uint8 [bytes], scale float32 [rows], zero uint8 [rows], perm int16 (out_features <=
+// kPermInt16Channels) or int32 [rows];
 // buckets = (bits, row_start, rows, byte_offset) * B, contiguous and in order.
 PackedArgs check_packed(const at::Tensor& data, const at::Tensor& scale, const at::Tensor& zero,
                         const at::Tensor& perm, at::IntArrayRef buckets, int64_t in_features,
                         int64_t out_features);
+
+// perm's entries, either width (after check_packed).
+pe::quant::PermView perm_view(const at::Tensor& perm);
 
 // Host check that perm maps the packed rows onto [0, n) exactly once (padding rows: -1).
 void check_perm_values(const at::Tensor& perm_cpu, int64_t n);

@@ -81,8 +81,14 @@ class PackedLinear(nn.Module):
 
 def _validated(t: dict, k: int, n: int) -> _quant.PackedWeight:
     """A PackedWeight from state_dict tensors, after checking they are consistent."""
-    want = {"data": torch.uint8, "scale": torch.float32, "zero": torch.uint8, "perm": torch.int32,
+    want = {"data": torch.uint8, "scale": torch.float32, "zero": torch.uint8, "perm": _quant.perm_dtype(n),
             "buckets": torch.int64, "bits": torch.int64}
+    t = dict(t)
+    if isinstance(t["perm"], Tensor) and t["perm"].dtype == torch.int32 and want["perm"] == torch.int16:
+        # saved before the permutation became int16 for layers of < 2^15 channels: same values
+        if t["perm"].numel() and not (-1 <= int(t["perm"].min()) and int(t["perm"].max()) < n):
+            raise ValueError(f"perm must hold channels in [0, {n}) or -1")
+        t["perm"] = t["perm"].to(torch.int16)
     for name, dtype in want.items():
         if not isinstance(t[name], Tensor) or t[name].dtype != dtype:
             raise TypeError(f"{name} must be a {dtype} tensor")

@@ -19,6 +19,13 @@ from . import backends, ops, reference, validate
 TILE_N = 16  # channels per tile (pack.h kTileN)
 TILE_K = 16  # inputs per block (pack.h kTileK)
 WIDTHS = (2, 4, 6, 8)
+PERM_INT16_CHANNELS = 32767  # pack.h kPermInt16Channels
+
+
+def perm_dtype(out_features: int) -> torch.dtype:
+    """The permutation's dtype: int16 up to 32767 output channels (7 bytes of metadata per
+    channel instead of 9), int32 beyond."""
+    return torch.int16 if out_features <= PERM_INT16_CHANNELS else torch.int32
 
 
 def padded_k(k: int) -> int:
@@ -66,7 +73,8 @@ class PackedWeight:
     data:    uint8 [bytes], the buckets one after another
     scale:   float32 [rows], per packed row (rows = buckets padded to 16-channel tiles)
     zero:    uint8 [rows], the integer zero point per packed row
-    perm:    int32 [rows], the original channel of each packed row (-1: padding)
+    perm:    int16 (out_features <= 32767) or int32 [rows], the original channel of each packed
+             row (-1: padding); see perm_dtype
     buckets: tuple of (bits, row_start, rows, byte_offset), widths ascending
     bits:    int64 [out_features], the width of every channel in original order
     """
@@ -143,7 +151,7 @@ def _pack(qw: reference.QuantizedWeight, device) -> PackedWeight:
         c = torch.zeros((rows, kp), dtype=torch.uint8)
         c[:count, :k] = codes[idx]
         datas.append(_pack_bucket(c, b))
-        perms.append(torch.cat([idx.to(torch.int32), torch.full((rows - count,), -1, dtype=torch.int32)]))
+        perms.append(torch.cat([idx.to(perm_dtype(n)), torch.full((rows - count,), -1, dtype=perm_dtype(n))]))
         scales.append(torch.cat([scale[idx], torch.zeros(rows - count)]))
         zeros.append(torch.cat([zero[idx].to(torch.uint8), torch.zeros(rows - count, dtype=torch.uint8)]))
         buckets.append((b, row, rows, offset))
@@ -154,7 +162,7 @@ def _pack(qw: reference.QuantizedWeight, device) -> PackedWeight:
         return (torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)).to(device)
 
     return PackedWeight(cat(datas, torch.uint8), cat(scales, torch.float32), cat(zeros, torch.uint8),
-                        cat(perms, torch.int32), buckets, bits.to(device), k, n)
+                        cat(perms, perm_dtype(n)), buckets, bits.to(device), k, n)
 
 
 # ---------------------------------------------------------------- public functions

@@ -830,3 +830,9 @@ def allocate_bits(
     if straight_through:
         bits = [_StraightThrough.apply(s, b) for s, b in zip(layers, bits)]
     return bits[0] if single else bits
+
+
+def read_probe(data: Tensor, streams: int = 4) -> Tensor:
+    """The benchmarks' read probe: the largest int32 word of data's bytes (the order of reading,
+    `streams`, does not change it)."""
+    return data.reshape(-1).view(torch.uint8).view(torch.int32).amax()

@@ -86,8 +86,28 @@ def test_layout_groups_channels_by_width():
 def test_packed_size_and_metadata():
     p, _ = both(rand((4096, 256)), 4)
     assert p.data.numel() == 4096 * 256 // 2
-    assert p.metadata_bytes == 4096 * (4 + 1 + 4)
+    assert p.perm.dtype == torch.int16
+    assert p.metadata_bytes == 4096 * (4 + 1 + 2)  # scale, zero point, int16 permutation entry
     assert "bytes" in repr(p)
+    # the issue's bound: a uniform 2-bit 384 x 1536 layer (the smallest codes per channel of the
+    # benchmark shapes) stays under 2% metadata
+    small = quant.quantize_channelwise(rand((384, 1536)), 2)
+    assert small.metadata_bytes / small.nbytes < 0.02
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_int32_permutation_past_int16(backend, device):
+    """More than 32767 output channels: int32 permutation entries, same results."""
+    n = quant.PERM_INT16_CHANNELS + 1
+    w = rand((n, 20))
+    bits = torch.tensor([2, 8, 4, 6], dtype=torch.int64).repeat(n // 4)
+    p = quant.quantize_channelwise(w, bits)
+    qw = ref.quantize_channelwise(w, bits)
+    assert p.perm.dtype == torch.int32 and int(p.perm.max()) == n - 1
+    x = rand((3, 20))
+    check_close(quant.packed_linear(x.to(device), p.to(device), backend=backend).cpu(), ref.packed_linear(x, qw),
+                tol=reduction_tolerance(torch.float32, 20))
+    assert torch.equal(p.to(device).dequantize(backend=backend).cpu(), ref.dequantize(qw))
 
 
 # ---------------------------------------------------------------- packed_linear

@@ -59,6 +59,22 @@ def test_state_dict_roundtrip_bit_exact():
         assert torch.equal(v, b.state_dict()[k]), k
 
 
+def test_state_dict_with_int32_permutation_loads():
+    """A state_dict saved when the permutation was always int32 loads into the int16 layout."""
+    a, b = _quantized(0), _quantized(1)
+    sd = a.state_dict()
+    assert sd["0.perm"].dtype == torch.int16
+    sd["0.perm"] = sd["0.perm"].to(torch.int32)
+    b.load_state_dict(sd)
+    assert b[0].perm.dtype == torch.int16 and torch.equal(b[0].perm, a[0].perm)
+    x = torch.randn(3, 24)
+    assert torch.equal(a(x), b(x))
+    sd["0.perm"] = sd["0.perm"].clone()
+    sd["0.perm"][0] = 40000  # out of range for the layer (and for int16)
+    with pytest.raises(ValueError, match="perm"):
+        b.load_state_dict(sd)
+
+
 def test_safetensors_roundtrip(tmp_path):
     safetensors = pytest.importorskip("safetensors.torch")
     a, b = _quantized(0), _quantized(2)

@@ -223,7 +223,7 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   const std::vector<Tile> tiles = tiles_of(a, data.const_data_ptr<uint8_t>());
   const float* s = scale.const_data_ptr<float>();
   const uint8_t* z = zero.const_data_ptr<uint8_t>();
-  const int32_t* p = perm.const_data_ptr<int32_t>();
+  const q::PermView p = perm_view(perm);
   T* y = out.mutable_data_ptr<T>();
   // y = s * (acc - z * sum x) + bias for the m rows of one tile, into original columns
   auto epilogue = [&](const Tile& tile, const float* af, const int32_t* ai, int64_t r0 = 0, int64_t r1 = -1) {
@@ -368,7 +368,7 @@ at::Tensor quant_dequantize_cpu(const at::Tensor& data, const at::Tensor& scale,
   const std::vector<Tile> tiles = tiles_of(a, data.const_data_ptr<uint8_t>());
   const float* s = scale.const_data_ptr<float>();
   const uint8_t* z = zero.const_data_ptr<uint8_t>();
-  const int32_t* p = perm.const_data_ptr<int32_t>();
+  const q::PermView p = perm_view(perm);
   float* w = out.mutable_data_ptr<float>();
   const int64_t k = a.k;
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {

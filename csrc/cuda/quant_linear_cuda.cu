@@ -20,7 +20,7 @@ template <> struct acc_type<double> { using type = double; };
 
 template <class T>
 __global__ void quant_linear_kernel(const T* x, const uint8_t* data, const float* scale, const uint8_t* zero,
-                                    const int32_t* perm, const float* bias, T* y, q::Bucket b, int64_t m,
+                                    q::PermView perm, const float* bias, T* y, q::Bucket b, int64_t m,
                                     int64_t k, int64_t n) {
   using A = typename acc_type<T>::type;
   const int c = threadIdx.x;
@@ -54,7 +54,7 @@ __global__ void quant_linear_kernel(const T* x, const uint8_t* data, const float
 }
 
 __global__ void quant_dequantize_kernel(const uint8_t* data, const float* scale, const uint8_t* zero,
-                                        const int32_t* perm, float* w, q::Bucket b, int64_t k, int64_t n) {
+                                        q::PermView perm, float* w, q::Bucket b, int64_t k, int64_t n) {
   const int c = threadIdx.x;
   const int64_t tile = blockIdx.x, row = b.row_start + tile * q::kTileN + c;
   const int32_t col = perm[row];
@@ -80,7 +80,7 @@ at::Tensor quant_dequantize_cuda(const at::Tensor& data, const at::Tensor& scale
     if (b.rows == 0 || a.k == 0) continue;
     quant_dequantize_kernel<<<dim3(b.rows / q::kTileN), dim3(q::kTileN, 16), 0, stream>>>(
         data.const_data_ptr<uint8_t>(), scale.const_data_ptr<float>(), zero.const_data_ptr<uint8_t>(),
-        perm.const_data_ptr<int32_t>(), w.mutable_data_ptr<float>(), b, a.k, a.n);
+        perm_view(perm), w.mutable_data_ptr<float>(), b, a.k, a.n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return w;
@@ -107,7 +107,7 @@ at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& data, const 
         const dim3 grid(b.rows / q::kTileN, (m + 15) / 16);
         quant_linear_kernel<scalar_t><<<grid, dim3(q::kTileN, 16), 0, stream>>>(
             x2.const_data_ptr<scalar_t>(), data.const_data_ptr<uint8_t>(), scale.const_data_ptr<float>(),
-            zero.const_data_ptr<uint8_t>(), perm.const_data_ptr<int32_t>(),
+            zero.const_data_ptr<uint8_t>(), perm_view(perm),
             bf.defined() ? bf.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<scalar_t>(), b, m, a.k, a.n);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }

@@ -19,6 +19,16 @@ namespace pe::quant {
 constexpr int kTileN = 16;  // channels per tile
 constexpr int kTileK = 16;  // inputs per block
 
+// The permutation (original channel of each packed row, -1 for padding) is int16 when there are
+// fewer than 2^15 output channels (2 bytes of metadata per channel fewer: 9 -> 7 per channel,
+// which keeps a 2-bit layer with 1536 inputs under 2% metadata), else int32. One view reads both.
+constexpr int64_t kPermInt16Channels = 32767;  // out_features up to this: int16 entries
+struct PermView {
+  const int16_t* p16 = nullptr;
+  const int32_t* p32 = nullptr;
+  PE_HD int32_t operator[](int64_t row) const { return p16 ? int32_t(p16[row]) : p32[row]; }
+};
+
 PE_HD bool valid_bits(int64_t bits) { return bits == 2 || bits == 4 || bits == 6 || bits == 8; }
 
 // Bytes of one 16 x 16 block at `bits` bits.
