@@ -26,6 +26,7 @@ import torch
 
 from bench.machine import last_level_cache_bytes
 from bench.registry import OURS, Case, Context, Prepared
+from bench.roofline import STREAMS
 
 FAMILY = "packed_linear"
 L3_BYTES = max(32 << 20, last_level_cache_bytes())  # the machine has 32 MiB; this one may have more
@@ -99,7 +100,7 @@ def _make(n: int, k: int, m: int, width: str, dram: bool, ctx: Context) -> Prepa
 
     reads = [torch.zeros(packed.nbytes // 4) for _ in copies]
     read_sum = _cycle([r.sum for r in reads])
-    read_streams = (_cycle([functools.partial(torch.ops.pyeditor.read_probe, r, 8) for r in reads])
+    read_streams = (_cycle([functools.partial(torch.ops.pyeditor.read_probe, r, STREAMS) for r in reads])
                     if hasattr(torch.ops.pyeditor, "read_probe") else "read_probe needs the C++ extension")
 
     err = (pyeditor.packed_linear(x, packed, fast=True) - pyeditor.packed_linear(x, packed)).abs().max().item()

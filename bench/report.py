@@ -26,6 +26,10 @@ def _pct(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.0f}%"
 
 
+def _methods(by: Any) -> str:
+    return ", ".join(f"{k} {_num(v, '.1f')}" for k, v in by.items()) if isinstance(by, dict) else "n/a"
+
+
 def header(machine: dict[str, Any]) -> str:
     bw = machine.get("bandwidth", {})
     return "\n".join([
@@ -38,8 +42,10 @@ def header(machine: dict[str, Any]) -> str:
         f"bandwidth (256 MiB fp32, best of {bw.get('reps')}, start/end of run): copy "
         f"{'/'.join(_num(x, '.1f') for x in bw.get('copy_gbps_runs', []))} GB/s, read "
         f"{'/'.join(_num(x, '.1f') for x in bw.get('read_gbps_runs', []))} GB/s, write "
-        f"{'/'.join(_num(x, '.1f') for x in bw.get('write_gbps_runs', []))} GB/s; "
-        "each case's roofline = bytes / copy bandwidth measured around that case",
+        f"{'/'.join(_num(x, '.1f') for x in bw.get('write_gbps_runs', []))} GB/s (copy and read: the faster of "
+        f"torch's op and the multi-stream probe; at start copy {_methods(bw.get('copy_gbps_by_method'))}, read "
+        f"{_methods(bw.get('read_gbps_by_method'))}); each case's roofline = bytes / copy bandwidth measured around "
+        "that case",
     ])
 
 

@@ -47,9 +47,10 @@ TORCH_LIBRARY(pyeditor, m) {
         "int out_features) -> Tensor");
   m.def("quant_linear(Tensor x, Tensor data, Tensor scale, Tensor zero, Tensor perm, int[] buckets, "
         "int out_features, Tensor? bias=None, bool fast=False) -> Tensor");
-  // benchmarks only: max int32 word of data, read as `streams` concurrent streams per thread
-  // (the weight-read roofline of bench/cases_quant.py)
+  // benchmarks only (bench/roofline.py, bench/cases_quant.py): memory moved as `streams`
+  // concurrent streams per thread. read_probe: max int32 word of data; copy_probe: dst = src.
   m.def("read_probe(Tensor data, int streams=4) -> Tensor");
+  m.def("copy_probe(Tensor src, Tensor(a!) dst, int streams=4) -> ()");
   // nearest-prototype search (issue 5)
   m.def("nearest_prototype(Tensor x, Tensor prototypes, int k=1, str metric=\"l2\") -> (Tensor, Tensor)");
   // Persona serving: edited linear, hypernetwork matmuls, fused edit norms (issue 4)
@@ -69,6 +70,7 @@ TORCH_LIBRARY_IMPL(pyeditor, CPU, m) {
   m.impl("quant_dequantize", &quant_dequantize_cpu);
   m.impl("quant_linear", &quant_linear_cpu);
   m.impl("read_probe", &read_probe_cpu);
+  m.impl("copy_probe", &copy_probe_cpu);
   m.impl("nearest_prototype", &nearest_prototype_cpu);  // issue 5
   m.impl("edited_linear", &edited_linear_cpu);
   m.impl("hyper_matmul", &hyper_matmul_cpu);

@@ -221,8 +221,9 @@ if HAS_CPP:  # the C++ op's autograd is registered in C++ (csrc/quant_autograd.c
 if backends.triton_available():
     _register_quant("quant_linear_triton", "quant_dequantize_triton", autograd=True)
 
-if HAS_CPP:  # benchmarks' weight-read probe (csrc/cpu/read_probe.cpp); reference.read_probe
+if HAS_CPP:  # the benchmarks' bandwidth probes (csrc/cpu/bandwidth_probe.cpp); reference.read_probe
     torch.library.register_fake("pyeditor::read_probe", lambda data, streams=4: data.new_empty((), dtype=torch.int32))
+    torch.library.register_fake("pyeditor::copy_probe", lambda src, dst, streams=4: None)
 
 # ---------------------------------------------------------------- nearest-prototype search (issue 5)
 _SEARCH_METRICS = ("l2", "ip", "cosine")

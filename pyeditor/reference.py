@@ -836,3 +836,8 @@ def read_probe(data: Tensor, streams: int = 4) -> Tensor:
     """The benchmarks' read probe: the largest int32 word of data's bytes (the order of reading,
     `streams`, does not change it)."""
     return data.reshape(-1).view(torch.uint8).view(torch.int32).amax()
+
+
+def copy_probe(src: Tensor, dst: Tensor, streams: int = 4) -> None:
+    """The benchmarks' copy probe: dst's bytes become src's."""
+    dst.reshape(-1).view(torch.uint8).copy_(src.reshape(-1).view(torch.uint8))

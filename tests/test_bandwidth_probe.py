@@ -1,11 +1,13 @@
-"""pyeditor::read_probe, the benchmarks' multi-stream read (csrc/cpu/read_probe.cpp): its max of
-int32 words equals the reference for every stream count, size and tail; bad input is refused."""
+"""pyeditor::read_probe and copy_probe, the benchmarks' multi-stream bandwidth probes
+(csrc/cpu/bandwidth_probe.cpp): the max of int32 words and the copy equal the reference for every
+stream count, size and tail; bad input is refused."""
 import pytest
 import torch
 
 from pyeditor import reference as ref
 
 probe = torch.ops.pyeditor.read_probe
+copy = torch.ops.pyeditor.copy_probe
 
 
 @pytest.mark.parametrize("words", [1, 15, 64, 257, 4096 + 3, 100_003])
@@ -44,3 +46,33 @@ def test_bad_input():
 
 def test_opcheck():
     torch.library.opcheck(probe, (torch.randn(1000), 4))
+
+
+@pytest.mark.parametrize("words", [1, 15, 64, 257, 4096 + 3, 100_003])
+@pytest.mark.parametrize("streams", [1, 3, 8, 64])
+def test_copy_matches_reference(words, streams):
+    src = torch.randint(-2**31, 2**31 - 1, (words,), dtype=torch.int32, generator=torch.Generator().manual_seed(words))
+    dst = torch.full_like(src, 7)
+    copy(src, dst, streams)
+    expect = torch.zeros_like(src)
+    ref.copy_probe(src, expect)
+    assert torch.equal(dst, expect) and torch.equal(dst, src)
+
+
+def test_copy_other_dtypes_and_bad_input():
+    src, dst = torch.randn(3, 1001), torch.empty(3003)
+    copy(src, dst, 4)
+    assert torch.equal(dst.view(3, 1001), src)
+    with pytest.raises(RuntimeError, match="as many bytes"):
+        copy(torch.zeros(16), torch.zeros(12), 4)
+    with pytest.raises(RuntimeError, match="dst must be contiguous"):
+        copy(torch.zeros(64), torch.zeros(8, 8).t(), 4)
+    with pytest.raises(RuntimeError, match="overlap"):
+        buf = torch.zeros(32)
+        copy(buf[:16], buf[8:24], 4)
+    with pytest.raises(RuntimeError, match="streams"):
+        copy(torch.zeros(16), torch.zeros(16), 0)
+
+
+def test_copy_opcheck():
+    torch.library.opcheck(copy, (torch.randn(1000), torch.empty(1000), 4))
