@@ -71,6 +71,13 @@ struct QuantLinear : public torch::autograd::Function<QuantLinear> {
 at::Tensor quant_linear_autograd(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
                                  const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
                                  int64_t out_features, const c10::optional<at::Tensor>& bias, bool fast) {
+  // inference (nothing needs a gradient): straight to the kernel, without the autograd node and
+  // its saved state (string-keyed saved_data alone showed up in per-call profiles)
+  const bool bias_grad = bias.has_value() && bias->defined() && bias->requires_grad();
+  if (!at::GradMode::is_enabled() || !(x.requires_grad() || bias_grad)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_linear(x, data, scale, zero, perm, buckets, out_features, bias, fast);
+  }
   return QuantLinear::apply(x, data, scale, zero, perm, buckets.vec(), out_features, bias, fast);
 }
 

@@ -83,6 +83,7 @@ class PackedWeight:
                  bits: Tensor, in_features: int, out_features: int) -> None:
         self.data, self.scale, self.zero, self.perm, self.bits = data, scale, zero, perm, bits
         self.buckets = tuple(tuple(int(v) for v in b) for b in buckets)
+        self._flat_buckets = [v for b in self.buckets for v in b]  # the ops' int[] argument, built once
         self.in_features, self.out_features = int(in_features), int(out_features)
 
     # -- views
@@ -96,7 +97,7 @@ class PackedWeight:
 
     @property
     def flat_buckets(self) -> List[int]:
-        return [v for b in self.buckets for v in b]
+        return self._flat_buckets
 
     @property
     def nbytes(self) -> int:

@@ -334,6 +334,26 @@ def test_gradcheck(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_grad_only_where_asked(backend, device):
+    """The C++ op skips its autograd node when nothing needs a gradient; a bias that needs one
+    still gets it through an x that does not, and no_grad gives a plain result."""
+    p, qw = both(rand((9, 21), seed=1), rand_bits(9, seed=2))
+    p = p.to(device)
+    x = rand((4, 21), seed=3).to(device)
+    b = rand((9,), seed=4).to(device).requires_grad_()
+    y = quant.packed_linear(x, p, b, backend=backend)
+    assert y.requires_grad
+    y.sum().backward()
+    check_close(b.grad.cpu(), torch.full((9,), 4.0), tol=reduction_tolerance(torch.float32, 4))
+    with torch.no_grad():
+        y0 = quant.packed_linear(x.requires_grad_(), p, b, backend=backend)
+    assert not y0.requires_grad
+    expect = ref.packed_linear(x.detach().cpu(), qw, b.detach().cpu())
+    check_close(y0.cpu(), expect, tol=reduction_tolerance(torch.float32, 21))
+    assert not quant.packed_linear(x.detach(), p, b.detach(), backend=backend).requires_grad
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_grad_matches_reference_fp32(backend, device):
     p, qw = both(rand((9, 21), seed=1), rand_bits(9, seed=2))
     x = rand((4, 21), seed=3).to(device).requires_grad_()
