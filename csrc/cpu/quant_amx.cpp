@@ -87,6 +87,8 @@ PE_AMX void split_row(const float* x, int64_t k, float scale, uint16_t* dst, int
     _mm512_mask_cvtepi32_storeu_epi16(d + part_stride, live, m);
     _mm512_mask_cvtepi32_storeu_epi16(d + 2 * part_stride, live, l);
   }
+  for (int64_t i = k; i < (k + 31) / 32 * 32; ++i)  // the padding inputs of the last A tile
+    for (int p = 0; p < 3; ++p) dst[p * part_stride + (i / 32) * 512 + i % 32] = 0;
 }
 
 // max |x| (NaN-blind: a NaN row stays NaN through the parts) and sum_i x_i in float64.
@@ -336,6 +338,12 @@ double split_row_bf16(const float* x, int64_t k, int64_t r, int64_t m16, int64_t
   (void)x, (void)k, (void)r, (void)m16, (void)kp32, (void)parts, (void)sum;
   std::abort();  // callers check amx_enabled() first
 #endif
+}
+
+void zero_row_bf16(int64_t r, int64_t m16, int64_t kp32, uint16_t* parts) {
+  for (int p = 0; p < 3; ++p)
+    for (int64_t b = 0; b < kp32 / 32; ++b)
+      std::memset(parts + p * m16 * kp32 + ((r / 16) * (kp32 / 32) + b) * 512 + (r % 16) * 32, 0, 32 * sizeof(uint16_t));
 }
 
 void tiles_dot_amx(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const uint16_t* planes,

@@ -113,10 +113,12 @@ int main() {
         const int64_t m16 = (m + 15) / 16 * 16;
         std::vector<float> x(m * k);
         for (auto& v : x) v = static_cast<float>(static_cast<int>(rng() % 9) - 4) / 8.0f;
-        std::vector<uint16_t> parts(3 * m16 * kp32, 0);
+        // bf16 NaN everywhere first: a value the helpers leave unwritten would poison the sums
+        std::vector<uint16_t> parts(3 * m16 * kp32, 0x7FC0);
         std::vector<double> unscale(m), sum(m);
         for (int64_t r = 0; r < m; ++r)
           unscale[r] = q::cpu::split_row_bf16(x.data() + r * k, k, r, m16, kp32, parts.data(), &sum[r]);
+        for (int64_t r = m; r < m16; ++r) q::cpu::zero_row_bf16(r, m16, kp32, parts.data());
         std::vector<float> out(q::cpu::kAmxGroup * m16 * q::kTileN);
         std::vector<uint32_t> wbuf(q::cpu::kAmxGroup * q::cpu::kAmxChunkBlocks * 128);
         for (int64_t g0 = 0; g0 < n_tiles; g0 += q::cpu::kAmxGroup) {
@@ -142,6 +144,10 @@ int main() {
                        got, want);
                 EXPECT(sum[r] == xs, "amx row sum m=%ld r=%ld", long(m), long(r));
               }
+          for (int u = 0; u < n; ++u)  // padding rows: zero_row_bf16 left zeros, not NaN
+            for (int64_t r = m; r < m16; ++r)
+              for (int c = 0; c < q::kTileN; ++c)
+                EXPECT(out[(u * m16 + r) * q::kTileN + c] == 0.0f, "amx padding row m=%ld r=%ld", long(m), long(r));
         }
       }
     }

@@ -27,10 +27,10 @@ int64_t lut_chunk_blocks(int bits);
 // Exact-mode GEMM on Intel AMX-BF16 (many rows): amx_enabled() is false on other CPUs, when the
 // OS refuses tile state, or when the environment sets PYEDITOR_CPU_AMX=0. Activation rows are
 // split into three bf16 parts (x = hi + mid + lo) stored in A-tile order in `parts`
-// (3 * m16 * kp32 values, zero-initialised; m16 = rows rounded up to 16, kp32 =
-// amx_padded_k(k)). split_row_bf16 writes row r's parts, sets *sum = sum_i x_i (float64) and
-// returns the power of two that row's sums must be multiplied by (it is scaled so that no part
-// is a denormal, which AMX flushes). tiles_dot_amx: out[(g * m16 + r) * 16 + c] =
+// (3 * m16 * kp32 values; m16 = rows rounded up to 16, kp32 = amx_padded_k(k)). split_row_bf16
+// writes row r's parts (zeros past k), sets *sum = sum_i x_i (float64) and returns the power of
+// two that row's sums must be multiplied by (it is scaled so that no part is a denormal, which
+// AMX flushes); zero_row_bf16 writes zeros to a padding row, so `parts` needs no initialisation. tiles_dot_amx: out[(g * m16 + r) * 16 + c] =
 // sum_k q_g[c, k] x[r, k] (before that factor) for n <= kAmxGroup tiles and rows r in
 // [r_begin, r_end) (r_begin a multiple of 16, r_end <= m16); wbuf holds
 // kAmxGroup * kAmxChunkBlocks * 128 uint32.
@@ -40,6 +40,7 @@ bool amx_enabled();
 int64_t amx_padded_k(int64_t k);
 double split_row_bf16(const float* x, int64_t k, int64_t r, int64_t m16, int64_t kp32, uint16_t* parts,
                       double* sum);
+void zero_row_bf16(int64_t r, int64_t m16, int64_t kp32, uint16_t* parts);
 void tiles_dot_amx(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const uint16_t* planes,
                    int64_t m16, int64_t kp32, int64_t r_begin, int64_t r_end, float* out, uint32_t* wbuf);
 
