@@ -61,7 +61,7 @@ class BandwidthProbe:
         stats = {name: self._best(fn, reps) for name, fn in self._fns(kind).items()}
         return min(stats.values(), key=lambda s: s.min_s), {k: v.min_s for k, v in stats.items()}
 
-    def copy_gbps(self, reps: int = 5) -> float:
+    def copy_gbps(self, reps: int = 3) -> float:
         return 2 * self.src.nbytes / self._fastest("copy", reps)[0].min_s / 1e9
 
     def measure(self, reps: int = 8) -> dict[str, Any]:
