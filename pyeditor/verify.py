@@ -155,6 +155,19 @@ def _quant_checks(small: bool) -> Iterator[Check]:
 
             yield Check("dequantize (bit-exact)", f"[{n}, {k}] mixed bits", dtype, run_deq, (0.0, 0.0))
 
+    # past 32767 channels the packed permutation is int32 instead of int16
+    n_big = quant.PERM_INT16_CHANNELS + 1
+
+    def run_big(backend, device):
+        bits = torch.tensor([2, 8, 4, 6]).repeat(n_big // 4)
+        w, x = _rand((n_big, 20), torch.float32, "cpu", seed=8), _rand((2, 20), torch.float32, "cpu", seed=9)
+        p = quant.quantize_channelwise(w, bits).to(device)
+        return (quant.packed_linear(x.to(device), p, backend=backend).cpu(),
+                reference.packed_linear(x, reference.quantize_channelwise(w, bits)))
+
+    yield Check("packed_linear (int32 perm)", f"x[2, 20] out={n_big} mixed bits", torch.float32, run_big,
+                reduction_tolerance(torch.float32, 20))
+
 
 CHECKS.append(_quant_checks)
 # ---------------------------------------------------------------- Persona serving ops (issue 4)
