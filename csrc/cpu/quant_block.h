@@ -24,6 +24,16 @@ namespace pe::quant::cpu {
 
 #define PE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 
+// GEMV kernels stream a tile once; the hardware prefetchers alone leave most of each DRAM
+// miss exposed. Asking for the line kStreamAhead bytes ahead of each block read (the codes are
+// contiguous within a bucket, so this also runs into the next tile) measured 10-35% faster at
+// M = 1, 4096 x 4096 from DRAM on the AVX-512 paths (1 KiB: about half that; 4-16 KiB alike).
+// A prefetch past the end of the buffer is harmless: prefetches never fault.
+constexpr int64_t kStreamAhead = 4096;
+inline void stream_ahead(const uint8_t* block, int bytes) {
+  for (int l = 0; l < bytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(block + kStreamAhead + l), _MM_HINT_T0);
+}
+
 // One 16x16 block as four vectors: v[g] lane c holds the u8 codes of inputs 4g..4g+3 of
 // channel c (byte t = input 4g + t). Each field costs one shift and one mask.
 template <int BITS>

@@ -49,6 +49,7 @@ PE_AVX512 void dot_f32_2bit(const uint8_t* tile, int64_t blocks, const float* x,
     const float* xr = x + r * ldx;
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t b = 0; b < blocks; ++b) {
+      if (r == 0) stream_ahead(tile + b * 64, 64);
       const __m512i c = _mm512_loadu_si512(tile + b * 2 * 32);
       const float* xs = xr + b * kTileK;
       for (int g = 0; g < 4; ++g) {
@@ -72,6 +73,7 @@ PE_AVX512 void dot_f32_direct(const uint8_t* tile, int64_t blocks, const float* 
     const float* xr = x + r * ldx;
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t b = 0; b < blocks; ++b) {
+      if (r == 0) stream_ahead(tile + b * BITS * 32, BITS * 32);
       __m512i v[4];
       load_block<BITS>(tile + b * BITS * 32, v);
       const float* xs = xr + b * kTileK;
@@ -125,6 +127,7 @@ PE_AVX512 void dot_lut_2bit(const uint8_t* tile, int64_t b0, int64_t b1, const f
   __m512 acc[8];
   for (int i = 0; i < 8; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t b = b0; b < b1; ++b) {
+    stream_ahead(tile + b * 64, 64);
     const __m512i c = _mm512_loadu_si512(tile + b * 64);
     const float* tb = lut + b * 8 * 16;
     for (int t = 0; t < 4; ++t) {
@@ -162,13 +165,15 @@ PE_AVX512 void dot_f32_gemm(const uint8_t* tile, int64_t blocks, const float* x,
 }
 
 // int8 activations: one vpdpbusd per field feeds 16 channels x 4 inputs. G accumulators per
-// row break the dependency chain when there are few rows.
+// row break the dependency chain when there are few rows. `ahead`: this pass is the first over
+// the tile (the one that streams it from memory), so it prefetches.
 template <int BITS, int R, int G>
 PE_AVX512 void rows_i8(const uint8_t* tile, int64_t blocks, const int8_t* x, int64_t ldx, int32_t* out,
-                       int64_t ldo) {
+                       int64_t ldo, bool ahead) {
   __m512i acc[R * G];
   for (int i = 0; i < R * G; ++i) acc[i] = _mm512_setzero_si512();
   for (int64_t b = 0; b < blocks; ++b) {
+    if (ahead) stream_ahead(tile + b * BITS * 32, BITS * 32);
     __m512i v[4];
     load_block<BITS>(tile + b * BITS * 32, v);
     for (int g = 0; g < 4; ++g)
@@ -190,8 +195,8 @@ template <int BITS>
 PE_AVX512 void dot_i8_vnni(const uint8_t* tile, int64_t blocks, const int8_t* x, int64_t ldx, int64_t m,
                            int32_t* out, int64_t ldo) {
   int64_t r = 0;
-  for (; r + 4 <= m; r += 4) rows_i8<BITS, 4, 1>(tile, blocks, x + r * ldx, ldx, out + r * ldo, ldo);
-  for (; r < m; ++r) rows_i8<BITS, 1, 4>(tile, blocks, x + r * ldx, ldx, out + r * ldo, ldo);
+  for (; r + 4 <= m; r += 4) rows_i8<BITS, 4, 1>(tile, blocks, x + r * ldx, ldx, out + r * ldo, ldo, r == 0);
+  for (; r < m; ++r) rows_i8<BITS, 1, 4>(tile, blocks, x + r * ldx, ldx, out + r * ldo, ldo, r == 0);
 }
 
 PE_AVX512 float quantize_row_avx512(const float* x, int64_t n, int8_t* out, int64_t* sum) {

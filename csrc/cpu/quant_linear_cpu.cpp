@@ -44,6 +44,10 @@ constexpr int64_t kLutGroup = 8;  // tiles sharing one L1-resident chunk of look
 // up to this many rows, the bf16 GEMM above (measured at 4 rows: 0.6 ms against 2.4-2.7 ms for a
 // cache-resident 4096x4096 CHORD mix; both 2-4x the AVX-512 paths).
 constexpr int64_t kDigitGemvRows = 8;
+// The fast mode's AMX tiles from this many rows; one row takes AVX-512 VNNI, whose 16 vpdpbusd
+// per 1024 codes (against one tile load and product) keep up with the stream: M = 1, 4096 x 4096
+// from DRAM, 2-bit 349 against 442 us, 8-bit alike; at 2 and 4 rows AMX is 10-20% faster.
+constexpr int64_t kFastTileRows = 2;
 
 // Tile boundaries [starts[i], starts[i+1]) of chunks holding about equal bytes of codes, or {}
 // to split by tile count (chunks_per_thread == 0, or too few tiles for it to matter).
@@ -206,13 +210,13 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   const int64_t m = x2.size(0), kp = q::padded_k(a.k), blocks = kp / q::kTileK, n = a.n;
   const bool amx = !fast && m > kDigitGemvRows && q::cpu::amx_enabled();
   // GEMV on AMX-INT8 (cpu_quant.h): exact for up to kDigitGemvRows rows (a pass over the codes
-  // per 2 rows); the fast mode's int8 rows for any M (a pass per 16 rows: M = 256, 4096x4096
-  // CHORD mix 13.5 ms against 32.9 ms on VNNI)
+  // per 2 rows); the fast mode's int8 rows from kFastTileRows rows (a pass per 16 rows: M = 256,
+  // 4096x4096 CHORD mix 13.5 ms against 32.9 ms on VNNI)
   const bool gemv_amx = q::cpu::amx_enabled();
   // (digit sums are int32: |digit| <= 128 times codes <= 255 stays exact up to 65536 inputs,
   // the same bound the fast mode checks on entry)
   const Activations act = prepare<T>(x2, kp, fast, amx, gemv_amx && !fast && m <= kDigitGemvRows && a.k <= 65536,
-                                     gemv_amx && fast);
+                                     gemv_amx && fast && m >= kFastTileRows);
   const bool tiles_a = !act.groups.empty();     // either of those runs
   const bool digits = tiles_a && !fast;          // the exact one
   // GEMV (few rows, exact mode): x-scaled lookup tables, built once per call for each width
