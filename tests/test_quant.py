@@ -182,6 +182,8 @@ def test_cpu_gemm_paths(monkeypatch, amx):
     x = rand((m, k), seed=23)
     tol = reduction_tolerance(torch.float32, k)
     check_close(quant.packed_linear(x, p, backend="cpu"), ref.packed_linear(x, qw), tol=tol)
+    b = rand((n,), seed=24)
+    check_close(quant.packed_linear(x, p, b, backend="cpu"), ref.packed_linear(x, qw, b), tol=tol)
     for e in (-112, 100):
         xs = x * 2.0 ** e
         got = quant.packed_linear(xs, p, backend="cpu").double() * 2.0 ** -e

@@ -357,6 +357,36 @@ void tiles_dot_amx(const uint8_t* const* tiles, const int* bits, int n, int64_t 
   std::abort();  // callers check amx_enabled() first; never return sums that were not computed
 }
 
+#ifdef PE_QUANT_X86
+namespace {
+PE_AMX void finish_tile(float* acc, int64_t r0, int64_t r1, const double* unscale, const double* sum, const float* s,
+                        const uint8_t* z, const float* b) {
+  const __m512i zi = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z)));
+  const __m512d z0 = _mm512_cvtepi32_pd(_mm512_castsi512_si256(zi)), z1 = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(zi, 1));
+  const __m512 sv = _mm512_loadu_ps(s), bv = _mm512_loadu_ps(b);
+  for (int64_t r = r0; r < r1; ++r) {
+    const __m512 a = _mm512_loadu_ps(acc + r * 16);
+    const __m512d u = _mm512_set1_pd(unscale[r]), sr = _mm512_set1_pd(sum[r]);
+    const __m512d lo = _mm512_sub_pd(_mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(a)), u), _mm512_mul_pd(z0, sr));
+    const __m512d hi = _mm512_sub_pd(
+        _mm512_mul_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1))), u),
+        _mm512_mul_pd(z1, sr));
+    const __m512 f = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1);
+    _mm512_storeu_ps(acc + r * 16, _mm512_add_ps(_mm512_mul_ps(sv, f), bv));
+  }
+}
+}  // namespace
+#endif
+
+void finish_tile_amx(float* acc, int64_t r0, int64_t r1, const double* unscale, const double* sum, const float* s,
+                     const uint8_t* z, const float* b) {
+#ifdef PE_QUANT_X86
+  if (kAmx) return finish_tile(acc, r0, r1, unscale, sum, s, z, b);
+#endif
+  (void)acc, (void)r0, (void)r1, (void)unscale, (void)sum, (void)s, (void)z, (void)b;
+  std::abort();  // callers check amx_enabled() first
+}
+
 int64_t digit_bytes(int64_t m, int64_t k) { return (k + 63) / 64 * 64 * m * kDigits; }
 
 bool split_digits(const float* x, int64_t k, int64_t r, int64_t m, int8_t* digits, int* e, int64_t* sx) {

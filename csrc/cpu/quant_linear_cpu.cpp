@@ -257,8 +257,7 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
           const double acc = static_cast<double>(ai[r * q::kTileN + c]) - zr * act.sum[r];
           v = static_cast<float>(acc) * (sr * act.xscale[r]);
         } else {
-          const double acc = amx ? static_cast<double>(af[r * q::kTileN + c]) * act.unscale[r]
-                                 : static_cast<double>(af[r * q::kTileN + c]);
+          const double acc = static_cast<double>(af[r * q::kTileN + c]);  // (AMX: finish_tile_amx)
           v = sr * static_cast<float>(acc - zr * act.sum[r]);
         }
         y[r * n + col] = static_cast<T>(v + b);
@@ -290,8 +289,21 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
         for (int64_t u = 0; u < cnt; ++u) ptrs[u] = tiles[t0 + u].ptr, bits[u] = tiles[t0 + u].bits;
         q::cpu::tiles_dot_amx(ptrs, bits, static_cast<int>(cnt), blocks, act.parts.get(), act.m16, act.kp32, r0, r1,
                               acc.data(), pairs.data());
-        for (int64_t u = 0; u < cnt; ++u)
-          epilogue(tiles[t0 + u], acc.data() + u * act.m16 * q::kTileN, nullptr, r0, r1);
+        for (int64_t u = 0; u < cnt; ++u) {  // the epilogue 16 channels a vector, then the scatter
+          const Tile& tile = tiles[t0 + u];
+          float* au = acc.data() + u * act.m16 * q::kTileN;
+          int32_t cols[q::kTileN];
+          float b16[q::kTileN];
+          for (int c = 0; c < q::kTileN; ++c) {
+            cols[c] = p[tile.row + c];
+            b16[c] = bias && cols[c] >= 0 ? bias[cols[c]] : 0.0f;
+          }
+          const int64_t re = std::min(r1, m);
+          q::cpu::finish_tile_amx(au, r0, re, act.unscale.data(), act.sum.data(), s + tile.row, z + tile.row, b16);
+          for (int64_t r = r0; r < re; ++r)
+            for (int c = 0; c < q::kTileN; ++c)
+              if (cols[c] >= 0) y[r * n + cols[c]] = static_cast<T>(au[r * q::kTileN + c]);
+        }
       }
     });
     return;
