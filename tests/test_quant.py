@@ -243,6 +243,23 @@ def test_cpu_gemv_k_edges(monkeypatch, amx, k):
                 tol=reduction_tolerance(torch.float32, k))
 
 
+@pytest.mark.parametrize("amx", ["1", "0"], ids=["amx-if-present", "avx512"])
+def test_cpu_fast_mode_one_row_walks_tiles_together(monkeypatch, amx):
+    """One row in fast mode takes up to eight same-width tiles at once (8-tile groups, a partial
+    group, width changes between groups); its integer sums are exact, so each row's result equals
+    that row's result inside a batch (which takes the tile-at-a-time kernels) bit for bit."""
+    monkeypatch.setenv("PYEDITOR_CPU_AMX", amx)
+    n, k = 16 * 21 + 5, 1100
+    bits = torch.tensor([8] * 40 + [2] * 150 + [4] * 17 + [6] * 134)
+    p, _ = both(rand((n, k), seed=44), bits)
+    x = rand((3, k), seed=45)
+    b = rand((n,), seed=46)
+    batch = quant.packed_linear(x, p, b, fast=True, backend="cpu")
+    for r in range(3):
+        one = quant.packed_linear(x[r:r + 1], p, b, fast=True, backend="cpu")
+        assert torch.equal(one, batch[r:r + 1])
+
+
 @pytest.mark.parametrize("m", [1, 2, 5, 16, 17, 40])
 def test_cpu_fast_mode_amx_equals_vnni(monkeypatch, m):
     """The fast mode's integer sums are exact on both CPU paths (AMX-INT8 tiles, 16 rows a pass,

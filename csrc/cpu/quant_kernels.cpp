@@ -1,6 +1,7 @@
 // CPU inner kernels of the packed low-bit matmul (see cpu_quant.h): an AVX-512 (+VNNI) path
 // picked at load time, and a portable path on the shared codec in pack.h.
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "pyeditor/cpu_quant.h"
@@ -191,6 +192,83 @@ PE_AVX512 void rows_i8(const uint8_t* tile, int64_t blocks, const int8_t* x, int
   }
 }
 
+// NT tiles, one row: two accumulators per tile (16 in all) keep the vpdpbusd chains short.
+template <int BITS, int NT>
+PE_AVX512 void row_i8_tiles(const uint8_t* const* tiles, int64_t blocks, const int8_t* x, int32_t* out) {
+  __m512i acc[NT][2];
+  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_si512();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i xg[4];
+    for (int g = 0; g < 4; ++g) {
+      int32_t x4;
+      std::memcpy(&x4, x + b * kTileK + 4 * g, 4);
+      xg[g] = _mm512_set1_epi32(x4);
+    }
+    for (int t = 0; t < NT; ++t) {
+      const uint8_t* blk = tiles[t] + b * BITS * 32;
+      stream_ahead(blk, BITS * 32);
+      __m512i v[4];
+      load_block<BITS>(blk, v);
+      acc[t][0] = _mm512_dpbusd_epi32(acc[t][0], v[0], xg[0]);
+      acc[t][1] = _mm512_dpbusd_epi32(acc[t][1], v[1], xg[1]);
+      acc[t][0] = _mm512_dpbusd_epi32(acc[t][0], v[2], xg[2]);
+      acc[t][1] = _mm512_dpbusd_epi32(acc[t][1], v[3], xg[3]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) _mm512_storeu_si512(out + t * 16, _mm512_add_epi32(acc[t][0], acc[t][1]));
+}
+
+// NT tiles, one float32 row: two accumulators per tile, even and odd inputs.
+template <int BITS, int NT>
+PE_AVX512 void row_f32_tiles(const uint8_t* const* tiles, int64_t blocks, const float* x, float* out) {
+  __m512 acc[NT][2];
+  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* xs = x + b * kTileK;
+    for (int t = 0; t < NT; ++t) {
+      const uint8_t* blk = tiles[t] + b * BITS * 32;
+      stream_ahead(blk, BITS * 32);
+      __m512i v[4];
+      load_block<BITS>(blk, v);
+      for (int g = 0; g < 4; ++g) {
+        acc[t][0] = _mm512_fmadd_ps(byte_ps<0>(v[g]), _mm512_set1_ps(xs[4 * g]), acc[t][0]);
+        acc[t][1] = _mm512_fmadd_ps(byte_ps<1>(v[g]), _mm512_set1_ps(xs[4 * g + 1]), acc[t][1]);
+        acc[t][0] = _mm512_fmadd_ps(byte_ps<2>(v[g]), _mm512_set1_ps(xs[4 * g + 2]), acc[t][0]);
+        acc[t][1] = _mm512_fmadd_ps(byte_ps<3>(v[g]), _mm512_set1_ps(xs[4 * g + 3]), acc[t][1]);
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * 16, _mm512_add_ps(acc[t][0], acc[t][1]));
+}
+
+template <int BITS>
+PE_AVX512 void row_f32_any(const uint8_t* const* tiles, int n, int64_t blocks, const float* x, float* out) {
+  switch (n) {
+    case 1: return row_f32_tiles<BITS, 1>(tiles, blocks, x, out);
+    case 2: return row_f32_tiles<BITS, 2>(tiles, blocks, x, out);
+    case 3: return row_f32_tiles<BITS, 3>(tiles, blocks, x, out);
+    case 4: return row_f32_tiles<BITS, 4>(tiles, blocks, x, out);
+    case 5: return row_f32_tiles<BITS, 5>(tiles, blocks, x, out);
+    case 6: return row_f32_tiles<BITS, 6>(tiles, blocks, x, out);
+    case 7: return row_f32_tiles<BITS, 7>(tiles, blocks, x, out);
+    default: return row_f32_tiles<BITS, 8>(tiles, blocks, x, out);
+  }
+}
+
+template <int BITS>
+PE_AVX512 void row_i8_any(const uint8_t* const* tiles, int n, int64_t blocks, const int8_t* x, int32_t* out) {
+  switch (n) {
+    case 1: return row_i8_tiles<BITS, 1>(tiles, blocks, x, out);
+    case 2: return row_i8_tiles<BITS, 2>(tiles, blocks, x, out);
+    case 3: return row_i8_tiles<BITS, 3>(tiles, blocks, x, out);
+    case 4: return row_i8_tiles<BITS, 4>(tiles, blocks, x, out);
+    case 5: return row_i8_tiles<BITS, 5>(tiles, blocks, x, out);
+    case 6: return row_i8_tiles<BITS, 6>(tiles, blocks, x, out);
+    case 7: return row_i8_tiles<BITS, 7>(tiles, blocks, x, out);
+    default: return row_i8_tiles<BITS, 8>(tiles, blocks, x, out);
+  }
+}
+
 template <int BITS>
 PE_AVX512 void dot_i8_vnni(const uint8_t* tile, int64_t blocks, const int8_t* x, int64_t ldx, int64_t m,
                            int32_t* out, int64_t ldo) {
@@ -297,6 +375,28 @@ void tile_dot_i8(const uint8_t* tile, int bits, int64_t blocks, const int8_t* x,
   }
 #endif
   dot_i8_scalar(tile, bits, blocks, x, ldx, m, out, ldo);
+}
+
+void tiles_dot_i8_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const int8_t* x, int32_t* out) {
+  if (n < 1 || n > kRowTiles) std::abort();  // callers group at most kRowTiles tiles
+#ifdef PE_QUANT_X86
+  if (kVnni) {
+    PE_BITS_SWITCH(bits, row_i8_any, tiles, n, blocks, x, out)
+    return;
+  }
+#endif
+  for (int u = 0; u < n; ++u) dot_i8_scalar(tiles[u], bits, blocks, x, 0, 1, out + u * kTileN, kTileN);
+}
+
+void tiles_dot_f32_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const float* x, float* out) {
+  if (n < 1 || n > kRowTiles) std::abort();  // callers group at most kRowTiles tiles
+#ifdef PE_QUANT_X86
+  if (kVnni) {
+    PE_BITS_SWITCH(bits, row_f32_any, tiles, n, blocks, x, out)
+    return;
+  }
+#endif
+  for (int u = 0; u < n; ++u) dot_f32_scalar(tiles[u], bits, blocks, x, 0, 1, out + u * kTileN, kTileN);
 }
 
 float quantize_row_i8(const float* x, int64_t n, int8_t* out, int64_t* sum) {

@@ -1,6 +1,7 @@
 // Framework-free tests of the packed layout (pack.h) and the CPU tile kernels (cpu_quant.h):
 // every code written with put_code reads back with get_code, and the SIMD kernels' dot products
-// equal a direct sum over get_code for every width and row count (AMX GEMM included).
+// equal a direct sum over get_code for every width and row count (AMX GEMM and GEMV, and the
+// one-row kernels over several tiles, included).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -150,6 +151,35 @@ int main() {
                 EXPECT(out[(u * m16 + r) * q::kTileN + c] == 0.0f, "amx padding row m=%ld r=%ld", long(m), long(r));
         }
       }
+    }
+  }
+  // one row against 1..kRowTiles tiles of one width at once (float and int8 rows); x in
+  // multiples of 1/8 so the float sums are exact
+  for (int bits : widths) {
+    const int64_t blocks = 7, k = blocks * q::kTileK;
+    const RandomTiles rt = random_tiles(rng, q::cpu::kRowTiles, k, [&](int64_t) { return bits; });
+    std::vector<float> x(k);
+    std::vector<int8_t> xq(k);
+    for (auto& v : x) v = static_cast<float>(static_cast<int>(rng() % 201) - 100) / 8.0f;
+    for (auto& v : xq) v = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+    std::vector<const uint8_t*> ptrs(q::cpu::kRowTiles);
+    for (int u = 0; u < q::cpu::kRowTiles; ++u) ptrs[u] = rt.tiles[u].data();
+    for (int n = 1; n <= q::cpu::kRowTiles; ++n) {
+      std::vector<float> outf(n * q::kTileN, NAN);
+      std::vector<int32_t> outi(n * q::kTileN, -1);
+      q::cpu::tiles_dot_f32_row(ptrs.data(), n, bits, blocks, x.data(), outf.data());
+      q::cpu::tiles_dot_i8_row(ptrs.data(), n, bits, blocks, xq.data(), outi.data());
+      for (int u = 0; u < n; ++u)
+        for (int c = 0; c < q::kTileN; ++c) {
+          double wf = 0;
+          int64_t wi = 0;
+          for (int64_t i = 0; i < k; ++i) {
+            wf += double(rt.codes[(u * q::kTileN + c) * k + i]) * x[i];
+            wi += int64_t(rt.codes[(u * q::kTileN + c) * k + i]) * xq[i];
+          }
+          EXPECT(outf[u * q::kTileN + c] == static_cast<float>(wf), "f32 row bits=%d n=%d tile=%d c=%d", bits, n, u, c);
+          EXPECT(outi[u * q::kTileN + c] == wi, "i8 row bits=%d n=%d tile=%d c=%d", bits, n, u, c);
+        }
     }
   }
   // the AMX fixed-point GEMV: 1-2 rows, tiles of every width in pairs and alone, K with a

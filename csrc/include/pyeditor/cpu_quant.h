@@ -73,6 +73,13 @@ void tiles_dot_digits(const uint8_t* const* tiles, const int* bits, int64_t n, i
 void tile_dot_i8(const uint8_t* tile, int bits, int64_t blocks, const int8_t* x, int64_t ldx, int64_t m,
                  int32_t* out, int64_t ldo);
 
+// One int8 row against n <= kRowTiles tiles of one width walked together block by block (so n
+// sequential streams from memory instead of one): out[u * 16 + c] = sum_k q_u[c, k] x[k].
+constexpr int kRowTiles = 8;
+void tiles_dot_i8_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const int8_t* x, int32_t* out);
+// The same for one float32 row (x zero-padded to 16 * blocks), float32 sums.
+void tiles_dot_f32_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const float* x, float* out);
+
 // Quantizes one activation row for tile_dot_i8: out[i] = clamp(round(x[i] / scale), -127, 127) with
 // scale = max|x| / 127 (1 when x is all zero); returns scale and sets *sum = sum_i out[i]. A row
 // with NaN or inf returns NaN (its outputs become NaN). out must hold n values.
