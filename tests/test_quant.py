@@ -232,13 +232,14 @@ def test_cpu_gemv_paths(monkeypatch, amx, m):
 
 @pytest.mark.parametrize("amx", ["1", "0"], ids=["amx-if-present", "avx512"])
 @pytest.mark.parametrize("k", [0, 70000])
-def test_cpu_gemv_k_edges(monkeypatch, amx, k):
+@pytest.mark.parametrize("m", [1, 2])
+def test_cpu_gemv_k_edges(monkeypatch, amx, k, m):
     """No inputs (bias only), and more inputs than the AMX fixed-point GEMV's int32 digit sums
-    allow (it must leave them to the float path)."""
+    allow (it must leave them to the float path; one row: the multi-tile float kernel)."""
     monkeypatch.setenv("PYEDITOR_CPU_AMX", amx)
     n = 20
     p, qw = both(rand((n, k), seed=51), rand_bits(n, seed=52))
-    x, b = rand((2, k), seed=53), rand((n,), seed=54)
+    x, b = rand((m, k), seed=53), rand((n,), seed=54)
     check_close(quant.packed_linear(x, p, b, backend="cpu"), ref.packed_linear(x, qw, b),
                 tol=reduction_tolerance(torch.float32, k))
 

@@ -153,10 +153,10 @@ int main() {
       }
     }
   }
-  // one row against 1..kRowTiles tiles of one width at once (float and int8 rows); x in
-  // multiples of 1/8 so the float sums are exact
+  // one row against 1..kRowTiles tiles of one width at once (float and int8 rows; 37 blocks: two
+  // whole float chunks and a partial one); x in multiples of 1/8 so the float sums are exact
   for (int bits : widths) {
-    const int64_t blocks = 7, k = blocks * q::kTileK;
+    const int64_t blocks = 37, k = blocks * q::kTileK;
     const RandomTiles rt = random_tiles(rng, q::cpu::kRowTiles, k, [&](int64_t) { return bits; });
     std::vector<float> x(k);
     std::vector<int8_t> xq(k);
