@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "pyeditor/cpu_quant.h"
 #include "pyeditor/pack.h"
@@ -250,32 +251,30 @@ PE_AVX512 void row_f32_tiles(const uint8_t* const* tiles, int64_t blocks, const 
   for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * 16, total[t]);
 }
 
-template <int BITS>
-PE_AVX512 void row_f32_any(const uint8_t* const* tiles, int n, int64_t blocks, const float* x, float* out) {
+// f(std::integral_constant<int, n>) for a run-time tile count n in 1..kRowTiles
+template <class F>
+void with_tile_count(int n, F&& f) {
+  static_assert(kRowTiles == 8, "one case per tile count");
   switch (n) {
-    case 1: return row_f32_tiles<BITS, 1>(tiles, blocks, x, out);
-    case 2: return row_f32_tiles<BITS, 2>(tiles, blocks, x, out);
-    case 3: return row_f32_tiles<BITS, 3>(tiles, blocks, x, out);
-    case 4: return row_f32_tiles<BITS, 4>(tiles, blocks, x, out);
-    case 5: return row_f32_tiles<BITS, 5>(tiles, blocks, x, out);
-    case 6: return row_f32_tiles<BITS, 6>(tiles, blocks, x, out);
-    case 7: return row_f32_tiles<BITS, 7>(tiles, blocks, x, out);
-    default: return row_f32_tiles<BITS, 8>(tiles, blocks, x, out);
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
   }
 }
 
 template <int BITS>
-PE_AVX512 void row_i8_any(const uint8_t* const* tiles, int n, int64_t blocks, const int8_t* x, int32_t* out) {
-  switch (n) {
-    case 1: return row_i8_tiles<BITS, 1>(tiles, blocks, x, out);
-    case 2: return row_i8_tiles<BITS, 2>(tiles, blocks, x, out);
-    case 3: return row_i8_tiles<BITS, 3>(tiles, blocks, x, out);
-    case 4: return row_i8_tiles<BITS, 4>(tiles, blocks, x, out);
-    case 5: return row_i8_tiles<BITS, 5>(tiles, blocks, x, out);
-    case 6: return row_i8_tiles<BITS, 6>(tiles, blocks, x, out);
-    case 7: return row_i8_tiles<BITS, 7>(tiles, blocks, x, out);
-    default: return row_i8_tiles<BITS, 8>(tiles, blocks, x, out);
-  }
+void row_f32_any(const uint8_t* const* tiles, int n, int64_t blocks, const float* x, float* out) {
+  with_tile_count(n, [&](auto nt) { row_f32_tiles<BITS, decltype(nt)::value>(tiles, blocks, x, out); });
+}
+
+template <int BITS>
+void row_i8_any(const uint8_t* const* tiles, int n, int64_t blocks, const int8_t* x, int32_t* out) {
+  with_tile_count(n, [&](auto nt) { row_i8_tiles<BITS, decltype(nt)::value>(tiles, blocks, x, out); });
 }
 
 template <int BITS>
