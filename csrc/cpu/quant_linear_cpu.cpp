@@ -363,11 +363,10 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
       }
       const int64_t per_tile = act.a_rows * q::kTileN, n_tiles = static_cast<int64_t>(index.size());
       if (acci.size() < static_cast<size_t>(n_tiles * per_tile)) acci.resize(n_tiles * per_tile);
-      if (n_tiles == 0) {
-      } else if (act.groups.size() == 1) {
+      if (n_tiles > 0 && act.groups.size() == 1) {
         q::cpu::tiles_dot_digits(ptrs.data(), bits.data(), n_tiles, blocks, act.digits.data(), act.a_rows,
                                  acci.data());
-      } else {  // one pass per group, its rows copied into place
+      } else if (n_tiles > 0) {  // one pass per group, its rows copied into place
         static thread_local std::vector<int32_t> part;
         for (const auto& g : act.groups) {
           if (part.size() < static_cast<size_t>(n_tiles * g.rows * q::kTileN)) part.resize(n_tiles * g.rows * q::kTileN);
