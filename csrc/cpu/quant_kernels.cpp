@@ -385,26 +385,31 @@ void tile_dot_i8(const uint8_t* tile, int bits, int64_t blocks, const int8_t* x,
   dot_i8_scalar(tile, bits, blocks, x, ldx, m, out, ldo);
 }
 
-void tiles_dot_i8_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const int8_t* x, int32_t* out) {
+namespace {
+// both one-row entry points: float rows with float sums, int8 rows with int32 sums
+template <class X, class Acc>
+void tiles_dot_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const X* x, Acc* out) {
   if (n < 1 || n > kRowTiles) std::abort();  // callers group at most kRowTiles tiles
 #ifdef PE_QUANT_X86
   if (kVnni) {
-    PE_BITS_SWITCH(bits, row_i8_any, tiles, n, blocks, x, out)
+    if constexpr (std::is_same_v<X, float>) {
+      PE_BITS_SWITCH(bits, row_f32_any, tiles, n, blocks, x, out)
+    } else {
+      PE_BITS_SWITCH(bits, row_i8_any, tiles, n, blocks, x, out)
+    }
     return;
   }
 #endif
-  for (int u = 0; u < n; ++u) dot_i8_scalar(tiles[u], bits, blocks, x, 0, 1, out + u * kTileN, kTileN);
+  for (int u = 0; u < n; ++u) dot_scalar(tiles[u], bits, blocks, x, 0, 1, out + u * kTileN, kTileN);
+}
+}  // namespace
+
+void tiles_dot_i8_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const int8_t* x, int32_t* out) {
+  tiles_dot_row(tiles, n, bits, blocks, x, out);
 }
 
 void tiles_dot_f32_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const float* x, float* out) {
-  if (n < 1 || n > kRowTiles) std::abort();  // callers group at most kRowTiles tiles
-#ifdef PE_QUANT_X86
-  if (kVnni) {
-    PE_BITS_SWITCH(bits, row_f32_any, tiles, n, blocks, x, out)
-    return;
-  }
-#endif
-  for (int u = 0; u < n; ++u) dot_f32_scalar(tiles[u], bits, blocks, x, 0, 1, out + u * kTileN, kTileN);
+  tiles_dot_row(tiles, n, bits, blocks, x, out);
 }
 
 float quantize_row_i8(const float* x, int64_t n, int8_t* out, int64_t* sum) {
