@@ -30,8 +30,9 @@ int64_t lut_chunk_blocks(int bits);
 // (3 * m16 * kp32 values; m16 = rows rounded up to 16, kp32 = amx_padded_k(k)). split_row_bf16
 // writes row r's parts (zeros past k), sets *sum = sum_i x_i (float64) and returns the power of
 // two that row's sums must be multiplied by (it is scaled so that no part is a denormal, which
-// AMX flushes); zero_row_bf16 writes zeros to a padding row, so `parts` needs no initialisation. tiles_dot_amx: out[(g * m16 + r) * 16 + c] =
-// sum_k q_g[c, k] x[r, k] (before that factor) for n <= kAmxGroup tiles and rows r in
+// AMX flushes); zero_row_bf16 writes zeros to a padding row, so `parts` needs no
+// initialisation. tiles_dot_amx: out[(g * m16 + r) * 16 + c] = sum_k q_g[c, k] x[r, k] (before
+// that factor) for n <= kAmxGroup tiles and rows r in
 // [r_begin, r_end) (r_begin a multiple of 16, r_end <= m16); wbuf holds
 // kAmxGroup * kAmxChunkBlocks * 128 uint32.
 constexpr int kAmxGroup = 8;
@@ -46,7 +47,8 @@ void tiles_dot_amx(const uint8_t* const* tiles, const int* bits, int n, int64_t 
 // Its epilogue for one tile, rows [r0, r1), in place: acc[r * 16 + c] becomes
 // s[c] * float(acc * unscale[r] - z[c] * sum[r]) + b[c] with the same operations in the same
 // precisions as the scalar epilogue of the other paths in quant_linear_cpu.cpp (16 channels a
-// vector: measured bit-identical to it, and 5-10% off an M = 256, 384 x 1536 call).
+// vector: measured bit-identical to it, and 5-10% off an M = 256, 384 x 1536 call). s, z and b
+// hold 16 entries each (scale and zero point have one per packed row, padding rows included).
 void finish_tile_amx(float* acc, int64_t r0, int64_t r1, const double* unscale, const double* sum, const float* s,
                      const uint8_t* z, const float* b);
 
