@@ -202,7 +202,8 @@ def test_cpu_gemm_paths(monkeypatch, amx):
 @pytest.mark.parametrize("m", [1, 2, 3, 8])
 def test_cpu_gemv_paths(monkeypatch, amx, m):
     """Up to 8 rows take the AMX-INT8 fixed-point GEMV where the CPU has it, two rows per pass
-    (else, or with PYEDITOR_CPU_AMX=0, the AVX-512 / lookup-table / decoded-tile paths): K = 1100
+    (one row: the VNNI digit kernel for 4-, 6- and 8-bit tiles, also with PYEDITOR_CPU_AMX=0;
+    else the AVX-512 / lookup-table / decoded-tile paths): K = 1100
     (a partial last 64-input step, so the 8-bit tiles are unpacked there too), every width, rows
     scaled far down and up, a zero row, bfloat16, and inf / NaN rows (which leave the fixed-point
     path)."""
@@ -228,6 +229,43 @@ def test_cpu_gemv_paths(monkeypatch, amx, m):
             assert torch.equal(fn(got), fn(want))
         if m > 1:
             check_close(got[1:], want[1:], tol=tol)
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"} <= set(_cpu_flags()),
+                    reason="the digit GEMV needs AVX-512 (F, BW, DQ, VL, VNNI)")
+@pytest.mark.parametrize("amx", ["1", "0"], ids=["amx-if-present", "avx512"])
+def test_cpu_one_exact_row_is_exact(monkeypatch, amx):
+    """One exact row takes fixed-point digits with exact integer sums (4-, 6- and 8-bit tiles on
+    VNNI, 1-4 tiles together; 2-bit on AMX where present), then one rounding: each output is
+    within a few float32 roundings of the float64 layer, far inside the float32 reduction
+    tolerance, at any activation scale; and where AMX is present it equals the same row inside a
+    two-row batch (AMX digits for every width) bit for bit."""
+    monkeypatch.setenv("PYEDITOR_CPU_AMX", amx)
+    n, k = 16 * 9 + 3, 1100
+    bits = torch.tensor([4] * 40 + [8] * 65 + [6] * 20 + [4] * 17 + [8] * 5)
+    if amx == "1":
+        bits[::7] = 2
+    p, qw = both(rand((n, k), seed=61), bits)
+    w = qw.dequantize().double()
+    x = rand((2, k), seed=62)
+    x[0, ::3] *= 2.0 ** -20  # a wide range inside the row
+    b = rand((n,), seed=63)
+    for e in (0, -120, 100):
+        xs = x * 2.0 ** e
+        got = quant.packed_linear(xs[:1], p, b, backend="cpu").double()
+        want = xs[:1].double() @ w.T + b.double()
+        bound = 4 * 2.0 ** -24 * ((xs[:1].double().abs() @ w.abs().T) + b.double().abs() + want.abs())
+        assert ((got - want).abs() <= bound).all(), ((got - want).abs() / bound).max()
+        if amx == "1":
+            assert torch.equal(got, quant.packed_linear(xs, p, b, backend="cpu")[:1].double())
 
 
 @pytest.mark.parametrize("amx", ["1", "0"], ids=["amx-if-present", "avx512"])

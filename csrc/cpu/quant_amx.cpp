@@ -188,42 +188,6 @@ PE_AMX void dot_amx(const uint8_t* const* tiles, const int* bits, int n, int64_t
 }
 
 // ---------------------------------------------------------------- GEMV: fixed-point digits
-// One row x becomes X = round(x * 2^(45 - e)) (e = ilogb(max |x|), so |X| < 2^46) written as
-// kDigits signed base-256 digits; digit d of row r is row r * kDigits + d of the A tile, so one
-// TDPBSUD multiplies every digit of every row by 64 inputs x 16 channels of u8 codes at once.
-// Digits in A-tile order: step s (64 inputs) holds rows * 64 bytes.
-PE_AMX bool digits_row(const float* x, int64_t k, int64_t r, int64_t m, int64_t steps, int8_t* digits, int* e_out,
-                       int64_t* sx) {
-  __m512 amax = _mm512_setzero_ps();
-  __mmask16 bad = 0;
-  for (int64_t i = 0; i < k; i += 16) {
-    const __mmask16 live = k - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1u);
-    const __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(live, x + i));
-    bad |= _mm512_cmp_ps_mask(v, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);  // inf or NaN
-    amax = _mm512_max_ps(amax, v);
-  }
-  if (bad) return false;
-  const float mx = _mm512_reduce_max_ps(amax);
-  const int e = mx > 0.0f ? std::ilogb(mx) : 0;
-  const __m512d scale = _mm512_set1_pd(std::ldexp(1.0, 45 - e));
-  const int64_t rows = m * kDigits;
-  __m512i total = _mm512_setzero_si512();
-  for (int64_t i = 0; i < steps * 64; i += 8) {
-    const __mmask8 live = i >= k ? __mmask8(0) : (k - i >= 8 ? __mmask8(0xFF) : __mmask8((1u << (k - i)) - 1u));
-    __m512i X = _mm512_cvtpd_epi64(_mm512_mul_pd(_mm512_cvtps_pd(_mm256_maskz_loadu_ps(live, x + i)), scale));
-    total = _mm512_add_epi64(total, X);
-    int8_t* dst = digits + (i / 64) * rows * 64 + r * kDigits * 64 + i % 64;
-    for (int d = kDigits - 1; d >= 0; --d) {  // least significant first; d = 0 is the top digit
-      const __m512i D = _mm512_srai_epi64(_mm512_slli_epi64(X, 56), 56);
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + d * 64), _mm512_cvtepi64_epi8(D));
-      X = _mm512_srai_epi64(_mm512_sub_epi64(X, D), 8);
-    }
-  }
-  *sx = _mm512_reduce_add_epi64(total);
-  *e_out = e;
-  return true;
-}
-
 // B tile of one 64-input step of a tile (16 rows of 64 bytes: input group g of block j at row
 // 4j + g, byte c * 4 + t = code of channel c, input 4g + t): the 8-bit layout itself; other
 // widths are unpacked into buf. Blocks past the tile's end are zero.
@@ -385,18 +349,6 @@ void finish_tile_amx(float* acc, int64_t r0, int64_t r1, const double* unscale, 
 #endif
   (void)acc, (void)r0, (void)r1, (void)unscale, (void)sum, (void)s, (void)z, (void)b;
   std::abort();  // callers check amx_enabled() first
-}
-
-int64_t digit_bytes(int64_t m, int64_t k) { return (k + 63) / 64 * 64 * m * kDigits; }
-
-bool split_digits(const float* x, int64_t k, int64_t r, int64_t m, int8_t* digits, int* e, int64_t* sx) {
-#ifdef PE_QUANT_X86
-  if (!kAmx) std::abort();  // callers check amx_enabled() first (this needs AVX-512)
-  return digits_row(x, k, r, m, (k + 63) / 64, digits, e, sx);
-#else
-  (void)x, (void)k, (void)r, (void)m, (void)digits, (void)e, (void)sx;
-  std::abort();  // callers check amx_enabled() first
-#endif
 }
 
 void tiles_dot_digits(const uint8_t* const* tiles, const int* bits, int64_t n, int64_t blocks, const int8_t* a,

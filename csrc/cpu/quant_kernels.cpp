@@ -251,6 +251,79 @@ PE_AVX512 void row_f32_tiles(const uint8_t* const* tiles, int64_t blocks, const 
   for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * 16, total[t]);
 }
 
+#define PE_DIGITS __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
+
+// Row r of m as kDigits signed base-256 digits of X = round(x * 2^(45 - e)), e = ilogb(max |x|)
+// (|X| < 2^46), in A-tile order (cpu_quant.h).
+PE_DIGITS bool digits_row(const float* x, int64_t k, int64_t r, int64_t m, int64_t steps, int8_t* digits,
+                          int* e_out, int64_t* sx) {
+  __m512 amax = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  for (int64_t i = 0; i < k; i += 16) {
+    const __mmask16 live = k - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - i)) - 1u);
+    const __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(live, x + i));
+    bad |= _mm512_cmp_ps_mask(v, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);  // inf or NaN
+    amax = _mm512_max_ps(amax, v);
+  }
+  if (bad) return false;
+  const float mx = _mm512_reduce_max_ps(amax);
+  const int e = mx > 0.0f ? std::ilogb(mx) : 0;
+  const __m512d scale = _mm512_set1_pd(std::ldexp(1.0, 45 - e));
+  const int64_t rows = m * kDigits;
+  __m512i total = _mm512_setzero_si512();
+  for (int64_t i = 0; i < steps * 64; i += 8) {
+    const __mmask8 live = i >= k ? __mmask8(0) : (k - i >= 8 ? __mmask8(0xFF) : __mmask8((1u << (k - i)) - 1u));
+    __m512i X = _mm512_cvtpd_epi64(_mm512_mul_pd(_mm512_cvtps_pd(_mm256_maskz_loadu_ps(live, x + i)), scale));
+    total = _mm512_add_epi64(total, X);
+    int8_t* dst = digits + (i / 64) * rows * 64 + r * kDigits * 64 + i % 64;
+    for (int d = kDigits - 1; d >= 0; --d) {  // least significant first; d = 0 is the top digit
+      const __m512i D = _mm512_srai_epi64(_mm512_slli_epi64(X, 56), 56);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + d * 64), _mm512_cvtepi64_epi8(D));
+      X = _mm512_srai_epi64(_mm512_sub_epi64(X, D), 8);
+    }
+  }
+  *sx = _mm512_reduce_add_epi64(total);
+  *e_out = e;
+  return true;
+}
+
+// NT tiles, one row given as kDigits signed base-256 digits (the AMX A-tile layout of
+// split_digits, rows = kDigits): out[(t * kDigits + d) * 16 + c] = sum_k q_t[c, k] digit_d[k],
+// exact int32 sums. One vpdpbusd per digit per 4 inputs x 16 channels.
+template <int BITS, int NT>
+PE_DIGITS void row_digits_tiles(const uint8_t* const* tiles, int64_t blocks, const int8_t* digits, int32_t* out) {
+  __m512i acc[NT][kDigits];
+  for (int t = 0; t < NT; ++t)
+    for (int d = 0; d < kDigits; ++d) acc[t][d] = _mm512_setzero_si512();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int8_t* xb = digits + (b / 4) * kDigits * 64 + (b % 4) * 16;
+    for (int t = 0; t < NT; ++t) {
+      const uint8_t* blk = tiles[t] + b * BITS * 32;
+      stream_ahead(blk, BITS * 32);
+      __m512i v[4];
+      load_block<BITS>(blk, v);
+      for (int g = 0; g < 4; ++g)
+        for (int d = 0; d < kDigits; ++d) {
+          int32_t x4;
+          std::memcpy(&x4, xb + d * 64 + 4 * g, 4);
+          acc[t][d] = _mm512_dpbusd_epi32(acc[t][d], v[g], _mm512_set1_epi32(x4));
+        }
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int d = 0; d < kDigits; ++d) _mm512_storeu_si512(out + (t * kDigits + d) * 16, acc[t][d]);
+}
+
+template <int BITS>
+void row_digits_any(const uint8_t* const* tiles, int n, int64_t blocks, const int8_t* digits, int32_t* out) {
+  switch (n) {
+    case 1: return row_digits_tiles<BITS, 1>(tiles, blocks, digits, out);
+    case 2: return row_digits_tiles<BITS, 2>(tiles, blocks, digits, out);
+    case 3: return row_digits_tiles<BITS, 3>(tiles, blocks, digits, out);
+    default: return row_digits_tiles<BITS, 4>(tiles, blocks, digits, out);
+  }
+}
+
 // f(std::integral_constant<int, n>) for a run-time tile count n in 1..kRowTiles
 template <class F>
 void with_tile_count(int n, F&& f) {
@@ -330,9 +403,12 @@ bool detect_vnni() {
          __builtin_cpu_supports("avx512vnni");
 }
 const bool kVnni = detect_vnni();
+// the digit split also converts float64 <-> int64 in vectors
+const bool kDigitsSimd = kVnni && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
 
 #else
 const bool kVnni = false;
+const bool kDigitsSimd = false;
 #endif
 
 // below this many rows, decoding in registers per row beats decoding the tile to a buffer
@@ -410,6 +486,30 @@ void tiles_dot_i8_row(const uint8_t* const* tiles, int n, int bits, int64_t bloc
 
 void tiles_dot_f32_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const float* x, float* out) {
   tiles_dot_row(tiles, n, bits, blocks, x, out);
+}
+
+bool digits_enabled() { return kDigitsSimd; }
+
+int64_t digit_bytes(int64_t m, int64_t k) { return (k + 63) / 64 * 64 * m * kDigits; }
+
+bool split_digits(const float* x, int64_t k, int64_t r, int64_t m, int8_t* digits, int* e, int64_t* sx) {
+#ifdef PE_QUANT_X86
+  if (kDigitsSimd) return digits_row(x, k, r, m, (k + 63) / 64, digits, e, sx);
+#endif
+  (void)x, (void)k, (void)r, (void)m, (void)digits, (void)e, (void)sx;
+  std::abort();  // callers check digits_enabled() first
+}
+
+void tiles_dot_digits_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const int8_t* digits,
+                          int32_t* out) {
+#ifdef PE_QUANT_X86
+  if (kDigitsSimd && n >= 1 && n <= kDigitRowTiles) {
+    PE_BITS_SWITCH(bits, row_digits_any, tiles, n, blocks, digits, out)
+    return;
+  }
+#endif
+  (void)tiles, (void)n, (void)bits, (void)blocks, (void)digits, (void)out;
+  std::abort();  // callers check digits_enabled() first; never return sums that were not computed
 }
 
 float quantize_row_i8(const float* x, int64_t n, int8_t* out, int64_t* sum) {

@@ -40,8 +40,8 @@ std::vector<Tile> tiles_of(const PackedArgs& a, const uint8_t* data) {
 
 constexpr int kChunksPerThread = 8;
 constexpr int64_t kLutGroup = 8;  // tiles sharing one L1-resident chunk of lookup tables
-// Where AMX is present: the exact GEMV (fixed-point digits, a pass over the codes per 2 rows)
-// up to this many rows, the bf16 GEMM above (measured at 4 rows: 0.6 ms against 2.4-2.7 ms for a
+// Where AMX is present: the exact GEMV (fixed-point digits, a pass over the codes per 2 rows;
+// one row: 2-bit tiles only, see run_linear) up to this many rows, the bf16 GEMM above (measured at 4 rows: 0.6 ms against 2.4-2.7 ms for a
 // cache-resident 4096x4096 CHORD mix; both 2-4x the AVX-512 paths).
 constexpr int64_t kDigitGemvRows = 8;
 // The fast mode's AMX tiles from this many rows; one row takes AVX-512 VNNI, whose 16 vpdpbusd
@@ -140,7 +140,7 @@ Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool 
     }
     if (ok) {
       act.a_rows = m * q::cpu::kDigits;
-      if (m != 1) return act;  // one row: the float row too, for its 8-bit tiles (run_linear)
+      if (m != 1) return act;  // one row: the float row too (lookup tables for 2 bits without AMX)
     } else {
       act.digits.clear();  // a row with inf or NaN: the float path below
       act.groups.clear();
@@ -214,16 +214,20 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   // per 2 rows); the fast mode's int8 rows from kFastTileRows rows (a pass per 16 rows: M = 256,
   // 4096x4096 CHORD mix 13.5 ms against 32.9 ms on VNNI)
   const bool gemv_amx = q::cpu::amx_enabled();
-  // (digit sums are int32: |digit| <= 128 times codes <= 255 stays exact up to 65536 inputs,
-  // the same bound the fast mode checks on entry)
-  const Activations act = prepare<T>(x2, kp, fast, amx, gemv_amx && !fast && m <= kDigitGemvRows && a.k <= 65536,
-                                     gemv_amx && fast && m >= kFastTileRows);
+  // One exact row: the same digits on AVX-512 VNNI for 4-, 6- and 8-bit tiles, on any CPU with
+  // it (see the work loop). (Digit sums are int32: |digit| <= 128 times codes <= 255 stays exact
+  // up to 65536 inputs, the same bound the fast mode checks on entry.)
+  const bool digit_row = !fast && m == 1 && q::cpu::digits_enabled();
+  const Activations act =
+      prepare<T>(x2, kp, fast, amx, !fast && a.k <= 65536 && ((gemv_amx && m <= kDigitGemvRows) || digit_row),
+                 gemv_amx && fast && m >= kFastTileRows);
   const bool tiles_a = !act.groups.empty();     // either of those runs
   const bool digits = tiles_a && !fast;          // the exact one
+  const bool one_row = digits && m == 1;         // width by width, see the work loop
   // GEMV (few rows, exact mode): x-scaled lookup tables, built once per call for each width
   // that has a table path; lut[bits] holds m rows of lut_floats(bits, kp) floats.
   std::vector<float> lut[9];
-  if (!fast && !digits && m < 4) {
+  if (!fast && (!digits || (one_row && !gemv_amx)) && m < 4) {
     for (const auto& b : a.buckets) {
       const int bits = static_cast<int>(b.bits);
       const int64_t per_row = q::cpu::lut_floats(bits, kp);
@@ -328,8 +332,8 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
     if (fast && acci.size() < static_cast<size_t>(m * q::kTileN)) acci.resize(m * q::kTileN);
     // up to kRowTiles same-width tiles from t at once (one row), as many sequential streams from
     // memory: M = 1, 4096 x 4096 from DRAM, 1.3-1.5x faster than a tile at a time in fast mode
-    // (8-bit 919 -> 609 us); in exact mode only 8 bits gains (1178-1294 -> 921-1044 us, also
-    // against the AMX digits' 1114-1301), 6 bits ties and 4 bits loses (703-806 -> 778-867)
+    // (8-bit 919 -> 609 us); in exact mode (where the digits below cannot run: K > 65536, inf or
+    // NaN in x, no AVX-512 VNNI) 8 bits gains (1178-1294 -> 921-1044 us), 4 bits loses
     auto row_group = [&](int64_t t, int64_t t_end) {
       const int bits = tiles[t].bits;
       int64_t g_end = t + 1;
@@ -351,14 +355,53 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
       }
       return g_end;
     };
+    // up to kLutGroup same-width tiles walked together, K chunk by chunk
+    auto lut_group = [&](int64_t t, int64_t t_end) {
+      const int bits = tiles[t].bits;
+      int64_t g_end = t + 1;
+      while (g_end < t_end && g_end - t < kLutGroup && tiles[g_end].bits == bits) ++g_end;
+      const int64_t per_row = static_cast<int64_t>(lut[bits].size()) / m;
+      const int64_t chunk = q::cpu::lut_chunk_blocks(bits);
+      std::fill(accf.begin(), accf.begin() + (g_end - t) * m * q::kTileN, 0.0f);
+      for (int64_t b0 = 0; b0 < blocks; b0 += chunk)
+        for (int64_t u = t; u < g_end; ++u)
+          for (int64_t r = 0; r < m; ++r)
+            q::cpu::tile_dot_lut(tiles[u].ptr, bits, b0, std::min(blocks, b0 + chunk),
+                                 lut[bits].data() + r * per_row, accf.data() + ((u - t) * m + r) * q::kTileN);
+      for (int64_t u = t; u < g_end; ++u) epilogue(tiles[u], accf.data() + (u - t) * m * q::kTileN, nullptr);
+      return g_end;
+    };
+    // one exact row, up to kDigitRowTiles same-width tiles from t as digit sums on VNNI
+    auto digit_row_group = [&](int64_t t, int64_t t_end) {
+      const int bits = tiles[t].bits;
+      int64_t g_end = t + 1;
+      while (g_end < t_end && g_end - t < q::cpu::kDigitRowTiles && tiles[g_end].bits == bits) ++g_end;
+      const uint8_t* ptrs[q::cpu::kDigitRowTiles];
+      for (int64_t u = t; u < g_end; ++u) ptrs[u - t] = tiles[u].ptr;
+      const int64_t per_tile = q::cpu::kDigits * q::kTileN;
+      if (acci.size() < static_cast<size_t>(q::cpu::kDigitRowTiles * per_tile))
+        acci.resize(q::cpu::kDigitRowTiles * per_tile);
+      q::cpu::tiles_dot_digits_row(ptrs, static_cast<int>(g_end - t), bits, blocks, act.digits.data(), acci.data());
+      for (int64_t u = t; u < g_end; ++u) epilogue(tiles[u], nullptr, acci.data() + (u - t) * per_tile);
+      return g_end;
+    };
+    // One exact row picks a kernel per width (M = 1, 4096 x 4096 from DRAM, interleaved A/B on
+    // the AMX host): 4, 6 and 8 bits take the VNNI digit rows (4-bit 513-582 us against the AMX
+    // digits' 600-697, 6-bit 643-713 against 756-872, 8-bit 760-986 against the float rows'
+    // 829-1114): four tiles stream together, while the AMX kernel's tile loads and unpacking
+    // stores leave DRAM idle. 2 bits has 4 codes a byte, too much integer work for six digits
+    // (422-431 against 334-360 us): AMX digits where present, else the lookup tables.
+    auto row_kernel = [&](int64_t t, int64_t t_end) {
+      if (tiles[t].bits != 2) return digit_row_group(t, t_end);
+      return gemv_amx ? t + 1 : lut_group(t, t_end);  // (AMX: done in the batch before)
+    };
     if (tiles_a) {  // the work item's tiles in one call (one tile configuration)
       static thread_local std::vector<const uint8_t*> ptrs;
       static thread_local std::vector<int> bits;
       static thread_local std::vector<int64_t> index;
       ptrs.clear(), bits.clear(), index.clear();
-      const bool rows8 = digits && m == 1;  // exact, one row: 8-bit tiles take row_group
       for (int64_t t = begin; t < end; ++t) {
-        if (rows8 && tiles[t].bits == 8) continue;
+        if (one_row && !(gemv_amx && tiles[t].bits == 2)) continue;  // row_kernel below
         ptrs.push_back(tiles[t].ptr), bits.push_back(tiles[t].bits), index.push_back(t);
       }
       const int64_t per_tile = act.a_rows * q::kTileN, n_tiles = static_cast<int64_t>(index.size());
@@ -378,26 +421,14 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
         }
       }
       for (int64_t u = 0; u < n_tiles; ++u) epilogue(tiles[index[u]], nullptr, acci.data() + u * per_tile);
-      if (rows8)
-        for (int64_t t = begin; t < end;) t = tiles[t].bits == 8 ? row_group(t, end) : t + 1;
+      if (one_row)
+        for (int64_t t = begin; t < end;) t = row_kernel(t, end);
       return;
     }
     for (int64_t t = begin; t < end;) {
       const Tile& tile = tiles[t];
       if (!fast && !lut[tile.bits].empty()) {
-        // up to kLutGroup same-width tiles walked together, K chunk by chunk
-        int64_t g_end = t + 1;
-        while (g_end < end && g_end - t < kLutGroup && tiles[g_end].bits == tile.bits) ++g_end;
-        const int64_t per_row = static_cast<int64_t>(lut[tile.bits].size()) / m;
-        const int64_t chunk = q::cpu::lut_chunk_blocks(tile.bits);
-        std::fill(accf.begin(), accf.begin() + (g_end - t) * m * q::kTileN, 0.0f);
-        for (int64_t b0 = 0; b0 < blocks; b0 += chunk)
-          for (int64_t u = t; u < g_end; ++u)
-            for (int64_t r = 0; r < m; ++r)
-              q::cpu::tile_dot_lut(tiles[u].ptr, tile.bits, b0, std::min(blocks, b0 + chunk),
-                                   lut[tile.bits].data() + r * per_row, accf.data() + ((u - t) * m + r) * q::kTileN);
-        for (int64_t u = t; u < g_end; ++u) epilogue(tiles[u], accf.data() + (u - t) * m * q::kTileN, nullptr);
-        t = g_end;
+        t = lut_group(t, end);
         continue;
       }
       if (m == 1 && (fast || tile.bits == 8)) {

@@ -1,7 +1,7 @@
 // Framework-free tests of the packed layout (pack.h) and the CPU tile kernels (cpu_quant.h):
 // every code written with put_code reads back with get_code, and the SIMD kernels' dot products
 // equal a direct sum over get_code for every width and row count (AMX GEMM and GEMV, and the
-// one-row kernels over several tiles, included).
+// one-row kernels over several tiles, the digit row kernel included).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -231,6 +231,44 @@ int main() {
     }
   }
   std::printf("AMX GEMM and GEMV on this CPU: %s\n", q::cpu::amx_enabled() ? "yes (checked)" : "no");
+  // the one-row digit kernel (AVX-512 VNNI): 1..4 tiles of each width, K with partial 64-input
+  // steps and not, x over 40 binades (every digit in use, -128 included); each digit's sum is
+  // checked as an integer against the digits split_digits wrote
+  if (q::cpu::digits_enabled()) {
+    for (int64_t blocks : {int64_t(1), int64_t(5), int64_t(12), int64_t(37)}) {
+      const int64_t k = blocks * q::kTileK;
+      std::vector<float> x(k);
+      for (auto& v : x)
+        v = std::ldexp(static_cast<float>(static_cast<int>(rng() % 2000001) - 1000000), static_cast<int>(rng() % 40) - 40);
+      x[0] = -std::ldexp(1.0f, 3);  // max |x|: a top digit of -128 after rounding
+      std::vector<int8_t> digits(q::cpu::digit_bytes(1, k), 0);
+      int e = 0;
+      int64_t sx = 0;
+      EXPECT(q::cpu::split_digits(x.data(), k, 0, 1, digits.data(), &e, &sx), "digit row");
+      bool min_digit = false;
+      for (int8_t d : digits) min_digit |= d == -128;
+      EXPECT(min_digit || blocks == 1, "no digit of -128 exercised (blocks=%ld)", long(blocks));
+      for (int bits : widths)
+        for (int n = 1; n <= q::cpu::kDigitRowTiles; ++n) {
+          const RandomTiles rt = random_tiles(rng, n, k, [&](int64_t) { return bits; });
+          std::vector<const uint8_t*> ptrs(n);
+          for (int u = 0; u < n; ++u) ptrs[u] = rt.tiles[u].data();
+          std::vector<int32_t> out(n * q::cpu::kDigits * q::kTileN);
+          q::cpu::tiles_dot_digits_row(ptrs.data(), n, bits, blocks, digits.data(), out.data());
+          for (int u = 0; u < n; ++u)
+            for (int d = 0; d < q::cpu::kDigits; ++d)
+              for (int c = 0; c < q::kTileN; ++c) {
+                int64_t want = 0;
+                for (int64_t i = 0; i < k; ++i)
+                  want += int64_t(rt.codes[(u * q::kTileN + c) * k + i]) *
+                          digits[(i / 64) * q::cpu::kDigits * 64 + d * 64 + i % 64];
+                EXPECT(out[(u * q::cpu::kDigits + d) * q::kTileN + c] == want,
+                       "digit row bits=%d n=%d blocks=%ld tile=%d digit=%d c=%d", bits, n, long(blocks), u, d, c);
+              }
+        }
+    }
+  }
+  std::printf("digit GEMV row kernel on this CPU: %s\n", q::cpu::digits_enabled() ? "yes (checked)" : "no");
   // activation quantization: every element within half a step, sum consistent, NaN/inf refused
   for (int64_t n : {1, 15, 16, 33, 300}) {
     std::vector<float> x(n);

@@ -52,24 +52,34 @@ void tiles_dot_amx(const uint8_t* const* tiles, const int* bits, int n, int64_t 
 void finish_tile_amx(float* acc, int64_t r0, int64_t r1, const double* unscale, const double* sum, const float* s,
                      const uint8_t* z, const float* b);
 
-// Exact GEMV (few rows, 2 per A tile) on AMX-INT8: each row becomes kDigits signed base-256 digits of a
-// 46-bit fixed-point copy X = round(x * 2^(45 - e)), e = ilogb(max |x|) (an element below
-// 2^(e - 46) in magnitude is rounded: far under float32 rounding of the sum). The digits of all
-// rows form one A tile, so one TDPBSUD takes 64 inputs x 16 channels of u8 codes (the 8-bit
-// layout is the B tile as stored). digits: digit_bytes(m, k) bytes, zero-initialised;
-// split_digits writes row r (of m), sets *e and *sx = sum_k X_k, and returns false for a row
-// with inf or NaN (use another path). tiles_dot_digits: out[(u * rows + j) * 16 + c] =
-// sum_k q_u[c, k] a[j, k] for tiles u < n and A-tile rows j < rows <= 16 (a: int8, step s of 64
-// inputs at a + s * rows * 64); with rows = m * kDigits and the digits above, j = r * kDigits + d
-// and sum_k q x = 2^(e - 45) * sum_d 256^(kDigits - 1 - d) out. The fast (int8) mode passes its
-// quantized rows the same way, 16 at a time.
+// Exact GEMV (few rows) on integer dot products: each row becomes kDigits signed base-256 digits
+// of a 46-bit fixed-point copy X = round(x * 2^(45 - e)), e = ilogb(max |x|) (an element below
+// 2^(e - 46) in magnitude is rounded: far under float32 rounding of the sum), so sum_k q X_k is
+// an exact integer until one final rounding. digits_enabled(): this CPU has the AVX-512
+// (F, BW, DQ, VL, VNNI) the split and the one-row kernel need. digits: digit_bytes(m, k) bytes,
+// zero-initialised, in AMX A-tile order (step s of 64 inputs holds rows * 64 bytes; digit d of
+// row r is A-tile row j = r * kDigits + d); split_digits writes row r (of m), sets *e and
+// *sx = sum_k X_k, and returns false for a row with inf or NaN (use another path). Then
+// sum_k q x = 2^(e - 45) * sum_d 256^(kDigits - 1 - d) out_d, with out_d the sums below.
+// - tiles_dot_digits (AMX-INT8, amx_enabled()): out[(u * rows + j) * 16 + c] = sum_k q_u[c, k]
+//   a[j, k] for tiles u < n and A-tile rows j < rows <= 16: one TDPBSUD takes 64 inputs x 16
+//   channels of u8 codes for every digit of every row (the 8-bit layout is the B tile as
+//   stored). The fast (int8) mode passes its quantized rows the same way, 16 at a time.
+// - tiles_dot_digits_row (AVX-512 VNNI, one row, rows = kDigits): the same sums for n <=
+//   kDigitRowTiles tiles of one width walked together (n streams from memory), one vpdpbusd per
+//   digit per 4 inputs x 16 channels. Six times the fast mode's integer work, but it keeps up
+//   with memory where the AMX kernel does not (see run_linear).
 constexpr int kDigits = 6;
 constexpr int kDigitTiles = 2;  // tiles per pass over the digits
 constexpr int64_t kDigitRowsMax = 2;  // rows per A tile: kDigits * rows <= 16
+constexpr int kDigitRowTiles = 4;  // 6 accumulators each: 24 of the 32 vector registers
+bool digits_enabled();
 int64_t digit_bytes(int64_t m, int64_t k);
 bool split_digits(const float* x, int64_t k, int64_t r, int64_t m, int8_t* digits, int* e, int64_t* sx);
 void tiles_dot_digits(const uint8_t* const* tiles, const int* bits, int64_t n, int64_t blocks, const int8_t* a,
                       int64_t rows, int32_t* out);
+void tiles_dot_digits_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const int8_t* digits,
+                          int32_t* out);
 
 // The same with int8 activations and exact int32 sums (u8 x s8 dot products, VNNI where present).
 void tile_dot_i8(const uint8_t* tile, int bits, int64_t blocks, const int8_t* x, int64_t ldx, int64_t m,
