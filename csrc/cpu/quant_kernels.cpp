@@ -270,17 +270,19 @@ PE_DIGITS bool digits_row(const float* x, int64_t k, int64_t r, int64_t m, int64
   const int e = mx > 0.0f ? std::ilogb(mx) : 0;
   const __m512d scale = _mm512_set1_pd(std::ldexp(1.0, 45 - e));
   const int64_t rows = m * kDigits;
+  // X + C, C = 128 in each digit's byte, lies in [0, 2^48): its bytes are the digits + 128, so
+  // byte d of (X + C) ^ C is digit d as an int8 (no carries to propagate digit by digit)
+  static_assert(kDigits == 6, "C has six digit bytes");
+  const __m512i C = _mm512_set1_epi64(0x808080808080LL);
   __m512i total = _mm512_setzero_si512();
   for (int64_t i = 0; i < steps * 64; i += 8) {
     const __mmask8 live = i >= k ? __mmask8(0) : (k - i >= 8 ? __mmask8(0xFF) : __mmask8((1u << (k - i)) - 1u));
-    __m512i X = _mm512_cvtpd_epi64(_mm512_mul_pd(_mm512_cvtps_pd(_mm256_maskz_loadu_ps(live, x + i)), scale));
+    const __m512i X = _mm512_cvtpd_epi64(_mm512_mul_pd(_mm512_cvtps_pd(_mm256_maskz_loadu_ps(live, x + i)), scale));
     total = _mm512_add_epi64(total, X);
+    const __m512i Z = _mm512_xor_si512(_mm512_add_epi64(X, C), C);
     int8_t* dst = digits + (i / 64) * rows * 64 + r * kDigits * 64 + i % 64;
-    for (int d = kDigits - 1; d >= 0; --d) {  // least significant first; d = 0 is the top digit
-      const __m512i D = _mm512_srai_epi64(_mm512_slli_epi64(X, 56), 56);
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + d * 64), _mm512_cvtepi64_epi8(D));
-      X = _mm512_srai_epi64(_mm512_sub_epi64(X, D), 8);
-    }
+    for (int d = 0; d < kDigits; ++d)  // d = 0 is the top digit
+      _mm512_mask_cvtepi64_storeu_epi8(dst + d * 64, 0xFF, _mm512_srli_epi64(Z, 8 * (kDigits - 1 - d)));
   }
   *sx = _mm512_reduce_add_epi64(total);
   *e_out = e;

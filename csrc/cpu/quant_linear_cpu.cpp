@@ -116,13 +116,16 @@ const float* row_as_float(const T* x, int64_t r, int64_t k, std::vector<float>& 
 }
 
 template <class T>
-Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool digits, bool fast_tiles) {
+// digits: exact rows as fixed-point digits (with the float row too when float_row: one row whose
+// 2-bit tiles take the lookup tables); amx: bf16 parts; fast_tiles: the int8 rows as A tiles.
+Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool digits, bool float_row,
+                    bool fast_tiles) {
   const int64_t m = x2.size(0), k = x2.size(1);
   const T* x = x2.const_data_ptr<T>();
   Activations act;
   act.sum.assign(m, 0.0);
   if (digits) {  // rows in groups of kDigitRowsMax, each group one A tile per step
-    const int64_t per_group = q::cpu::digit_bytes(q::cpu::kDigitRowsMax, k);
+    const int64_t per_group = q::cpu::digit_bytes(std::min(m, q::cpu::kDigitRowsMax), k);
     act.digits.assign(per_group * ((m + q::cpu::kDigitRowsMax - 1) / q::cpu::kDigitRowsMax), 0);
     act.pow2.assign(m, 1.0);
     act.sx.assign(m, 0);
@@ -140,7 +143,7 @@ Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool 
     }
     if (ok) {
       act.a_rows = m * q::cpu::kDigits;
-      if (m != 1) return act;  // one row: the float row too (lookup tables for 2 bits without AMX)
+      if (!float_row) return act;
     } else {
       act.digits.clear();  // a row with inf or NaN: the float path below
       act.groups.clear();
@@ -220,7 +223,7 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   const bool digit_row = !fast && m == 1 && q::cpu::digits_enabled();
   const Activations act =
       prepare<T>(x2, kp, fast, amx, !fast && a.k <= 65536 && ((gemv_amx && m <= kDigitGemvRows) || digit_row),
-                 gemv_amx && fast && m >= kFastTileRows);
+                 digit_row && !gemv_amx, gemv_amx && fast && m >= kFastTileRows);
   const bool tiles_a = !act.groups.empty();     // either of those runs
   const bool digits = tiles_a && !fast;          // the exact one
   const bool one_row = digits && m == 1;         // width by width, see the work loop
