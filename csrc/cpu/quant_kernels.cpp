@@ -232,7 +232,7 @@ PE_AVX512 void row_i8_tiles(const uint8_t* const* tiles, int64_t blocks, const i
     }
     for (int t = 0; t < NT; ++t) {
       const uint8_t* blk = tiles[t] + b * BITS * 32;
-      stream_ahead(blk, BITS * 32);
+      stream_ahead(blk, BITS * 32, kStreamAheadMulti);
       __m512i v[4];
       load_block_shifted<BITS>(blk, v);
       acc[t][0] = _mm512_dpbusd_epi32(acc[t][0], v[0], xg[0]);
@@ -260,7 +260,7 @@ PE_AVX512 void row_f32_tiles(const uint8_t* const* tiles, int64_t blocks, const 
       const float* xs = x + b * kTileK;
       for (int t = 0; t < NT; ++t) {
         const uint8_t* blk = tiles[t] + b * BITS * 32;
-        stream_ahead(blk, BITS * 32);
+        stream_ahead(blk, BITS * 32, kStreamAheadMulti);
         __m512i v[4];
         load_block<BITS>(blk, v);
         for (int g = 0; g < 4; ++g) {
@@ -326,7 +326,7 @@ PE_DIGITS void row_digits_tiles(const uint8_t* const* tiles, int64_t blocks, con
     const int8_t* xb = digits + (b / 4) * kDigits * 64 + (b % 4) * 16;
     for (int t = 0; t < NT; ++t) {
       const uint8_t* blk = tiles[t] + b * BITS * 32;
-      stream_ahead(blk, BITS * 32);
+      stream_ahead(blk, BITS * 32, kStreamAheadMulti);
       __m512i v[4];
       load_block<BITS>(blk, v);
       for (int g = 0; g < 4; ++g)
