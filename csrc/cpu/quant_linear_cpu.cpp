@@ -41,8 +41,9 @@ std::vector<Tile> tiles_of(const PackedArgs& a, const uint8_t* data) {
 constexpr int kChunksPerThread = 8;
 constexpr int64_t kLutGroup = 8;  // tiles sharing one L1-resident chunk of lookup tables
 // Where AMX is present: the exact GEMV (fixed-point digits, a pass over the codes per 2 rows;
-// one row: 2-bit tiles only, see run_linear) up to this many rows, the bf16 GEMM above (measured at 4 rows: 0.6 ms against 2.4-2.7 ms for a
-// cache-resident 4096x4096 CHORD mix; both 2-4x the AVX-512 paths).
+// one row: 2-bit tiles only, see run_linear) up to this many rows, the bf16 GEMM above
+// (measured at 4 rows: 0.6 ms against 2.4-2.7 ms for a cache-resident 4096x4096 CHORD mix;
+// both 2-4x the AVX-512 paths).
 constexpr int64_t kDigitGemvRows = 8;
 // The fast mode's AMX tiles from this many rows; one row takes AVX-512 VNNI, whose 16 vpdpbusd
 // per 1024 codes (against one tile load and product) keep up with the stream: M = 1, 4096 x 4096
@@ -90,14 +91,15 @@ struct Activations {
                                      // (not zeroed here: every row is written, padding included)
   std::vector<double> unscale;  // AMX exact mode: per row, the power of two sums are scaled by
   int64_t m16 = 0, kp32 = 0;
-  std::vector<int8_t> digits;   // AMX GEMV: A tiles (exact: fixed-point digits of each row; fast: xq)
-  int64_t a_rows = 0;           // AMX GEMV: A-tile rows in all (the result rows per channel)
+  std::vector<int8_t> digits;   // integer GEMV, A-tile order (exact: fixed-point digits of each row,
+                                // AMX or one row on VNNI; AMX fast: xq)
+  int64_t a_rows = 0;           // A-tile rows in all (the result rows per channel)
   struct Group {
     int64_t offset, rows, first;  // A tiles at digits + offset, `rows` of them from result row `first`
   };
   std::vector<Group> groups;    // AMX GEMV: one pass over the codes each (at most 16 A rows)
-  std::vector<double> pow2;     // AMX exact GEMV: 2^(e - 45) per row
-  std::vector<int64_t> sx;      // AMX exact GEMV: sum of the fixed-point row
+  std::vector<double> pow2;     // exact digit GEMV: 2^(e - 45) per row
+  std::vector<int64_t> sx;      // exact digit GEMV: sum of the fixed-point row
   std::vector<int8_t> xq;     // int8 [M, Kp] (fast mode)
   std::vector<double> sum;    // sum_k x (exact) or sum_k xq (fast), per row
   std::vector<float> xscale;  // fast mode: x ~= xq * xscale

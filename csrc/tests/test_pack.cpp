@@ -232,22 +232,33 @@ int main() {
   }
   std::printf("AMX GEMM and GEMV on this CPU: %s\n", q::cpu::amx_enabled() ? "yes (checked)" : "no");
   // the one-row digit kernel (AVX-512 VNNI): 1..4 tiles of each width, K with partial 64-input
-  // steps and not, x over 40 binades (every digit in use, -128 included); each digit's sum is
-  // checked as an integer against the digits split_digits wrote
+  // steps and not, x over 40 binades (every digit in use, -128 included); the digits must
+  // rebuild the fixed-point row, and each digit's sum is checked as an integer against them
   if (q::cpu::digits_enabled()) {
     for (int64_t blocks : {int64_t(1), int64_t(5), int64_t(12), int64_t(37)}) {
       const int64_t k = blocks * q::kTileK;
       std::vector<float> x(k);
       for (auto& v : x)
         v = std::ldexp(static_cast<float>(static_cast<int>(rng() % 2000001) - 1000000), static_cast<int>(rng() % 40) - 40);
-      x[0] = -std::ldexp(1.0f, 3);  // max |x|: a top digit of -128 after rounding
+      float mx = 0.0f;
+      for (float v : x) mx = std::max(mx, std::fabs(v));
+      // X = 128 (= 1 * 256 - 128) and X = -128: the lowest digit at -128 both ways
+      x[0] = std::ldexp(1.0f, std::ilogb(mx) - 38);
+      if (k > 1) x[1] = -x[0];
       std::vector<int8_t> digits(q::cpu::digit_bytes(1, k), 0);
       int e = 0;
       int64_t sx = 0;
       EXPECT(q::cpu::split_digits(x.data(), k, 0, 1, digits.data(), &e, &sx), "digit row");
-      bool min_digit = false;
-      for (int8_t d : digits) min_digit |= d == -128;
-      EXPECT(min_digit || blocks == 1, "no digit of -128 exercised (blocks=%ld)", long(blocks));
+      EXPECT(digits[(q::cpu::kDigits - 1) * 64] == -128 && digits[(q::cpu::kDigits - 2) * 64] == 1, "digits of 128");
+      // the digits rebuild the fixed-point row: X_i = sum_d 256^(kDigits - 1 - d) digit_d, sum X = sx
+      int64_t xsum = 0;
+      for (int64_t i = 0; i < k; ++i) {
+        int64_t X = 0;
+        for (int d = 0; d < q::cpu::kDigits; ++d) X = X * 256 + digits[(i / 64) * q::cpu::kDigits * 64 + d * 64 + i % 64];
+        EXPECT(X == std::llrint(std::ldexp(double(x[i]), 45 - e)), "digits of x[%ld]", long(i));
+        xsum += X;
+      }
+      EXPECT(xsum == sx, "digit row sum");
       for (int bits : widths)
         for (int n = 1; n <= q::cpu::kDigitRowTiles; ++n) {
           const RandomTiles rt = random_tiles(rng, n, k, [&](int64_t) { return bits; });
