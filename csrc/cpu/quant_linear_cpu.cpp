@@ -335,14 +335,19 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
     if (!fast && accf.size() < static_cast<size_t>(kLutGroup * m * q::kTileN)) accf.resize(kLutGroup * m * q::kTileN);
     if (!fast && wbuf.size() < static_cast<size_t>(kp * q::kTileN)) wbuf.resize(kp * q::kTileN);
     if (fast && acci.size() < static_cast<size_t>(m * q::kTileN)) acci.resize(m * q::kTileN);
+    // end of the run of at most `cap` tiles from t that share t's width (walked together below)
+    auto same_width_end = [&](int64_t t, int64_t t_end, int64_t cap) {
+      int64_t e = t + 1;
+      while (e < t_end && e - t < cap && tiles[e].bits == tiles[t].bits) ++e;
+      return e;
+    };
     // up to kRowTiles same-width tiles from t at once (one row), as many sequential streams from
     // memory: M = 1, 4096 x 4096 from DRAM, 1.3-1.5x faster than a tile at a time in fast mode
     // (8-bit 919 -> 609 us); in exact mode (where the digits below cannot run: K > 65536, inf or
     // NaN in x, no AVX-512 VNNI) 8 bits gains (1178-1294 -> 921-1044 us), 4 bits loses
     auto row_group = [&](int64_t t, int64_t t_end) {
       const int bits = tiles[t].bits;
-      int64_t g_end = t + 1;
-      while (g_end < t_end && g_end - t < q::cpu::kRowTiles && tiles[g_end].bits == bits) ++g_end;
+      const int64_t g_end = same_width_end(t, t_end, q::cpu::kRowTiles);
       const uint8_t* ptrs[q::cpu::kRowTiles];
       for (int64_t u = t; u < g_end; ++u) ptrs[u - t] = tiles[u].ptr;
       const int nt = static_cast<int>(g_end - t);
@@ -363,8 +368,7 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
     // up to kLutGroup same-width tiles walked together, K chunk by chunk
     auto lut_group = [&](int64_t t, int64_t t_end) {
       const int bits = tiles[t].bits;
-      int64_t g_end = t + 1;
-      while (g_end < t_end && g_end - t < kLutGroup && tiles[g_end].bits == bits) ++g_end;
+      const int64_t g_end = same_width_end(t, t_end, kLutGroup);
       const int64_t per_row = static_cast<int64_t>(lut[bits].size()) / m;
       const int64_t chunk = q::cpu::lut_chunk_blocks(bits);
       std::fill(accf.begin(), accf.begin() + (g_end - t) * m * q::kTileN, 0.0f);
@@ -379,8 +383,7 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
     // one exact row, up to kDigitRowTiles same-width tiles from t as digit sums on VNNI
     auto digit_row_group = [&](int64_t t, int64_t t_end) {
       const int bits = tiles[t].bits;
-      int64_t g_end = t + 1;
-      while (g_end < t_end && g_end - t < q::cpu::kDigitRowTiles && tiles[g_end].bits == bits) ++g_end;
+      const int64_t g_end = same_width_end(t, t_end, q::cpu::kDigitRowTiles);
       const uint8_t* ptrs[q::cpu::kDigitRowTiles];
       for (int64_t u = t; u < g_end; ++u) ptrs[u - t] = tiles[u].ptr;
       const int64_t per_tile = q::cpu::kDigits * q::kTileN;
