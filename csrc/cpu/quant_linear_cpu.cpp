@@ -341,27 +341,29 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
       while (e < t_end && e - t < cap && tiles[e].bits == tiles[t].bits) ++e;
       return e;
     };
-    // up to kRowTiles same-width tiles from t at once (one row), as many sequential streams from
-    // memory: M = 1, 4096 x 4096 from DRAM, 1.3-1.5x faster than a tile at a time in fast mode
-    // (8-bit 919 -> 609 us); in exact mode (where the digits below cannot run: K > 65536, inf or
-    // NaN in x, no AVX-512 VNNI) 8 bits gains (1178-1294 -> 921-1044 us), 4 bits loses
+    // One row: same-width tiles from t walked together, as many sequential streams from memory
+    // (M = 1, 4096 x 4096 from DRAM, 1.3-1.5x faster than a tile at a time in fast mode: 8-bit
+    // 919 -> 609 us). Fast: int8 sums, up to kRowTiles. Exact with digits (one_row): integer
+    // digit sums, up to kDigitRowTiles. Exact without them (K > 65536, inf or NaN in x, no AVX-512
+    // VNNI): float sums, up to kRowTiles (8 bits gains, 1178-1294 -> 921-1044 us; 4 bits loses).
+    static_assert(q::cpu::kDigitRowTiles <= q::cpu::kRowTiles, "one pointer array for both");
     auto row_group = [&](int64_t t, int64_t t_end) {
       const int bits = tiles[t].bits;
-      const int64_t g_end = same_width_end(t, t_end, q::cpu::kRowTiles);
+      const int64_t g_end = same_width_end(t, t_end, one_row ? q::cpu::kDigitRowTiles : q::cpu::kRowTiles);
       const uint8_t* ptrs[q::cpu::kRowTiles];
       for (int64_t u = t; u < g_end; ++u) ptrs[u - t] = tiles[u].ptr;
       const int nt = static_cast<int>(g_end - t);
-      const size_t need = q::cpu::kRowTiles * q::kTileN;
-      if (fast) {
-        if (acci.size() < need) acci.resize(need);
-        q::cpu::tiles_dot_i8_row(ptrs, nt, bits, blocks, act.xq.data(), acci.data());
-      } else {
-        if (accf.size() < need) accf.resize(need);
-        q::cpu::tiles_dot_f32_row(ptrs, nt, bits, blocks, act.xf.data(), accf.data());
-      }
+      const int64_t per_tile = (one_row ? q::cpu::kDigits : 1) * q::kTileN;
+      const size_t need = q::cpu::kRowTiles * per_tile;
+      const bool integer = fast || one_row;
+      if (integer && acci.size() < need) acci.resize(need);
+      if (!integer && accf.size() < need) accf.resize(need);
+      if (one_row) q::cpu::tiles_dot_digits_row(ptrs, nt, bits, blocks, act.digits.data(), acci.data());
+      else if (fast) q::cpu::tiles_dot_i8_row(ptrs, nt, bits, blocks, act.xq.data(), acci.data());
+      else q::cpu::tiles_dot_f32_row(ptrs, nt, bits, blocks, act.xf.data(), accf.data());
       for (int64_t u = t; u < g_end; ++u) {
-        const int64_t off = (u - t) * q::kTileN;
-        epilogue(tiles[u], fast ? nullptr : accf.data() + off, fast ? acci.data() + off : nullptr);
+        const int64_t off = (u - t) * per_tile;
+        epilogue(tiles[u], integer ? nullptr : accf.data() + off, integer ? acci.data() + off : nullptr);
       }
       return g_end;
     };
@@ -380,19 +382,6 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
       for (int64_t u = t; u < g_end; ++u) epilogue(tiles[u], accf.data() + (u - t) * m * q::kTileN, nullptr);
       return g_end;
     };
-    // one exact row, up to kDigitRowTiles same-width tiles from t as digit sums on VNNI
-    auto digit_row_group = [&](int64_t t, int64_t t_end) {
-      const int bits = tiles[t].bits;
-      const int64_t g_end = same_width_end(t, t_end, q::cpu::kDigitRowTiles);
-      const uint8_t* ptrs[q::cpu::kDigitRowTiles];
-      for (int64_t u = t; u < g_end; ++u) ptrs[u - t] = tiles[u].ptr;
-      const int64_t per_tile = q::cpu::kDigits * q::kTileN;
-      if (acci.size() < static_cast<size_t>(q::cpu::kDigitRowTiles * per_tile))
-        acci.resize(q::cpu::kDigitRowTiles * per_tile);
-      q::cpu::tiles_dot_digits_row(ptrs, static_cast<int>(g_end - t), bits, blocks, act.digits.data(), acci.data());
-      for (int64_t u = t; u < g_end; ++u) epilogue(tiles[u], nullptr, acci.data() + (u - t) * per_tile);
-      return g_end;
-    };
     // One exact row picks a kernel per width (M = 1, 4096 x 4096 from DRAM, interleaved A/B on
     // the AMX host): 4, 6 and 8 bits take the VNNI digit rows (4-bit 513-582 us against the AMX
     // digits' 600-697, 6-bit 643-713 against 756-872, 8-bit 760-986 against the float rows'
@@ -400,7 +389,7 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
     // stores leave DRAM idle. 2 bits has 4 codes a byte, too much integer work for six digits
     // (422-431 against 334-360 us): AMX digits where present, else the lookup tables.
     auto row_kernel = [&](int64_t t, int64_t t_end) {
-      if (tiles[t].bits != 2) return digit_row_group(t, t_end);
+      if (tiles[t].bits != 2) return row_group(t, t_end);
       return gemv_amx ? t + 1 : lut_group(t, t_end);  // (AMX: done in the batch before)
     };
     if (tiles_a) {  // the work item's tiles in one call (one tile configuration)
