@@ -267,6 +267,14 @@ def test_cpu_one_exact_row_is_exact(monkeypatch, amx):
         assert ((got - want).abs() <= bound).all(), ((got - want).abs() / bound).max()
         if on_amx:
             assert torch.equal(got, quant.packed_linear(xs, p, b, backend="cpu")[:1].double())
+    # weights in [0, 1) (zero points 0) and x = 1: 8-bit sums near 2^62, past the vector
+    # epilogue's int64 range, so its 128-bit scalar fallback runs
+    wp = torch.rand((n, k), generator=torch.Generator().manual_seed(64))
+    pp, qp = both(wp, torch.full((n,), 8))
+    ones = torch.ones(1, k)
+    got = quant.packed_linear(ones, pp, backend="cpu").double()
+    want = ones.double() @ qp.dequantize().double().T
+    assert ((got - want).abs() <= 4 * 2.0 ** -24 * 2 * want.abs()).all()
 
 
 @pytest.mark.parametrize("amx", ["1", "0"], ids=["amx-if-present", "avx512"])

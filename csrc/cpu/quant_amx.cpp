@@ -323,7 +323,8 @@ void tiles_dot_amx(const uint8_t* const* tiles, const int* bits, int n, int64_t 
 
 #ifdef PE_QUANT_X86
 namespace {
-PE_AMX void finish_tile(float* acc, int64_t r0, int64_t r1, const double* unscale, const double* sum, const float* s,
+// (fp-contract=off: an FMA would round z * sum differently from the scalar epilogue)
+PE_AMX __attribute__((optimize("fp-contract=off"))) void finish_tile(float* acc, int64_t r0, int64_t r1, const double* unscale, const double* sum, const float* s,
                         const uint8_t* z, const float* b) {
   const __m512i zi = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z)));
   const __m512d z0 = _mm512_cvtepi32_pd(_mm512_castsi512_si256(zi)), z1 = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(zi, 1));

@@ -351,6 +351,40 @@ void row_digits_any(const uint8_t* const* tiles, int n, int64_t blocks, const in
   }
 }
 
+// Epilogues of one row of a tile, 16 channels in vectors, with the scalar epilogue's operations in
+// its precisions and order (no contraction into FMAs, which would round differently).
+#define PE_EPI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"), optimize("fp-contract=off")))
+
+PE_EPI bool finish_digits(const int32_t* ai, int64_t sx, double pow2, const float* s, const uint8_t* z, float* v) {
+  for (int h = 0; h < 2; ++h) {  // 8 channels a half, int64 lanes
+    __m512i acc = _mm512_setzero_si512();
+    __m512d est = _mm512_setzero_pd();  // the same sum in float64: is the int64 one exact?
+    for (int d = 0; d < kDigits; ++d) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ai + d * 16 + 8 * h));
+      acc = _mm512_add_epi64(acc, _mm512_slli_epi64(_mm512_cvtepi32_epi64(a), 8 * (kDigits - 1 - d)));
+      est = _mm512_add_pd(est, _mm512_mul_pd(_mm512_cvtepi32_pd(a), _mm512_set1_pd(std::ldexp(1.0, 8 * (kDigits - 1 - d)))));
+    }
+    const __m512i zi = _mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + 8 * h)));
+    acc = _mm512_sub_epi64(acc, _mm512_mullo_epi64(zi, _mm512_set1_epi64(sx)));
+    est = _mm512_sub_pd(est, _mm512_mul_pd(_mm512_cvtepi64_pd(zi), _mm512_set1_pd(static_cast<double>(sx))));
+    // |est - exact| < 2^23, so below 2^62 the exact value fits int64 and the wrapped int64 sum is it
+    if (_mm512_cmp_pd_mask(_mm512_abs_pd(est), _mm512_set1_pd(0x1p62), _CMP_NLT_UQ)) return false;
+    const __m256 f = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtepi64_pd(acc), _mm512_set1_pd(pow2)));
+    _mm256_storeu_ps(v + 8 * h, _mm256_mul_ps(_mm256_loadu_ps(s + 8 * h), f));
+  }
+  return true;
+}
+
+PE_EPI void finish_fast(const int32_t* ai, double sum, float xscale, const float* s, const uint8_t* z, float* v) {
+  for (int h = 0; h < 2; ++h) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ai + 8 * h));
+    const __m512d zd = _mm512_cvtepi64_pd(_mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + 8 * h))));
+    const __m512d acc = _mm512_sub_pd(_mm512_cvtepi32_pd(a), _mm512_mul_pd(zd, _mm512_set1_pd(sum)));
+    const __m256 sx = _mm256_mul_ps(_mm256_loadu_ps(s + 8 * h), _mm256_set1_ps(xscale));
+    _mm256_storeu_ps(v + 8 * h, _mm256_mul_ps(_mm512_cvtpd_ps(acc), sx));
+  }
+}
+
 // f(std::integral_constant<int, n>) for a run-time tile count n in 1..kRowTiles
 template <class F>
 void with_tile_count(int n, F&& f) {
@@ -525,6 +559,22 @@ bool split_digits(const float* x, int64_t k, int64_t r, int64_t m, int8_t* digit
 #endif
   (void)x, (void)k, (void)r, (void)m, (void)digits, (void)e, (void)sx;
   std::abort();  // callers check digits_enabled() first
+}
+
+bool finish_digits_row(const int32_t* ai, int64_t sx, double pow2, const float* s, const uint8_t* z, float* v) {
+#ifdef PE_QUANT_X86
+  if (kDigitsSimd) return finish_digits(ai, sx, pow2, s, z, v);
+#endif
+  (void)ai, (void)sx, (void)pow2, (void)s, (void)z, (void)v;
+  return false;  // the caller's scalar epilogue
+}
+
+bool finish_fast_row(const int32_t* ai, double sum, float xscale, const float* s, const uint8_t* z, float* v) {
+#ifdef PE_QUANT_X86
+  if (kDigitsSimd) return finish_fast(ai, sum, xscale, s, z, v), true;
+#endif
+  (void)ai, (void)sum, (void)xscale, (void)s, (void)z, (void)v;
+  return false;
 }
 
 void tiles_dot_digits_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const int8_t* digits,

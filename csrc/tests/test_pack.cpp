@@ -280,6 +280,47 @@ int main() {
     }
   }
   std::printf("digit GEMV row kernel on this CPU: %s\n", q::cpu::digits_enabled() ? "yes (checked)" : "no");
+  // the vector epilogues against the scalar formulas of quant_linear_cpu.cpp, bit for bit; digit
+  // sums from small to int32-extreme, so some rows leave the int64 path (return false)
+  {
+    int vector_rows = 0, fallback_rows = 0;
+    for (int trial = 0; trial < 400; ++trial) {
+      float s[16], v[16];
+      uint8_t z[16];
+      int32_t ai[q::cpu::kDigits * 16];
+      const int shift = trial % 32;  // magnitude of the digit sums: up to 2^31
+      for (int c = 0; c < 16; ++c) {
+        s[c] = std::ldexp(static_cast<float>(rng() % 100000 + 1), -20 - static_cast<int>(rng() % 10));
+        z[c] = static_cast<uint8_t>(rng() % 256);
+      }
+      for (auto& a : ai) a = static_cast<int32_t>(static_cast<int64_t>(rng()) - 2147483648LL) >> (31 - shift);
+      const int64_t sx = (static_cast<int64_t>(rng()) - 2147483648LL) << (trial % 31);
+      const double pow2 = std::ldexp(1.0, static_cast<int>(rng() % 60) - 100);
+      if (q::cpu::finish_digits_row(ai, sx, pow2, s, z, v)) {
+        ++vector_rows;
+        for (int c = 0; c < 16; ++c) {
+          __int128 acc = 0;
+          for (int d = 0; d < q::cpu::kDigits; ++d)
+            acc += static_cast<__int128>(ai[d * 16 + c]) << (8 * (q::cpu::kDigits - 1 - d));
+          acc -= static_cast<__int128>(z[c]) * sx;
+          const float want = s[c] * static_cast<float>(static_cast<double>(acc) * pow2);
+          EXPECT(v[c] == want, "digit epilogue trial=%d c=%d: %a vs %a", trial, c, v[c], want);
+        }
+      } else {
+        ++fallback_rows;
+      }
+      const double sum = static_cast<double>(sx) * 1e-3;
+      const float xscale = std::ldexp(static_cast<float>(rng() % 1000 + 1), -12);
+      if (q::cpu::finish_fast_row(ai, sum, xscale, s, z, v))
+        for (int c = 0; c < 16; ++c) {
+          const double acc = static_cast<double>(ai[c]) - static_cast<double>(z[c]) * sum;
+          const float want = static_cast<float>(acc) * (s[c] * xscale);
+          EXPECT(v[c] == want, "fast epilogue trial=%d c=%d: %a vs %a", trial, c, v[c], want);
+        }
+    }
+    EXPECT(!q::cpu::digits_enabled() || (vector_rows > 100 && fallback_rows > 10), "epilogue paths %d / %d",
+           vector_rows, fallback_rows);
+  }
   // activation quantization: every element within half a step, sum consistent, NaN/inf refused
   for (int64_t n : {1, 15, 16, 33, 300}) {
     std::vector<float> x(n);
