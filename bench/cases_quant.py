@@ -1,6 +1,8 @@
 """Benchmark cases for ``pyeditor.packed_linear``: y = x @ W.T with W channel-wise 2/4/6/8-bit packed.
 
-Impls: ours (exact fp32 mode), ours-fast (int8 activations, VNNI), fp32 (torch ``x @ W.T`` on the
+Impls: ours (exact fp32 mode), ours-fast (int8 activations, VNNI), ours-bf16x (exact mode on the
+same x rounded to bf16, as the int8pack and int4pack peers get it; GEMV rows only: a row of bf16
+values needs fewer of the exact kernel's fixed-point digits), fp32 (torch ``x @ W.T`` on the
 dequantized weight), int8pack (``aten._weight_int8pack_mm``, bf16 x), int4pack
 (``aten._weight_int4pack_mm_for_cpu``, bf16 x, group 128), and two reads of buffers holding
 exactly the packed bytes: read-sum (torch ``.sum()``, one stream per thread) and read-streams
@@ -34,6 +36,7 @@ WORKING_SET = 4 * L3_BYTES
 WIDTHS = ("2", "4", "6", "8", "mix")
 READS = ("read-sum", "read-streams")
 IMPLS = (OURS, "ours-fast", "fp32", "int8pack", "int4pack") + READS
+GEMV_IMPLS = IMPLS[:2] + ("ours-bf16x",) + IMPLS[2:]
 
 
 def _bits(width: str, n: int) -> torch.Tensor:
@@ -76,11 +79,12 @@ def _make(n: int, k: int, m: int, width: str, dram: bool, ctx: Context) -> Prepa
                                             k, n) for _ in range(_copies(packed.nbytes, dram) - 1)]
     ours = _cycle([functools.partial(pyeditor.packed_linear, x, p, **kw) for p in copies])
     fast = _cycle([functools.partial(pyeditor.packed_linear, x, p, fast=True, **kw) for p in copies])
+    xb = x.bfloat16()
+    ours_bf16x = _cycle([functools.partial(pyeditor.packed_linear, xb, p, **kw) for p in copies])
 
     dense = packed.dequantize()
     ws = [dense] + [dense.clone() for _ in range(_copies(dense.nbytes, dram) - 1)]
     fp32 = _cycle([functools.partial(torch.matmul, x, d.T) for d in ws])
-    xb = x.bfloat16()
 
     w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
     s8 = (torch.rand(n, generator=gen) / 100).bfloat16()
@@ -112,10 +116,9 @@ def _make(n: int, k: int, m: int, width: str, dram: bool, ctx: Context) -> Prepa
         if read is not None:
             t["weight-read"] = read
         out = {}
-        for name in (OURS, "ours-fast"):
+        for name, tag in ((OURS, ""), ("ours-fast", "_fast"), ("ours-bf16x", "_bf16x")):
             if name not in t:
                 continue
-            tag = "" if name == OURS else "_fast"
             if "weight-read" in t:
                 out[f"read_roofline_pct{tag}"] = 100.0 * t["weight-read"] / t[name]
             for peer in ("fp32", "int8pack", "int4pack"):
@@ -128,8 +131,8 @@ def _make(n: int, k: int, m: int, width: str, dram: bool, ctx: Context) -> Prepa
 
     widths = {b: int((packed.bits == b).sum()) for b in (2, 4, 6, 8)}
     return Prepared(
-        fns={OURS: ours, "ours-fast": fast, "fp32": fp32, "int8pack": int8, "int4pack": int4,
-             "read-sum": read_sum, "read-streams": read_streams},
+        fns={OURS: ours, "ours-fast": fast, "ours-bf16x": ours_bf16x, "fp32": fp32, "int8pack": int8,
+             "int4pack": int4, "read-sum": read_sum, "read-streams": read_streams},
         bytes_moved=packed.nbytes, derive=derive,
         notes=[f"packed {packed.nbytes} B ({packed.metadata_bytes} B metadata = "
                f"{100 * packed.metadata_bytes / packed.nbytes:.2f}%); channels per width {widths}; "
@@ -144,7 +147,7 @@ def _case(n, k, m, width, dram, full):
     regime = "dram" if dram else "cache"
     shape = f"{n}x{k}"
     return Case(f"{FAMILY}/{regime}/M{m}/{shape}/{width}", f"packed_linear {regime} M={m} {shape} {width}-bit",
-                FAMILY, IMPLS, functools.partial(_make, n, k, m, width, dram), full,
+                FAMILY, GEMV_IMPLS if m == 1 else IMPLS, functools.partial(_make, n, k, m, width, dram), full,
                 {"out": n, "in": k, "M": m, "bits": width, "regime": regime})
 
 

@@ -267,6 +267,18 @@ def test_cpu_one_exact_row_is_exact(monkeypatch, amx):
         assert ((got - want).abs() <= bound).all(), ((got - want).abs() / bound).max()
         if on_amx:
             assert torch.equal(got, quant.packed_linear(xs, p, b, backend="cpu")[:1].double())
+    # rows of few significant bits, whose low digits are all zero, so the one-row kernel skips
+    # their products (the AMX batch computes all six): 5, 3 (bf16 values), 4, 2 and 1 of the six
+    # digits in use (x[1] spans fewer binades than x[0])
+    r = x[1:]
+    for xs in (r, r.bfloat16().float(), torch.round(r * 2**26) / 2**26, torch.round(r * 2**10) / 2**10, r.sign()):
+        xs = xs.expand(2, k)
+        got = quant.packed_linear(xs[:1], p, b, backend="cpu").double()
+        want = xs[:1].double() @ w.T + b.double()
+        bound = 4 * 2.0 ** -24 * ((xs[:1].double().abs() @ w.abs().T) + b.double().abs() + want.abs())
+        assert ((got - want).abs() <= bound).all(), ((got - want).abs() / bound).max()
+        if on_amx:
+            assert torch.equal(got, quant.packed_linear(xs, p, b, backend="cpu")[:1].double())
     # weights in [0, 1) (zero points 0) and x = 1: 8-bit sums near 2^62, past the vector
     # epilogue's int64 range, so its 128-bit scalar fallback runs
     wp = torch.rand((n, k), generator=torch.Generator().manual_seed(64))

@@ -281,7 +281,7 @@ PE_AVX512 void row_f32_tiles(const uint8_t* const* tiles, int64_t blocks, const 
 // Row r of m as kDigits signed base-256 digits of X = round(x * 2^(45 - e)), e = ilogb(max |x|)
 // (|X| < 2^46), in A-tile order (cpu_quant.h).
 PE_DIGITS bool digits_row(const float* x, int64_t k, int64_t r, int64_t m, int64_t steps, int8_t* digits,
-                          int* e_out, int64_t* sx) {
+                          int* e_out, int64_t* sx, int* used) {
   __m512 amax = _mm512_setzero_ps();
   __mmask16 bad = 0;
   for (int64_t i = 0; i < k; i += 16) {
@@ -299,29 +299,39 @@ PE_DIGITS bool digits_row(const float* x, int64_t k, int64_t r, int64_t m, int64
   // byte d of (X + C) ^ C is digit d as an int8 (no carries to propagate digit by digit)
   static_assert(kDigits == 6, "C has six digit bytes");
   const __m512i C = _mm512_set1_epi64(0x808080808080LL);
-  __m512i total = _mm512_setzero_si512();
+  __m512i total = _mm512_setzero_si512(), any = _mm512_setzero_si512();
   for (int64_t i = 0; i < steps * 64; i += 8) {
     const __mmask8 live = i >= k ? __mmask8(0) : (k - i >= 8 ? __mmask8(0xFF) : __mmask8((1u << (k - i)) - 1u));
     const __m512i X = _mm512_cvtpd_epi64(_mm512_mul_pd(_mm512_cvtps_pd(_mm256_maskz_loadu_ps(live, x + i)), scale));
     total = _mm512_add_epi64(total, X);
     const __m512i Z = _mm512_xor_si512(_mm512_add_epi64(X, C), C);
+    any = _mm512_or_si512(any, Z);
     int8_t* dst = digits + (i / 64) * rows * 64 + r * kDigits * 64 + i % 64;
     for (int d = 0; d < kDigits; ++d)  // d = 0 is the top digit
       _mm512_mask_cvtepi64_storeu_epi8(dst + d * 64, 0xFF, _mm512_srli_epi64(Z, 8 * (kDigits - 1 - d)));
   }
   *sx = _mm512_reduce_add_epi64(total);
   *e_out = e;
+  // byte j of `any` is nonzero iff digit kDigits - 1 - j is nonzero somewhere in the row: the
+  // digits below the lowest such byte are all zero (x of few significant bits, as bf16 or fp16
+  // activations are: 3-4 digits of 6), and their products need not be computed
+  uint64_t live = static_cast<uint64_t>(_mm512_reduce_or_epi64(any));
+  int zero_low = 0;
+  while (zero_low < kDigits - 1 && (live & 0xFF) == 0) live >>= 8, ++zero_low;
+  *used = kDigits - zero_low;
   return true;
 }
 
 // NT tiles, one row given as kDigits signed base-256 digits (the AMX A-tile layout of
 // split_digits, rows = kDigits): out[(t * kDigits + d) * 16 + c] = sum_k q_t[c, k] digit_d[k],
-// exact int32 sums. One vpdpbusd per digit per 4 inputs x 16 channels.
-template <int BITS, int NT>
+// exact int32 sums. One vpdpbusd per digit per 4 inputs x 16 channels, for the first ND digits;
+// the caller knows the others are zero, so are their sums.
+template <int BITS, int NT, int ND>
 PE_DIGITS void row_digits_tiles(const uint8_t* const* tiles, int64_t blocks, const int8_t* digits, int32_t* out) {
-  __m512i acc[NT][kDigits];
+  static_assert(ND >= 1 && ND <= kDigits, "digits in use");
+  __m512i acc[NT][ND];
   for (int t = 0; t < NT; ++t)
-    for (int d = 0; d < kDigits; ++d) acc[t][d] = _mm512_setzero_si512();
+    for (int d = 0; d < ND; ++d) acc[t][d] = _mm512_setzero_si512();
   for (int64_t b = 0; b < blocks; ++b) {
     const int8_t* xb = digits + (b / 4) * kDigits * 64 + (b % 4) * 16;
     for (int t = 0; t < NT; ++t) {
@@ -330,7 +340,7 @@ PE_DIGITS void row_digits_tiles(const uint8_t* const* tiles, int64_t blocks, con
       __m512i v[4];
       load_block<BITS>(blk, v);
       for (int g = 0; g < 4; ++g)
-        for (int d = 0; d < kDigits; ++d) {
+        for (int d = 0; d < ND; ++d) {
           int32_t x4;
           std::memcpy(&x4, xb + d * 64 + 4 * g, 4);
           acc[t][d] = _mm512_dpbusd_epi32(acc[t][d], v[g], _mm512_set1_epi32(x4));
@@ -338,16 +348,30 @@ PE_DIGITS void row_digits_tiles(const uint8_t* const* tiles, int64_t blocks, con
     }
   }
   for (int t = 0; t < NT; ++t)
-    for (int d = 0; d < kDigits; ++d) _mm512_storeu_si512(out + (t * kDigits + d) * 16, acc[t][d]);
+    for (int d = 0; d < kDigits; ++d)
+      _mm512_storeu_si512(out + (t * kDigits + d) * 16, d < ND ? acc[t][d < ND ? d : 0] : _mm512_setzero_si512());
+}
+
+// (at least 3 digits: fewer is rare, and each count is another 12 kernels)
+template <int BITS, int NT>
+void row_digits_used(const uint8_t* const* tiles, int64_t blocks, const int8_t* digits, int32_t* out, int used) {
+  static_assert(kDigits == 6, "one case per digit count");
+  switch (used) {
+    case 6: return row_digits_tiles<BITS, NT, 6>(tiles, blocks, digits, out);
+    case 5: return row_digits_tiles<BITS, NT, 5>(tiles, blocks, digits, out);
+    case 4: return row_digits_tiles<BITS, NT, 4>(tiles, blocks, digits, out);
+    default: return row_digits_tiles<BITS, NT, 3>(tiles, blocks, digits, out);
+  }
 }
 
 template <int BITS>
-void row_digits_any(const uint8_t* const* tiles, int n, int64_t blocks, const int8_t* digits, int32_t* out) {
+void row_digits_any(const uint8_t* const* tiles, int n, int64_t blocks, const int8_t* digits, int32_t* out,
+                    int used) {
   switch (n) {
-    case 1: return row_digits_tiles<BITS, 1>(tiles, blocks, digits, out);
-    case 2: return row_digits_tiles<BITS, 2>(tiles, blocks, digits, out);
-    case 3: return row_digits_tiles<BITS, 3>(tiles, blocks, digits, out);
-    default: return row_digits_tiles<BITS, 4>(tiles, blocks, digits, out);
+    case 1: return row_digits_used<BITS, 1>(tiles, blocks, digits, out, used);
+    case 2: return row_digits_used<BITS, 2>(tiles, blocks, digits, out, used);
+    case 3: return row_digits_used<BITS, 3>(tiles, blocks, digits, out, used);
+    default: return row_digits_used<BITS, 4>(tiles, blocks, digits, out, used);
   }
 }
 
@@ -553,11 +577,12 @@ bool digits_enabled() { return kDigitsSimd; }
 
 int64_t digit_bytes(int64_t m, int64_t k) { return (k + 63) / 64 * 64 * m * kDigits; }
 
-bool split_digits(const float* x, int64_t k, int64_t r, int64_t m, int8_t* digits, int* e, int64_t* sx) {
+bool split_digits(const float* x, int64_t k, int64_t r, int64_t m, int8_t* digits, int* e, int64_t* sx, int* used) {
 #ifdef PE_QUANT_X86
-  if (kDigitsSimd) return digits_row(x, k, r, m, (k + 63) / 64, digits, e, sx);
+  int ignored = 0;
+  if (kDigitsSimd) return digits_row(x, k, r, m, (k + 63) / 64, digits, e, sx, used ? used : &ignored);
 #endif
-  (void)x, (void)k, (void)r, (void)m, (void)digits, (void)e, (void)sx;
+  (void)x, (void)k, (void)r, (void)m, (void)digits, (void)e, (void)sx, (void)used;
   std::abort();  // callers check digits_enabled() first
 }
 
@@ -578,14 +603,14 @@ bool finish_fast_row(const int32_t* ai, double sum, float xscale, const float* s
 }
 
 void tiles_dot_digits_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const int8_t* digits,
-                          int32_t* out) {
+                          int32_t* out, int used) {
 #ifdef PE_QUANT_X86
-  if (kDigitsSimd && n >= 1 && n <= kDigitRowTiles) {
-    PE_BITS_SWITCH(bits, row_digits_any, tiles, n, blocks, digits, out)
+  if (kDigitsSimd && n >= 1 && n <= kDigitRowTiles && used >= 1 && used <= kDigits) {
+    PE_BITS_SWITCH(bits, row_digits_any, tiles, n, blocks, digits, out, used)
     return;
   }
 #endif
-  (void)tiles, (void)n, (void)bits, (void)blocks, (void)digits, (void)out;
+  (void)tiles, (void)n, (void)bits, (void)blocks, (void)digits, (void)out, (void)used;
   std::abort();  // callers check digits_enabled() first; never return sums that were not computed
 }
 

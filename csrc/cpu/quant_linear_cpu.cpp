@@ -100,6 +100,7 @@ struct Activations {
   std::vector<Group> groups;    // AMX GEMV: one pass over the codes each (at most 16 A rows)
   std::vector<double> pow2;     // exact digit GEMV: 2^(e - 45) per row
   std::vector<int64_t> sx;      // exact digit GEMV: sum of the fixed-point row
+  int digits_used = q::cpu::kDigits;  // exact digit GEMV: the most digits any row needs
   std::vector<int8_t> xq;     // int8 [M, Kp] (fast mode)
   std::vector<double> sum;    // sum_k x (exact) or sum_k xq (fast), per row
   std::vector<float> xscale;  // fast mode: x ~= xq * xscale
@@ -133,14 +134,16 @@ Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool 
     act.sx.assign(m, 0);
     std::vector<float> row;
     bool ok = true;
+    act.digits_used = 1;
     for (int64_t g0 = 0; g0 < m && ok; g0 += q::cpu::kDigitRowsMax) {
       const int64_t rows = std::min<int64_t>(q::cpu::kDigitRowsMax, m - g0), off = g0 / q::cpu::kDigitRowsMax * per_group;
       act.groups.push_back({off, rows * q::cpu::kDigits, g0 * q::cpu::kDigits});
       for (int64_t r = g0; r < g0 + rows && ok; ++r) {
-        int e = 0;
+        int e = 0, used = q::cpu::kDigits;
         ok = q::cpu::split_digits(row_as_float(x, r, k, row), k, r - g0, rows, act.digits.data() + off, &e,
-                                  &act.sx[r]);
+                                  &act.sx[r], &used);
         act.pow2[r] = std::ldexp(1.0, e - 45);
+        act.digits_used = std::max(act.digits_used, used);
       }
     }
     if (ok) {
@@ -368,7 +371,7 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
       const bool integer = fast || one_row;
       if (integer && acci.size() < need) acci.resize(need);
       if (!integer && accf.size() < need) accf.resize(need);
-      if (one_row) q::cpu::tiles_dot_digits_row(ptrs, nt, bits, blocks, act.digits.data(), acci.data());
+      if (one_row) q::cpu::tiles_dot_digits_row(ptrs, nt, bits, blocks, act.digits.data(), acci.data(), act.digits_used);
       else if (fast) q::cpu::tiles_dot_i8_row(ptrs, nt, bits, blocks, act.xq.data(), acci.data());
       else q::cpu::tiles_dot_f32_row(ptrs, nt, bits, blocks, act.xf.data(), accf.data());
       for (int64_t u = t; u < g_end; ++u) {

@@ -277,6 +277,35 @@ int main() {
                        "digit row bits=%d n=%d blocks=%ld tile=%d digit=%d c=%d", bits, n, long(blocks), u, d, c);
               }
         }
+      // rows whose low digits are all zero: x = a * 2^(8 (6 - want) - 45) with integers |a| below
+      // 2^(8 want - 2) (of at most 20 bits), one x of 1 (so e = 0) and one of a = 1, so exactly
+      // `want` digits are in use; the kernel given that count writes the same sums as with all six
+      for (int want = 1; want <= q::cpu::kDigits; ++want) {
+        const int lsb = 8 * (q::cpu::kDigits - want) - 45, abits = std::min(20, 8 * want - 2);
+        std::vector<float> xw(k);
+        for (auto& v : xw)
+          v = std::ldexp(static_cast<float>(static_cast<int64_t>(rng() % (1u << abits)) - (1 << (abits - 1))), lsb);
+        xw[0] = 1.0f;
+        if (k > 1) xw[k - 1] = std::ldexp(1.0f, lsb);
+        std::vector<int8_t> dw(q::cpu::digit_bytes(1, k), 0);
+        int ew = 0, used = 0;
+        int64_t sxw = 0;
+        EXPECT(q::cpu::split_digits(xw.data(), k, 0, 1, dw.data(), &ew, &sxw, &used), "digit row");
+        EXPECT(used == (k > 1 ? want : 1), "digits in use: %d, want %d (k=%ld)", used, want, long(k));
+        for (int64_t i = 0; i < k; ++i)
+          for (int d = used; d < q::cpu::kDigits; ++d)
+            EXPECT(dw[(i / 64) * q::cpu::kDigits * 64 + d * 64 + i % 64] == 0, "digit %d of x[%ld] not zero", d, long(i));
+        for (int bits : widths)
+          for (int n = 1; n <= q::cpu::kDigitRowTiles; ++n) {
+            const RandomTiles rt = random_tiles(rng, n, k, [&](int64_t) { return bits; });
+            std::vector<const uint8_t*> ptrs(n);
+            for (int u = 0; u < n; ++u) ptrs[u] = rt.tiles[u].data();
+            std::vector<int32_t> all(n * q::cpu::kDigits * q::kTileN), some(all.size(), 0x5A5A5A5A);
+            q::cpu::tiles_dot_digits_row(ptrs.data(), n, bits, blocks, dw.data(), all.data());
+            q::cpu::tiles_dot_digits_row(ptrs.data(), n, bits, blocks, dw.data(), some.data(), used);
+            EXPECT(all == some, "digit row with %d digits in use: bits=%d n=%d blocks=%ld", used, bits, n, long(blocks));
+          }
+      }
     }
   }
   std::printf("digit GEMV row kernel on this CPU: %s\n", q::cpu::digits_enabled() ? "yes (checked)" : "no");

@@ -58,8 +58,10 @@ void finish_tile_amx(float* acc, int64_t r0, int64_t r1, const double* unscale, 
 // an exact integer until one final rounding. digits_enabled(): this CPU has the AVX-512
 // (F, BW, DQ, VL, VNNI) the split and the one-row kernel need. digits: digit_bytes(m, k) bytes,
 // zero-initialised, in AMX A-tile order (step s of 64 inputs holds rows * 64 bytes; digit d of
-// row r is A-tile row j = r * kDigits + d); split_digits writes row r (of m), sets *e and
-// *sx = sum_k X_k, and returns false for a row with inf or NaN (use another path). Then
+// row r is A-tile row j = r * kDigits + d); split_digits writes row r (of m), sets *e,
+// *sx = sum_k X_k and, if given, *used = the digits in use (1..kDigits: digits d >= *used are
+// zero for every input, as the low digits of a row of few significant bits, such as bf16 or
+// fp16 activations, are), and returns false for a row with inf or NaN (use another path). Then
 // sum_k q x = 2^(e - 45) * sum_d 256^(kDigits - 1 - d) out_d, with out_d the sums below.
 // - tiles_dot_digits (AMX-INT8, amx_enabled()): out[(u * rows + j) * 16 + c] = sum_k q_u[c, k]
 //   a[j, k] for tiles u < n and A-tile rows j < rows <= 16: one TDPBSUD takes 64 inputs x 16
@@ -68,18 +70,20 @@ void finish_tile_amx(float* acc, int64_t r0, int64_t r1, const double* unscale, 
 // - tiles_dot_digits_row (AVX-512 VNNI, one row, rows = kDigits): the same sums for n <=
 //   kDigitRowTiles tiles of one width walked together (n streams from memory), one vpdpbusd per
 //   digit per 4 inputs x 16 channels. Six times the fast mode's integer work, but it keeps up
-//   with memory where the AMX kernel does not (see run_linear).
+//   with memory where the AMX kernel does not (see run_linear). `used` (split_digits) skips the
+//   products of digits known to be zero; their sums are written as zeros.
 constexpr int kDigits = 6;
 constexpr int kDigitTiles = 2;  // tiles per pass over the digits
 constexpr int64_t kDigitRowsMax = 2;  // rows per A tile: kDigits * rows <= 16
 constexpr int kDigitRowTiles = 4;  // 6 accumulators each: 24 of the 32 vector registers
 bool digits_enabled();
 int64_t digit_bytes(int64_t m, int64_t k);
-bool split_digits(const float* x, int64_t k, int64_t r, int64_t m, int8_t* digits, int* e, int64_t* sx);
+bool split_digits(const float* x, int64_t k, int64_t r, int64_t m, int8_t* digits, int* e, int64_t* sx,
+                  int* used = nullptr);
 void tiles_dot_digits(const uint8_t* const* tiles, const int* bits, int64_t n, int64_t blocks, const int8_t* a,
                       int64_t rows, int32_t* out);
 void tiles_dot_digits_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const int8_t* digits,
-                          int32_t* out);
+                          int32_t* out, int used = kDigits);
 
 // Epilogues of one activation row of one tile, 16 channels at a time, with the same operations
 // in the same precisions as the scalar epilogue in quant_linear_cpu.cpp (so the same bits);
