@@ -225,7 +225,10 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   // One exact row: the same digits on AVX-512 VNNI for 4-, 6- and 8-bit tiles, on any CPU with
   // it (see the work loop). (Digit sums are int32: |digit| <= 128 times codes <= 255 stays exact
   // up to 65536 inputs, the same bound the fast mode checks on entry.)
-  const bool digit_row = !fast && m == 1 && q::cpu::digits_enabled();
+  // (Without AMX a layer of 2-bit tiles alone needs no digits: those take the lookup tables.)
+  bool wide_tiles = false;
+  for (const auto& b : a.buckets) wide_tiles = wide_tiles || (b.bits != 2 && b.rows > 0);
+  const bool digit_row = !fast && m == 1 && q::cpu::digits_enabled() && (gemv_amx || wide_tiles);
   const Activations act =
       prepare<T>(x2, kp, fast, amx, !fast && a.k <= 65536 && ((gemv_amx && m <= kDigitGemvRows) || digit_row),
                  digit_row && !gemv_amx, gemv_amx && fast && m >= kFastTileRows);
