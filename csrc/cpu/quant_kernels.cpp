@@ -347,9 +347,10 @@ PE_DIGITS void row_digits_tiles(const uint8_t* const* tiles, int64_t blocks, con
         }
     }
   }
-  for (int t = 0; t < NT; ++t)
-    for (int d = 0; d < kDigits; ++d)
-      _mm512_storeu_si512(out + (t * kDigits + d) * 16, d < ND ? acc[t][d < ND ? d : 0] : _mm512_setzero_si512());
+  for (int t = 0; t < NT; ++t) {
+    for (int d = 0; d < ND; ++d) _mm512_storeu_si512(out + (t * kDigits + d) * 16, acc[t][d]);
+    for (int d = ND; d < kDigits; ++d) _mm512_storeu_si512(out + (t * kDigits + d) * 16, _mm512_setzero_si512());
+  }
 }
 
 // (at least 3 digits: fewer is rare, and each count is another 12 kernels)
