@@ -353,7 +353,7 @@ PE_DIGITS void row_digits_tiles(const uint8_t* const* tiles, int64_t blocks, con
   }
 }
 
-// (at least 3 digits: fewer is rare, and each count is another 12 kernels)
+// (at least 3 digits: fewer is rare, and each count is another 16 kernels)
 template <int BITS, int NT>
 void row_digits_used(const uint8_t* const* tiles, int64_t blocks, const int8_t* digits, int32_t* out, int used) {
   static_assert(kDigits == 6, "one case per digit count");
