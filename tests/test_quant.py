@@ -518,6 +518,54 @@ def test_cpp_refuses_corrupt_metadata():
             op(*a)
 
 
+def _corrupt_perms(perm: torch.Tensor, n: int):
+    """perm with one defect each: out of range either side, a channel dropped, a channel twice
+    (on a padding row, so that all n channels are still covered), both at once; and two
+    channels swapped (valid)."""
+    live = (perm >= 0).nonzero().flatten()
+    pad = (perm < 0).nonzero().flatten()
+    out = []
+    for i, val in [(live[0], n), (live[1], -2), (live[2], -1), (pad[0], int(perm[live[3]])),
+                   (live[0], 32767 if perm.dtype == torch.int16 else 2 ** 31 - 1)]:
+        bad = perm.clone()
+        bad[i] = val
+        out.append(bad)
+    both = perm.clone()  # one channel dropped, another twice: the counts alone look right
+    both[live[2]], both[pad[0]] = -1, perm[live[3]]
+    out.append(both)
+    swapped = perm.clone()
+    swapped[live[0]], swapped[live[1]] = perm[live[1]], perm[live[0]]
+    return out, swapped
+
+
+@pytest.mark.parametrize("n", [20, 33000])
+def test_cpp_refuses_every_bad_permutation(n):
+    """The op's own permutation check (it runs on every call): out-of-range, missing and
+    duplicated channels all raise; a permutation that is merely different runs."""
+    k = 8
+    p = quant.quantize_channelwise(rand((n, k)), rand_bits(n))
+    x = rand((1, k))
+    op = torch.ops.pyeditor.quant_linear
+    args = list(_op_args(p, x))
+    bad_perms, swapped = _corrupt_perms(p.perm, n)
+    for bad in bad_perms:
+        a = list(args)
+        a[4] = bad
+        with pytest.raises(RuntimeError, match="perm"):
+            op(*a)
+        with pytest.raises(RuntimeError, match="perm"):
+            torch.ops.pyeditor.quant_dequantize(p.data, p.scale, p.zero, bad, p.flat_buckets, k, n)
+    a = list(args)
+    a[4] = swapped
+    got = op(*a)
+    want = op(*args)
+    live = (p.perm >= 0).nonzero().flatten()
+    c0, c1 = int(p.perm[live[0]]), int(p.perm[live[1]])
+    cols = torch.arange(n)
+    cols[c0], cols[c1] = c1, c0
+    assert torch.equal(got, want[:, cols])
+
+
 # ---------------------------------------------------------------- strategy codes
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.sampled_from([2, 4, 6, 8]), max_size=41))

@@ -30,6 +30,7 @@ struct Tile {
 
 std::vector<Tile> tiles_of(const PackedArgs& a, const uint8_t* data) {
   std::vector<Tile> tiles;
+  tiles.reserve(a.rows / q::kTileN);
   const int64_t tb_k = a.k;
   for (const auto& b : a.buckets)
     for (int64_t t = 0; t < b.rows / q::kTileN; ++t)
@@ -213,8 +214,9 @@ Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool 
   return act;
 }
 
+// Returns whether any output is not finite (the caller then looks for rows to redo).
 template <class T>
-void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& data, const at::Tensor& scale,
+bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& data, const at::Tensor& scale,
                 const at::Tensor& zero, const at::Tensor& perm, const float* bias, bool fast, at::Tensor& out) {
   const int64_t m = x2.size(0), kp = q::padded_k(a.k), blocks = kp / q::kTileK, n = a.n;
   const bool amx = !fast && m > kDigitGemvRows && q::cpu::amx_enabled();
@@ -252,12 +254,19 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   const uint8_t* z = zero.const_data_ptr<uint8_t>();
   const q::PermView p = perm_view(perm);
   T* y = out.mutable_data_ptr<T>();
+  // set where a written output is inf or NaN: in the common all-finite case the caller skips its
+  // scan of the output (~10 us of a cold M = 1 call)
+  std::atomic<bool> nonfinite{false};
+  auto flag_if_nonfinite = [&](bool any) {
+    if (any) nonfinite.store(true, std::memory_order_relaxed);
+  };
   // y = s * (acc - z * sum x) + bias for the m rows of one tile, into original columns: float
   // sums in af, or integer ones in ai (fixed-point digits, or the fast mode's)
   // (integer sums: 16 channels a vector where the CPU has AVX-512, the same bits as the scalar
   // code below; it took ~10% of an exact and ~5% of a fast M = 1, 4096 x 4096 call)
   auto epilogue = [&](const Tile& tile, const float* af, const int32_t* ai, int64_t r0 = 0, int64_t r1 = -1) {
     r1 = r1 < 0 ? m : std::min(r1, m);
+    bool any = false;
     for (int64_t r = r0; r < r1; ++r) {
       float vec[q::kTileN];
       const bool done =
@@ -287,9 +296,12 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
           const double acc = static_cast<double>(af[r * q::kTileN + c]);  // (AMX: finish_tile_amx)
           v = sr * static_cast<float>(acc - zr * act.sum[r]);
         }
-        y[r * n + col] = static_cast<T>(v + b);
+        const T out_v = static_cast<T>(v + b);
+        y[r * n + col] = out_v;
+        any |= !(std::fabs(static_cast<float>(out_v)) <= FLT_MAX);
       }
     }
+    flag_if_nonfinite(any);
   };
   if (amx) {
     // work items: groups of kAmxGroup tiles (each decodes its codes once per K chunk for its rows)
@@ -327,13 +339,19 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
           }
           const int64_t re = std::min(r1, m);
           q::cpu::finish_tile_amx(au, r0, re, act.unscale.data(), act.sum.data(), s + tile.row, z + tile.row, b16);
+          bool any = false;
           for (int64_t r = r0; r < re; ++r)
-            for (int c = 0; c < q::kTileN; ++c)
-              if (cols[c] >= 0) y[r * n + cols[c]] = static_cast<T>(au[r * q::kTileN + c]);
+            for (int c = 0; c < q::kTileN; ++c) {
+              if (cols[c] < 0) continue;
+              const T out_v = static_cast<T>(au[r * q::kTileN + c]);
+              y[r * n + cols[c]] = out_v;
+              any |= !(std::fabs(static_cast<float>(out_v)) <= FLT_MAX);
+            }
+          flag_if_nonfinite(any);
         }
       }
     });
-    return;
+    return nonfinite.load();
   }
   // Work items of equal cost: bytes of codes for few rows (a 2-bit tile streams a quarter of an
   // 8-bit one), tiles for many rows (the multiply-adds dominate).
@@ -459,6 +477,7 @@ void run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   };
   if (starts.empty()) at::parallel_for(0, items, grain, body);
   else parallel_claim(items, body);  // byte-balanced GEMV chunks
+  return nonfinite.load();
 }
 
 }  // namespace
@@ -493,6 +512,40 @@ at::Tensor quant_dequantize_cpu(const at::Tensor& data, const at::Tensor& scale,
   return out;
 }
 
+namespace {
+// Rows of out holding inf or NaN while their x row has no NaN, recomputed as x @ W.T on the
+// dequantized weight (a plain scan: the ATen isfinite / nonzero chain cost ~20 us per call).
+void redo_nonfinite_rows(const at::Tensor& x2, at::Tensor& out, const at::Tensor& data, const at::Tensor& scale,
+                         const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
+                         const PackedArgs& a, const at::Tensor& b) {
+  std::vector<uint8_t> bad(out.size(0), 0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pyeditor_quant_finite", [&] {
+    const scalar_t* o = out.const_data_ptr<scalar_t>();
+    const scalar_t* xs = x2.const_data_ptr<scalar_t>();
+    at::parallel_for(0, out.size(0), 64, [&](int64_t rb, int64_t re) {
+      for (int64_t r = rb; r < re; ++r) {
+        bool inf = false;
+        for (int64_t c = 0; c < a.n; ++c) inf |= !(std::fabs(static_cast<float>(o[r * a.n + c])) <= FLT_MAX);
+        if (!inf) continue;
+        bool nan_input = false;
+        for (int64_t i = 0; i < a.k; ++i) nan_input |= std::isnan(static_cast<float>(xs[r * a.k + i]));
+        bad[r] = !nan_input;
+      }
+    });
+  });
+  std::vector<int64_t> redo;
+  for (int64_t r = 0; r < out.size(0); ++r)
+    if (bad[r]) redo.push_back(r);
+  if (redo.empty()) return;
+  const at::Tensor inf_rows = at::tensor(redo, x2.options().dtype(at::kLong));
+  const at::Tensor w = quant_dequantize_cpu(data, scale, zero, perm, buckets, a.k, a.n);
+  at::Tensor y = at::matmul(x2.index_select(0, inf_rows).to(at::kFloat), w.t());
+  if (b.defined()) y = y + b;
+  out.index_copy_(0, inf_rows, y.to(out.scalar_type()));
+}
+
+}  // namespace
+
 at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
                             const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
                             int64_t out_features, const c10::optional<at::Tensor>& bias, bool fast) {
@@ -512,47 +565,25 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& data, const a
     if (bias.has_value() && bias->defined()) y = y + bias->to(at::kDouble);
     return y.reshape(shape).contiguous();
   }
-  const at::Tensor x2 = x.reshape({c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)), a.k}).contiguous();
+  // (a 2-D x as it is: each ATen view costs a few us of a cold M = 1 call)
+  const at::Tensor x2 =
+      (x.dim() == 2 ? x : x.reshape({c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)), a.k})).contiguous();
   at::Tensor out = at::empty({x2.size(0), a.n}, x.options());
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->to(at::kFloat).contiguous();
+  bool nonfinite = false;
   if (out.numel()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pyeditor_quant_linear_cpu", [&] {
-      run_linear<scalar_t>(a, x2, data, scale, zero, perm, b.defined() ? b.const_data_ptr<float>() : nullptr,
+      nonfinite = run_linear<scalar_t>(a, x2, data, scale, zero, perm, b.defined() ? b.const_data_ptr<float>() : nullptr,
                            fast, out);
     });
     // s * (sum q x - z * sum x) turns an inf input (or a sum that overflows) into inf - inf = NaN
     // where the reference's sum of ((q - z) * s) * x gives +-inf or a finite value: rows with a
-    // non-finite result and no NaN input are redone on the dequantized weight (rare; one pass
-    // over the output finds them).
-    // a plain scan (the ATen isfinite / nonzero chain cost ~20 us per call)
-    std::vector<uint8_t> bad(out.size(0), 0);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pyeditor_quant_finite", [&] {
-      const scalar_t* o = out.const_data_ptr<scalar_t>();
-      const scalar_t* xs = x2.const_data_ptr<scalar_t>();
-      at::parallel_for(0, out.size(0), 64, [&](int64_t rb, int64_t re) {
-        for (int64_t r = rb; r < re; ++r) {
-          bool inf = false;
-          for (int64_t c = 0; c < a.n; ++c) inf |= !(std::fabs(static_cast<float>(o[r * a.n + c])) <= FLT_MAX);
-          if (!inf) continue;
-          bool nan_input = false;
-          for (int64_t i = 0; i < a.k; ++i) nan_input |= std::isnan(static_cast<float>(xs[r * a.k + i]));
-          bad[r] = !nan_input;
-        }
-      });
-    });
-    std::vector<int64_t> redo;
-    for (int64_t r = 0; r < out.size(0); ++r)
-      if (bad[r]) redo.push_back(r);
-    const at::Tensor inf_rows = at::tensor(redo, x2.options().dtype(at::kLong));
-    if (inf_rows.numel()) {
-      const at::Tensor w = quant_dequantize_cpu(data, scale, zero, perm, buckets, a.k, a.n);
-      at::Tensor y = at::matmul(x2.index_select(0, inf_rows).to(at::kFloat), w.t());
-      if (b.defined()) y = y + b;
-      out.index_copy_(0, inf_rows, y.to(out.scalar_type()));
-    }
+    // non-finite result and no NaN input are redone on the dequantized weight (rare: only when
+    // the kernels wrote a non-finite output is the output scanned for them)
+    if (nonfinite) redo_nonfinite_rows(x2, out, data, scale, zero, perm, buckets, a, b);
   }
-  return out.reshape(shape);
+  return x.dim() == 2 ? out : out.reshape(shape);
 }
 
 }  // namespace pyeditor
