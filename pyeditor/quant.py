@@ -213,24 +213,37 @@ def packed_linear(x: Tensor, packed: PackedWeight, bias: Optional[Tensor] = None
     |y - y_exact| <= (max|x_row| / 254) * sum_k |W[n, k]| per output; the gradient is that of
     the exact layer. At most 65536 input features.
     """
-    p = _check_packed(packed)
-    validate.float_tensor(x, "x")
+    # The checks written out (no helper calls, no kwargs dict, x.device read once): this wrapper
+    # runs on every layer of every token, and on the caches a GEMV has flushed each Python step
+    # counts. Its time over the bare op, interleaved: a cold 4096x4096 call 15-43 -> 7-27 us, a
+    # warm 16x64 one 3.9-4.7 -> 2.9-3.0 us.
+    p = packed
+    if not isinstance(p, PackedWeight):
+        raise TypeError(f"packed must be a pyeditor.quant.PackedWeight, got {type(p).__name__}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in validate.FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension [..., in]")
-    if x.shape[-1] != p.in_features:
-        raise ValueError(f"x has {x.shape[-1]} input features but the packed weight has {p.in_features} "
+    if x.size(-1) != p.in_features:
+        raise ValueError(f"x has {x.size(-1)} input features but the packed weight has {p.in_features} "
                          f"(shape {p.shape})")
-    validate.same_device(p.data, "packed", x=x, bias=bias)
+    device = x.device
+    if device != p.data.device:
+        raise ValueError(f"x is on {device} but packed is on {p.data.device}")
     if bias is not None:
         validate.float_tensor(bias, "bias")
+        if bias.device != device:
+            raise ValueError(f"bias is on {bias.device} but packed is on {p.data.device}")
         if bias.dim() != 1 or bias.shape[0] != p.out_features:
             raise ValueError(f"bias must have shape [{p.out_features}], got {tuple(bias.shape)}")
     if not isinstance(fast, bool):
         raise TypeError(f"fast must be a bool, got {type(fast).__name__}")
-    name = backends.resolve(backend, x.device)
+    name = backends.resolve(backend, device)
     if name == "reference":
         return reference.packed_linear(x, p, bias)
-    return ops.quant_ops(name)[0](x, *p.tensors(), p.flat_buckets, p.out_features, bias, fast)
+    return ops.quant_ops(name)[0](x, p.data, p.scale, p.zero, p.perm, p._flat_buckets, p.out_features, bias, fast)
 
 
 # ---------------------------------------------------------------- CHORD strategy codes

@@ -499,6 +499,14 @@ def test_bad_input_messages():
         quant.packed_linear(rand((2, 8)), w)
     with pytest.raises(TypeError, match="fast"):
         quant.packed_linear(rand((2, 8)), p, fast=1)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        quant.packed_linear([[0.0] * 8], p)
+    with pytest.raises(TypeError, match="bias"):
+        quant.packed_linear(rand((2, 8)), p, [0.0] * 8)
+    with pytest.raises(TypeError, match="bias"):
+        quant.packed_linear(rand((2, 8)), p, torch.zeros(8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="at least 1 dimension"):
+        quant.packed_linear(torch.tensor(1.0), p)
 
 
 def test_cpp_refuses_corrupt_metadata():
