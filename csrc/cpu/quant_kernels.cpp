@@ -8,6 +8,7 @@
 
 #include "pyeditor/cpu_quant.h"
 #include "pyeditor/pack.h"
+#include "quant_avx2.h"
 #include "quant_block.h"
 
 namespace pe::quant::cpu {
@@ -481,8 +482,8 @@ PE_AVX512 float quantize_row_avx512(const float* x, int64_t n, int8_t* out, int6
 }
 
 bool detect_vnni() {
-#ifdef PE_QUANT_FORCE_PORTABLE  // test builds: run the portable path on a VNNI machine too
-  return false;
+#if defined(PE_QUANT_FORCE_PORTABLE) || defined(PE_QUANT_FORCE_AVX2)  // test builds: run the other
+  return false;                                                        // paths on a VNNI machine too
 #endif
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -496,6 +497,15 @@ const bool kDigitsSimd = kVnni && __builtin_cpu_supports("avx512dq") && __builti
 const bool kVnni = false;
 const bool kDigitsSimd = false;
 #endif
+
+// x86 without AVX-512 VNNI (AMD Zen 2/3, older Intel): the AVX2 + FMA kernels (quant_avx2.cpp)
+bool detect_avx2() {
+#ifdef PE_QUANT_FORCE_PORTABLE
+  return false;
+#endif
+  return !kVnni && avx2::supported();
+}
+const bool kAvx2 = detect_avx2();
 
 // below this many rows, decoding in registers per row beats decoding the tile to a buffer
 constexpr int64_t kGemmRows = 4;
@@ -514,6 +524,7 @@ void tile_dot_f32(const uint8_t* tile, int bits, int64_t blocks, const float* x,
     return;
   }
 #endif
+  if (kAvx2) return avx2::tile_dot_f32(tile, bits, blocks, x, ldx, m, out, ldo, wbuf);
   (void)wbuf;
   dot_f32_scalar(tile, bits, blocks, x, ldx, m, out, ldo);
 }
@@ -544,6 +555,7 @@ void tile_dot_i8(const uint8_t* tile, int bits, int64_t blocks, const int8_t* x,
     return;
   }
 #endif
+  if (kAvx2) return avx2::tile_dot_i8(tile, bits, blocks, x, ldx, m, out, ldo);
   dot_i8_scalar(tile, bits, blocks, x, ldx, m, out, ldo);
 }
 
@@ -562,6 +574,10 @@ void tiles_dot_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks,
     return;
   }
 #endif
+  if (kAvx2) {
+    if constexpr (std::is_same_v<X, float>) return avx2::tiles_dot_f32_row(tiles, n, bits, blocks, x, out);
+    else return avx2::tiles_dot_i8_row(tiles, n, bits, blocks, x, out);
+  }
   for (int u = 0; u < n; ++u) dot_scalar(tiles[u], bits, blocks, x, 0, 1, out + u * kTileN, kTileN);
 }
 }  // namespace
@@ -619,6 +635,7 @@ float quantize_row_i8(const float* x, int64_t n, int8_t* out, int64_t* sum) {
 #ifdef PE_QUANT_X86
   if (kVnni) return quantize_row_avx512(x, n, out, sum);
 #endif
+  if (kAvx2) return avx2::quantize_row(x, n, out, sum);
   float m = 0.0f;
   for (int64_t i = 0; i < n; ++i) {
     const float a = std::fabs(x[i]);
@@ -636,6 +653,8 @@ float quantize_row_i8(const float* x, int64_t n, int8_t* out, int64_t* sum) {
   return scale;
 }
 
-const char* quant_simd_level() { return kVnni ? "avx512-vnni" : "scalar"; }
+const char* quant_simd_level() { return kVnni ? "avx512-vnni" : (kAvx2 ? "avx2" : "scalar"); }
+
+bool one_row_f32_tiles(int bits) { return kAvx2 || bits == 8; }
 
 }  // namespace pe::quant::cpu

@@ -462,7 +462,7 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
         t = lut_group(t, end);
         continue;
       }
-      if (m == 1 && (fast || tile.bits == 8)) {
+      if (m == 1 && (fast || q::cpu::one_row_f32_tiles(tile.bits))) {
         t = row_group(t, end);
         continue;
       }

@@ -111,7 +111,12 @@ void tiles_dot_f32_row(const uint8_t* const* tiles, int n, int bits, int64_t blo
 // with NaN or inf returns NaN (its outputs become NaN). out must hold n values.
 float quantize_row_i8(const float* x, int64_t n, int8_t* out, int64_t* sum);
 
-// "avx512-vnni" or "scalar": the path these functions take on this CPU.
+// "avx512-vnni", "avx2" or "scalar": the path these functions take on this CPU.
 const char* quant_simd_level();
+
+// Whether one exact float32 row should walk same-width tiles together through tiles_dot_f32_row
+// (several streams from memory) rather than tile_dot_f32 a tile at a time: 8-bit tiles on
+// AVX-512 (4 and 6 bits lost there against the digits and the 2-bit tables), every width on AVX2.
+bool one_row_f32_tiles(int bits);
 
 }  // namespace pe::quant::cpu

@@ -1,0 +1,353 @@
+// AVX2 + FMA kernels of the packed low-bit matmul (see quant_avx2.h). The block layout (pack.h)
+// puts channels 0-7 of every 64-byte chunk in its first 32 bytes and channels 8-15 in the rest,
+// so a tile is two independent halves of 8 int32 lanes, each lane holding one channel's codes of
+// 4 consecutive inputs, exactly as the AVX-512 kernels see a whole tile.
+#include "quant_avx2.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "pyeditor/cpu_quant.h"
+#include "pyeditor/pack.h"
+#include "quant_block.h"
+
+#ifdef PE_QUANT_X86
+namespace pe::quant::cpu::avx2 {
+namespace {
+
+#define PE_AVX2 __attribute__((target("avx2,fma")))
+
+PE_AVX2 inline __m256i ld(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// Field g of the block half at b (channels 8h..8h+7 of a block start at its byte 32h): lane c holds
+// the u8 codes of inputs 4g..4g+3 of that channel. Decoded field by field straight from memory
+// (L1 after the first touch), so few vectors are live: a block's eight FMA chains and their
+// operands fit the 16 registers.
+template <int BITS>
+PE_AVX2 inline __m256i field(const uint8_t* b, int g) {
+  if constexpr (BITS == 8) return ld(b + 64 * g);
+  if constexpr (BITS == 2) return _mm256_and_si256(_mm256_srli_epi32(ld(b), 2 * g), _mm256_set1_epi8(0x03));
+  const __m256i c = ld(b + 64 * (g >> 1));
+  __m256i v = _mm256_and_si256(g & 1 ? _mm256_srli_epi32(c, 4) : c, _mm256_set1_epi8(0x0F));
+  if constexpr (BITS == 6) {  // high bits from the 2-bit plane, field g at bits 2g, moved to bits 4-5
+    const __m256i hp = ld(b + 128);
+    const __m256i hg = g < 2 ? _mm256_slli_epi32(hp, 4 - 2 * g) : _mm256_srli_epi32(hp, 2 * g - 4);
+    v = _mm256_or_si256(v, _mm256_and_si256(hg, _mm256_set1_epi8(0x30)));
+  }
+  return v;
+}
+
+// byte t of every lane as 8 floats
+template <int T>
+PE_AVX2 inline __m256 byte_ps(__m256i v) {
+  if constexpr (T == 3) return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 24));
+  const __m256i s = T == 0 ? v : _mm256_srli_epi32(v, 8 * T);
+  return _mm256_cvtepi32_ps(_mm256_and_si256(s, _mm256_set1_epi32(0xFF)));
+}
+
+// FMA chains per tile half (input 4g + t takes chain t): a block's eight chains, interleaved, cover
+// the FMA latency. One chain per half with four tiles walked together (the AVX-512 way) left the
+// out-of-order window too few independent chains: 4096 x 4096, one row, one thread,
+// cache-resident, Zen 3: 4-bit 1335 us; two chains and two tiles 1047 us; four chains 872 us;
+// four chains decoded field by field (block_fma) 807 us, 8-bit 743, 2-bit 843. (vpermps through
+// a {0,1,2,3,...} table for 2-bit codes, as the AVX-512 kernel does: 1226 against 872 us.)
+constexpr int kChains = 4;
+
+// acc[t] (half 0) and acc[4 + t] (half 1) += codes x xs for one block, input 4g + t into chain t
+template <int BITS>
+PE_AVX2 inline void block_fma(const uint8_t* block, const float* xs, __m256 acc[2 * kChains]) {
+  static_assert(kChains == 4, "one chain per input of a field");
+  for (int g = 0; g < 4; ++g) {
+    const __m256i v0 = field<BITS>(block, g), v1 = field<BITS>(block + 32, g);
+    __m256 xb = _mm256_broadcast_ss(xs + 4 * g);
+    acc[0] = _mm256_fmadd_ps(byte_ps<0>(v0), xb, acc[0]);
+    acc[4] = _mm256_fmadd_ps(byte_ps<0>(v1), xb, acc[4]);
+    xb = _mm256_broadcast_ss(xs + 4 * g + 1);
+    acc[1] = _mm256_fmadd_ps(byte_ps<1>(v0), xb, acc[1]);
+    acc[5] = _mm256_fmadd_ps(byte_ps<1>(v1), xb, acc[5]);
+    xb = _mm256_broadcast_ss(xs + 4 * g + 2);
+    acc[2] = _mm256_fmadd_ps(byte_ps<2>(v0), xb, acc[2]);
+    acc[6] = _mm256_fmadd_ps(byte_ps<2>(v1), xb, acc[6]);
+    xb = _mm256_broadcast_ss(xs + 4 * g + 3);
+    acc[3] = _mm256_fmadd_ps(byte_ps<3>(v0), xb, acc[3]);
+    acc[7] = _mm256_fmadd_ps(byte_ps<3>(v1), xb, acc[7]);
+  }
+}
+
+// One tile, one float32 row. The chains restart every kChunk blocks and are added to the total,
+// so none is longer than 32 products (the AVX-512 row kernel: 128).
+constexpr int64_t kChunk = 8;
+template <int BITS>
+PE_AVX2 void row_f32_tile(const uint8_t* tile, int64_t blocks, const float* x, float* out) {
+  __m256 total0 = _mm256_setzero_ps(), total1 = _mm256_setzero_ps();
+  for (int64_t b0 = 0; b0 < blocks; b0 += kChunk) {
+    __m256 acc[2 * kChains];  // flat and zeroed in a loop: see rows_f32
+#pragma GCC unroll 8
+    for (int c = 0; c < 2 * kChains; ++c) acc[c] = _mm256_setzero_ps();
+    const int64_t b1 = b0 + kChunk < blocks ? b0 + kChunk : blocks;
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* blk = tile + b * BITS * 32;
+      stream_ahead(blk, BITS * 32);
+      block_fma<BITS>(blk, x + b * kTileK, acc);
+    }
+    total0 = _mm256_add_ps(total0, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    total1 = _mm256_add_ps(total1, _mm256_add_ps(_mm256_add_ps(acc[4], acc[5]), _mm256_add_ps(acc[6], acc[7])));
+  }
+  _mm256_storeu_ps(out, total0);
+  _mm256_storeu_ps(out + 8, total1);
+}
+
+// GEMM: the tile decoded once to floats (w[k * 16 + c]), then R rows a pass over it.
+template <int BITS>
+PE_AVX2 void decode_tile(const uint8_t* tile, int64_t blocks, float* w) {
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int h = 0; h < 2; ++h) {
+      float* wb = w + b * kTileK * kTileN + 8 * h;
+      for (int g = 0; g < 4; ++g) {
+        const __m256i v = field<BITS>(tile + b * BITS * 32 + 32 * h, g);
+        _mm256_storeu_ps(wb + (4 * g + 0) * 16, byte_ps<0>(v));
+        _mm256_storeu_ps(wb + (4 * g + 1) * 16, byte_ps<1>(v));
+        _mm256_storeu_ps(wb + (4 * g + 2) * 16, byte_ps<2>(v));
+        _mm256_storeu_ps(wb + (4 * g + 3) * 16, byte_ps<3>(v));
+      }
+    }
+}
+
+// R rows x 16 channels of the decoded tile. (The accumulators are one flat array set to zero: with
+// [R][2] and a conditional start value GCC kept them in memory, a store per FMA, 2.6x slower.)
+// Splitting K into L1-sized chunks measured slower (Zen 3, K = 4096, 256 rows, one thread: 87-90
+// GFLOP/s whole, 67 with 512-input chunks, 52 with 128).
+template <int R>  // 2R accumulators + 2 weight vectors + a broadcast fit the 16 registers for R = 6
+PE_AVX2 void rows_f32(const float* w, int64_t kp, const float* x, int64_t ldx, float* out, int64_t ldo) {
+  __m256 acc[2 * R];
+#pragma GCC unroll 16
+  for (int i = 0; i < 2 * R; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kp; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(w + k * 16), w1 = _mm256_loadu_ps(w + k * 16 + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 xr = _mm256_broadcast_ss(x + r * ldx + k);
+      acc[2 * r] = _mm256_fmadd_ps(xr, w0, acc[2 * r]);
+      acc[2 * r + 1] = _mm256_fmadd_ps(xr, w1, acc[2 * r + 1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(out + r * ldo, acc[2 * r]);
+    _mm256_storeu_ps(out + r * ldo + 8, acc[2 * r + 1]);
+  }
+}
+
+template <int BITS>
+void dot_f32_gemm(const uint8_t* tile, int64_t blocks, const float* x, int64_t ldx, int64_t m, float* out,
+                  int64_t ldo, float* w) {
+  decode_tile<BITS>(tile, blocks, w);
+  const int64_t kp = blocks * kTileK;
+  int64_t r = 0;
+  for (; r + 6 <= m; r += 6) rows_f32<6>(w, kp, x + r * ldx, ldx, out + r * ldo, ldo);
+  for (; r < m; ++r) rows_f32<1>(w, kp, x + r * ldx, ldx, out + r * ldo, ldo);
+}
+
+// ---- int8 activations. vpmaddubsw multiplies u8 codes by s8 x and adds neighbouring products
+// into int16 with saturation; sums of codes <= 63 stay clear of it (4 products of 63 x 128:
+// 32256 < 32767), so 2-, 4- and 6-bit codes go in as they are (6 bits: two fields per int16
+// sum), 8-bit codes as two nibbles (hi * 16 + lo). vpmaddwd by ones then widens to int32.
+//
+// R rows, one block half b (8 channels x 16 inputs): acc[r] += its sums. Each field is decoded
+// once for all R rows; x is broadcast from memory as it is needed.
+template <int BITS, int R>
+PE_AVX2 inline void half_rows_i8(const uint8_t* b, const int8_t* x, int64_t ldx, __m256i* acc) {
+  const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
+  __m256i p[R], q[R];  // int16 sums: 8 bits low nibbles / high nibbles, 6 bits fields 0-1 / 2-3
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) p[r] = q[r] = _mm256_setzero_si256();
+  for (int g = 0; g < 4; ++g) {
+    const __m256i v = field<BITS>(b, g);
+    const __m256i lo = BITS == 8 ? _mm256_and_si256(v, m4) : v;
+    const __m256i hi = BITS == 8 ? _mm256_and_si256(_mm256_srli_epi16(v, 4), m4) : v;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int32_t x4;
+      std::memcpy(&x4, x + r * ldx + 4 * g, 4);
+      const __m256i xr = _mm256_set1_epi32(x4);
+      if (BITS == 8) {
+        p[r] = _mm256_add_epi16(p[r], _mm256_maddubs_epi16(lo, xr));
+        q[r] = _mm256_add_epi16(q[r], _mm256_maddubs_epi16(hi, xr));
+      } else if (BITS == 6 && g >= 2) {
+        q[r] = _mm256_add_epi16(q[r], _mm256_maddubs_epi16(v, xr));
+      } else {
+        p[r] = _mm256_add_epi16(p[r], _mm256_maddubs_epi16(v, xr));
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    __m256i s = _mm256_madd_epi16(p[r], ones);
+    if (BITS == 8) s = _mm256_add_epi32(s, _mm256_slli_epi32(_mm256_madd_epi16(q[r], ones), 4));
+    if (BITS == 6) s = _mm256_add_epi32(s, _mm256_madd_epi16(q[r], ones));
+    acc[r] = _mm256_add_epi32(acc[r], s);
+  }
+}
+
+// NT tiles, one row (NT streams from memory)
+template <int BITS, int NT>
+PE_AVX2 void row_i8_tiles(const uint8_t* const* tiles, int64_t blocks, const int8_t* x, int32_t* out) {
+  __m256i acc[2 * NT];  // flat and zeroed in a loop: see rows_f32
+#pragma GCC unroll 8
+  for (int i = 0; i < 2 * NT; ++i) acc[i] = _mm256_setzero_si256();
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int t = 0; t < NT; ++t) {
+      const uint8_t* blk = tiles[t] + b * BITS * 32;
+      stream_ahead(blk, BITS * 32, kStreamAheadMulti);
+      half_rows_i8<BITS, 1>(blk, x + b * kTileK, 0, acc + 2 * t);
+      half_rows_i8<BITS, 1>(blk + 32, x + b * kTileK, 0, acc + 2 * t + 1);
+    }
+#pragma GCC unroll 8
+  for (int i = 0; i < 2 * NT; ++i) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * i), acc[i]);
+}
+
+// R rows of one tile
+template <int BITS, int R>
+PE_AVX2 void rows_i8(const uint8_t* tile, int64_t blocks, const int8_t* x, int64_t ldx, int32_t* out, int64_t ldo) {
+  __m256i acc[2 * R];  // rows of half 0, then of half 1
+#pragma GCC unroll 8
+  for (int i = 0; i < 2 * R; ++i) acc[i] = _mm256_setzero_si256();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* blk = tile + b * BITS * 32;
+    half_rows_i8<BITS, R>(blk, x + b * kTileK, ldx, acc);
+    half_rows_i8<BITS, R>(blk + 32, x + b * kTileK, ldx, acc + R);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo), acc[r]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo + 8), acc[R + r]);
+  }
+}
+
+// rows a pass: 4 spilled (Zen 3, K = 4096, 256 rows, one thread, per tile: 2-bit 310 us against
+// 172-176 with 2 rows; 8-bit 462 against 399 with 3 rows and 500 with 2)
+template <int BITS>
+void dot_i8(const uint8_t* tile, int64_t blocks, const int8_t* x, int64_t ldx, int64_t m, int32_t* out, int64_t ldo) {
+  constexpr int R = BITS == 8 ? 3 : 2;
+  int64_t r = 0;
+  for (; r + R <= m; r += R) rows_i8<BITS, R>(tile, blocks, x + r * ldx, ldx, out + r * ldo, ldo);
+  for (; r < m; ++r) rows_i8<BITS, 1>(tile, blocks, x + r * ldx, ldx, out + r * ldo, ldo);
+}
+
+// n tiles in groups of at most 4 (8 accumulators; more would spill on 16 registers)
+template <class F>
+void in_groups_of_4(int n, const F& f) {
+  for (int u = 0; u < n; u += 4) {
+    switch (n - u < 4 ? n - u : 4) {
+      case 1: f(std::integral_constant<int, 1>{}, u); break;
+      case 2: f(std::integral_constant<int, 2>{}, u); break;
+      case 3: f(std::integral_constant<int, 3>{}, u); break;
+      default: f(std::integral_constant<int, 4>{}, u); break;
+    }
+  }
+}
+
+template <int BITS>
+void row_f32_any(const uint8_t* const* tiles, int n, int64_t blocks, const float* x, float* out) {
+  for (int u = 0; u < n; ++u) row_f32_tile<BITS>(tiles[u], blocks, x, out + u * kTileN);
+}
+
+template <int BITS>
+void row_i8_any(const uint8_t* const* tiles, int n, int64_t blocks, const int8_t* x, int32_t* out) {
+  in_groups_of_4(n, [&](auto nt, int u) {
+    row_i8_tiles<BITS, decltype(nt)::value>(tiles + u, blocks, x, out + u * kTileN);
+  });
+}
+
+// below this many rows, each row streams the tile itself (cache-resident after the first)
+constexpr int64_t kGemmRows = 4;
+
+}  // namespace
+
+bool supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+void tile_dot_f32(const uint8_t* tile, int bits, int64_t blocks, const float* x, int64_t ldx, int64_t m,
+                  float* out, int64_t ldo, float* wbuf) {
+  if (m < kGemmRows) {
+    for (int64_t r = 0; r < m; ++r) PE_BITS_SWITCH(bits, row_f32_any, &tile, 1, blocks, x + r * ldx, out + r * ldo)
+  } else {
+    PE_BITS_SWITCH(bits, dot_f32_gemm, tile, blocks, x, ldx, m, out, ldo, wbuf)
+  }
+}
+
+void tiles_dot_f32_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const float* x, float* out) {
+  PE_BITS_SWITCH(bits, row_f32_any, tiles, n, blocks, x, out)
+}
+
+void tile_dot_i8(const uint8_t* tile, int bits, int64_t blocks, const int8_t* x, int64_t ldx, int64_t m,
+                 int32_t* out, int64_t ldo) {
+  PE_BITS_SWITCH(bits, dot_i8, tile, blocks, x, ldx, m, out, ldo)
+}
+
+void tiles_dot_i8_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const int8_t* x, int32_t* out) {
+  PE_BITS_SWITCH(bits, row_i8_any, tiles, n, blocks, x, out)
+}
+
+PE_AVX2 float quantize_row(const float* x, int64_t n, int8_t* out, int64_t* sum) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, _mm256_set1_ps(INFINITY), _CMP_NLT_UQ));  // inf, NaN
+    amax = _mm256_max_ps(amax, a);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, amax);
+  float m = 0.0f;
+  for (float v : lanes) m = v > m ? v : m;
+  bool any_bad = _mm256_movemask_ps(bad) != 0;
+  for (; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    if (!(a < INFINITY)) any_bad = true;
+    m = a > m ? a : m;
+  }
+  if (any_bad) return NAN;
+  const float scale = m > 0.0f ? m / 127.0f : 1.0f, inv = 1.0f / scale;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  __m256i acc = _mm256_setzero_si256();
+  i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinv));  // round half to even
+    q = _mm256_max_epi32(_mm256_min_epi32(q, _mm256_set1_epi32(127)), _mm256_set1_epi32(-127));
+    acc = _mm256_add_epi32(acc, q);
+    int32_t qs[8];
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(qs), q);
+    for (int j = 0; j < 8; ++j) out[i + j] = static_cast<int8_t>(qs[j]);
+  }
+  int32_t accs[8];
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(accs), acc);
+  int64_t s = 0;
+  for (int32_t v : accs) s += v;
+  for (; i < n; ++i) {
+    const float v = std::nearbyint(x[i] * inv);
+    out[i] = static_cast<int8_t>(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+    s += out[i];
+  }
+  *sum = s;
+  return scale;
+}
+
+}  // namespace pe::quant::cpu::avx2
+
+#else  // not x86: never supported, never called
+
+namespace pe::quant::cpu::avx2 {
+bool supported() { return false; }
+void tile_dot_f32(const uint8_t*, int, int64_t, const float*, int64_t, int64_t, float*, int64_t, float*) { std::abort(); }
+void tiles_dot_f32_row(const uint8_t* const*, int, int, int64_t, const float*, float*) { std::abort(); }
+void tile_dot_i8(const uint8_t*, int, int64_t, const int8_t*, int64_t, int64_t, int32_t*, int64_t) { std::abort(); }
+void tiles_dot_i8_row(const uint8_t* const*, int, int, int64_t, const int8_t*, int32_t*) { std::abort(); }
+float quantize_row(const float*, int64_t, int8_t*, int64_t*) { std::abort(); }
+}  // namespace pe::quant::cpu::avx2
+#endif

@@ -1,0 +1,27 @@
+// AVX2 + FMA kernels of the packed low-bit matmul, for x86 CPUs without AVX-512 (AMD Zen 2/3,
+// Intel before Skylake-X): the same sums as the functions of the same names in cpu_quant.h, a
+// tile's 16 channels as two vectors of 8. Internal to csrc/cpu: quant_kernels.cpp calls them
+// when supported() and the CPU has no AVX-512 VNNI.
+#pragma once
+#include <cstdint>
+
+namespace pe::quant::cpu::avx2 {
+
+bool supported();  // AVX2 and FMA, seen by cpuid
+
+// float32 x, float32 sums: one row walks n <= kRowTiles tiles together (n streams from memory);
+// several rows decode each tile once into wbuf (256 * blocks floats).
+void tile_dot_f32(const uint8_t* tile, int bits, int64_t blocks, const float* x, int64_t ldx, int64_t m,
+                  float* out, int64_t ldo, float* wbuf);
+void tiles_dot_f32_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const float* x, float* out);
+
+// int8 x, exact int32 sums (vpmaddubsw: u8 codes x s8 x into int16 pairs that cannot saturate,
+// see quant_avx2.cpp, then vpmaddwd into int32).
+void tile_dot_i8(const uint8_t* tile, int bits, int64_t blocks, const int8_t* x, int64_t ldx, int64_t m,
+                 int32_t* out, int64_t ldo);
+void tiles_dot_i8_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const int8_t* x, int32_t* out);
+
+// quantize_row_i8 of cpu_quant.h, the same values (round half to even, clamp to +-127).
+float quantize_row(const float* x, int64_t n, int8_t* out, int64_t* sum);
+
+}  // namespace pe::quant::cpu::avx2
