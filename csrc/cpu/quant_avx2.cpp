@@ -147,7 +147,16 @@ void dot_f32_gemm(const uint8_t* tile, int64_t blocks, const float* x, int64_t l
   const int64_t kp = blocks * kTileK;
   int64_t r = 0;
   for (; r + 6 <= m; r += 6) rows_f32<6>(w, kp, x + r * ldx, ldx, out + r * ldo, ldo);
-  for (; r < m; ++r) rows_f32<1>(w, kp, x + r * ldx, ldx, out + r * ldo, ldo);
+  const float* xr = x + r * ldx;  // the last m % 6 rows in one pass (one at a time: one FMA chain each)
+  float* o = out + r * ldo;
+  switch (m - r) {
+    case 5: rows_f32<5>(w, kp, xr, ldx, o, ldo); break;
+    case 4: rows_f32<4>(w, kp, xr, ldx, o, ldo); break;
+    case 3: rows_f32<3>(w, kp, xr, ldx, o, ldo); break;
+    case 2: rows_f32<2>(w, kp, xr, ldx, o, ldo); break;
+    case 1: rows_f32<1>(w, kp, xr, ldx, o, ldo); break;
+    default: break;
+  }
 }
 
 // ---- int8 activations. vpmaddubsw multiplies u8 codes by s8 x and adds neighbouring products
@@ -293,6 +302,32 @@ void tiles_dot_i8_row(const uint8_t* const* tiles, int n, int bits, int64_t bloc
   PE_BITS_SWITCH(bits, row_i8_any, tiles, n, blocks, x, out)
 }
 
+#define PE_AVX2_EPI __attribute__((target("avx2,fma"), optimize("fp-contract=off")))
+
+// zero points of 4 channels as doubles
+PE_AVX2_EPI inline __m256d zero4(const uint8_t* z) {
+  int32_t z4;
+  std::memcpy(&z4, z, 4);
+  return _mm256_cvtepi32_pd(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(z4)));
+}
+
+PE_AVX2_EPI void finish_fast(const int32_t* ai, double sum, float xscale, const float* s, const uint8_t* z, float* v) {
+  for (int c = 0; c < kTileN; c += 4) {
+    const __m256d a = _mm256_cvtepi32_pd(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ai + c)));
+    const __m256d acc = _mm256_sub_pd(a, _mm256_mul_pd(zero4(z + c), _mm256_set1_pd(sum)));
+    const __m128 sx = _mm_mul_ps(_mm_loadu_ps(s + c), _mm_set1_ps(xscale));
+    _mm_storeu_ps(v + c, _mm_mul_ps(_mm256_cvtpd_ps(acc), sx));
+  }
+}
+
+PE_AVX2_EPI void finish_float(const float* af, double sum, const float* s, const uint8_t* z, float* v) {
+  for (int c = 0; c < kTileN; c += 4) {
+    const __m256d acc = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(af + c)),
+                                      _mm256_mul_pd(zero4(z + c), _mm256_set1_pd(sum)));
+    _mm_storeu_ps(v + c, _mm_mul_ps(_mm_loadu_ps(s + c), _mm256_cvtpd_ps(acc)));
+  }
+}
+
 PE_AVX2 float quantize_row(const float* x, int64_t n, int8_t* out, int64_t* sum) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   __m256 amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
@@ -348,6 +383,8 @@ void tile_dot_f32(const uint8_t*, int, int64_t, const float*, int64_t, int64_t, 
 void tiles_dot_f32_row(const uint8_t* const*, int, int, int64_t, const float*, float*) { std::abort(); }
 void tile_dot_i8(const uint8_t*, int, int64_t, const int8_t*, int64_t, int64_t, int32_t*, int64_t) { std::abort(); }
 void tiles_dot_i8_row(const uint8_t* const*, int, int, int64_t, const int8_t*, int32_t*) { std::abort(); }
+void finish_fast(const int32_t*, double, float, const float*, const uint8_t*, float*) { std::abort(); }
+void finish_float(const float*, double, const float*, const uint8_t*, float*) { std::abort(); }
 float quantize_row(const float*, int64_t, int8_t*, int64_t*) { std::abort(); }
 }  // namespace pe::quant::cpu::avx2
 #endif

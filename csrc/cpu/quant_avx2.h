@@ -21,6 +21,11 @@ void tile_dot_i8(const uint8_t* tile, int bits, int64_t blocks, const int8_t* x,
                  int32_t* out, int64_t ldo);
 void tiles_dot_i8_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const int8_t* x, int32_t* out);
 
+// finish_fast_row and finish_float_row of cpu_quant.h, 4 channels a vector: the same operations in
+// the same precisions as the scalar epilogue (no contraction into FMAs), so the same bits.
+void finish_fast(const int32_t* ai, double sum, float xscale, const float* s, const uint8_t* z, float* v);
+void finish_float(const float* af, double sum, const float* s, const uint8_t* z, float* v);
+
 // quantize_row_i8 of cpu_quant.h, the same values (round half to even, clamp to +-127).
 float quantize_row(const float* x, int64_t n, int8_t* out, int64_t* sum);
 

@@ -615,7 +615,14 @@ bool finish_fast_row(const int32_t* ai, double sum, float xscale, const float* s
 #ifdef PE_QUANT_X86
   if (kDigitsSimd) return finish_fast(ai, sum, xscale, s, z, v), true;
 #endif
+  if (kAvx2) return avx2::finish_fast(ai, sum, xscale, s, z, v), true;
   (void)ai, (void)sum, (void)xscale, (void)s, (void)z, (void)v;
+  return false;
+}
+
+bool finish_float_row(const float* af, double sum, const float* s, const uint8_t* z, float* v) {
+  if (kAvx2) return avx2::finish_float(af, sum, s, z, v), true;
+  (void)af, (void)sum, (void)s, (void)z, (void)v;
   return false;
 }
 

@@ -270,10 +270,11 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
     for (int64_t r = r0; r < r1; ++r) {
       float vec[q::kTileN];
       const bool done =
-          !af && (digits ? q::cpu::finish_digits_row(ai + r * q::cpu::kDigits * q::kTileN, act.sx[r], act.pow2[r],
-                                                     s + tile.row, z + tile.row, vec)
-                         : q::cpu::finish_fast_row(ai + r * q::kTileN, act.sum[r], act.xscale[r], s + tile.row,
-                                                   z + tile.row, vec));
+          af ? q::cpu::finish_float_row(af + r * q::kTileN, act.sum[r], s + tile.row, z + tile.row, vec)
+             : (digits ? q::cpu::finish_digits_row(ai + r * q::cpu::kDigits * q::kTileN, act.sx[r], act.pow2[r],
+                                                   s + tile.row, z + tile.row, vec)
+                       : q::cpu::finish_fast_row(ai + r * q::kTileN, act.sum[r], act.xscale[r], s + tile.row,
+                                                 z + tile.row, vec));
       for (int c = 0; c < q::kTileN; ++c) {
         const int64_t row = tile.row + c;
         const int32_t col = p[row];

@@ -66,7 +66,7 @@ int main() {
                                          static_cast<int>(i % q::kTileK));
         EXPECT(got == codes[c * k + i], "bits=%d c=%d k=%ld got %u want %u", bits, c, long(i), got, codes[c * k + i]);
       }
-    for (int64_t m : {1, 3, 4, 9}) {
+    for (int64_t m : {1, 3, 4, 7, 8, 9, 11}) {  // GEMM row groups and every remainder
       std::vector<float> x(m * k), outf(m * q::kTileN), wbuf(k * q::kTileN);
       std::vector<int8_t> xq(m * k);
       std::vector<int32_t> outi(m * q::kTileN);
@@ -345,6 +345,14 @@ int main() {
           const double acc = static_cast<double>(ai[c]) - static_cast<double>(z[c]) * sum;
           const float want = static_cast<float>(acc) * (s[c] * xscale);
           EXPECT(v[c] == want, "fast epilogue trial=%d c=%d: %a vs %a", trial, c, v[c], want);
+        }
+      float af[16];
+      for (int c = 0; c < 16; ++c) af[c] = static_cast<float>(ai[c]) * std::ldexp(1.0f, static_cast<int>(rng() % 40) - 20);
+      if (q::cpu::finish_float_row(af, sum, s, z, v))
+        for (int c = 0; c < 16; ++c) {
+          const double acc = static_cast<double>(af[c]);
+          const float want = s[c] * static_cast<float>(acc - static_cast<double>(z[c]) * sum);
+          EXPECT(v[c] == want, "float epilogue trial=%d c=%d: %a vs %a", trial, c, v[c], want);
         }
     }
     EXPECT(!q::cpu::digits_enabled() || (vector_rows > 100 && fallback_rows > 10), "epilogue paths %d / %d",

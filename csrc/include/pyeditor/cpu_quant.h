@@ -90,10 +90,13 @@ void tiles_dot_digits_row(const uint8_t* const* tiles, int n, int bits, int64_t 
 // s and z hold the tile's 16 scales and zero points. finish_digits_row: ai = the row's kDigits x
 // 16 digit sums; v[c] = s[c] * float(double(sum_d 256^(kDigits-1-d) ai[d][c] - z[c] sx) * pow2).
 // finish_fast_row: ai = 16 int8-mode sums; v[c] = float(double(ai[c]) - z[c] sum) * (s[c] * xscale).
-// Both return false (v untouched) where the caller must use its scalar epilogue: a CPU without
-// AVX-512 DQ/VL, or (digits) a sum that may not fit 63 bits.
+// They return false (v untouched) where the caller must use its scalar epilogue: a CPU without
+// AVX-512 DQ/VL or AVX2 (fast, float), or (digits) a sum that may not fit 63 bits.
 bool finish_digits_row(const int32_t* ai, int64_t sx, double pow2, const float* s, const uint8_t* z, float* v);
 bool finish_fast_row(const int32_t* ai, double sum, float xscale, const float* s, const uint8_t* z, float* v);
+// finish_float_row: af = 16 float sums; v[c] = s[c] * float(double(af[c]) - z[c] * sum) (AVX2 only:
+// the AVX-512 float paths are rarely taken there).
+bool finish_float_row(const float* af, double sum, const float* s, const uint8_t* z, float* v);
 
 // The same with int8 activations and exact int32 sums (u8 x s8 dot products, VNNI where present).
 void tile_dot_i8(const uint8_t* tile, int bits, int64_t blocks, const int8_t* x, int64_t ldx, int64_t m,
