@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     # 1.5 s keeps the default run near 5 minutes on the 2-core CI machine (2 s took 6.3 minutes
     # once the packed rows gained a second read peer and a 4x-L3 working set)
     p.add_argument("--budget", type=float, default=1.5, help="seconds of timed reps per impl (default 1.5)")
-    p.add_argument("--min-reps", type=int, default=10)
+    # at least 6 samples per impl by default, 10 with --full: the slow peers (0.3-0.7 s a call on the
+    # 2026-12-04 AMD Zen 3 host) made min-reps, not the budget, set the default run's length (6.3 min)
+    p.add_argument("--min-reps", type=int, default=None, help="samples per impl at least (default 6, --full 10)")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                    help="before each case wait up to S seconds for other processes to go idle")
     return p
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     machine["ours_backend"] = ctx.backend if ctx.backend is not None else "auto"
 
     rows = []
-    timing_kw = {"budget_s": args.budget, "min_reps": args.min_reps}
+    min_reps = args.min_reps if args.min_reps is not None else (10 if args.full else 6)
+    timing_kw = {"budget_s": args.budget, "min_reps": min_reps}
     for i, case in enumerate(cases, 1):
         if args.wait_idle > 0:
             wait_until_idle(args.wait_idle)
