@@ -341,14 +341,8 @@ PE_AVX2 float quantize_row(const float* x, int64_t n, int8_t* out, int64_t* sum)
   _mm256_storeu_ps(lanes, amax);
   float m = 0.0f;
   for (float v : lanes) m = v > m ? v : m;
-  bool any_bad = _mm256_movemask_ps(bad) != 0;
-  for (; i < n; ++i) {
-    const float a = std::fabs(x[i]);
-    if (!(a < INFINITY)) any_bad = true;
-    m = a > m ? a : m;
-  }
-  if (any_bad) return NAN;
-  const float scale = m > 0.0f ? m / 127.0f : 1.0f, inv = 1.0f / scale;
+  if (_mm256_movemask_ps(bad) != 0 || !absmax_tail(x, i, n, &m)) return NAN;
+  const float scale = i8_scale(m), inv = 1.0f / scale;
   const __m256 vinv = _mm256_set1_ps(inv);
   __m256i acc = _mm256_setzero_si256();
   i = 0;
@@ -362,13 +356,8 @@ PE_AVX2 float quantize_row(const float* x, int64_t n, int8_t* out, int64_t* sum)
   }
   int32_t accs[8];
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(accs), acc);
-  int64_t s = 0;
+  int64_t s = quantize_tail(x, i, n, inv, out);
   for (int32_t v : accs) s += v;
-  for (; i < n; ++i) {
-    const float v = std::nearbyint(x[i] * inv);
-    out[i] = static_cast<int8_t>(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
-    s += out[i];
-  }
   *sum = s;
   return scale;
 }

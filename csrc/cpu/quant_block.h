@@ -1,9 +1,36 @@
 // Decoding of one packed 16x16 block into AVX-512 registers, shared by the AVX-512 kernels
 // (quant_kernels.cpp) and the AMX GEMM (quant_amx.cpp). Internal to csrc/cpu.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include "pyeditor/pack.h"
+
+namespace pe::quant::cpu {
+// The fast mode's activation rule, shared by every quantize_row_i8 path (the SIMD ones do the bulk
+// of a row, these its tail; the portable one all of it): scale = max|x| / 127 (1 for a zero row),
+// q = clamp(round half to even(x / scale), -127, 127).
+// max |x[i..n)| folded into *m; false on inf or NaN
+inline bool absmax_tail(const float* x, int64_t i, int64_t n, float* m) {
+  for (; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    if (!(a < INFINITY)) return false;
+    *m = a > *m ? a : *m;
+  }
+  return true;
+}
+inline float i8_scale(float absmax) { return absmax > 0.0f ? absmax / 127.0f : 1.0f; }
+// out[i..n) quantized with 1 / scale = inv; returns their sum
+inline int64_t quantize_tail(const float* x, int64_t i, int64_t n, float inv, int8_t* out) {
+  int64_t s = 0;
+  for (; i < n; ++i) {
+    const float v = std::nearbyint(x[i] * inv);
+    out[i] = static_cast<int8_t>(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+    s += out[i];
+  }
+  return s;
+}
+}  // namespace pe::quant::cpu
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>

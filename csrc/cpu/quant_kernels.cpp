@@ -455,13 +455,8 @@ PE_AVX512 float quantize_row_avx512(const float* x, int64_t n, int8_t* out, int6
     amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
   }
   float m = _mm512_reduce_max_ps(amax);
-  for (; i < n; ++i) {
-    const float a = std::fabs(x[i]);
-    if (!(a < INFINITY)) bad = 1;
-    m = a > m ? a : m;
-  }
-  if (bad) return NAN;
-  const float scale = m > 0.0f ? m / 127.0f : 1.0f, inv = 1.0f / scale;
+  if (bad || !absmax_tail(x, i, n, &m)) return NAN;
+  const float scale = i8_scale(m), inv = 1.0f / scale;
   const __m512 vinv = _mm512_set1_ps(inv);
   __m512i acc = _mm512_setzero_si512();
   i = 0;
@@ -471,13 +466,7 @@ PE_AVX512 float quantize_row_avx512(const float* x, int64_t n, int8_t* out, int6
     acc = _mm512_add_epi32(acc, q);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm512_cvtepi32_epi8(q));
   }
-  int64_t s = _mm512_reduce_add_epi32(acc);
-  for (; i < n; ++i) {
-    const float v = std::nearbyint(x[i] * inv);
-    out[i] = static_cast<int8_t>(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
-    s += out[i];
-  }
-  *sum = s;
+  *sum = _mm512_reduce_add_epi32(acc) + quantize_tail(x, i, n, inv, out);
   return scale;
 }
 
@@ -644,19 +633,9 @@ float quantize_row_i8(const float* x, int64_t n, int8_t* out, int64_t* sum) {
 #endif
   if (kAvx2) return avx2::quantize_row(x, n, out, sum);
   float m = 0.0f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float a = std::fabs(x[i]);
-    if (!(a < INFINITY)) return NAN;
-    m = a > m ? a : m;
-  }
-  const float scale = m > 0.0f ? m / 127.0f : 1.0f, inv = 1.0f / scale;
-  int64_t s = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = std::nearbyint(x[i] * inv);
-    out[i] = static_cast<int8_t>(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
-    s += out[i];
-  }
-  *sum = s;
+  if (!absmax_tail(x, 0, n, &m)) return NAN;
+  const float scale = i8_scale(m);
+  *sum = quantize_tail(x, 0, n, 1.0f / scale, out);
   return scale;
 }
 
