@@ -1,5 +1,6 @@
-// Decoding of one packed 16x16 block into AVX-512 registers, shared by the AVX-512 kernels
-// (quant_kernels.cpp) and the AMX GEMM (quant_amx.cpp). Internal to csrc/cpu.
+// Shared by the CPU packed-layer kernels (quant_kernels.cpp, quant_avx2.cpp, quant_amx.cpp): the
+// fast mode's activation-quantization rule, the prefetch helper, and the decoding of one packed
+// 16x16 block into AVX-512 registers. Internal to csrc/cpu.
 #pragma once
 #include <cmath>
 #include <cstdint>

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -312,7 +313,7 @@ int main() {
   // the vector epilogues against the scalar formulas of quant_linear_cpu.cpp, bit for bit; digit
   // sums from small to int32-extreme, so some rows leave the int64 path (return false)
   {
-    int vector_rows = 0, fallback_rows = 0;
+    int vector_rows = 0, fallback_rows = 0, float_rows = 0;
     for (int trial = 0; trial < 400; ++trial) {
       float s[16], v[16];
       uint8_t z[16];
@@ -348,7 +349,7 @@ int main() {
         }
       float af[16];
       for (int c = 0; c < 16; ++c) af[c] = static_cast<float>(ai[c]) * std::ldexp(1.0f, static_cast<int>(rng() % 40) - 20);
-      if (q::cpu::finish_float_row(af, sum, s, z, v))
+      if (q::cpu::finish_float_row(af, sum, s, z, v) && ++float_rows)
         for (int c = 0; c < 16; ++c) {
           const double acc = static_cast<double>(af[c]);
           const float want = s[c] * static_cast<float>(acc - static_cast<double>(z[c]) * sum);
@@ -357,6 +358,9 @@ int main() {
     }
     EXPECT(!q::cpu::digits_enabled() || (vector_rows > 100 && fallback_rows > 10), "epilogue paths %d / %d",
            vector_rows, fallback_rows);
+    // the AVX2 float epilogue has no fallback: where it is the path, every trial must have run it
+    EXPECT(std::strcmp(q::cpu::quant_simd_level(), "avx2") != 0 || float_rows == 400, "float epilogue rows %d",
+           float_rows);
   }
   // activation quantization: every element within half a step, sum consistent, NaN/inf refused
   for (int64_t n : {1, 15, 16, 33, 300}) {
