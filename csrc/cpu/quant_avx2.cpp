@@ -147,7 +147,8 @@ void dot_f32_gemm(const uint8_t* tile, int64_t blocks, const float* x, int64_t l
   const int64_t kp = blocks * kTileK;
   int64_t r = 0;
   for (; r + 6 <= m; r += 6) rows_f32<6>(w, kp, x + r * ldx, ldx, out + r * ldo, ldo);
-  const float* xr = x + r * ldx;  // the last m % 6 rows in one pass (one at a time: one FMA chain each)
+  // the last m % 6 rows in one pass (a row at a time would leave two latency-bound FMA chains)
+  const float* xr = x + r * ldx;
   float* o = out + r * ldo;
   switch (m - r) {
     case 5: rows_f32<5>(w, kp, xr, ldx, o, ldo); break;
