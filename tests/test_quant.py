@@ -203,7 +203,9 @@ def test_cpu_gemm_paths(monkeypatch, amx):
 def test_cpu_gemv_paths(monkeypatch, amx, m):
     """Up to 8 rows take the AMX-INT8 fixed-point GEMV where the CPU has it, two rows per pass
     (one row: the VNNI digit kernel for 4-, 6- and 8-bit tiles, also with PYEDITOR_CPU_AMX=0;
-    else the AVX-512 / lookup-table / decoded-tile paths): K = 1100
+    else the AVX-512 / lookup-table / decoded-tile paths; on AVX2 one row reads the codes in
+    place against a scaled x, and rows near the denormals, which that scaling cannot hold,
+    take the float rows): K = 1100
     (a partial last 64-input step, so the 8-bit tiles are unpacked there too), every width, rows
     scaled far down and up, a zero row, bfloat16, and inf / NaN rows (which leave the fixed-point
     path)."""

@@ -579,6 +579,15 @@ void tiles_dot_f32_row(const uint8_t* const* tiles, int n, int bits, int64_t blo
   tiles_dot_row(tiles, n, bits, blocks, x, out);
 }
 
+bool in_place_row(int bits, const float* x, int64_t kp, float* xs) {
+  return kAvx2 && avx2::scale_row(bits, x, kp, xs);
+}
+
+void tiles_dot_in_place_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const float* xs, float* out) {
+  if (!kAvx2 || n < 1 || n > kRowTiles) std::abort();  // callers check in_place_row first
+  avx2::tiles_dot_in_place_row(tiles, n, bits, blocks, xs, out);
+}
+
 bool digits_enabled() { return kDigitsSimd; }
 
 int64_t digit_bytes(int64_t m, int64_t k) { return (k + 63) / 64 * 64 * m * kDigits; }

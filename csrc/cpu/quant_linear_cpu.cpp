@@ -261,6 +261,17 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
       for (int64_t r = 0; r < m; ++r) q::cpu::build_lut(bits, act.xf.get() + r * kp, kp, lut[bits].data() + r * per_row);
     }
   }
+  // One exact float row (AVX2): x scaled for the in-place code reads, once per call and width;
+  // empty where that kernel does not apply (then tiles_dot_f32_row on x, the same sums)
+  std::vector<float> in_place[9];
+  if (!fast && !digits && m == 1) {
+    for (const auto& b : a.buckets) {
+      const int bits = static_cast<int>(b.bits);
+      if (b.rows == 0 || !in_place[bits].empty() || !q::cpu::one_row_f32_tiles(bits)) continue;
+      in_place[bits].resize(kp);
+      if (!q::cpu::in_place_row(bits, act.xf.get(), kp, in_place[bits].data())) in_place[bits].clear();
+    }
+  }
   const std::vector<Tile> tiles = tiles_of(a, data.const_data_ptr<uint8_t>());
   const float* s = scale.const_data_ptr<float>();
   const uint8_t* z = zero.const_data_ptr<uint8_t>();
@@ -407,6 +418,7 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
       if (!integer && accf.size() < need) accf.resize(need);
       if (one_row) q::cpu::tiles_dot_digits_row(ptrs, nt, bits, blocks, act.digits.data(), acci.data(), act.digits_used);
       else if (fast) q::cpu::tiles_dot_i8_row(ptrs, nt, bits, blocks, act.xq.data(), acci.data());
+      else if (!in_place[bits].empty()) q::cpu::tiles_dot_in_place_row(ptrs, nt, bits, blocks, in_place[bits].data(), accf.data());
       else q::cpu::tiles_dot_f32_row(ptrs, nt, bits, blocks, act.xf.get(), accf.data());
       for (int64_t u = t; u < g_end; ++u) {
         const int64_t off = (u - t) * per_tile;

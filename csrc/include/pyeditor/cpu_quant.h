@@ -109,6 +109,14 @@ void tiles_dot_i8_row(const uint8_t* const* tiles, int n, int bits, int64_t bloc
 // The same for one float32 row (x zero-padded to 16 * blocks), float32 sums.
 void tiles_dot_f32_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const float* x, float* out);
 
+// One float32 row with the codes read in place (AVX2; see quant_avx2.cpp): in_place_row writes
+// x scaled per position in the block (kp floats, padding included) for tiles_dot_in_place_row,
+// whose sums are those of tiles_dot_f32_row on x, bit for bit. It returns false where this CPU
+// has no such kernel or a scaled value would lose bits (x near the smallest normal floats, or
+// NaN): then use tiles_dot_f32_row.
+bool in_place_row(int bits, const float* x, int64_t kp, float* xs);
+void tiles_dot_in_place_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const float* xs, float* out);
+
 // Quantizes one activation row for tile_dot_i8: out[i] = clamp(round(x[i] / scale), -127, 127) with
 // scale = max|x| / 127 (1 when x is all zero); returns scale and sets *sum = sum_i out[i]. A row
 // with NaN or inf returns NaN (its outputs become NaN). out must hold n values.
