@@ -353,20 +353,24 @@ def test_nan_activation_propagates(backend, device):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("m", [4, 17], ids=["gemv", "gemm"])
-def test_inf_and_overflow_rows_match_reference(backend, device, m):
+@pytest.mark.parametrize("widths", ["mixed", "uniform"])
+def test_inf_and_overflow_rows_match_reference(backend, device, m, widths):
     """s * (sum q x - z * sum x) gives inf - inf = NaN for an inf input or a sum that overflows;
-    the reference's sum of ((q - z) * s) * x gives +-inf or a finite value, and so must we."""
-    n, k = 40, 37
+    the reference's sum of ((q - z) * s) * x gives +-inf or a finite value, and so must we.
+    (One width: tiles of 16 consecutive output columns, which the CPU stores whole; with a bias.)"""
+    n, k = 48, 37
     w = rand((n, k), seed=3, scale=1e-3)
     w[5] = 0.25  # a constant channel: every weight equals its zero point's value
-    p, qw = both(w, rand_bits(n, seed=4))
+    bits = rand_bits(n, seed=4) if widths == "mixed" else torch.full((n,), 4, dtype=torch.int64)
+    p, qw = both(w, bits)
+    b = rand((n,), seed=9) if widths == "uniform" else None
     x = rand((m, k), seed=5)
     x[0, 7] = math.inf
     x[1, 2], x[1, 30] = -math.inf, math.inf  # opposite infs: NaN where their weights share a sign
     x[2] = 3e38  # finite, but sum x overflows float32; the reference's sum stays finite
     x[3, 0] = math.nan
-    got = quant.packed_linear(x.to(device), p.to(device), backend=backend).cpu()
-    want = ref.packed_linear(x, qw)
+    got = quant.packed_linear(x.to(device), p.to(device), None if b is None else b.to(device), backend=backend).cpu()
+    want = ref.packed_linear(x, qw, b)
     assert torch.isfinite(want[2]).sum() > n // 2  # the constant channel 5 overflows
     assert torch.equal(torch.isnan(got), torch.isnan(want))
     assert torch.equal(torch.isposinf(got), torch.isposinf(want))

@@ -89,6 +89,7 @@ void check_cpu(const at::Tensor& t, const char* name) {
 // Rows of activations as the kernels want them.
 struct Activations {
   std::unique_ptr<float[]> xf;  // fp32 [M, Kp] (exact mode; each row writes its own padding)
+  const float* xrows = nullptr;  // exact mode: xf, or x itself when it is float32 with K = Kp
   std::unique_ptr<uint16_t[]> parts;  // AMX exact mode: bf16 [3][m16][kp32], x = hi + mid + lo
                                      // (not zeroed here: every row is written, padding included)
   std::vector<double> unscale;  // AMX exact mode: per row, the power of two sums are scaled by
@@ -179,23 +180,32 @@ Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool 
     // not zero-filled first, and four partial sums: the zeroing and the one float64 add chain
     // were ~2.4% and ~1.4% of an M = 256, 384 x 1536 call on the AVX2 host (perf), a fifth of
     // what it spent outside the kernel
-    act.xf.reset(new float[m * kp]);
+    // x itself where it already is float32 rows of Kp (M = 256, 384 x 1536: the copy was ~4% of
+    // the call on the AVX2 host)
+    constexpr bool is_float = std::is_same_v<T, float>;
+    if (!is_float || k != kp) act.xf.reset(new float[m * kp]);
+    act.xrows = act.xf ? act.xf.get() : reinterpret_cast<const float*>(x);
     at::parallel_for(0, m, 16, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
-        float* d = act.xf.get() + r * kp;
+        float* d = act.xf ? act.xf.get() + r * kp : nullptr;
         const T* xr = x + r * k;
         double s[4] = {0.0, 0.0, 0.0, 0.0};
         int64_t i = 0;
-        for (; i + 4 <= k; i += 4)
-          for (int j = 0; j < 4; ++j) {
-            d[i + j] = static_cast<float>(xr[i + j]);
-            s[j] += d[i + j];
+        if (d) {
+          for (; i + 4 <= k; i += 4)
+            for (int j = 0; j < 4; ++j) {
+              d[i + j] = static_cast<float>(xr[i + j]);
+              s[j] += d[i + j];
+            }
+          for (; i < k; ++i) {
+            d[i] = static_cast<float>(xr[i]);
+            s[0] += d[i];
           }
-        for (; i < k; ++i) {
-          d[i] = static_cast<float>(xr[i]);
-          s[0] += d[i];
+          std::fill(d + k, d + kp, 0.0f);
+        } else {  // (k = kp: a multiple of 4)
+          for (; i + 4 <= k; i += 4)
+            for (int j = 0; j < 4; ++j) s[j] += static_cast<float>(xr[i + j]);
         }
-        std::fill(d + k, d + kp, 0.0f);
         act.sum[r] = (s[0] + s[1]) + (s[2] + s[3]);
       }
     });
@@ -258,7 +268,7 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
       const int64_t per_row = q::cpu::lut_floats(bits, kp);
       if (per_row == 0 || !lut[bits].empty() || b.rows == 0) continue;
       lut[bits].resize(m * per_row);
-      for (int64_t r = 0; r < m; ++r) q::cpu::build_lut(bits, act.xf.get() + r * kp, kp, lut[bits].data() + r * per_row);
+      for (int64_t r = 0; r < m; ++r) q::cpu::build_lut(bits, act.xrows + r * kp, kp, lut[bits].data() + r * per_row);
     }
   }
   // One exact float row (AVX2): x scaled for the in-place code reads, once per call and width;
@@ -269,7 +279,7 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
       const int bits = static_cast<int>(b.bits);
       if (b.rows == 0 || !in_place[bits].empty() || !q::cpu::one_row_f32_tiles(bits)) continue;
       in_place[bits].resize(kp);
-      if (!q::cpu::in_place_row(bits, act.xf.get(), kp, in_place[bits].data())) in_place[bits].clear();
+      if (!q::cpu::in_place_row(bits, act.xrows, kp, in_place[bits].data())) in_place[bits].clear();
     }
   }
   const std::vector<Tile> tiles = tiles_of(a, data.const_data_ptr<uint8_t>());
@@ -290,6 +300,14 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   auto epilogue = [&](const Tile& tile, const float* af, const int32_t* ai, int64_t r0 = 0, int64_t r1 = -1) {
     r1 = r1 < 0 ? m : std::min(r1, m);
     bool any = false;
+    // float32 out, the tile's channels in 16 consecutive columns (uniform widths: the identity
+    // permutation): whole rows stored at once, no per-value scatter (M = 256, 384 x 1536: that
+    // loop was ~6% of the call on the AVX2 host)
+    const int32_t col0 = p[tile.row];
+    bool contiguous = std::is_same_v<T, float> && col0 >= 0 && col0 <= n - q::kTileN;
+    for (int c = 1; contiguous && c < q::kTileN; ++c) contiguous = p[tile.row + c] == col0 + c;
+    float b16[q::kTileN];
+    for (int c = 0; contiguous && c < q::kTileN; ++c) b16[c] = bias ? bias[col0 + c] : 0.0f;
     for (int64_t r = r0; r < r1; ++r) {
       float vec[q::kTileN];
       const bool done =
@@ -298,6 +316,16 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
                                                    s + tile.row, z + tile.row, vec)
                        : q::cpu::finish_fast_row(ai + r * q::kTileN, act.sum[r], act.xscale[r], s + tile.row,
                                                  z + tile.row, vec));
+      if (done && contiguous) {  // the values of the loop below, for float32 out
+        float* dst = reinterpret_cast<float*>(y) + r * n + col0;
+        int bad = 0;
+        for (int c = 0; c < q::kTileN; ++c) {
+          dst[c] = vec[c] + b16[c];
+          bad |= !(std::fabs(dst[c]) <= FLT_MAX);
+        }
+        any |= bad != 0;
+        continue;
+      }
       for (int c = 0; c < q::kTileN; ++c) {
         const int64_t row = tile.row + c;
         const int32_t col = p[row];
@@ -419,7 +447,7 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
       if (one_row) q::cpu::tiles_dot_digits_row(ptrs, nt, bits, blocks, act.digits.data(), acci.data(), act.digits_used);
       else if (fast) q::cpu::tiles_dot_i8_row(ptrs, nt, bits, blocks, act.xq.data(), acci.data());
       else if (!in_place[bits].empty()) q::cpu::tiles_dot_in_place_row(ptrs, nt, bits, blocks, in_place[bits].data(), accf.data());
-      else q::cpu::tiles_dot_f32_row(ptrs, nt, bits, blocks, act.xf.get(), accf.data());
+      else q::cpu::tiles_dot_f32_row(ptrs, nt, bits, blocks, act.xrows, accf.data());
       for (int64_t u = t; u < g_end; ++u) {
         const int64_t off = (u - t) * per_tile;
         epilogue(tiles[u], integer ? nullptr : accf.data() + off, integer ? acci.data() + off : nullptr);
@@ -494,7 +522,7 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
       if (fast)
         q::cpu::tile_dot_i8(tile.ptr, tile.bits, blocks, act.xq.data(), kp, m, acci.data(), q::kTileN);
       else
-        q::cpu::tile_dot_f32(tile.ptr, tile.bits, blocks, act.xf.get(), kp, m, accf.data(), q::kTileN,
+        q::cpu::tile_dot_f32(tile.ptr, tile.bits, blocks, act.xrows, kp, m, accf.data(), q::kTileN,
                              wbuf.data());
       epilogue(tile, fast ? nullptr : accf.data(), fast ? acci.data() : nullptr);
       ++t;
