@@ -20,7 +20,23 @@ namespace pyeditor::search_cpu {
 
 namespace ps = pe::search;
 
+// Whether 16-float vectors are one register here (AVX-512, the x86-64-v4 clones). Elsewhere a
+// v16f is two (AVX2) or four registers: micro-kernels holding 16 of them spilled on every FMA
+// (the v3 clone of the blocked pass: ~4x the stack traffic of the v4 one), and GCC moved even
+// a few v16f accumulators through general registers at every loop edge; there the
+// micro-kernels keep 8-float halves (v8f) for fewer queries per pass instead.
+inline const bool kOneRegisterV16 =
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+    __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512cd");
+#else
+    false;
+#endif
+
 typedef float v16f __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));  // the halves the narrow micro-kernels keep
+typedef float v8fu __attribute__((vector_size(32), aligned(4)));
+typedef int32_t v8i __attribute__((vector_size(32)));
 typedef float v16fu __attribute__((vector_size(64), aligned(4)));  // unaligned loads
 typedef int32_t v16i __attribute__((vector_size(64)));
 typedef int64_t v8l __attribute__((vector_size(64)));
@@ -67,37 +83,39 @@ inline __attribute__((always_inline)) float shifted_sumsq(const float* x, const 
   return s;
 }
 
-// x[0:8] - p[0:8] widened to float64. Written lane by lane because GCC 12 then emits one
-// memory-operand vcvtps2pd per row; __builtin_convertvector on 8-float vectors went through
-// 128-bit halves and inserts.
 typedef double v8d __attribute__((vector_size(64)));
-inline __attribute__((always_inline)) v8d diff_f64(const float* x, const float* p) {
-  v8d t;
-  for (int l = 0; l < 8; ++l) t[l] = static_cast<double>(x[l]) - static_cast<double>(p[l]);
-  return t;
-}
 
 // The float64 direct-difference key of one float32 pair (l2), or exact_key for the other
-// metrics. Float64 partial sums reduced by halving: the generic reduction's epilogue
-// spilled to the stack and cost as much as the whole distance tile row.
+// metrics. Four 4-lane float64 partial sums reduced by halving: the generic reduction's
+// epilogue spilled to the stack and cost as much as the whole distance tile row, and 8-lane
+// ones went through general registers where a vector of 8 doubles is two (AVX2).
+typedef double v4d __attribute__((vector_size(32)));
+typedef int64_t v4l __attribute__((vector_size(32)));
+// x[0:4] - p[0:4] widened to float64, lane by lane: GCC 12 then emits one memory-operand
+// vcvtps2pd (__builtin_convertvector went through 128-bit halves and inserts)
+inline __attribute__((always_inline)) v4d diff_f64x4(const float* x, const float* p) {
+  v4d t;
+  for (int l = 0; l < 4; ++l) t[l] = static_cast<double>(x[l]) - static_cast<double>(p[l]);
+  return t;
+}
 inline __attribute__((always_inline)) double exact_key_f32(const float* x, const float* p, int64_t d, int metric,
                                                            double xn) {
   if (metric != ps::kL2) return ps::exact_key(x, p, d, metric, xn);
-  v8d acc0{}, acc1{};
+  v4d acc[4] = {};
   int64_t i = 0;
-  for (; i + 16 <= d; i += 16) {  // two independent sums
-    const v8d t0 = diff_f64(x + i, p + i), t1 = diff_f64(x + i + 8, p + i + 8);
-    acc0 += t0 * t0;
-    acc1 += t1 * t1;
+  for (; i + 16 <= d; i += 16)  // four independent sums
+#pragma GCC unroll 4
+    for (int a = 0; a < 4; ++a) {
+      const v4d t = diff_f64x4(x + i + 4 * a, p + i + 4 * a);
+      acc[a] += t * t;
+    }
+  for (; i + 4 <= d; i += 4) {
+    const v4d t = diff_f64x4(x + i, p + i);
+    acc[0] += t * t;
   }
-  if (i + 8 <= d) {
-    const v8d t = diff_f64(x + i, p + i);
-    acc0 += t * t;
-    i += 8;
-  }
-  v8d acc = acc0 + acc1;
-  acc += __builtin_shuffle(acc, v8l{4, 5, 6, 7, 0, 1, 2, 3});
-  double s = acc[0] + acc[1] + acc[2] + acc[3];
+  v4d sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  sum += __builtin_shuffle(sum, v4l{2, 3, 0, 1});
+  double s = sum[0] + sum[1];
   for (; i < d; ++i) {
     const double t = static_cast<double>(x[i]) - static_cast<double>(p[i]);
     s += t * t;
@@ -149,6 +167,32 @@ inline __attribute__((always_inline)) void offer(Best2& b, v16f v, v16i lane) {
   b.i2 = m1 ? b.i1 : (m2 ? lane : b.i2);
   b.k1 = m1 ? v : b.k1;
   b.i1 = m1 ? lane : b.i1;
+}
+
+// offer() of the 16 rows of one panel's transposed key tile (row c: prototype base + c, lanes =
+// queries), in 8-lane halves held in registers (see kOneRegisterV16).
+inline __attribute__((always_inline)) void offer_panel_v8(Best2& b, const v16f (&keys)[kLanes], int base) {
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    v8f k1 = *reinterpret_cast<const v8f*>(reinterpret_cast<const float*>(&b.k1) + 8 * h);
+    v8f k2 = *reinterpret_cast<const v8f*>(reinterpret_cast<const float*>(&b.k2) + 8 * h);
+    v8i i1 = *reinterpret_cast<const v8i*>(reinterpret_cast<const int32_t*>(&b.i1) + 8 * h);
+    v8i i2 = *reinterpret_cast<const v8i*>(reinterpret_cast<const int32_t*>(&b.i2) + 8 * h);
+#pragma GCC unroll 16
+    for (int c = 0; c < kLanes; ++c) {
+      const v8f v = *reinterpret_cast<const v8f*>(reinterpret_cast<const float*>(&keys[c]) + 8 * h);
+      const v8i lane = v8i{} + (base + c);
+      const v8i m1 = v < k1, m2 = v < k2;
+      k2 = m1 ? k1 : (m2 ? v : k2);
+      i2 = m1 ? i1 : (m2 ? lane : i2);
+      k1 = m1 ? v : k1;
+      i1 = m1 ? lane : i1;
+    }
+    *reinterpret_cast<v8f*>(reinterpret_cast<float*>(&b.k1) + 8 * h) = k1;
+    *reinterpret_cast<v8f*>(reinterpret_cast<float*>(&b.k2) + 8 * h) = k2;
+    *reinterpret_cast<v8i*>(reinterpret_cast<int32_t*>(&b.i1) + 8 * h) = i1;
+    *reinterpret_cast<v8i*>(reinterpret_cast<int32_t*>(&b.i2) + 8 * h) = i2;
+  }
 }
 
 // Float32 sum of (x - p_r)^2 over d for the `live` (<= 16) prototype rows of g (lane r; lanes
