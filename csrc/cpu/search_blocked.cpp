@@ -262,6 +262,81 @@ inline __attribute__((always_inline)) v16f load_tile(const float* x, int64_t d, 
   return row_sums(sq);
 }
 
+// load_tile with 8-float halves (see kOneRegisterV16): the same tile, and n2[r] = the row's sum
+// of squares from one 8-lane sum per row (the 16-row butterfly of v16f sums went through the
+// stack on AVX2).
+inline __attribute__((always_inline)) void load_tile_v8(const float* x, int64_t d, int64_t nr, const float* shift,
+                                                        float* tile, float* n2) {
+  const int64_t chunks = (d + kLanes - 1) / kLanes;
+  for (int r = 0; r < kMR2; ++r) {
+    v8f acc{};
+    float* dst = tile + r * kLanes;
+    if (r < nr) {
+      const float* xr = x + r * d;
+      for (int64_t c = 0; c < chunks; ++c)
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          const int64_t i = c * kLanes + 8 * h;
+          v8f v{};
+          if (i + 8 <= d) {
+            v = *reinterpret_cast<const v8fu*>(xr + i);
+            if (shift) v -= *reinterpret_cast<const v8fu*>(shift + i);  // (shift is padded to dpad)
+          } else {
+            for (int64_t l = 0; l < 8 && i + l < d; ++l) v[l] = shift ? xr[i + l] - shift[i + l] : xr[i + l];
+          }
+          *reinterpret_cast<v8fu*>(dst + c * kChunk + 8 * h) = v;
+          acc += v * v;
+        }
+    } else {
+      for (int64_t c = 0; c < chunks; ++c) {
+        *reinterpret_cast<v8fu*>(dst + c * kChunk) = v8f{};
+        *reinterpret_cast<v8fu*>(dst + c * kChunk + 8) = v8f{};
+      }
+    }
+    const v8f t = acc + __builtin_shuffle(acc, v8i{4, 5, 6, 7, 0, 1, 2, 3});
+    const v8f u = t + __builtin_shuffle(t, v8i{2, 3, 0, 1, 6, 7, 4, 5});
+    n2[r] = u[0] + u[1];
+  }
+}
+
+// The 16 x 16 key tile transposed in 8-lane halves (the butterflies of swap_index_bit: bits 1,
+// 2 and 4 swap within halves, bit 8 swaps halves between rows).
+template <int BIT> inline __attribute__((always_inline)) void swap_bit_v8(v8f& a, v8f& b) {
+  v8i lo, hi;
+  for (int j = 0; j < 8; ++j) {
+    lo[j] = (j & BIT) ? 8 + (j ^ BIT) : j;
+    hi[j] = (j & BIT) ? 8 + j : (j | BIT);
+  }
+  const v8f x = a, y = b;
+  a = __builtin_shuffle(x, y, lo);
+  b = __builtin_shuffle(x, y, hi);
+}
+
+inline __attribute__((always_inline)) void transpose16_v8(v16f (&keys)[kMR2]) {
+  v8f lo[kMR2], hi[kMR2];
+  for (int i = 0; i < kMR2; ++i) {
+    lo[i] = *reinterpret_cast<const v8f*>(reinterpret_cast<const float*>(&keys[i]));
+    hi[i] = *reinterpret_cast<const v8f*>(reinterpret_cast<const float*>(&keys[i]) + 8);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < kMR2; ++i)
+    if (!(i & 1)) swap_bit_v8<1>(lo[i], lo[i | 1]), swap_bit_v8<1>(hi[i], hi[i | 1]);
+#pragma GCC unroll 16
+  for (int i = 0; i < kMR2; ++i)
+    if (!(i & 2)) swap_bit_v8<2>(lo[i], lo[i | 2]), swap_bit_v8<2>(hi[i], hi[i | 2]);
+#pragma GCC unroll 16
+  for (int i = 0; i < kMR2; ++i)
+    if (!(i & 4)) swap_bit_v8<4>(lo[i], lo[i | 4]), swap_bit_v8<4>(hi[i], hi[i | 4]);
+  for (int i = 0; i < 8; ++i) {  // bit 8: row i's upper half <-> row i + 8's lower half
+    float* a = reinterpret_cast<float*>(&keys[i]);
+    float* b = reinterpret_cast<float*>(&keys[i + 8]);
+    *reinterpret_cast<v8f*>(a) = lo[i];
+    *reinterpret_cast<v8f*>(a + 8) = lo[i + 8];
+    *reinterpret_cast<v8f*>(b) = hi[i];
+    *reinterpret_cast<v8f*>(b + 8) = hi[i + 8];
+  }
+}
+
 // keys[R0 + r] = bias - scale * x'_r . p' for queries [R0, R0 + RG) of the tile and one panel
 // (lanes = prototypes).
 template <int RG>
@@ -403,20 +478,22 @@ inline __attribute__((always_inline)) void blocked_rows_top1(const BlockJob& job
     const int64_t ahead = std::max<int64_t>(0, std::min<int64_t>(kMR2, job.B - q0 - kMR2)) * d;
     for (int64_t i = 0; i < ahead; i += 16) __builtin_prefetch(next + i);
     alignas(64) float n2[kMR2];
-    *reinterpret_cast<v16f*>(n2) = load_tile(job.x + q0 * d, d, nr, shift, tile.data());
+    if (kOneRegisterV16) *reinterpret_cast<v16f*>(n2) = load_tile(job.x + q0 * d, d, nr, shift, tile.data());
+    else load_tile_v8(job.x + q0 * d, d, nr, shift, tile.data(), n2);
     Best2 best{v16f{} + INFINITY, v16f{} + INFINITY, v16i{} - 1, v16i{} - 1};
     for (int64_t pn = 0; pn < pk.num_panels; ++pn) {
       v16f keys[kMR2];
       tile16(tile.data(), pk.dpad, panels + pn * pk.dpad * kLanes, pk.bias.data() + pn * kLanes, scale, keys);
+      const int base = static_cast<int>(pn * kLanes);
+      if (!kOneRegisterV16) {
+        transpose16_v8(keys);
+        offer_panel_v8(best, keys, base);
+        continue;
+      }
       swap_index_bit<1>(keys);
       swap_index_bit<2>(keys);
       swap_index_bit<4>(keys);
       swap_index_bit<8>(keys);
-      const int base = static_cast<int>(pn * kLanes);
-      if (!kOneRegisterV16) {
-        offer_panel_v8(best, keys, base);
-        continue;
-      }
 #pragma GCC unroll 16
       for (int c = 0; c < kLanes; ++c) offer(best, keys[c], v16i{} + (base + c));
     }
