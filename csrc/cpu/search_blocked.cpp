@@ -300,18 +300,7 @@ inline __attribute__((always_inline)) void load_tile_v8(const float* x, int64_t 
 }
 
 // The 16 x 16 key tile transposed in 8-lane halves (the butterflies of swap_index_bit: bits 1,
-// 2 and 4 swap within halves, bit 8 swaps halves between rows).
-template <int BIT> inline __attribute__((always_inline)) void swap_bit_v8(v8f& a, v8f& b) {
-  v8i lo, hi;
-  for (int j = 0; j < 8; ++j) {
-    lo[j] = (j & BIT) ? 8 + (j ^ BIT) : j;
-    hi[j] = (j & BIT) ? 8 + j : (j | BIT);
-  }
-  const v8f x = a, y = b;
-  a = __builtin_shuffle(x, y, lo);
-  b = __builtin_shuffle(x, y, hi);
-}
-
+// 2 and 4 swap within halves with swap_bit_v8, bit 8 swaps halves between rows).
 inline __attribute__((always_inline)) void transpose16_v8(v16f (&keys)[kMR2]) {
   v8f lo[kMR2], hi[kMR2];
   for (int i = 0; i < kMR2; ++i) {
@@ -413,7 +402,7 @@ inline __attribute__((always_inline)) void refine_l2_top1(const float* x, const 
   keys.resize((N + kLanes - 1) / kLanes * kLanes);
   v16f lo = v16f{} + INFINITY;
   for (int64_t j0 = 0; j0 < N; j0 += kLanes) {
-    const v16f s = group_sums_l2(x, P + j0 * d, std::min<int64_t>(kLanes, N - j0), d);
+    const v16f s = group_sums_l2_any(x, P + j0 * d, std::min<int64_t>(kLanes, N - j0), d);
     *reinterpret_cast<v16fu*>(keys.data() + j0) = s;
     lo = vmin(lo, s == s ? s : lo);  // NaN (a NaN prototype) never wins
   }

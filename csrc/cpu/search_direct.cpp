@@ -59,8 +59,11 @@ inline __attribute__((always_inline)) ps::Bound direct_l2_top1(const float* x, c
                                                                ps::TopK<float, 2>& top) {
   const v16i iota{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   Best2 best{v16f{} + INFINITY, v16f{} + INFINITY, v16i{} - 1, v16i{} - 1};
-  for (int64_t j0 = 0; j0 < N; j0 += kLanes)
-    offer(best, group_sums_l2(x, P + j0 * d, std::min<int64_t>(kLanes, N - j0), d), iota + static_cast<int>(j0));
+  for (int64_t j0 = 0; j0 < N; j0 += kLanes) {
+    const v16f keys = group_sums_l2_any(x, P + j0 * d, std::min<int64_t>(kLanes, N - j0), d);
+    if (kOneRegisterV16) offer(best, keys, iota + static_cast<int>(j0));
+    else offer_v8(best, keys, iota + static_cast<int>(j0));
+  }
   top.reset(2);
   for (int l = 0; l < kLanes; ++l) {
     if (best.i1[l] >= 0) top.push(best.k1[l], best.i1[l]);

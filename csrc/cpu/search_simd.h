@@ -195,6 +195,48 @@ inline __attribute__((always_inline)) void offer_panel_v8(Best2& b, const v16f (
   }
 }
 
+// swap_index_bit on 8-lane halves (BIT = 1, 2, 4), for the narrow kernels (kOneRegisterV16)
+template <int BIT> inline __attribute__((always_inline)) void swap_bit_v8(v8f& a, v8f& b) {
+  v8i lo, hi;
+  for (int j = 0; j < 8; ++j) {
+    lo[j] = (j & BIT) ? 8 + (j ^ BIT) : j;
+    hi[j] = (j & BIT) ? 8 + j : (j | BIT);
+  }
+  const v8f x = a, y = b;
+  a = __builtin_shuffle(x, y, lo);
+  b = __builtin_shuffle(x, y, hi);
+}
+
+// Lane r of the result = the sum of m[r]'s lanes (row_sums for 8 vectors of 8)
+inline __attribute__((always_inline)) v8f row_sums_v8(v8f (&m)[8]) {
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) swap_bit_v8<4>(m[i], m[i + 4]), m[i] += m[i + 4];
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) swap_bit_v8<2>(m[i], m[i + 2]), m[i] += m[i + 2];
+  swap_bit_v8<1>(m[0], m[1]);
+  return m[0] + m[1];
+}
+
+// offer() in 8-lane halves held in registers (see kOneRegisterV16)
+inline __attribute__((always_inline)) void offer_v8(Best2& b, const v16f& keys, const v16i& lanes) {
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    float* k1p = reinterpret_cast<float*>(&b.k1) + 8 * h;
+    float* k2p = reinterpret_cast<float*>(&b.k2) + 8 * h;
+    int32_t* i1p = reinterpret_cast<int32_t*>(&b.i1) + 8 * h;
+    int32_t* i2p = reinterpret_cast<int32_t*>(&b.i2) + 8 * h;
+    const v8f v = *reinterpret_cast<const v8f*>(reinterpret_cast<const float*>(&keys) + 8 * h);
+    const v8i lane = *reinterpret_cast<const v8i*>(reinterpret_cast<const int32_t*>(&lanes) + 8 * h);
+    const v8f k1 = *reinterpret_cast<v8f*>(k1p), k2 = *reinterpret_cast<v8f*>(k2p);
+    const v8i i1 = *reinterpret_cast<v8i*>(i1p), i2 = *reinterpret_cast<v8i*>(i2p);
+    const v8i m1 = v < k1, m2 = v < k2;
+    *reinterpret_cast<v8f*>(k2p) = m1 ? k1 : (m2 ? v : k2);
+    *reinterpret_cast<v8i*>(i2p) = m1 ? i1 : (m2 ? lane : i2);
+    *reinterpret_cast<v8f*>(k1p) = m1 ? v : k1;
+    *reinterpret_cast<v8i*>(i1p) = m1 ? lane : i1;
+  }
+}
+
 // Float32 sum of (x - p_r)^2 over d for the `live` (<= 16) prototype rows of g (lane r; lanes
 // >= live read +inf), 16 rows at a time so that one butterfly (row_sums) reduces all 16 sums.
 // Its error is below gamma32(d + 3) of the sum, whatever the order, plus underflow_err(d).
@@ -227,6 +269,53 @@ inline __attribute__((always_inline)) v16f group_sums_l2(const float* x, const f
     }
   for (int64_t r = live; r < kLanes; ++r) tail[r] = INFINITY;  // missing prototypes never enter
   return row_sums(acc) + *reinterpret_cast<const v16f*>(tail);
+}
+
+// group_sums_l2 with 8-float halves (see kOneRegisterV16): rows 8 at a time, 8 accumulators,
+// reduced by row_sums_v8. (The same bound: any summation order.)
+inline __attribute__((always_inline)) v16f group_sums_l2_v8(const float* x, const float* g, int64_t live, int64_t d) {
+  const int64_t d8 = d / 8 * 8;
+  alignas(64) float out[kLanes];
+#pragma GCC unroll 1
+  for (int h = 0; h < 2; ++h) {
+    const float* gh = g + 8 * h * d;
+    const int64_t rows = std::min<int64_t>(8, std::max<int64_t>(0, live - 8 * h));
+    v8f acc[8];
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) acc[r] = v8f{};
+    if (rows == 8) {
+      for (int64_t i = 0; i < d8; i += 8) {
+        const v8f xv = *reinterpret_cast<const v8fu*>(x + i);
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; ++r) {
+          const v8f t = xv - *reinterpret_cast<const v8fu*>(gh + r * d + i);
+          acc[r] += t * t;
+        }
+      }
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t i = 0; i < d8; i += 8) {
+          const v8f t = *reinterpret_cast<const v8fu*>(x + i) - *reinterpret_cast<const v8fu*>(gh + r * d + i);
+          acc[r] += t * t;
+        }
+    }
+    *reinterpret_cast<v8f*>(out + 8 * h) = row_sums_v8(acc);
+    for (int64_t r = 0; r < 8; ++r) {
+      if (r >= rows) {
+        out[8 * h + r] = INFINITY;  // missing prototypes never enter
+        continue;
+      }
+      for (int64_t i = d8; i < d; ++i) {
+        const float t = x[i] - gh[r * d + i];
+        out[8 * h + r] += t * t;
+      }
+    }
+  }
+  return *reinterpret_cast<const v16f*>(out);
+}
+
+inline __attribute__((always_inline)) v16f group_sums_l2_any(const float* x, const float* g, int64_t live, int64_t d) {
+  return kOneRegisterV16 ? group_sums_l2(x, g, live, d) : group_sums_l2_v8(x, g, live, d);
 }
 
 }  // namespace pyeditor::search_cpu
