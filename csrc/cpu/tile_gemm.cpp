@@ -1,7 +1,7 @@
 // Micro-kernels behind tile_gemm, picked at load time: an AVX-512 register-blocked kernel (6 rows
-// x 64 columns of accumulators, one broadcast + 4 FMAs per row and k), an AVX2 one (3 rows x 32
-// columns, each half of the tile in turn: 12 accumulators + 4 tile vectors fill the 16 ymm
-// registers), and a portable loop the compiler vectorizes for every other case (and for double).
+// x 64 columns of accumulators, one broadcast + 4 FMAs per row and k), an AVX2 one (6 rows x 16
+// columns, each quarter of the tile in turn: 12 accumulators + 2 tile vectors + a broadcast in
+// the 16 ymm registers), and a portable loop the compiler vectorizes for every other case (and for double).
 // PE_TILE_FORCE_PORTABLE / PE_TILE_FORCE_AVX2 pin the choice (the ctests run each variant).
 #include "tile_gemm.h"
 
@@ -85,44 +85,54 @@ __attribute__((target("avx512f"))) void tile_gemm_avx512(const float* a, int64_t
   }
 }
 
-// R rows (1..3) of one 32-column half of the tile (`tile` and `acc` point at the half), summed in
-// chunks of kSumChunk steps of k like the AVX-512 kernel.
+// R rows (1..6) of one 16-column quarter of the tile (`tile` and `acc` point at the quarter),
+// summed in chunks of kSumChunk steps of k like the AVX-512 kernel: 2R accumulators, 2 tile
+// vectors and a broadcast fit the 16 ymm registers. (3 rows x 32 columns needed 12 + 4 + 1
+// registers, so every FMA re-read its tile vector, and it broadcast a value per 4 FMAs instead
+// of per 2: Zen 3, assign_prototypes B=256 d=128 n=65536 P=8, 368 -> see BENCHMARKS.md.)
 template <int R>
 __attribute__((target("avx2,fma"))) inline void block_avx2(const float* a, int64_t kc, const float* tile,
                                                            float* acc) {
   for (int64_t k0 = 0; k0 < kc; k0 += kSumChunk) {
     const int64_t k1 = k0 + kSumChunk < kc ? k0 + kSumChunk : kc;
-    __m256 c[R][4];
-    for (int r = 0; r < R; ++r)
-      for (int v = 0; v < 4; ++v) c[r][v] = _mm256_setzero_ps();
+    __m256 c[2 * R];  // flat and zeroed in a loop: GCC kept a [R][2] array in memory
+#pragma GCC unroll 12
+    for (int i = 0; i < 2 * R; ++i) c[i] = _mm256_setzero_ps();
     for (int64_t k = k0; k < k1; ++k) {
       const float* t = tile + k * kTileN;
-      const __m256 b0 = _mm256_loadu_ps(t), b1 = _mm256_loadu_ps(t + 8), b2 = _mm256_loadu_ps(t + 16),
-                   b3 = _mm256_loadu_ps(t + 24);
+      const __m256 b0 = _mm256_loadu_ps(t), b1 = _mm256_loadu_ps(t + 8);
+#pragma GCC unroll 6
       for (int r = 0; r < R; ++r) {
         const __m256 s = _mm256_broadcast_ss(a + r * kc + k);
-        c[r][0] = _mm256_fmadd_ps(s, b0, c[r][0]);
-        c[r][1] = _mm256_fmadd_ps(s, b1, c[r][1]);
-        c[r][2] = _mm256_fmadd_ps(s, b2, c[r][2]);
-        c[r][3] = _mm256_fmadd_ps(s, b3, c[r][3]);
+        c[2 * r] = _mm256_fmadd_ps(s, b0, c[2 * r]);
+        c[2 * r + 1] = _mm256_fmadd_ps(s, b1, c[2 * r + 1]);
       }
     }
-    for (int r = 0; r < R; ++r)
-      for (int v = 0; v < 4; ++v) {
-        float* o = acc + r * kTileN + 8 * v;
-        _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), c[r][v]));
-      }
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      float* o = acc + r * kTileN;
+      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), c[2 * r]));
+      _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), c[2 * r + 1]));
+    }
   }
 }
 
 __attribute__((target("avx2,fma"))) void tile_gemm_avx2(const float* a, int64_t rows, int64_t kc,
                                                         const float* tile, float* acc) {
-  static_assert(kTileN == 64, "the AVX2 kernel covers the tile as two 32-column halves");
-  for (int64_t half = 0; half < kTileN; half += 32) {
+  static_assert(kTileN == 64, "the AVX2 kernel covers the tile as four 16-column quarters");
+  for (int64_t q = 0; q < kTileN; q += 16) {
     int64_t r = 0;
-    for (; r + 3 <= rows; r += 3) block_avx2<3>(a + r * kc, kc, tile + half, acc + r * kTileN + half);
-    if (rows - r == 2) block_avx2<2>(a + r * kc, kc, tile + half, acc + r * kTileN + half);
-    if (rows - r == 1) block_avx2<1>(a + r * kc, kc, tile + half, acc + r * kTileN + half);
+    for (; r + 6 <= rows; r += 6) block_avx2<6>(a + r * kc, kc, tile + q, acc + r * kTileN + q);
+    const float* ar = a + r * kc;
+    float* cr = acc + r * kTileN + q;
+    switch (rows - r) {
+      case 5: block_avx2<5>(ar, kc, tile + q, cr); break;
+      case 4: block_avx2<4>(ar, kc, tile + q, cr); break;
+      case 3: block_avx2<3>(ar, kc, tile + q, cr); break;
+      case 2: block_avx2<2>(ar, kc, tile + q, cr); break;
+      case 1: block_avx2<1>(ar, kc, tile + q, cr); break;
+      default: break;
+    }
   }
 }
 
