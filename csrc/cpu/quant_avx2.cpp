@@ -11,6 +11,7 @@
 
 #include "pyeditor/cpu_quant.h"
 #include "pyeditor/pack.h"
+#include "avx2_rows16.h"
 #include "quant_block.h"
 
 #ifdef PE_QUANT_X86
@@ -164,29 +165,12 @@ PE_AVX2 void decode_tile(const uint8_t* tile, int64_t blocks, float* w) {
     }
 }
 
-// R rows x 16 channels of the decoded tile. (The accumulators are one flat array set to zero: with
-// [R][2] and a conditional start value GCC kept them in memory, a store per FMA, 2.6x slower.)
-// Splitting K into L1-sized chunks measured slower (Zen 3, K = 4096, 256 rows, one thread: 87-90
-// GFLOP/s whole, 67 with 512-input chunks, 52 with 128).
-template <int R>  // 2R accumulators + 2 weight vectors + a broadcast fit the 16 registers for R = 6
+// R rows x 16 channels of the decoded tile (R <= 6). Splitting K into L1-sized chunks measured
+// slower (Zen 3, K = 4096, 256 rows, one thread: 87-90 GFLOP/s whole, 67 with 512-input chunks,
+// 52 with 128).
+template <int R>  // (avx2_rows16.h)
 PE_AVX2 void rows_f32(const float* w, int64_t kp, const float* x, int64_t ldx, float* out, int64_t ldo) {
-  __m256 acc[2 * R];
-#pragma GCC unroll 16
-  for (int i = 0; i < 2 * R; ++i) acc[i] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < kp; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(w + k * 16), w1 = _mm256_loadu_ps(w + k * 16 + 8);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m256 xr = _mm256_broadcast_ss(x + r * ldx + k);
-      acc[2 * r] = _mm256_fmadd_ps(xr, w0, acc[2 * r]);
-      acc[2 * r + 1] = _mm256_fmadd_ps(xr, w1, acc[2 * r + 1]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(out + r * ldo, acc[2 * r]);
-    _mm256_storeu_ps(out + r * ldo + 8, acc[2 * r + 1]);
-  }
+  pe::cpu_avx2::rows16<R, false>(x, ldx, w, kTileN, 0, kp, out, ldo);
 }
 
 template <int BITS>

@@ -300,7 +300,7 @@ inline __attribute__((always_inline)) void load_tile_v8(const float* x, int64_t 
 }
 
 // The 16 x 16 key tile transposed in 8-lane halves (the butterflies of swap_index_bit: bits 1,
-// 2 and 4 swap within halves with swap_bit_v8, bit 8 swaps halves between rows).
+// 2 and 4 swap within halves, bit 8 swaps halves between rows).
 inline __attribute__((always_inline)) void transpose16_v8(v16f (&keys)[kMR2]) {
   v8f lo[kMR2], hi[kMR2];
   for (int i = 0; i < kMR2; ++i) {
@@ -309,13 +309,13 @@ inline __attribute__((always_inline)) void transpose16_v8(v16f (&keys)[kMR2]) {
   }
 #pragma GCC unroll 16
   for (int i = 0; i < kMR2; ++i)
-    if (!(i & 1)) swap_bit_v8<1>(lo[i], lo[i | 1]), swap_bit_v8<1>(hi[i], hi[i | 1]);
+    if (!(i & 1)) swap_index_bit<1>(lo[i], lo[i | 1]), swap_index_bit<1>(hi[i], hi[i | 1]);
 #pragma GCC unroll 16
   for (int i = 0; i < kMR2; ++i)
-    if (!(i & 2)) swap_bit_v8<2>(lo[i], lo[i | 2]), swap_bit_v8<2>(hi[i], hi[i | 2]);
+    if (!(i & 2)) swap_index_bit<2>(lo[i], lo[i | 2]), swap_index_bit<2>(hi[i], hi[i | 2]);
 #pragma GCC unroll 16
   for (int i = 0; i < kMR2; ++i)
-    if (!(i & 4)) swap_bit_v8<4>(lo[i], lo[i | 4]), swap_bit_v8<4>(hi[i], hi[i | 4]);
+    if (!(i & 4)) swap_index_bit<4>(lo[i], lo[i | 4]), swap_index_bit<4>(hi[i], hi[i | 4]);
   for (int i = 0; i < 8; ++i) {  // bit 8: row i's upper half <-> row i + 8's lower half
     float* a = reinterpret_cast<float*>(&keys[i]);
     float* b = reinterpret_cast<float*>(&keys[i + 8]);

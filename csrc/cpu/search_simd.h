@@ -142,18 +142,6 @@ template <int BIT> inline __attribute__((always_inline)) void swap_index_bit(v16
     if (!(i & BIT)) swap_index_bit<BIT>(m[i], m[i | BIT]);
 }
 
-// Lane r of the result = the sum of m[r]'s lanes: the same butterflies, adding each pair.
-inline __attribute__((always_inline)) v16f row_sums(v16f (&m)[kLanes]) {
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) swap_index_bit<8>(m[i], m[i + 8]), m[i] += m[i + 8];
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) swap_index_bit<4>(m[i], m[i + 4]), m[i] += m[i + 4];
-#pragma GCC unroll 2
-  for (int i = 0; i < 2; ++i) swap_index_bit<2>(m[i], m[i + 2]), m[i] += m[i + 2];
-  swap_index_bit<1>(m[0], m[1]);
-  return m[0] + m[1];
-}
-
 // The best two (key, packed lane) per query lane; ties keep the lower lane, as the packed
 // order is the prototypes' index order. NaN keys never enter.
 struct Best2 {
@@ -195,8 +183,8 @@ inline __attribute__((always_inline)) void offer_panel_v8(Best2& b, const v16f (
   }
 }
 
-// swap_index_bit on 8-lane halves (BIT = 1, 2, 4), for the narrow kernels (kOneRegisterV16)
-template <int BIT> inline __attribute__((always_inline)) void swap_bit_v8(v8f& a, v8f& b) {
+// swap_index_bit on 8-lane vectors (BIT = 1, 2, 4), for the narrow kernels (kOneRegisterV16)
+template <int BIT> inline __attribute__((always_inline)) void swap_index_bit(v8f& a, v8f& b) {
   v8i lo, hi;
   for (int j = 0; j < 8; ++j) {
     lo[j] = (j & BIT) ? 8 + (j ^ BIT) : j;
@@ -207,13 +195,19 @@ template <int BIT> inline __attribute__((always_inline)) void swap_bit_v8(v8f& a
   b = __builtin_shuffle(x, y, hi);
 }
 
-// Lane r of the result = the sum of m[r]'s lanes (row_sums for 8 vectors of 8)
-inline __attribute__((always_inline)) v8f row_sums_v8(v8f (&m)[8]) {
+// Lane r of the result = the sum of m[r]'s lanes, for N vectors of N lanes (v16f or v8f): the
+// transpose's butterflies, adding each pair.
+template <class V, int N> inline __attribute__((always_inline)) V row_sums(V (&m)[N]) {
+  static_assert(N == 16 || N == 8, "v16f or v8f");
+  if constexpr (N == 16) {
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) swap_index_bit<8>(m[i], m[i + 8]), m[i] += m[i + 8];
+  }
 #pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) swap_bit_v8<4>(m[i], m[i + 4]), m[i] += m[i + 4];
+  for (int i = 0; i < 4; ++i) swap_index_bit<4>(m[i], m[i + 4]), m[i] += m[i + 4];
 #pragma GCC unroll 2
-  for (int i = 0; i < 2; ++i) swap_bit_v8<2>(m[i], m[i + 2]), m[i] += m[i + 2];
-  swap_bit_v8<1>(m[0], m[1]);
+  for (int i = 0; i < 2; ++i) swap_index_bit<2>(m[i], m[i + 2]), m[i] += m[i + 2];
+  swap_index_bit<1>(m[0], m[1]);
   return m[0] + m[1];
 }
 
@@ -272,7 +266,7 @@ inline __attribute__((always_inline)) v16f group_sums_l2(const float* x, const f
 }
 
 // group_sums_l2 with 8-float halves (see kOneRegisterV16): rows 8 at a time, 8 accumulators,
-// reduced by row_sums_v8. (The same bound: any summation order.)
+// reduced by row_sums. (The same bound: any summation order.)
 inline __attribute__((always_inline)) v16f group_sums_l2_v8(const float* x, const float* g, int64_t live, int64_t d) {
   const int64_t d8 = d / 8 * 8;
   alignas(64) float out[kLanes];
@@ -299,7 +293,7 @@ inline __attribute__((always_inline)) v16f group_sums_l2_v8(const float* x, cons
           acc[r] += t * t;
         }
     }
-    *reinterpret_cast<v8f*>(out + 8 * h) = row_sums_v8(acc);
+    *reinterpret_cast<v8f*>(out + 8 * h) = row_sums(acc);
     for (int64_t r = 0; r < 8; ++r) {
       if (r >= rows) {
         out[8 * h + r] = INFINITY;  // missing prototypes never enter

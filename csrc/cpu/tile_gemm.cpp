@@ -7,6 +7,8 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+
+#include "avx2_rows16.h"
 #define PE_HAVE_X86 1
 #endif
 
@@ -95,25 +97,7 @@ __attribute__((target("avx2,fma"))) inline void block_avx2(const float* a, int64
                                                            float* acc) {
   for (int64_t k0 = 0; k0 < kc; k0 += kSumChunk) {
     const int64_t k1 = k0 + kSumChunk < kc ? k0 + kSumChunk : kc;
-    __m256 c[2 * R];  // flat and zeroed in a loop: GCC kept a [R][2] array in memory
-#pragma GCC unroll 12
-    for (int i = 0; i < 2 * R; ++i) c[i] = _mm256_setzero_ps();
-    for (int64_t k = k0; k < k1; ++k) {
-      const float* t = tile + k * kTileN;
-      const __m256 b0 = _mm256_loadu_ps(t), b1 = _mm256_loadu_ps(t + 8);
-#pragma GCC unroll 6
-      for (int r = 0; r < R; ++r) {
-        const __m256 s = _mm256_broadcast_ss(a + r * kc + k);
-        c[2 * r] = _mm256_fmadd_ps(s, b0, c[2 * r]);
-        c[2 * r + 1] = _mm256_fmadd_ps(s, b1, c[2 * r + 1]);
-      }
-    }
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      float* o = acc + r * kTileN;
-      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), c[2 * r]));
-      _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), c[2 * r + 1]));
-    }
+    pe::cpu_avx2::rows16<R, true>(a, kc, tile, kTileN, k0, k1, acc, kTileN);
   }
 }
 
