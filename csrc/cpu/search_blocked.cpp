@@ -48,75 +48,60 @@ namespace {
 
 constexpr int kMR = 8;  // queries per micro-tile of the top-k pass
 
-// keys[r][lane] = bias[lane] - scale * x'_r . p'_lane for queries [R0, R0 + RG) of the kMR
-// and NP panels.
-template <int NP, int RG>
+// acc[r][h] += a[r * a_stride] * b[h]: one rank-1 step of an RG x H block of V accumulators
+template <class V, int RG, int H>
+inline __attribute__((always_inline)) void rank1_step(V (&acc)[RG * H], const V (&b)[H], const float* a,
+                                                      int64_t a_stride) {
+#pragma GCC unroll 16
+  for (int r = 0; r < RG; ++r) {
+    const float ar = a[r * a_stride];
+#pragma GCC unroll 4
+    for (int h = 0; h < H; ++h) acc[r * H + h] += ar * b[h];
+  }
+}
+
+// keys + r * key_stride <- bias - scale * acc[r] (H vectors of L lanes per row)
+template <class V, int RG, int H>
+inline __attribute__((always_inline)) void store_keys(float* keys, int64_t key_stride, const float* bias, float scale,
+                                                      const V (&acc)[RG * H]) {
+  constexpr int L = sizeof(V) / sizeof(float);
+#pragma GCC unroll 16
+  for (int r = 0; r < RG; ++r)
+#pragma GCC unroll 4
+    for (int h = 0; h < H; ++h) storeu(keys + r * key_stride + h * L, loadu<V>(bias + h * L) - scale * acc[r * H + h]);
+}
+
+// keys[r][lane] = bias[lane] - scale * x'_r . p'_lane for queries [R0, R0 + RG) of the kMR and
+// NP panels, in vectors V of L lanes (v16f, or v8f halves where a v16f is two registers: see
+// kOneRegisterV16): RG x NP x 16 / L accumulators.
+template <class V, int NP, int RG>
 inline __attribute__((always_inline)) void micro_rows(const float* xb, int64_t d, const float* panel0,
                                                       int64_t panel_stride, const float* bias, float scale,
                                                       float* keys, int r0) {
-  v16f acc[RG][NP];
-#pragma GCC unroll 8
-  for (int r = 0; r < RG; ++r)
-#pragma GCC unroll 2
-    for (int p = 0; p < NP; ++p) acc[r][p] = v16f{};
-  for (int64_t i = 0; i < d; ++i) {
-    v16f b[NP];
-#pragma GCC unroll 2
-    for (int p = 0; p < NP; ++p) b[p] = *reinterpret_cast<const v16f*>(panel0 + p * panel_stride + i * kLanes);
-#pragma GCC unroll 8
-    for (int r = 0; r < RG; ++r) {
-      const float a = xb[(r0 + r) * d + i];
-#pragma GCC unroll 2
-      for (int p = 0; p < NP; ++p) acc[r][p] += a * b[p];
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < RG; ++r)
-#pragma GCC unroll 2
-    for (int p = 0; p < NP; ++p)
-      *reinterpret_cast<v16f*>(keys + ((r0 + r) * NP + p) * kLanes) =
-          *reinterpret_cast<const v16fu*>(bias + p * kLanes) - scale * acc[r][p];
-}
-
-// micro_rows with 8-float halves (see kOneRegisterV16): 2 * RG * NP accumulators
-template <int NP, int RG>
-inline __attribute__((always_inline)) void micro_rows_v8(const float* xb, int64_t d, const float* panel0,
-                                                         int64_t panel_stride, const float* bias, float scale,
-                                                         float* keys, int r0) {
-  v8f acc[RG * NP * 2];
+  constexpr int L = sizeof(V) / sizeof(float), H = NP * (kLanes / L);  // vectors per query
+  V acc[RG * H];
 #pragma GCC unroll 16
-  for (int a = 0; a < RG * NP * 2; ++a) acc[a] = v8f{};
+  for (int a = 0; a < RG * H; ++a) acc[a] = V{};
   for (int64_t i = 0; i < d; ++i) {
-    v8f b[NP * 2];
+    V b[H];
 #pragma GCC unroll 4
-    for (int h = 0; h < NP * 2; ++h)
-      b[h] = *reinterpret_cast<const v8f*>(panel0 + (h / 2) * panel_stride + i * kLanes + (h % 2) * 8);
-#pragma GCC unroll 8
-    for (int r = 0; r < RG; ++r) {
-      const float a = xb[(r0 + r) * d + i];
-#pragma GCC unroll 4
-      for (int h = 0; h < NP * 2; ++h) acc[r * NP * 2 + h] += a * b[h];
-    }
+    for (int h = 0; h < H; ++h) b[h] = loadu<V>(panel0 + (h * L / kLanes) * panel_stride + i * kLanes + h * L % kLanes);
+    rank1_step<V, RG, H>(acc, b, xb + r0 * d + i, d);
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < RG; ++r)
-#pragma GCC unroll 4
-    for (int h = 0; h < NP * 2; ++h)
-      *reinterpret_cast<v8fu*>(keys + (r0 + r) * NP * kLanes + h * 8) =
-          *reinterpret_cast<const v8fu*>(bias + h * 8) - scale * acc[r * NP * 2 + h];
+  store_keys<V, RG, H>(keys + r0 * NP * kLanes, NP * kLanes, bias, scale, acc);
 }
 
 // keys[r][lane] for all kMR queries: one pass over the panels with 16-float registers (kMR x NP
-// accumulators), else passes of 4 / NP queries (8 ymm accumulators on AVX2).
+// accumulators), else passes of 4 / NP queries in halves (8 ymm accumulators on AVX2).
 template <int NP>
 inline __attribute__((always_inline)) void micro_tile(const float* xb, int64_t d, const float* panel0,
                                                       int64_t panel_stride, const float* bias, float scale,
                                                       float* keys /* [kMR][NP*16] */) {
-  if (kOneRegisterV16) return micro_rows<NP, kMR>(xb, d, panel0, panel_stride, bias, scale, keys, 0);
+  if (kOneRegisterV16) return micro_rows<v16f, NP, kMR>(xb, d, panel0, panel_stride, bias, scale, keys, 0);
   constexpr int rg = 4 / NP;
   static_assert(kMR % rg == 0, "whole passes");
 #pragma GCC unroll 1
-  for (int r0 = 0; r0 < kMR; r0 += rg) micro_rows_v8<NP, rg>(xb, d, panel0, panel_stride, bias, scale, keys, r0);
+  for (int r0 = 0; r0 < kMR; r0 += rg) micro_rows<v8f, NP, rg>(xb, d, panel0, panel_stride, bias, scale, keys, r0);
 }
 
 // ---------------------------------------------------------------- vector top-k epilogue (k > 1)
@@ -327,65 +312,36 @@ inline __attribute__((always_inline)) void transpose16_v8(v16f (&keys)[kMR2]) {
 }
 
 // keys[R0 + r] = bias - scale * x'_r . p' for queries [R0, R0 + RG) of the tile and one panel
-// (lanes = prototypes).
-template <int RG>
-inline __attribute__((always_inline)) void tile_rows(const float* tile, int64_t dpad, const float* panel, v16f bv,
-                                                     float scale, v16f (&keys)[kMR2], int r0) {
-  v16f acc[RG];
+// (lanes = prototypes), in vectors V of L lanes (v16f, or v8f halves: see kOneRegisterV16).
+template <class V, int RG>
+inline __attribute__((always_inline)) void tile_rows(const float* tile, int64_t dpad, const float* panel,
+                                                     const float* bias, float scale, v16f (&keys)[kMR2], int r0) {
+  constexpr int L = sizeof(V) / sizeof(float), H = kLanes / L;  // vectors per query
+  V acc[RG * H];
 #pragma GCC unroll 16
-  for (int r = 0; r < RG; ++r) acc[r] = v16f{};
+  for (int a = 0; a < RG * H; ++a) acc[a] = V{};
   for (int64_t c = 0; c < dpad; c += kLanes) {
     const float* xc = tile + c * kMR2 + r0 * kLanes;
     const float* pc = panel + c * kLanes;
 #pragma GCC unroll 16
     for (int j = 0; j < kLanes; ++j) {
-      const v16f b = *reinterpret_cast<const v16f*>(pc + j * kLanes);
-#pragma GCC unroll 16
-      for (int r = 0; r < RG; ++r) acc[r] += xc[r * kLanes + j] * b;
+      V b[H];
+#pragma GCC unroll 2
+      for (int h = 0; h < H; ++h) b[h] = loadu<V>(pc + j * kLanes + h * L);
+      rank1_step<V, RG, H>(acc, b, xc + j, kLanes);
     }
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < RG; ++r) keys[r0 + r] = bv - scale * acc[r];
-}
-
-// tile_rows with 8-float halves (see kOneRegisterV16)
-template <int RG>
-inline __attribute__((always_inline)) void tile_rows_v8(const float* tile, int64_t dpad, const float* panel,
-                                                        const float* bias, float scale, v16f (&keys)[kMR2], int r0) {
-  v8f lo[RG], hi[RG];
-#pragma GCC unroll 8
-  for (int r = 0; r < RG; ++r) lo[r] = hi[r] = v8f{};
-  for (int64_t c = 0; c < dpad; c += kLanes) {
-    const float* xc = tile + c * kMR2 + r0 * kLanes;
-    const float* pc = panel + c * kLanes;
-#pragma GCC unroll 16
-    for (int j = 0; j < kLanes; ++j) {
-      const v8f b0 = *reinterpret_cast<const v8f*>(pc + j * kLanes), b1 = *reinterpret_cast<const v8f*>(pc + j * kLanes + 8);
-#pragma GCC unroll 8
-      for (int r = 0; r < RG; ++r) {
-        const float a = xc[r * kLanes + j];
-        lo[r] += a * b0;
-        hi[r] += a * b1;
-      }
-    }
-  }
-  const v8f bl = *reinterpret_cast<const v8fu*>(bias), bh = *reinterpret_cast<const v8fu*>(bias + 8);
-#pragma GCC unroll 8
-  for (int r = 0; r < RG; ++r) {
-    float* k = reinterpret_cast<float*>(&keys[r0 + r]);
-    *reinterpret_cast<v8fu*>(k) = bl - scale * lo[r];
-    *reinterpret_cast<v8fu*>(k + 8) = bh - scale * hi[r];
-  }
+  store_keys<V, RG, H>(reinterpret_cast<float*>(&keys[r0]), kLanes, bias, scale, acc);
 }
 
 // The tile's 16 queries against one panel: one pass with 16-float registers, else passes of
-// 6 or 4 queries with 8-float halves (12 ymm accumulators on AVX2).
+// 6 or 4 queries in halves (12 ymm accumulators on AVX2).
 inline __attribute__((always_inline)) void tile16(const float* tile, int64_t dpad, const float* panel,
                                                   const float* bias, float scale, v16f (&keys)[kMR2]) {
-  if (kOneRegisterV16) return tile_rows<kMR2>(tile, dpad, panel, *reinterpret_cast<const v16fu*>(bias), scale, keys, 0);
-  tile_rows_v8<6>(tile, dpad, panel, bias, scale, keys, 0);
-  tile_rows_v8<6>(tile, dpad, panel, bias, scale, keys, 6);
-  tile_rows_v8<4>(tile, dpad, panel, bias, scale, keys, 12);
+  if (kOneRegisterV16) return tile_rows<v16f, kMR2>(tile, dpad, panel, bias, scale, keys, 0);
+  tile_rows<v8f, 6>(tile, dpad, panel, bias, scale, keys, 0);
+  tile_rows<v8f, 6>(tile, dpad, panel, bias, scale, keys, 6);
+  tile_rows<v8f, 4>(tile, dpad, panel, bias, scale, keys, 12);
 }
 
 // ps::accept_fast for k = 1 on 16 queries at once (float64 lanes, two halves): a query's

@@ -85,6 +85,14 @@ inline __attribute__((always_inline)) float shifted_sumsq(const float* x, const 
 
 typedef double v8d __attribute__((vector_size(64)));
 
+// Unaligned vector load / store of V (v16f or v8f) at p.
+template <class V> inline __attribute__((always_inline)) V loadu(const float* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <class V> inline __attribute__((always_inline)) void storeu(float* p, V v) { __builtin_memcpy(p, &v, sizeof(V)); }
+
 // The float64 direct-difference key of one float32 pair (l2), or exact_key for the other
 // metrics. Four 4-lane float64 partial sums reduced by halving: the generic reduction's
 // epilogue spilled to the stack and cost as much as the whole distance tile row, and 8-lane
@@ -149,38 +157,46 @@ struct Best2 {
   v16i i1, i2;
 };
 
+// The running best two of each lane offered v (lane indices `lane`): one rule for 16- and
+// 8-lane vectors (F, I = v16f, v16i or v8f, v8i).
+template <class F, class I>
+inline __attribute__((always_inline)) void offer_lanes(F& k1, F& k2, I& i1, I& i2, F v, I lane) {
+  const I m1 = v < k1, m2 = v < k2;
+  k2 = m1 ? k1 : (m2 ? v : k2);
+  i2 = m1 ? i1 : (m2 ? lane : i2);
+  k1 = m1 ? v : k1;
+  i1 = m1 ? lane : i1;
+}
+
 inline __attribute__((always_inline)) void offer(Best2& b, v16f v, v16i lane) {
-  const v16i m1 = v < b.k1, m2 = v < b.k2;
-  b.k2 = m1 ? b.k1 : (m2 ? v : b.k2);
-  b.i2 = m1 ? b.i1 : (m2 ? lane : b.i2);
-  b.k1 = m1 ? v : b.k1;
-  b.i1 = m1 ? lane : b.i1;
+  offer_lanes(b.k1, b.k2, b.i1, b.i2, v, lane);
+}
+
+// Half h of a 16-lane vector as 8 lanes (the narrow kernels' view, see kOneRegisterV16)
+template <class H, class V> inline __attribute__((always_inline)) H& half_of(V& v, int h) {
+  return *reinterpret_cast<H*>(reinterpret_cast<char*>(&v) + 32 * h);
 }
 
 // offer() of the 16 rows of one panel's transposed key tile (row c: prototype base + c, lanes =
 // queries), in 8-lane halves held in registers (see kOneRegisterV16).
-inline __attribute__((always_inline)) void offer_panel_v8(Best2& b, const v16f (&keys)[kLanes], int base) {
+inline __attribute__((always_inline)) void offer_panel_v8(Best2& b, v16f (&keys)[kLanes], int base) {
 #pragma GCC unroll 2
   for (int h = 0; h < 2; ++h) {
-    v8f k1 = *reinterpret_cast<const v8f*>(reinterpret_cast<const float*>(&b.k1) + 8 * h);
-    v8f k2 = *reinterpret_cast<const v8f*>(reinterpret_cast<const float*>(&b.k2) + 8 * h);
-    v8i i1 = *reinterpret_cast<const v8i*>(reinterpret_cast<const int32_t*>(&b.i1) + 8 * h);
-    v8i i2 = *reinterpret_cast<const v8i*>(reinterpret_cast<const int32_t*>(&b.i2) + 8 * h);
+    v8f k1 = half_of<v8f>(b.k1, h), k2 = half_of<v8f>(b.k2, h);
+    v8i i1 = half_of<v8i>(b.i1, h), i2 = half_of<v8i>(b.i2, h);
 #pragma GCC unroll 16
-    for (int c = 0; c < kLanes; ++c) {
-      const v8f v = *reinterpret_cast<const v8f*>(reinterpret_cast<const float*>(&keys[c]) + 8 * h);
-      const v8i lane = v8i{} + (base + c);
-      const v8i m1 = v < k1, m2 = v < k2;
-      k2 = m1 ? k1 : (m2 ? v : k2);
-      i2 = m1 ? i1 : (m2 ? lane : i2);
-      k1 = m1 ? v : k1;
-      i1 = m1 ? lane : i1;
-    }
-    *reinterpret_cast<v8f*>(reinterpret_cast<float*>(&b.k1) + 8 * h) = k1;
-    *reinterpret_cast<v8f*>(reinterpret_cast<float*>(&b.k2) + 8 * h) = k2;
-    *reinterpret_cast<v8i*>(reinterpret_cast<int32_t*>(&b.i1) + 8 * h) = i1;
-    *reinterpret_cast<v8i*>(reinterpret_cast<int32_t*>(&b.i2) + 8 * h) = i2;
+    for (int c = 0; c < kLanes; ++c) offer_lanes(k1, k2, i1, i2, half_of<v8f>(keys[c], h), v8i{} + (base + c));
+    half_of<v8f>(b.k1, h) = k1, half_of<v8f>(b.k2, h) = k2;
+    half_of<v8i>(b.i1, h) = i1, half_of<v8i>(b.i2, h) = i2;
   }
+}
+
+// offer() in 8-lane halves (see kOneRegisterV16)
+inline __attribute__((always_inline)) void offer_v8(Best2& b, v16f keys, v16i lanes) {
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h)
+    offer_lanes(half_of<v8f>(b.k1, h), half_of<v8f>(b.k2, h), half_of<v8i>(b.i1, h), half_of<v8i>(b.i2, h),
+                half_of<v8f>(keys, h), half_of<v8i>(lanes, h));
 }
 
 // swap_index_bit on 8-lane vectors (BIT = 1, 2, 4), for the narrow kernels (kOneRegisterV16)
@@ -209,26 +225,6 @@ template <class V, int N> inline __attribute__((always_inline)) V row_sums(V (&m
   for (int i = 0; i < 2; ++i) swap_index_bit<2>(m[i], m[i + 2]), m[i] += m[i + 2];
   swap_index_bit<1>(m[0], m[1]);
   return m[0] + m[1];
-}
-
-// offer() in 8-lane halves held in registers (see kOneRegisterV16)
-inline __attribute__((always_inline)) void offer_v8(Best2& b, const v16f& keys, const v16i& lanes) {
-#pragma GCC unroll 2
-  for (int h = 0; h < 2; ++h) {
-    float* k1p = reinterpret_cast<float*>(&b.k1) + 8 * h;
-    float* k2p = reinterpret_cast<float*>(&b.k2) + 8 * h;
-    int32_t* i1p = reinterpret_cast<int32_t*>(&b.i1) + 8 * h;
-    int32_t* i2p = reinterpret_cast<int32_t*>(&b.i2) + 8 * h;
-    const v8f v = *reinterpret_cast<const v8f*>(reinterpret_cast<const float*>(&keys) + 8 * h);
-    const v8i lane = *reinterpret_cast<const v8i*>(reinterpret_cast<const int32_t*>(&lanes) + 8 * h);
-    const v8f k1 = *reinterpret_cast<v8f*>(k1p), k2 = *reinterpret_cast<v8f*>(k2p);
-    const v8i i1 = *reinterpret_cast<v8i*>(i1p), i2 = *reinterpret_cast<v8i*>(i2p);
-    const v8i m1 = v < k1, m2 = v < k2;
-    *reinterpret_cast<v8f*>(k2p) = m1 ? k1 : (m2 ? v : k2);
-    *reinterpret_cast<v8i*>(i2p) = m1 ? i1 : (m2 ? lane : i2);
-    *reinterpret_cast<v8f*>(k1p) = m1 ? v : k1;
-    *reinterpret_cast<v8i*>(i1p) = m1 ? lane : i1;
-  }
 }
 
 // Float32 sum of (x - p_r)^2 over d for the `live` (<= 16) prototype rows of g (lane r; lanes
@@ -272,8 +268,8 @@ inline __attribute__((always_inline)) v16f group_sums_l2_v8(const float* x, cons
   alignas(64) float out[kLanes];
 #pragma GCC unroll 1
   for (int h = 0; h < 2; ++h) {
-    const float* gh = g + 8 * h * d;
     const int64_t rows = std::min<int64_t>(8, std::max<int64_t>(0, live - 8 * h));
+    const float* gh = rows > 0 ? g + 8 * h * d : g;  // (no pointer past a short group)
     v8f acc[8];
 #pragma GCC unroll 8
     for (int r = 0; r < 8; ++r) acc[r] = v8f{};
