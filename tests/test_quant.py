@@ -233,6 +233,31 @@ def test_cpu_gemv_paths(monkeypatch, amx, m):
             check_close(got[1:], want[1:], tol=tol)
 
 
+def test_cpu_one_row_under_flush_denormal_and_wide_range():
+    """On AVX2 one float32 row reads the codes in place; on AMD as float32 denormals (quant_avx2.cpp),
+    which denormals-are-zero would read as 0: the kernel turns it off meanwhile, so
+    torch.set_flush_denormal(True) leaves the result bit for bit as it was (and the flag set).
+    A row over more binades than that read keeps its sums normal for (here 100) takes the
+    converting read or the float rows, still within the reduction tolerance."""
+    n, k = 70, 1100
+    p, qw = both(rand((n, k), seed=71), rand_bits(n, seed=72))
+    x, b = rand((1, k), seed=73), rand((n,), seed=74)
+    want = quant.packed_linear(x, p, b, backend="cpu")
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-denormal mode")
+    try:
+        got = quant.packed_linear(x, p, b, backend="cpu")
+        tiny = torch.tensor([1e-40]) * torch.tensor([1.0])  # still flushed after the call
+        assert tiny.item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(got, want)
+    xw = x.clone()
+    xw[0, ::5] *= 2.0 ** -100
+    check_close(quant.packed_linear(xw, p, b, backend="cpu"), ref.packed_linear(xw, qw, b),
+                tol=reduction_tolerance(torch.float32, k))
+
+
 def _cpu_flags():
     try:
         with open("/proc/cpuinfo") as f:

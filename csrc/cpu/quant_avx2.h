@@ -5,6 +5,8 @@
 #pragma once
 #include <cstdint>
 
+#include "pyeditor/cpu_quant.h"
+
 namespace pe::quant::cpu::avx2 {
 
 bool supported();  // AVX2 and FMA, seen by cpuid
@@ -14,9 +16,11 @@ bool supported();  // AVX2 and FMA, seen by cpuid
 void tile_dot_f32(const uint8_t* tile, int bits, int64_t blocks, const float* x, int64_t ldx, int64_t m,
                   float* out, int64_t ldo, float* wbuf);
 void tiles_dot_f32_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const float* x, float* out);
-// in_place_row and tiles_dot_in_place_row of cpu_quant.h
-bool scale_row(int bits, const float* x, int64_t kp, float* xs);
-void tiles_dot_in_place_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const float* xs, float* out);
+// in_place_read, in_place_row and tiles_dot_in_place_row of cpu_quant.h
+InPlaceRead preferred_read();
+bool scale_row(int bits, const float* x, int64_t kp, InPlaceRead read, float* xs, float* unscale);
+void tiles_dot_in_place_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const float* xs,
+                            InPlaceRead read, float unscale, float* out);
 
 // int8 x, exact int32 sums (vpmaddubsw: u8 codes x s8 x into int16 pairs that cannot saturate,
 // see quant_avx2.cpp, then vpmaddwd into int32).

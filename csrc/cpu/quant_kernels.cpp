@@ -579,13 +579,18 @@ void tiles_dot_f32_row(const uint8_t* const* tiles, int n, int bits, int64_t blo
   tiles_dot_row(tiles, n, bits, blocks, x, out);
 }
 
-bool in_place_row(int bits, const float* x, int64_t kp, float* xs) {
-  return kAvx2 && avx2::scale_row(bits, x, kp, xs);
+InPlaceRead in_place_read() {
+  return kAvx2 ? avx2::preferred_read() : InPlaceRead::kConvert;
 }
 
-void tiles_dot_in_place_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const float* xs, float* out) {
+bool in_place_row(int bits, const float* x, int64_t kp, InPlaceRead read, float* xs, float* unscale) {
+  return kAvx2 && avx2::scale_row(bits, x, kp, read, xs, unscale);
+}
+
+void tiles_dot_in_place_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const float* xs,
+                            InPlaceRead read, float unscale, float* out) {
   if (!kAvx2 || n < 1 || n > kRowTiles) std::abort();  // callers check in_place_row first
-  avx2::tiles_dot_in_place_row(tiles, n, bits, blocks, xs, out);
+  avx2::tiles_dot_in_place_row(tiles, n, bits, blocks, xs, read, unscale, out);
 }
 
 bool digits_enabled() { return kDigitsSimd; }

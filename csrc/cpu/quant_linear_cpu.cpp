@@ -273,13 +273,24 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   }
   // One exact float row (AVX2): x scaled for the in-place code reads, once per call and width;
   // empty where that kernel does not apply (then tiles_dot_f32_row on x, the same sums)
+  // (read as denormals where the CPU prefers it and x is in that range, else converted)
   std::vector<float> in_place[9];
+  q::cpu::InPlaceRead in_place_read[9];
+  float in_place_unscale[9];
   if (!fast && !digits && m == 1) {
     for (const auto& b : a.buckets) {
       const int bits = static_cast<int>(b.bits);
       if (b.rows == 0 || !in_place[bits].empty() || !q::cpu::one_row_f32_tiles(bits)) continue;
       in_place[bits].resize(kp);
-      if (!q::cpu::in_place_row(bits, act.xrows, kp, in_place[bits].data())) in_place[bits].clear();
+      auto& read = in_place_read[bits];
+      read = q::cpu::in_place_read();
+      float* xs = in_place[bits].data();
+      if (q::cpu::in_place_row(bits, act.xrows, kp, read, xs, &in_place_unscale[bits])) continue;
+      if (read == q::cpu::InPlaceRead::kDenormal) {
+        read = q::cpu::InPlaceRead::kConvert;
+        if (q::cpu::in_place_row(bits, act.xrows, kp, read, xs, &in_place_unscale[bits])) continue;
+      }
+      in_place[bits].clear();
     }
   }
   const std::vector<Tile> tiles = tiles_of(a, data.const_data_ptr<uint8_t>());
@@ -446,7 +457,9 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
       if (!integer && accf.size() < need) accf.resize(need);
       if (one_row) q::cpu::tiles_dot_digits_row(ptrs, nt, bits, blocks, act.digits.data(), acci.data(), act.digits_used);
       else if (fast) q::cpu::tiles_dot_i8_row(ptrs, nt, bits, blocks, act.xq.data(), acci.data());
-      else if (!in_place[bits].empty()) q::cpu::tiles_dot_in_place_row(ptrs, nt, bits, blocks, in_place[bits].data(), accf.data());
+      else if (!in_place[bits].empty())
+        q::cpu::tiles_dot_in_place_row(ptrs, nt, bits, blocks, in_place[bits].data(), in_place_read[bits],
+                                       in_place_unscale[bits], accf.data());
       else q::cpu::tiles_dot_f32_row(ptrs, nt, bits, blocks, act.xrows, accf.data());
       for (int64_t u = t; u < g_end; ++u) {
         const int64_t off = (u - t) * per_tile;

@@ -10,6 +10,10 @@
 #include <random>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
+
 #include "pyeditor/cpu_quant.h"
 #include "pyeditor/pack.h"
 
@@ -184,32 +188,55 @@ int main() {
     }
   }
   // one row with the codes read in place (AVX2): the same sums as tiles_dot_f32_row, bit for bit,
-  // for full-mantissa x over 60 binades (the rounding of every FMA must match); x near the
-  // smallest normal floats, or NaN, is refused (the caller then takes tiles_dot_f32_row)
+  // for full-mantissa x over 60 binades (kConvert) or 57 (kDenormal: its scaled sums must stay
+  // normal; also under denormals-are-zero, which the kernel turns off meanwhile); x near the
+  // smallest normal floats, over too many binades, or NaN, is refused (the caller then takes
+  // tiles_dot_f32_row)
   const bool in_place_path = std::strcmp(q::cpu::quant_simd_level(), "avx2") == 0;
-  for (int bits : widths) {
-    const int64_t blocks = 37, k = blocks * q::kTileK;
-    const RandomTiles rt = random_tiles(rng, q::cpu::kRowTiles, k, [&](int64_t) { return bits; });
-    std::vector<float> x(k), xs(k);
-    for (auto& v : x)
-      v = std::ldexp(static_cast<float>(static_cast<int32_t>(rng()) % (1 << 24)), static_cast<int>(rng() % 60) - 50);
-    const bool ok = q::cpu::in_place_row(bits, x.data(), k, xs.data());
-    EXPECT(ok == in_place_path, "in-place row bits=%d: %d on %s", bits, int(ok), q::cpu::quant_simd_level());
-    if (!ok) continue;
-    std::vector<const uint8_t*> ptrs(q::cpu::kRowTiles);
-    for (int u = 0; u < q::cpu::kRowTiles; ++u) ptrs[u] = rt.tiles[u].data();
-    for (int n : {1, 3, q::cpu::kRowTiles}) {
-      std::vector<float> want(n * q::kTileN, NAN), got(n * q::kTileN, -1.0f);
-      q::cpu::tiles_dot_f32_row(ptrs.data(), n, bits, blocks, x.data(), want.data());
-      q::cpu::tiles_dot_in_place_row(ptrs.data(), n, bits, blocks, xs.data(), got.data());
-      EXPECT(std::memcmp(want.data(), got.data(), sizeof(float) * want.size()) == 0, "in-place row bits=%d n=%d", bits, n);
+  for (q::cpu::InPlaceRead read : {q::cpu::InPlaceRead::kConvert, q::cpu::InPlaceRead::kDenormal})
+    for (int bits : widths) {
+      const bool denormal = read == q::cpu::InPlaceRead::kDenormal;
+      const int64_t blocks = 37, k = blocks * q::kTileK;
+      const RandomTiles rt = random_tiles(rng, q::cpu::kRowTiles, k, [&](int64_t) { return bits; });
+      std::vector<float> x(k), xs(k);
+      const int binades = denormal ? 57 : 60;
+      for (auto& v : x)
+        v = std::ldexp(static_cast<float>(static_cast<int32_t>(rng()) % (1 << 24)), static_cast<int>(rng() % binades) - 50);
+      float unscale = 0.0f;
+      const bool ok = q::cpu::in_place_row(bits, x.data(), k, read, xs.data(), &unscale);
+      EXPECT(ok == in_place_path, "in-place row read=%d bits=%d: %d on %s", int(read), bits, int(ok), q::cpu::quant_simd_level());
+      if (!ok) continue;
+      std::vector<const uint8_t*> ptrs(q::cpu::kRowTiles);
+      for (int u = 0; u < q::cpu::kRowTiles; ++u) ptrs[u] = rt.tiles[u].data();
+      for (int daz = 0; daz <= (denormal ? 1 : 0); ++daz)
+        for (int n : {1, 3, q::cpu::kRowTiles}) {
+          std::vector<float> want(n * q::kTileN, NAN), got(n * q::kTileN, -1.0f);
+          q::cpu::tiles_dot_f32_row(ptrs.data(), n, bits, blocks, x.data(), want.data());
+#if defined(__x86_64__)
+          const unsigned csr = _mm_getcsr();
+          if (daz) _mm_setcsr(csr | 0x40u);
+#endif
+          q::cpu::tiles_dot_in_place_row(ptrs.data(), n, bits, blocks, xs.data(), read, unscale, got.data());
+#if defined(__x86_64__)
+          const bool daz_kept = (_mm_getcsr() & 0x40u) == (daz ? 0x40u : 0u);
+          _mm_setcsr(csr);
+          EXPECT(daz_kept, "in-place row read=%d changed the caller's denormals-are-zero flag", int(read));
+#endif
+          EXPECT(std::memcmp(want.data(), got.data(), sizeof(float) * want.size()) == 0,
+                 "in-place row read=%d bits=%d n=%d daz=%d", int(read), bits, n, daz);
+        }
+      std::vector<float> bad = x;
+      bad[16 * 10 + 6] = 0x1.000002p-120f;  // input 6 of a block (shift >= 16): its low bit lost
+      EXPECT(!q::cpu::in_place_row(bits, bad.data(), k, read, xs.data(), &unscale), "in-place row took a value it cannot scale");
+      bad[16 * 10 + 6] = NAN;
+      EXPECT(!q::cpu::in_place_row(bits, bad.data(), k, read, xs.data(), &unscale), "in-place row took NaN");
+      if (denormal) {
+        bad[0] = 0x1p28f, bad[16 * 10 + 6] = 0x1p-60f;  // 89 binades
+        EXPECT(!q::cpu::in_place_row(bits, bad.data(), k, read, xs.data(), &unscale), "denormal read took 89 binades");
+        bad[16 * 10 + 6] = 0x1p101f;
+        EXPECT(!q::cpu::in_place_row(bits, bad.data(), k, read, xs.data(), &unscale), "denormal read took 2^101");
+      }
     }
-    std::vector<float> bad = x;
-    bad[16 * 10 + 6] = 0x1.000002p-120f;  // input 6 of a block (shift >= 16): its low bit lost
-    EXPECT(!q::cpu::in_place_row(bits, bad.data(), k, xs.data()), "in-place row took a value it cannot scale");
-    bad[16 * 10 + 6] = NAN;
-    EXPECT(!q::cpu::in_place_row(bits, bad.data(), k, xs.data()), "in-place row took NaN");
-  }
   // the AMX fixed-point GEMV: 1-2 rows, tiles of every width in pairs and alone, K with a
   // partial 64-input step (8-bit unpacked there) and not; x in multiples of 1/8 so sums are exact
   if (q::cpu::amx_enabled()) {
