@@ -88,8 +88,8 @@ PE_AVX2 inline void block_fma(const uint8_t* block, const float* xs, __m256 acc[
 // kDenormal, e: x's largest exponent) that keeps every value in the normal floats, so the chains
 // add the same values in the same order, bit for bit, and one product by the inverse power
 // gives block_fma's sums. Zen 3, one thread, 8 tiles x 1024 inputs (L1-resident), ns per block
-// of 16 x 16 codes, block_fma -> kConvert -> kDenormal: 2-bit 12.9 -> 10.5 -> 8.7, 4-bit
-// 12.3 -> 9.4 -> 8.2, 6-bit 15.5 -> 14.4 -> 11.4, 8-bit 10.8 -> 9.0 -> 7.0.
+// of 16 x 16 codes, block_fma -> kConvert -> kDenormal: 2-bit 12.9 -> 9.0 -> 8.2, 4-bit
+// 12.3 -> 8.9 -> 7.2, 6-bit 15.5 -> 14.1 -> 11.1, 8-bit 10.8 -> 9.0 -> 7.0.
 constexpr int code_pos(int bits, int g, int t) {
   return bits == 2 ? 8 * t + 2 * g : bits == 4 ? 8 * t + 4 * (g & 1) : 8 * t;  // 6 bits: in field<6>
 }
@@ -104,33 +104,49 @@ constexpr int in_place_bit(InPlaceRead read, int bits, int g, int t) {
   return code_pos(bits, g, t) - read_shift(read, bits, g, t);
 }
 
+// masks[p]: W ones from bit p in each of 8 lanes. Read from memory in the loop (see row_f32_tile).
+struct MaskTable {
+  alignas(32) uint32_t m[32][8];
+};
+template <int W>
+constexpr MaskTable make_masks() {
+  MaskTable t{};
+  for (int p = 0; p + W <= 32; ++p)
+    for (int l = 0; l < 8; ++l) t.m[p][l] = ((1u << W) - 1u) << p;
+  return t;
+}
+template <int W>
+inline constexpr MaskTable kMasks = make_masks<W>();
+
 // the code of input 4G + T of the block half at h, times 2^in_place_bit, as 8 floats (READ)
 template <InPlaceRead READ, int BITS, int G, int T>
-PE_AVX2 inline __m256 code_ps(const uint8_t* h) {
+PE_AVX2 inline __m256 code_ps(const uint8_t* h, const MaskTable* mt) {
   constexpr int shift = read_shift(READ, BITS, G, T), bit = in_place_bit(READ, BITS, G, T);
   const __m256i w = BITS == 2 ? ld(h) : BITS == 4 ? ld(h + 64 * (G >> 1)) : BITS == 8 ? ld(h + 64 * G) : field<6>(h, G);
   __m256i v = shift ? _mm256_srli_epi32(w, shift) : w;
   if constexpr (!top_field(BITS, G, T))
-    v = _mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(((1u << code_width(BITS)) - 1u) << bit)));
+    v = _mm256_and_si256(v, BITS == 8 ? _mm256_set1_epi32(static_cast<int>(0xFFu << bit))
+                                      : _mm256_load_si256(reinterpret_cast<const __m256i*>(mt->m[bit])));
   if constexpr (READ == InPlaceRead::kDenormal) return _mm256_castsi256_ps(v);
   else return _mm256_cvtepi32_ps(v);
 }
 
 template <InPlaceRead READ, int BITS, int G, int T>
-PE_AVX2 inline void fma_in_place(const uint8_t* block, const float* xs, __m256 acc[2 * kChains]) {
+PE_AVX2 inline void fma_in_place(const uint8_t* block, const float* xs, __m256 acc[2 * kChains], const MaskTable* mt) {
   const __m256 xb = _mm256_broadcast_ss(xs + 4 * G + T);
-  acc[T] = _mm256_fmadd_ps(code_ps<READ, BITS, G, T>(block), xb, acc[T]);
-  acc[kChains + T] = _mm256_fmadd_ps(code_ps<READ, BITS, G, T>(block + 32), xb, acc[kChains + T]);
+  acc[T] = _mm256_fmadd_ps(code_ps<READ, BITS, G, T>(block, mt), xb, acc[T]);
+  acc[kChains + T] = _mm256_fmadd_ps(code_ps<READ, BITS, G, T>(block + 32, mt), xb, acc[kChains + T]);
 }
 
 // acc as block_fma's, input 4g + t into chain t
 template <InPlaceRead READ, int BITS, int G>
-PE_AVX2 inline void field_fma_in_place(const uint8_t* block, const float* xs, __m256 acc[2 * kChains]) {
+PE_AVX2 inline void field_fma_in_place(const uint8_t* block, const float* xs, __m256 acc[2 * kChains],
+                                       const MaskTable* mt) {
   static_assert(kChains == 4, "one chain per input of a field");
-  fma_in_place<READ, BITS, G, 0>(block, xs, acc);
-  fma_in_place<READ, BITS, G, 1>(block, xs, acc);
-  fma_in_place<READ, BITS, G, 2>(block, xs, acc);
-  fma_in_place<READ, BITS, G, 3>(block, xs, acc);
+  fma_in_place<READ, BITS, G, 0>(block, xs, acc, mt);
+  fma_in_place<READ, BITS, G, 1>(block, xs, acc, mt);
+  fma_in_place<READ, BITS, G, 2>(block, xs, acc, mt);
+  fma_in_place<READ, BITS, G, 3>(block, xs, acc, mt);
 }
 
 // One tile, one float32 row (IN_PLACE: x scaled by scale_row for READ, sums times unscale). The
@@ -150,10 +166,17 @@ PE_AVX2 void row_f32_tile(const uint8_t* tile, int64_t blocks, const float* x, f
       const float* xs = x + b * kTileK;
       stream_ahead(blk, BITS * 32);
       if constexpr (IN_PLACE) {
-        field_fma_in_place<READ, BITS, 0>(blk, xs, acc);
-        field_fma_in_place<READ, BITS, 1>(blk, xs, acc);
-        field_fma_in_place<READ, BITS, 2>(blk, xs, acc);
-        field_fma_in_place<READ, BITS, 3>(blk, xs, acc);
+        // Below 8 bits the masks stay memory operands of vpand: hoisted into registers (GCC's
+        // choice) they pushed accumulators onto the stack, and the chains waited on it (ns per
+        // block as above code_pos, kDenormal: 2-bit 8.7 -> 8.2, 4-bit 8.2 -> 7.2, 6-bit 11.4 ->
+        // 11.1; kConvert: 2-bit 10.5 -> 9.0, 4-bit 9.4 -> 8.9). 8-bit, 3 masks, keeps constants
+        // (7.0 against 7.4 through the table).
+        const MaskTable* mt = &kMasks<code_width(BITS)>;
+        asm("" : "+r"(mt));
+        field_fma_in_place<READ, BITS, 0>(blk, xs, acc, mt);
+        field_fma_in_place<READ, BITS, 1>(blk, xs, acc, mt);
+        field_fma_in_place<READ, BITS, 2>(blk, xs, acc, mt);
+        field_fma_in_place<READ, BITS, 3>(blk, xs, acc, mt);
       } else {
         block_fma<BITS>(blk, xs, acc);
       }
