@@ -11,6 +11,7 @@
 
 #include "pyeditor/cpu_quant.h"
 #include "pyeditor/pack.h"
+#include "avx2_in_place_asm.h"
 #include "avx2_rows16.h"
 #include "quant_block.h"
 
@@ -56,24 +57,30 @@ PE_AVX2 inline __m256 byte_ps(__m256i v) {
 // a {0,1,2,3,...} table for 2-bit codes, as the AVX-512 kernel does: 1226 against 872 us.)
 constexpr int kChains = 4;
 
-// acc[t] (half 0) and acc[4 + t] (half 1) += codes x xs for one block, input 4g + t into chain t
+// The chain of input 4g + t in a tile half: t, or g for 2 and 4 bits, whose in-place reads walk t
+// outside (see avx2_in_place_asm.h); every one-row path of a width adds in the same order.
+constexpr int chain_of(int bits, int g, int t) { return bits == 2 || bits == 4 ? g : t; }
+
+// acc[c] (half 0) and acc[4 + c] (half 1) += codes x xs for one block, input 4g + t into chain c =
+// chain_of(BITS, g, t)
 template <int BITS>
 PE_AVX2 inline void block_fma(const uint8_t* block, const float* xs, __m256 acc[2 * kChains]) {
-  static_assert(kChains == 4, "one chain per input of a field");
+  static_assert(kChains == 4, "four chains per half");
   for (int g = 0; g < 4; ++g) {
     const __m256i v0 = field<BITS>(block, g), v1 = field<BITS>(block + 32, g);
     __m256 xb = _mm256_broadcast_ss(xs + 4 * g);
-    acc[0] = _mm256_fmadd_ps(byte_ps<0>(v0), xb, acc[0]);
-    acc[4] = _mm256_fmadd_ps(byte_ps<0>(v1), xb, acc[4]);
+    const int k0 = chain_of(BITS, g, 0), k1 = chain_of(BITS, g, 1), k2 = chain_of(BITS, g, 2), k3 = chain_of(BITS, g, 3);
+    acc[k0] = _mm256_fmadd_ps(byte_ps<0>(v0), xb, acc[k0]);
+    acc[4 + k0] = _mm256_fmadd_ps(byte_ps<0>(v1), xb, acc[4 + k0]);
     xb = _mm256_broadcast_ss(xs + 4 * g + 1);
-    acc[1] = _mm256_fmadd_ps(byte_ps<1>(v0), xb, acc[1]);
-    acc[5] = _mm256_fmadd_ps(byte_ps<1>(v1), xb, acc[5]);
+    acc[k1] = _mm256_fmadd_ps(byte_ps<1>(v0), xb, acc[k1]);
+    acc[4 + k1] = _mm256_fmadd_ps(byte_ps<1>(v1), xb, acc[4 + k1]);
     xb = _mm256_broadcast_ss(xs + 4 * g + 2);
-    acc[2] = _mm256_fmadd_ps(byte_ps<2>(v0), xb, acc[2]);
-    acc[6] = _mm256_fmadd_ps(byte_ps<2>(v1), xb, acc[6]);
+    acc[k2] = _mm256_fmadd_ps(byte_ps<2>(v0), xb, acc[k2]);
+    acc[4 + k2] = _mm256_fmadd_ps(byte_ps<2>(v1), xb, acc[4 + k2]);
     xb = _mm256_broadcast_ss(xs + 4 * g + 3);
-    acc[3] = _mm256_fmadd_ps(byte_ps<3>(v0), xb, acc[3]);
-    acc[7] = _mm256_fmadd_ps(byte_ps<3>(v1), xb, acc[7]);
+    acc[k3] = _mm256_fmadd_ps(byte_ps<3>(v0), xb, acc[k3]);
+    acc[4 + k3] = _mm256_fmadd_ps(byte_ps<3>(v1), xb, acc[4 + k3]);
   }
 }
 
@@ -88,8 +95,9 @@ PE_AVX2 inline void block_fma(const uint8_t* block, const float* xs, __m256 acc[
 // kDenormal, e: x's largest exponent) that keeps every value in the normal floats, so the chains
 // add the same values in the same order, bit for bit, and one product by the inverse power
 // gives block_fma's sums. Zen 3, one thread, 8 tiles x 1024 inputs (L1-resident), ns per block
-// of 16 x 16 codes, block_fma -> kConvert -> kDenormal: 2-bit 12.9 -> 9.0 -> 8.2, 4-bit
-// 12.3 -> 8.9 -> 7.2, 6-bit 15.5 -> 14.1 -> 11.1, 8-bit 10.8 -> 9.0 -> 7.0.
+// of 16 x 16 codes, block_fma -> kConvert -> kDenormal: 2-bit 12.9 -> 9.0 -> 8.2 (6.8 in
+// avx2_in_place_asm.h), 4-bit 12.3 -> 8.9 -> 7.2 (6.8), 6-bit 15.5 -> 14.1 -> 11.1, 8-bit
+// 10.8 -> 9.0 -> 7.0.
 constexpr int code_pos(int bits, int g, int t) {
   return bits == 2 ? 8 * t + 2 * g : bits == 4 ? 8 * t + 4 * (g & 1) : 8 * t;  // 6 bits: in field<6>
 }
@@ -97,7 +105,8 @@ constexpr int code_width(int bits) { return bits == 6 ? 6 : bits; }
 // the top field of a lane (6 bits: a byte of field<6>, whose top bits are 0) needs a shift and no mask
 constexpr bool top_field(int bits, int g, int t) { return code_pos(bits, g, t) + (bits == 6 ? 8 : bits) == 32; }
 constexpr int read_shift(InPlaceRead read, int bits, int g, int t) {
-  return top_field(bits, g, t) ? code_pos(bits, g, t)
+  return bits == 2 ? 8 * t : bits == 4 ? 16 * (t >> 1)  // as avx2_in_place_asm.h reads them
+         : top_field(bits, g, t) ? code_pos(bits, g, t)
          : read == InPlaceRead::kDenormal && code_pos(bits, g, t) + code_width(bits) > 24 ? 16 : 0;
 }
 constexpr int in_place_bit(InPlaceRead read, int bits, int g, int t) {
@@ -149,6 +158,11 @@ PE_AVX2 inline void field_fma_in_place(const uint8_t* block, const float* xs, __
   fma_in_place<READ, BITS, G, 3>(block, xs, acc, mt);
 }
 
+// the i-th mask of avx2_in_place_asm.h: 2-bit codes at bit 2i, 4-bit at 4i
+PE_AVX2 inline __m256i in_place_mask(int bits, int i) {
+  return _mm256_set1_epi32(bits == 2 ? 3 << 2 * i : 15 << 4 * i);
+}
+
 // One tile, one float32 row (IN_PLACE: x scaled by scale_row for READ, sums times unscale). The
 // chains restart every kChunk blocks and are added to the total, so none is longer than 32
 // products (the AVX-512 row kernel: 128).
@@ -161,16 +175,19 @@ PE_AVX2 void row_f32_tile(const uint8_t* tile, int64_t blocks, const float* x, f
 #pragma GCC unroll 8
     for (int c = 0; c < 2 * kChains; ++c) acc[c] = _mm256_setzero_ps();
     const int64_t b1 = b0 + kChunk < blocks ? b0 + kChunk : blocks;
+    const __m256i masks[4] = {in_place_mask(BITS, 0), in_place_mask(BITS, 1), in_place_mask(BITS, 2), in_place_mask(BITS, 3)};
     for (int64_t b = b0; b < b1; ++b) {
       const uint8_t* blk = tile + b * BITS * 32;
       const float* xs = x + b * kTileK;
       stream_ahead(blk, BITS * 32);
-      if constexpr (IN_PLACE) {
-        // Below 8 bits the masks stay memory operands of vpand: hoisted into registers (GCC's
+      if constexpr (IN_PLACE && (BITS == 2 || BITS == 4)) {
+        block_in_place_asm<BITS, READ == InPlaceRead::kConvert>(blk, xs, acc, masks);
+      } else if constexpr (IN_PLACE) {
+        // At 6 bits the masks stay memory operands of vpand: hoisted into registers (GCC's
         // choice) they pushed accumulators onto the stack, and the chains waited on it (ns per
-        // block as above code_pos, kDenormal: 2-bit 8.7 -> 8.2, 4-bit 8.2 -> 7.2, 6-bit 11.4 ->
-        // 11.1; kConvert: 2-bit 10.5 -> 9.0, 4-bit 9.4 -> 8.9). 8-bit, 3 masks, keeps constants
-        // (7.0 against 7.4 through the table).
+        // block as above code_pos, kDenormal: 11.4 -> 11.1; 2 and 4 bits, before their assembly:
+        // 8.7 -> 8.2 and 8.2 -> 7.2). 8-bit, 3 masks, keeps constants (7.0 against 7.4 through
+        // the table).
         const MaskTable* mt = &kMasks<code_width(BITS)>;
         asm("" : "+r"(mt));
         field_fma_in_place<READ, BITS, 0>(blk, xs, acc, mt);

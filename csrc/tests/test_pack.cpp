@@ -226,7 +226,7 @@ int main() {
                  "in-place row read=%d bits=%d n=%d daz=%d", int(read), bits, n, daz);
         }
       std::vector<float> bad = x;
-      bad[16 * 10 + 6] = 0x1.000002p-120f;  // input 6 of a block (shift >= 16): its low bit lost
+      bad[16 * 10 + 6] = 0x1.000002p-125f;  // input 6 of a block (scaled by 2^-2 or less): its low bit lost
       EXPECT(!q::cpu::in_place_row(bits, bad.data(), k, read, xs.data(), &unscale), "in-place row took a value it cannot scale");
       bad[16 * 10 + 6] = NAN;
       EXPECT(!q::cpu::in_place_row(bits, bad.data(), k, read, xs.data(), &unscale), "in-place row took NaN");
