@@ -2,7 +2,7 @@
 // row, as fixed AVX2 instruction sequences. Written as assembly because GCC, given the same
 // sequence as intrinsics, hoisted the loads and broadcasts and moved accumulators onto the
 // stack, where every FMA of a chain waited on a store and a reload (Zen 3, one thread,
-// L1-resident, ns per block: 2-bit 8.5 as intrinsics against 6.8 here, 4-bit 10.4 against 6.8).
+// L1-resident, ns per block: 2-bit 8.5 as intrinsics against 6.8-7.0 here, 4-bit 10.4 against 6.8).
 //
 // Chain g of each tile half takes the inputs 4g + t (block_fma does the same for these widths):
 // walking t outside and g inside then feeds the eight chains in turn while only the 4 masks,

@@ -95,7 +95,7 @@ PE_AVX2 inline void block_fma(const uint8_t* block, const float* xs, __m256 acc[
 // kDenormal, e: x's largest exponent) that keeps every value in the normal floats, so the chains
 // add the same values in the same order, bit for bit, and one product by the inverse power
 // gives block_fma's sums. Zen 3, one thread, 8 tiles x 1024 inputs (L1-resident), ns per block
-// of 16 x 16 codes, block_fma -> kConvert -> kDenormal: 2-bit 12.9 -> 9.0 -> 8.2 (6.8 in
+// of 16 x 16 codes, block_fma -> kConvert -> kDenormal: 2-bit 12.9 -> 9.0 -> 8.2 (7.0 in
 // avx2_in_place_asm.h), 4-bit 12.3 -> 8.9 -> 7.2 (6.8), 6-bit 15.5 -> 14.1 -> 11.1, 8-bit
 // 10.8 -> 9.0 -> 7.0.
 constexpr int code_pos(int bits, int g, int t) {
