@@ -217,70 +217,43 @@ constexpr int kMR2 = 16;               // queries per top-1 tile
 constexpr int kChunk = kMR2 * kLanes;  // floats per 16-dim chunk of a tile
 
 // Writes queries x[0, nr) (nr <= 16; the rest of the tile is zero), minus shift (padded to
-// dpad, or null), into tile form and returns their float32 sums of squares (lanes = rows).
-inline __attribute__((always_inline)) v16f load_tile(const float* x, int64_t d, int64_t nr, const float* shift,
-                                                     float* tile) {
-  const int64_t full = d / kLanes, rem = d - full * kLanes, chunks = (d + kLanes - 1) / kLanes;
-  v16f sq[kMR2];
-  for (int r = 0; r < kMR2; ++r) {
-    v16f acc{};
-    float* dst = tile + r * kLanes;
-    if (r < nr) {
-      const float* xr = x + r * d;
-      for (int64_t c = 0; c < full; ++c) {
-        v16f v = *reinterpret_cast<const v16fu*>(xr + c * kLanes);
-        if (shift) v -= *reinterpret_cast<const v16fu*>(shift + c * kLanes);
-        *reinterpret_cast<v16fu*>(dst + c * kChunk) = v;
-        acc += v * v;
-      }
-      if (rem) {
-        v16f v{};
-        for (int64_t i = 0; i < rem; ++i) v[i] = shift ? xr[full * kLanes + i] - shift[full * kLanes + i] : xr[full * kLanes + i];
-        *reinterpret_cast<v16fu*>(dst + full * kChunk) = v;
-        acc += v * v;
-      }
-    } else {
-      for (int64_t c = 0; c < chunks; ++c) *reinterpret_cast<v16fu*>(dst + c * kChunk) = v16f{};
-    }
-    sq[r] = acc;
-  }
-  return row_sums(sq);
-}
-
-// load_tile with 8-float halves (see kOneRegisterV16): the same tile, and n2[r] = the row's sum
-// of squares from one 8-lane sum per row (the 16-row butterfly of v16f sums went through the
-// stack on AVX2).
-inline __attribute__((always_inline)) void load_tile_v8(const float* x, int64_t d, int64_t nr, const float* shift,
-                                                        float* tile, float* n2) {
+// dpad, or null), into tile form and n2[r] = row r's float32 sum of squares. V (v16f, or v8f
+// where that is not one register: see kOneRegisterV16) is the width of the row's partial sums;
+// one butterfly (row_sums) per L rows adds them up.
+template <class V>
+inline __attribute__((always_inline)) void load_tile(const float* x, int64_t d, int64_t nr, const float* shift,
+                                                     float* tile, float* n2) {
+  constexpr int L = sizeof(V) / sizeof(float);
   const int64_t chunks = (d + kLanes - 1) / kLanes;
+  V sq[kMR2];
   for (int r = 0; r < kMR2; ++r) {
-    v8f acc{};
+    V acc{};
     float* dst = tile + r * kLanes;
     if (r < nr) {
       const float* xr = x + r * d;
       for (int64_t c = 0; c < chunks; ++c)
 #pragma GCC unroll 2
-        for (int h = 0; h < 2; ++h) {
-          const int64_t i = c * kLanes + 8 * h;
-          v8f v{};
-          if (i + 8 <= d) {
-            v = *reinterpret_cast<const v8fu*>(xr + i);
-            if (shift) v -= *reinterpret_cast<const v8fu*>(shift + i);  // (shift is padded to dpad)
+        for (int h = 0; h < kLanes / L; ++h) {
+          const int64_t i = c * kLanes + L * h;
+          V v{};
+          if (i + L <= d) {
+            v = loadu<V>(xr + i);
+            if (shift) v -= loadu<V>(shift + i);  // (shift is padded to dpad)
           } else {
-            for (int64_t l = 0; l < 8 && i + l < d; ++l) v[l] = shift ? xr[i + l] - shift[i + l] : xr[i + l];
+            for (int64_t l = 0; l < L && i + l < d; ++l) v[l] = shift ? xr[i + l] - shift[i + l] : xr[i + l];
           }
-          *reinterpret_cast<v8fu*>(dst + c * kChunk + 8 * h) = v;
+          storeu(dst + c * kChunk + L * h, v);
           acc += v * v;
         }
     } else {
-      for (int64_t c = 0; c < chunks; ++c) {
-        *reinterpret_cast<v8fu*>(dst + c * kChunk) = v8f{};
-        *reinterpret_cast<v8fu*>(dst + c * kChunk + 8) = v8f{};
-      }
+      for (int64_t c = 0; c < chunks; ++c) storeu(dst + c * kChunk, v16f{});
     }
-    const v8f t = acc + __builtin_shuffle(acc, v8i{4, 5, 6, 7, 0, 1, 2, 3});
-    const v8f u = t + __builtin_shuffle(t, v8i{2, 3, 0, 1, 6, 7, 4, 5});
-    n2[r] = u[0] + u[1];
+    sq[r] = acc;
+  }
+  for (int h = 0; h < kMR2 / L; ++h) {
+    V group[L];
+    for (int r = 0; r < L; ++r) group[r] = sq[L * h + r];
+    storeu(n2 + L * h, row_sums(group));
   }
 }
 
@@ -423,8 +396,8 @@ inline __attribute__((always_inline)) void blocked_rows_top1(const BlockJob& job
     const int64_t ahead = std::max<int64_t>(0, std::min<int64_t>(kMR2, job.B - q0 - kMR2)) * d;
     for (int64_t i = 0; i < ahead; i += 16) __builtin_prefetch(next + i);
     alignas(64) float n2[kMR2];
-    if (kOneRegisterV16) *reinterpret_cast<v16f*>(n2) = load_tile(job.x + q0 * d, d, nr, shift, tile.data());
-    else load_tile_v8(job.x + q0 * d, d, nr, shift, tile.data(), n2);
+    if (kOneRegisterV16) load_tile<v16f>(job.x + q0 * d, d, nr, shift, tile.data(), n2);
+    else load_tile<v8f>(job.x + q0 * d, d, nr, shift, tile.data(), n2);
     Best2 best{v16f{} + INFINITY, v16f{} + INFINITY, v16i{} - 1, v16i{} - 1};
     for (int64_t pn = 0; pn < pk.num_panels; ++pn) {
       v16f keys[kMR2];

@@ -228,84 +228,54 @@ template <class V, int N> inline __attribute__((always_inline)) V row_sums(V (&m
 }
 
 // Float32 sum of (x - p_r)^2 over d for the `live` (<= 16) prototype rows of g (lane r; lanes
-// >= live read +inf), 16 rows at a time so that one butterfly (row_sums) reduces all 16 sums.
-// Its error is below gamma32(d + 3) of the sum, whatever the order, plus underflow_err(d).
+// >= live read +inf). Rows go L at a time (L = the lanes of V: v16f where that is one register,
+// else v8f, see kOneRegisterV16) so that one butterfly (row_sums) reduces a group's L sums. Its
+// error is below gamma32(d + 3) of the sum, whatever the order, plus underflow_err(d).
+template <class V>
 inline __attribute__((always_inline)) v16f group_sums_l2(const float* x, const float* g, int64_t live, int64_t d) {
-  const int64_t dv = d / kLanes * kLanes;
-  v16f acc[kLanes];
-  alignas(64) float tail[kLanes] = {};
-#pragma GCC unroll 16
-  for (int r = 0; r < kLanes; ++r) acc[r] = v16f{};
-  if (live == kLanes) {  // full groups: no per-row test in the hot loop
-    for (int64_t i = 0; i < dv; i += kLanes) {
-      const v16f xv = *reinterpret_cast<const v16fu*>(x + i);
-#pragma GCC unroll 16
-      for (int r = 0; r < kLanes; ++r) {
-        const v16f t = xv - *reinterpret_cast<const v16fu*>(g + r * d + i);
-        acc[r] += t * t;
-      }
-    }
-  } else {
-    for (int64_t r = 0; r < live; ++r)
-      for (int64_t i = 0; i < dv; i += kLanes) {
-        const v16f t = *reinterpret_cast<const v16fu*>(x + i) - *reinterpret_cast<const v16fu*>(g + r * d + i);
-        acc[r] += t * t;
-      }
-  }
-  for (int64_t r = 0; r < live; ++r)
-    for (int64_t i = dv; i < d; ++i) {
-      const float t = x[i] - g[r * d + i];
-      tail[r] += t * t;
-    }
-  for (int64_t r = live; r < kLanes; ++r) tail[r] = INFINITY;  // missing prototypes never enter
-  return row_sums(acc) + *reinterpret_cast<const v16f*>(tail);
-}
-
-// group_sums_l2 with 8-float halves (see kOneRegisterV16): rows 8 at a time, 8 accumulators,
-// reduced by row_sums. (The same bound: any summation order.)
-inline __attribute__((always_inline)) v16f group_sums_l2_v8(const float* x, const float* g, int64_t live, int64_t d) {
-  const int64_t d8 = d / 8 * 8;
+  constexpr int L = sizeof(V) / sizeof(float);
+  const int64_t dv = d / L * L;
   alignas(64) float out[kLanes];
 #pragma GCC unroll 1
-  for (int h = 0; h < 2; ++h) {
-    const int64_t rows = std::min<int64_t>(8, std::max<int64_t>(0, live - 8 * h));
-    const float* gh = rows > 0 ? g + 8 * h * d : g;  // (no pointer past a short group)
-    v8f acc[8];
-#pragma GCC unroll 8
-    for (int r = 0; r < 8; ++r) acc[r] = v8f{};
-    if (rows == 8) {
-      for (int64_t i = 0; i < d8; i += 8) {
-        const v8f xv = *reinterpret_cast<const v8fu*>(x + i);
-#pragma GCC unroll 8
-        for (int r = 0; r < 8; ++r) {
-          const v8f t = xv - *reinterpret_cast<const v8fu*>(gh + r * d + i);
+  for (int h = 0; h < kLanes / L; ++h) {
+    const int64_t rows = std::min<int64_t>(L, std::max<int64_t>(0, live - L * h));
+    const float* gh = rows > 0 ? g + L * h * d : g;  // (no pointer past a short group)
+    V acc[L];
+#pragma GCC unroll 16
+    for (int r = 0; r < L; ++r) acc[r] = V{};
+    if (rows == L) {  // full groups: no per-row test in the hot loop
+      for (int64_t i = 0; i < dv; i += L) {
+        const V xv = loadu<V>(x + i);
+#pragma GCC unroll 16
+        for (int r = 0; r < L; ++r) {
+          const V t = xv - loadu<V>(gh + r * d + i);
           acc[r] += t * t;
         }
       }
     } else {
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t i = 0; i < d8; i += 8) {
-          const v8f t = *reinterpret_cast<const v8fu*>(x + i) - *reinterpret_cast<const v8fu*>(gh + r * d + i);
+        for (int64_t i = 0; i < dv; i += L) {
+          const V t = loadu<V>(x + i) - loadu<V>(gh + r * d + i);
           acc[r] += t * t;
         }
     }
-    *reinterpret_cast<v8f*>(out + 8 * h) = row_sums(acc);
-    for (int64_t r = 0; r < 8; ++r) {
+    storeu(out + L * h, row_sums(acc));
+    for (int64_t r = 0; r < L; ++r) {
       if (r >= rows) {
-        out[8 * h + r] = INFINITY;  // missing prototypes never enter
+        out[L * h + r] = INFINITY;  // missing prototypes never enter
         continue;
       }
-      for (int64_t i = d8; i < d; ++i) {
+      for (int64_t i = dv; i < d; ++i) {
         const float t = x[i] - gh[r * d + i];
-        out[8 * h + r] += t * t;
+        out[L * h + r] += t * t;
       }
     }
   }
-  return *reinterpret_cast<const v16f*>(out);
+  return loadu<v16f>(out);
 }
 
 inline __attribute__((always_inline)) v16f group_sums_l2_any(const float* x, const float* g, int64_t live, int64_t d) {
-  return kOneRegisterV16 ? group_sums_l2(x, g, live, d) : group_sums_l2_v8(x, g, live, d);
+  return kOneRegisterV16 ? group_sums_l2<v16f>(x, g, live, d) : group_sums_l2<v8f>(x, g, live, d);
 }
 
 }  // namespace pyeditor::search_cpu
