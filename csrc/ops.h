@@ -11,10 +11,11 @@ void apply_edit_out_cpu(const at::Tensor& theta, const at::Tensor& delta, const 
 at::Tensor apply_edit_backward_cpu(const at::Tensor& grad, const at::Tensor& delta, const at::Tensor& threshold);
 at::Tensor quant_dequantize_cpu(const at::Tensor& data, const at::Tensor& scale, const at::Tensor& zero,
                                 const at::Tensor& perm, at::IntArrayRef buckets, int64_t in_features,
-                                int64_t out_features);
+                                int64_t out_features, int64_t group_size);
 at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
                             const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
-                            int64_t out_features, const c10::optional<at::Tensor>& bias, bool fast);
+                            int64_t out_features, const c10::optional<at::Tensor>& bias, bool fast,
+                            int64_t group_size);
 // benchmarks: bandwidth probes for the rooflines (cpu/bandwidth_probe.cpp)
 at::Tensor read_probe_cpu(const at::Tensor& data, int64_t streams);
 void copy_probe_cpu(const at::Tensor& src, at::Tensor dst, int64_t streams);
@@ -31,10 +32,11 @@ void apply_edit_out_cuda(const at::Tensor& theta, const at::Tensor& delta, const
 at::Tensor apply_edit_backward_cuda(const at::Tensor& grad, const at::Tensor& delta, const at::Tensor& threshold);
 at::Tensor quant_dequantize_cuda(const at::Tensor& data, const at::Tensor& scale, const at::Tensor& zero,
                                  const at::Tensor& perm, at::IntArrayRef buckets, int64_t in_features,
-                                 int64_t out_features);
+                                 int64_t out_features, int64_t group_size);
 at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
                              const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
-                             int64_t out_features, const c10::optional<at::Tensor>& bias, bool fast);
+                             int64_t out_features, const c10::optional<at::Tensor>& bias, bool fast,
+                            int64_t group_size);
 std::tuple<at::Tensor, at::Tensor> nearest_prototype_cuda(const at::Tensor& x, const at::Tensor& prototypes, int64_t k,
                                                          c10::string_view metric);  // issue 5
 #endif

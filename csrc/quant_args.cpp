@@ -6,27 +6,37 @@ namespace pyeditor {
 
 PackedArgs check_packed(const at::Tensor& data, const at::Tensor& scale, const at::Tensor& zero,
                         const at::Tensor& perm, at::IntArrayRef buckets, int64_t in_features,
-                        int64_t out_features) {
+                        int64_t out_features, int64_t group_size) {
   namespace q = pe::quant;
   TORCH_CHECK(data.scalar_type() == at::kByte && data.dim() == 1 && data.is_contiguous(),
               "pyeditor: packed data must be a contiguous 1-D uint8 tensor, got ", data.scalar_type(), " ",
               data.sizes());
   TORCH_CHECK(in_features >= 0 && out_features >= 0, "pyeditor: in_features and out_features must be >= 0");
+  TORCH_CHECK(q::valid_group_size(group_size), "pyeditor: group_size must be 0 (per channel), 32, 64 or 128, got ",
+              group_size);
+  // rows and byte counts are summed in int64: bound every term so no sum can wrap
+  TORCH_CHECK(in_features <= (int64_t(1) << 40) && out_features <= (int64_t(1) << 40),
+              "pyeditor: in_features and out_features must be at most 2^40");
   TORCH_CHECK(buckets.size() % 4 == 0, "pyeditor: buckets must hold (bits, row_start, rows, byte_offset) "
               "quadruples, got ", buckets.size(), " values");
   PackedArgs a;
   a.k = in_features;
   a.n = out_features;
+  a.group_size = group_size;
+  a.groups = q::scale_groups(in_features, group_size);
   int64_t bytes = 0;
   for (size_t i = 0; i < buckets.size(); i += 4) {
     q::Bucket b{buckets[i], buckets[i + 1], buckets[i + 2], buckets[i + 3]};
     TORCH_CHECK(q::valid_bits(b.bits), "pyeditor: bucket bits must be 2, 4, 6 or 8, got ", b.bits);
-    TORCH_CHECK(b.rows >= 0 && b.rows % q::kTileN == 0, "pyeditor: bucket rows must be a multiple of ",
-                q::kTileN, ", got ", b.rows);
+    TORCH_CHECK(b.rows >= 0 && b.rows % q::kTileN == 0 && b.rows <= (int64_t(1) << 40),
+                "pyeditor: bucket rows must be a multiple of ", q::kTileN, " (at most 2^40), got ", b.rows);
     TORCH_CHECK(b.row_start == a.rows && b.byte_offset == bytes,
                 "pyeditor: buckets must be contiguous and in order (bucket ", i / 4, ")");
+    const int64_t tile = q::tile_bytes(b.bits, in_features);  // <= 2^44: no wrap
+    TORCH_CHECK(tile == 0 || b.rows / q::kTileN <= (data.numel() - bytes) / tile, "pyeditor: packed data holds ",
+                data.numel(), " bytes, fewer than the buckets need (bucket ", i / 4, ")");
     a.rows += b.rows;
-    bytes += b.rows / q::kTileN * q::tile_bytes(b.bits, in_features);
+    bytes += b.rows / q::kTileN * tile;
     a.buckets.push_back(b);
   }
   TORCH_CHECK(bytes == data.numel(), "pyeditor: packed data holds ", data.numel(), " bytes, the buckets need ",
@@ -35,9 +45,12 @@ PackedArgs check_packed(const at::Tensor& data, const at::Tensor& scale, const a
   const auto perm_type = out_features <= q::kPermInt16Channels ? at::kShort : at::kInt;
   for (auto [t, name, type] : {std::tuple{&scale, "scale", at::kFloat}, {&zero, "zero", at::kByte},
                                {&perm, "perm", perm_type}}) {
-    TORCH_CHECK(t->scalar_type() == type && t->dim() == 1 && t->size(0) == a.rows && t->is_contiguous(),
-                "pyeditor: packed ", name, " must be a contiguous [", a.rows, "] ", type, " tensor, got ",
-                t->scalar_type(), " ", t->sizes());
+    const bool grouped = group_size > 0 && t != &perm;
+    const bool shape_ok = grouped ? (t->dim() == 2 && t->size(0) == a.groups && t->size(1) == a.rows)
+                                  : (t->dim() == 1 && t->size(0) == a.rows);
+    TORCH_CHECK(t->scalar_type() == type && shape_ok && t->is_contiguous(), "pyeditor: packed ", name,
+                " must be a contiguous ", grouped ? "[" + std::to_string(a.groups) + ", " : std::string("["), a.rows,
+                "] ", type, " tensor (group_size ", group_size, "), got ", t->scalar_type(), " ", t->sizes());
     TORCH_CHECK(t->device() == data.device(), "pyeditor: packed ", name, " is on ", t->device(),
                 " but data is on ", data.device());
   }

@@ -14,14 +14,17 @@ struct PackedArgs {
   int64_t k = 0;          // in_features
   int64_t n = 0;          // out_features
   int64_t rows = 0;       // packed rows (sum of the buckets, padded to tiles)
+  int64_t group_size = 0; // 0: one scale per packed row; else inputs per scale (32, 64, 128)
+  int64_t groups = 1;     // scales per packed row: ceil(k / group_size), or 1
 };
 
-// data uint8 [bytes], scale float32 [rows], zero uint8 [rows], perm int16 (out_features <=
+// data uint8 [bytes], scale float32 [rows] (group_size 0) or [groups, rows] (group_size 32, 64,
+// 128: group-major), zero uint8 of scale's shape, perm int16 (out_features <=
 // kPermInt16Channels) or int32 [rows];
 // buckets = (bits, row_start, rows, byte_offset) * B, contiguous and in order.
 PackedArgs check_packed(const at::Tensor& data, const at::Tensor& scale, const at::Tensor& zero,
                         const at::Tensor& perm, at::IntArrayRef buckets, int64_t in_features,
-                        int64_t out_features);
+                        int64_t out_features, int64_t group_size);
 
 // perm's entries, either width (after check_packed).
 pe::quant::PermView perm_view(const at::Tensor& perm);

@@ -3,6 +3,8 @@
 #include <torch/library.h>
 
 #include "ops.h"
+#include "cpu/tile_gemm.h"
+#include "pyeditor/cpu_quant.h"
 #include "pyeditor/cpu_spans.h"
 
 #ifndef PYEDITOR_TORCH_VERSION
@@ -29,6 +31,12 @@ namespace pyeditor {
 std::string build_info() {
   std::string info = "torch=" PYEDITOR_TORCH_VERSION ";cpu_simd=";
   info += pe::cpu::simd_level();
+  // the CPU kernel paths picked at load (under PYEDITOR_CPU_ISA, csrc/include/pyeditor/cpu_isa.h)
+  info += ";quant_cpu=";
+  info += pe::quant::cpu::quant_simd_level();
+  if (pe::quant::cpu::amx_enabled()) info += "+amx";
+  info += ";tile_gemm=";
+  info += pyeditor::cpu::tile_gemm_level();
 #ifdef PYEDITOR_WITH_CUDA
   info += ";cuda=1";
 #else
@@ -43,10 +51,11 @@ TORCH_LIBRARY(pyeditor, m) {
   m.def("apply_edit_out(Tensor theta, Tensor delta, Tensor threshold, Tensor? proto_index, Tensor(a!) out) -> ()");
   m.def("apply_edit_backward(Tensor grad, Tensor delta, Tensor threshold) -> Tensor");
   // packed channel-wise 2/4/6/8-bit weights (layout: csrc/include/pyeditor/pack.h)
+  // group_size 0: scale and zero [rows], one per channel; 32, 64 or 128: [ceil(in / group_size), rows]
   m.def("quant_dequantize(Tensor data, Tensor scale, Tensor zero, Tensor perm, int[] buckets, int in_features, "
-        "int out_features) -> Tensor");
+        "int out_features, int group_size=0) -> Tensor");
   m.def("quant_linear(Tensor x, Tensor data, Tensor scale, Tensor zero, Tensor perm, int[] buckets, "
-        "int out_features, Tensor? bias=None, bool fast=False) -> Tensor");
+        "int out_features, Tensor? bias=None, bool fast=False, int group_size=0) -> Tensor");
   // benchmarks only (bench/roofline.py, bench/cases_quant.py): memory moved as `streams`
   // concurrent streams per thread. read_probe: max int32 word of data; copy_probe: dst = src.
   m.def("read_probe(Tensor data, int streams=4) -> Tensor");

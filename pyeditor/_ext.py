@@ -1,6 +1,8 @@
 """Loads the compiled extension pyeditor._C once, or explains why pyeditor runs without it."""
 from __future__ import annotations
 
+import os
+import platform
 import warnings
 
 import torch
@@ -8,12 +10,46 @@ import torch
 _loaded: bool | None = None
 _why_not = ""
 
+# PYEDITOR_CPU_ISA (csrc/include/pyeditor/cpu_isa.h): the highest instruction set the CPU kernels
+# may use, lowest first
+ISA_LEVELS = ("portable", "avx2", "avx512", "amx")
+
+
+def host_isa() -> str:
+    """The highest ISA_LEVELS entry this CPU runs (from /proc/cpuinfo; "portable" elsewhere)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "portable"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return "portable"
+    if {"avx512f", "avx512bw", "avx512vnni", "amx_tile", "amx_int8", "amx_bf16"} <= flags:
+        return "amx"
+    if {"avx512f", "avx512bw", "avx512vnni"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "portable"
+
+
+def requested_isa() -> str | None:
+    """PYEDITOR_CPU_ISA, checked: an unknown name, or a level this CPU lacks, raises ValueError."""
+    want = os.environ.get("PYEDITOR_CPU_ISA") or None
+    if want is None:
+        return None
+    if want not in ISA_LEVELS:
+        raise ValueError(f"PYEDITOR_CPU_ISA must be one of {', '.join(ISA_LEVELS)}, got {want!r}")
+    host = host_isa()
+    if ISA_LEVELS.index(want) > ISA_LEVELS.index(host):
+        raise ValueError(f"PYEDITOR_CPU_ISA={want} asks for more than this CPU has (at most {host})")
+    return want
+
 
 def load() -> bool:
     """Import pyeditor._C (registers the C++ ops); False, with one warning, if it cannot be used."""
     global _loaded, _why_not
     if _loaded is not None:
         return _loaded
+    requested_isa()  # a bad request is an error, not a reason to run without the kernels
     try:
         from . import _C  # noqa: F401  (importing registers the ops)
 

@@ -13,23 +13,9 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from . import _ext, backends
-from ._geometry import EditGeometry, edit_geometry
+from . import _ext, backends, validate
 
 HAS_CPP = _ext.load()
-
-
-def _grad_geometry(grad: Tensor, delta: Tensor, threshold: Tensor) -> EditGeometry:
-    batched = grad.dim() == 3
-    return EditGeometry(
-        samples=grad.shape[0] if batched else 1,
-        rows=grad.shape[-2],
-        cols=grad.shape[-1],
-        out_shape=tuple(grad.shape),
-        theta_sample_stride=grad.stride(0) if batched else 0,
-        delta_sample_stride=delta.stride(0) if delta.dim() == 3 else 0,
-        thr_stride=0 if threshold.numel() == 1 else 1,
-    )
 
 
 # ---------------------------------------------------------------- Triton variants
@@ -38,25 +24,28 @@ if backends.triton_available():
 
     from pyeditor.kernels import edit as _edit_kernels
 
+    # Every Triton op first runs validate's twin of its C++ op's checks (csrc/*_args.cpp): same
+    # conditions, RuntimeError("pyeditor: ..."), index / threshold made contiguous. They run in
+    # the op body, so under torch.compile (which traces into triton_ops) too.
     @triton_op("pyeditor::apply_edit_triton", mutates_args=())
     def apply_edit_triton(theta: Tensor, delta: Tensor, threshold: Tensor, proto_index: Optional[Tensor] = None) -> Tensor:
-        g = edit_geometry(theta, delta, threshold, proto_index)
+        g, thr, idx = validate.edit_args(theta, delta, threshold, proto_index)
         out = torch.empty(g.out_shape, dtype=theta.dtype, device=theta.device)
         slots = theta.shape[0] if theta.dim() == 3 else 1
-        _edit_kernels.launch(theta, delta, out, threshold, proto_index, g, slots, grad=False)
+        _edit_kernels.launch(theta, delta, out, thr, idx, g, slots, grad=False)
         return out
 
     @triton_op("pyeditor::apply_edit_out_triton", mutates_args=("out",))
     def apply_edit_out_triton(theta: Tensor, delta: Tensor, threshold: Tensor, proto_index: Optional[Tensor], out: Tensor) -> None:
-        g = edit_geometry(theta, delta, threshold, proto_index)
+        g, thr, idx = validate.edit_out_args(theta, delta, threshold, proto_index, out)
         slots = theta.shape[0] if theta.dim() == 3 else 1
-        _edit_kernels.launch(theta, delta, out, threshold, proto_index, g, slots, grad=False)
+        _edit_kernels.launch(theta, delta, out, thr, idx, g, slots, grad=False)
 
     @triton_op("pyeditor::apply_edit_backward_triton", mutates_args=())
     def apply_edit_backward_triton(grad: Tensor, delta: Tensor, threshold: Tensor) -> Tensor:
-        g = _grad_geometry(grad, delta, threshold)
+        g, thr = validate.edit_grad_args(grad, delta, threshold)
         out = torch.empty_like(grad, memory_format=torch.contiguous_format)
-        _edit_kernels.launch(grad, delta, out, threshold, None, g, g.samples, grad=True)
+        _edit_kernels.launch(grad, delta, out, thr, None, g, g.samples, grad=True)
         return out
 
 
@@ -89,16 +78,19 @@ def call_differentiable(op, *args):
 
 
 # ---------------------------------------------------------------- fake kernels + autograd
+# The fake kernels run the shape half of the op's checks, so a bad call fails while tracing too.
 def _fake_apply_edit(theta, delta, threshold, proto_index=None):
-    g = edit_geometry(theta, delta, threshold, proto_index)
+    g = validate.edit_args(theta, delta, threshold, proto_index, values=False)[0]
     return theta.new_empty(g.out_shape)
 
 
 def _fake_apply_edit_out(theta, delta, threshold, proto_index, out):
+    validate.edit_out_args(theta, delta, threshold, proto_index, out, values=False)
     return None
 
 
 def _fake_apply_edit_backward(grad, delta, threshold):
+    validate.edit_grad_args(grad, delta, threshold, values=False)
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
@@ -126,12 +118,33 @@ def _make_edit_backward(backward_op):
     return backward
 
 
+def _mask_setup_context(ctx, inputs, output):
+    grad, delta, threshold = inputs
+    ctx.save_for_backward(delta, threshold)
+
+
+def _make_mask_backward(mask_op):
+    """Autograd of apply_edit_backward(grad, delta, T) = grad * (|delta| <= T), so that double
+    backward through every op whose backward uses it is exact: linear in grad (the same mask on
+    the incoming gradient, through the op itself, so any order works), piecewise constant in
+    delta (zero gradient almost everywhere), none for T."""
+    def backward(ctx, gg):
+        delta, threshold = ctx.saved_tensors
+        g = mask_op(gg, delta, threshold) if ctx.needs_input_grad[0] else None
+        return g, None, None
+
+    return backward
+
+
 def _register(forward: str, out_op: str, backward: str) -> None:
     torch.library.register_fake(f"pyeditor::{forward}", _fake_apply_edit)
     torch.library.register_fake(f"pyeditor::{out_op}", _fake_apply_edit_out)
     torch.library.register_fake(f"pyeditor::{backward}", _fake_apply_edit_backward)
     torch.library.register_autograd(
         f"pyeditor::{forward}", _make_edit_backward(_op(backward)), setup_context=_edit_setup_context
+    )
+    torch.library.register_autograd(
+        f"pyeditor::{backward}", _make_mask_backward(_op(backward)), setup_context=_mask_setup_context
     )
 
 
@@ -142,8 +155,9 @@ if backends.triton_available():
 
 
 # ================================================================ packed low-bit weights (quant)
-# Ops: quant_linear(x, data, scale, zero, perm, buckets, out_features, bias, fast) and
-# quant_dequantize(data, scale, zero, perm, buckets, in_features, out_features); C++ on
+# Ops: quant_linear(x, data, scale, zero, perm, buckets, out_features, bias, fast, group_size) and
+# quant_dequantize(data, scale, zero, perm, buckets, in_features, out_features, group_size)
+# (group_size 0: scale/zero [rows] per channel; 32/64/128: [G, rows] per group); C++ on
 # CPU/CUDA (csrc/cpu/quant_*.cpp, csrc/cuda/quant_linear_cuda.cu), triton_op twins here.
 # Autograd flows to x (and bias): grad_x = grad_y @ W with W from the dequantize op.
 
@@ -152,22 +166,28 @@ if backends.triton_available():
 
     @triton_op("pyeditor::quant_dequantize_triton", mutates_args=())
     def quant_dequantize_triton(data: Tensor, scale: Tensor, zero: Tensor, perm: Tensor, buckets: list[int],
-                                in_features: int, out_features: int) -> Tensor:
+                                in_features: int, out_features: int, group_size: int = 0) -> Tensor:
+        validate.packed_args(data, scale, zero, perm, buckets, in_features, out_features, group_size)
         w = torch.zeros((out_features, in_features), dtype=torch.float32, device=data.device)
-        _quant_kernels.dequantize(data, scale, zero, perm, buckets, in_features, out_features, w)
+        _quant_kernels.dequantize(data, scale, zero, perm, buckets, in_features, out_features, w, group_size)
         return w
 
     @triton_op("pyeditor::quant_linear_triton", mutates_args=())
     def quant_linear_triton(x: Tensor, data: Tensor, scale: Tensor, zero: Tensor, perm: Tensor, buckets: list[int],
-                            out_features: int, bias: Optional[Tensor] = None, fast: bool = False) -> Tensor:
-        k = x.shape[-1]
+                            out_features: int, bias: Optional[Tensor] = None, fast: bool = False,
+                            group_size: int = 0) -> Tensor:
+        k = x.shape[-1] if x.dim() else 0
+        validate.packed_args(data, scale, zero, perm, buckets, k, out_features, group_size)
+        validate.packed_linear_args(x, out_features, bias, data)
+        if bias is not None:
+            bias = bias.contiguous()  # the kernel reads bias[col] densely
         if x.dtype == torch.float64:  # exact float32 weight in a float64 matmul (gradcheck)
-            w = quant_dequantize_triton(data, scale, zero, perm, buckets, k, out_features)
+            w = quant_dequantize_triton(data, scale, zero, perm, buckets, k, out_features, group_size)
             y = x @ w.to(torch.float64).T
             return y + bias.to(torch.float64) if bias is not None else y
         x2 = x.reshape(math.prod(x.shape[:-1]), k)
         y = torch.zeros((x2.shape[0], out_features), dtype=x.dtype, device=x.device)
-        _quant_kernels.linear(x2, data, scale, zero, perm, buckets, out_features, bias, y)
+        _quant_kernels.linear(x2, data, scale, zero, perm, buckets, out_features, bias, y, group_size)
         return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -184,32 +204,32 @@ def quant_ops(backend: str):
     return found
 
 
-def _fake_quant_linear(x, data, scale, zero, perm, buckets, out_features, bias=None, fast=False):
+def _fake_quant_linear(x, data, scale, zero, perm, buckets, out_features, bias=None, fast=False, group_size=0):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def _fake_quant_dequantize(data, scale, zero, perm, buckets, in_features, out_features):
+def _fake_quant_dequantize(data, scale, zero, perm, buckets, in_features, out_features, group_size=0):
     return data.new_empty((out_features, in_features), dtype=torch.float32)
 
 
 def _quant_setup_context(ctx, inputs, output):
-    x, data, scale, zero, perm, buckets, out_features, bias, fast = inputs
+    x, data, scale, zero, perm, buckets, out_features, bias, fast, group_size = inputs
     ctx.save_for_backward(data, scale, zero, perm)
-    ctx.meta = (list(buckets), x.shape[-1], out_features, x.dtype, None if bias is None else bias.dtype)
+    ctx.meta = (list(buckets), x.shape[-1], out_features, x.dtype, None if bias is None else bias.dtype, group_size)
 
 
 def _make_quant_backward(dequantize_op):
     def backward(ctx, grad):
         data, scale, zero, perm = ctx.saved_tensors
-        buckets, k, n, x_dtype, bias_dtype = ctx.meta
+        buckets, k, n, x_dtype, bias_dtype, group_size = ctx.meta
         grad_x = grad_bias = None
         acc = torch.float64 if x_dtype == torch.float64 else torch.float32
         if ctx.needs_input_grad[0]:
-            w = dequantize_op(data, scale, zero, perm, buckets, k, n)
+            w = dequantize_op(data, scale, zero, perm, buckets, k, n, group_size)
             grad_x = (grad.to(acc) @ w.to(acc)).to(x_dtype)
         if bias_dtype is not None and ctx.needs_input_grad[7]:
             grad_bias = grad.reshape(-1, n).to(acc).sum(0).to(bias_dtype)
-        return grad_x, None, None, None, None, None, None, grad_bias, None
+        return grad_x, None, None, None, None, None, None, grad_bias, None, None
 
     return backward
 
@@ -348,6 +368,7 @@ def _search_triton(x: Tensor, prototypes: Tensor, k: int, metric: str) -> tuple[
 if backends.triton_available():
     @triton_op("pyeditor::nearest_prototype_triton", mutates_args=())
     def nearest_prototype_triton(x: Tensor, prototypes: Tensor, k: int = 1, metric: str = "l2") -> tuple[Tensor, Tensor]:
+        validate.search_args(x, prototypes, k, metric)
         if x.shape[0] == 0:
             return x.new_empty(0, k), x.new_empty(0, k, dtype=torch.long)
         return _search_triton(x, prototypes, k, metric)
@@ -379,25 +400,28 @@ if backends.triton_available():
     @triton_op("pyeditor::edited_linear_triton", mutates_args=())
     def edited_linear_triton(x: Tensor, theta: Tensor, delta: Tensor, threshold: Tensor,
                              bias: Optional[Tensor] = None, proto_index: Optional[Tensor] = None) -> Tensor:
-        return _hyper_kernels.edited_linear(x, theta, delta, threshold, bias, proto_index)
+        thr, idx = validate.edited_linear_args(x, theta, delta, threshold, bias, proto_index)
+        return _hyper_kernels.edited_linear(x, theta, delta, thr, bias, idx)
 
     @triton_op("pyeditor::hyper_matmul_triton", mutates_args=())
     def hyper_matmul_triton(e: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                             index: Optional[Tensor] = None) -> Tensor:
-        return _hyper_kernels.hyper_matmul(e, weight, bias, index)
+        return _hyper_kernels.hyper_matmul(e, weight, bias, validate.hyper_args(e, weight, bias, index))
 
     @triton_op("pyeditor::edit_sumsq_triton", mutates_args=())
     def edit_sumsq_triton(e: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                           threshold: Optional[Tensor] = None) -> Tensor:
-        return _hyper_kernels.edit_sumsq(e, weight, bias, threshold)
+        return _hyper_kernels.edit_sumsq(e, weight, bias, validate.sumsq_args(e, weight, bias, threshold))
 
     @triton_op("pyeditor::hyper_matmul_heads_triton", mutates_args=())
     def hyper_matmul_heads_triton(e: Tensor, weight: Tensor, sizes: List[int], bias: Optional[Tensor] = None,
                                   index: Optional[Tensor] = None) -> Tensor:
+        index = validate.hyper_heads_args(e, weight, sizes, bias, index)
         return _hyper_kernels.hyper_matmul_heads(e, weight, sizes, bias, index)
 
     @triton_op("pyeditor::hyper_weight_grad_triton", mutates_args=())
     def hyper_weight_grad_triton(e: Tensor, grad: Tensor, sizes: List[int], index: Tensor, protos: int) -> Tensor:
+        index = validate.weight_grad_args(e, grad, sizes, index, protos)
         return _hyper_kernels.weight_grad(e, grad, sizes, index, protos)
 
 
@@ -408,16 +432,19 @@ def hyper_ops(backend: str):
 
 
 def _fake_edited_linear(x, theta, delta, threshold, bias=None, proto_index=None):
+    validate.edited_linear_args(x, theta, delta, threshold, bias, proto_index, values=False)
     return x.new_empty((x.shape[0], x.shape[1], theta.shape[-1]))
 
 
 def _fake_hyper_matmul(e, weight, bias=None, index=None):
+    validate.hyper_args(e, weight, bias, index, values=False)
     if index is not None:
         return e.new_empty((e.shape[0], weight.shape[2]))
     return e.new_empty((weight.shape[0], e.shape[0], weight.shape[2]))
 
 
 def _fake_edit_sumsq(e, weight, bias=None, threshold=None):
+    validate.sumsq_args(e, weight, bias, threshold, values=False)
     return e.new_empty((e.shape[0], weight.shape[0]), dtype=torch.float64)
 
 
@@ -428,12 +455,14 @@ def heads_ops(backend: str):
 
 
 def _fake_hyper_matmul_heads(e, weight, sizes, bias=None, index=None):
+    validate.hyper_heads_args(e, weight, sizes, bias, index, values=False)
     if index is not None:
         return e.new_empty((e.shape[1], weight.shape[2]))
     return e.new_empty((weight.shape[0], e.shape[1], weight.shape[2]))
 
 
 def _fake_hyper_weight_grad(e, grad, sizes, index, protos):
+    validate.weight_grad_args(e, grad, sizes, index, protos, values=False)
     return grad.new_empty((protos, e.shape[2], grad.shape[1]))
 
 
@@ -554,6 +583,34 @@ def _make_heads_backward(hyper_op, weight_grad_op):
     return backward
 
 
+def _weight_grad_setup_context(ctx, inputs, output):
+    e, grad, sizes, index, protos = inputs
+    ctx.save_for_backward(e, grad, index)
+    ctx.sizes = list(sizes)
+
+
+def _make_weight_grad_backward(hyper_op, heads_op):
+    """Autograd of hyper_weight_grad (dW[p, :, cols_l] = sum over p's rows b of e[l, b]^T grad[b, cols_l],
+    bilinear), so double backward of the gathered hyper_matmul / hyper_matmul_heads is exact:
+    d e[l, b] = grad[b, cols_l] @ gg[index[b], :, cols_l]^T (the gathered hyper_matmul on gg's
+    transposed columns) and d grad[b, cols_l] = e[l, b] @ gg[index[b], :, cols_l] (the gathered
+    hyper_matmul_heads on gg); both ops are differentiable, so every order works."""
+    def backward(ctx, gg):
+        e, grad, index = ctx.saved_tensors
+        need_e, need_grad = (tuple(ctx.needs_input_grad) + (False, False))[:2]
+        cols = [(c - n, n) for n, c in zip(ctx.sizes, itertools.accumulate(ctx.sizes))]
+        ge = gdy = None
+        gg = gg.to(grad.dtype)
+        if need_e:
+            ge = torch.stack([hyper_op(grad.narrow(1, c, n), gg.narrow(2, c, n).transpose(1, 2), None, index)
+                              for c, n in cols])
+        if need_grad:
+            gdy = heads_op(e, gg, ctx.sizes, None, index)
+        return ge, gdy, None, None, None
+
+    return backward
+
+
 def _register_hyper(linear: str, hyper: str, sumsq: str, mask: str, heads: str, weight_grad: str) -> None:
     torch.library.register_fake(f"pyeditor::{linear}", _fake_edited_linear)
     torch.library.register_fake(f"pyeditor::{hyper}", _fake_hyper_matmul)
@@ -566,6 +623,8 @@ def _register_hyper(linear: str, hyper: str, sumsq: str, mask: str, heads: str, 
                                     setup_context=_hyper_setup_context)
     torch.library.register_autograd(f"pyeditor::{heads}", _make_heads_backward(_op(hyper), _op(weight_grad)),
                                     setup_context=_heads_setup_context)
+    torch.library.register_autograd(f"pyeditor::{weight_grad}", _make_weight_grad_backward(_op(hyper), _op(heads)),
+                                    setup_context=_weight_grad_setup_context)
 
 
 if HAS_CPP:

@@ -71,17 +71,21 @@ class PackedWeight:
     """A channel-wise quantized [out_features, in_features] weight in the kernels' layout.
 
     data:    uint8 [bytes], the buckets one after another
-    scale:   float32 [rows], per packed row (rows = buckets padded to 16-channel tiles)
-    zero:    uint8 [rows], the integer zero point per packed row
+    scale:   float32 [rows], per packed row (rows = buckets padded to 16-channel tiles), or
+             [G, rows] with group_size (G = ceil(in / group_size)): group-major, so the 16
+             channels of a tile in one group are 16 consecutive floats
+    zero:    uint8, same shape as scale: the integer zero point per packed row (and group)
     perm:    int16 (out_features <= 32767) or int32 [rows], the original channel of each packed
              row (-1: padding); see perm_dtype
     buckets: tuple of (bits, row_start, rows, byte_offset), widths ascending
     bits:    int64 [out_features], the width of every channel in original order
+    group_size: None (one scale per channel) or 32, 64, 128 (inputs per scale along K)
     """
 
     def __init__(self, data: Tensor, scale: Tensor, zero: Tensor, perm: Tensor, buckets: Sequence[Sequence[int]],
-                 bits: Tensor, in_features: int, out_features: int) -> None:
+                 bits: Tensor, in_features: int, out_features: int, group_size: Optional[int] = None) -> None:
         self.data, self.scale, self.zero, self.perm, self.bits = data, scale, zero, perm, bits
+        self.group_size = reference.check_group_size(group_size)
         self.buckets = tuple(tuple(int(v) for v in b) for b in buckets)
         self._flat_buckets = [v for b in self.buckets for v in b]  # the ops' int[] argument, built once
         self.in_features, self.out_features = int(in_features), int(out_features)
@@ -94,6 +98,11 @@ class PackedWeight:
     @property
     def device(self) -> torch.device:
         return self.data.device
+
+    @property
+    def op_group_size(self) -> int:
+        """group_size as the ops take it: 0 for one scale per channel."""
+        return self.group_size or 0
 
     @property
     def flat_buckets(self) -> List[int]:
@@ -113,7 +122,24 @@ class PackedWeight:
 
     def to(self, device) -> "PackedWeight":
         return PackedWeight(*(t.to(device) for t in self.tensors()), self.buckets, self.bits.to(device),
-                            self.in_features, self.out_features)
+                            self.in_features, self.out_features, self.group_size)
+
+    def quantized(self) -> reference.QuantizedWeight:
+        """The codes, scales and zero points in original channel order (plain torch, from the
+        layout): the reference's QuantizedWeight of this weight."""
+        n = self.out_features
+        keep = self.perm >= 0
+        cols = self.perm[keep].long()
+        groups = self.scale.shape[0] if self.group_size else 1
+        scale = torch.zeros((groups, n), dtype=torch.float32, device=self.device)
+        zero = torch.zeros((groups, n), dtype=torch.int32, device=self.device)
+        rows = self.perm.numel()
+        scale[:, cols] = self.scale.reshape(groups, rows)[:, keep]
+        zero[:, cols] = self.zero.reshape(groups, rows)[:, keep].to(torch.int32)
+        scale, zero = scale.T.contiguous(), zero.T.contiguous()
+        if not self.group_size:
+            scale, zero = scale[:, 0].contiguous(), zero[:, 0].contiguous()
+        return reference.QuantizedWeight(self.codes(), scale, zero, self.bits, self.group_size)
 
     def codes(self) -> Tensor:
         """uint8 [out, in] codes in original channel order (plain torch, from the layout)."""
@@ -132,13 +158,21 @@ class PackedWeight:
 
     def __repr__(self) -> str:
         widths = {b: int((self.bits == b).sum()) for b in WIDTHS}
-        return (f"PackedWeight(out={self.out_features}, in={self.in_features}, channels per width={widths}, "
-                f"bytes={self.nbytes})")
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return (f"PackedWeight(out={self.out_features}, in={self.in_features}, channels per width={widths}"
+                f"{group}, bytes={self.nbytes})")
 
 
-def _pack(qw: reference.QuantizedWeight, device) -> PackedWeight:
-    codes, scale, zero, bits = qw
+def pack(qw: reference.QuantizedWeight, device=None) -> PackedWeight:
+    """Packs a reference QuantizedWeight (per channel or per group) into the kernels' layout,
+    on ``device`` (default: the codes' device)."""
+    codes, scale, zero, bits = (t.detach().cpu() for t in qw[:4])
+    group_size = reference.check_group_size(qw[4] if len(qw) > 4 else None)
+    device = qw[0].device if device is None else device
     n, k = codes.shape
+    groups = reference.n_groups(k, group_size)
+    scale = scale.reshape(n, groups).to(torch.float32)  # [n, G] (G = 1 per channel)
+    zero = zero.reshape(n, groups)
     kp = padded_k(k)
     order = torch.sort(bits, stable=True).indices
     datas, scales, zeros, perms, buckets = [], [], [], [], []
@@ -153,8 +187,8 @@ def _pack(qw: reference.QuantizedWeight, device) -> PackedWeight:
         c[:count, :k] = codes[idx]
         datas.append(_pack_bucket(c, b))
         perms.append(torch.cat([idx.to(perm_dtype(n)), torch.full((rows - count,), -1, dtype=perm_dtype(n))]))
-        scales.append(torch.cat([scale[idx], torch.zeros(rows - count)]))
-        zeros.append(torch.cat([zero[idx].to(torch.uint8), torch.zeros(rows - count, dtype=torch.uint8)]))
+        scales.append(torch.cat([scale[idx], torch.zeros(rows - count, groups)]))
+        zeros.append(torch.cat([zero[idx].to(torch.uint8), torch.zeros(rows - count, groups, dtype=torch.uint8)]))
         buckets.append((b, row, rows, offset))
         row += rows
         offset += datas[-1].numel()
@@ -162,22 +196,35 @@ def _pack(qw: reference.QuantizedWeight, device) -> PackedWeight:
     def cat(parts, dtype):
         return (torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)).to(device)
 
-    return PackedWeight(cat(datas, torch.uint8), cat(scales, torch.float32), cat(zeros, torch.uint8),
-                        cat(perms, perm_dtype(n)), buckets, bits.to(device), k, n)
+    def per_row(parts, dtype):  # [rows] per channel, [G, rows] (group-major) per group
+        t = torch.cat(parts) if parts else torch.zeros(0, groups, dtype=dtype)
+        return (t[:, 0] if group_size is None else t.T).contiguous().to(device)
+
+    return PackedWeight(cat(datas, torch.uint8), per_row(scales, torch.float32), per_row(zeros, torch.uint8),
+                        cat(perms, perm_dtype(n)), buckets, bits.to(device), k, n, group_size)
 
 
 # ---------------------------------------------------------------- public functions
-def quantize_channelwise(weight: Tensor, bits: Union[int, Tensor]) -> PackedWeight:
-    """Quantize an [out, in] weight per output channel to ``bits`` (an int or [out] in {2,4,6,8})
-    exactly like :func:`pyeditor.reference.quantize_channelwise`, and pack it for the kernels.
-    NaN/inf weights raise ValueError. The result lives on weight's device."""
+def quantize_channelwise(weight: Tensor, bits: Union[int, Tensor], group_size: Optional[int] = None, *,
+                         method: str = "minmax", activations: Optional[Tensor] = None) -> PackedWeight:
+    """Quantize an [out, in] weight per output channel to ``bits`` (an int or [out] in {2,4,6,8}),
+    with one scale per channel (group_size None) or per group of 32, 64 or 128 inputs, and pack
+    it for the kernels. NaN/inf weights raise ValueError. The result lives on weight's device.
+
+    method (see :mod:`pyeditor.quantizers`): "minmax" (default) is bit-identical to
+    :func:`pyeditor.reference.quantize_channelwise`; "search" minimizes ||W - Q(W)||^2 per group
+    without data (never worse than min-max); "calibrated" needs ``activations`` [n_samples, in]
+    (this layer's inputs) and minimizes the output error ||X W^T - X Q(W)^T|| per output channel
+    (never worse than min-max on those activations). All give the same packed format."""
+    from . import quantizers
+
     validate.float_tensor(weight, "weight")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     if isinstance(bits, Tensor):
         bits = bits.detach().cpu()  # a few bytes; may live anywhere
-    qw = reference.quantize_channelwise(weight.detach().cpu(), bits)
-    return _pack(qw, weight.device)
+    qw = quantizers.quantize(weight.detach().cpu(), bits, group_size, method=method, activations=activations)
+    return pack(qw, weight.device)
 
 
 def _check_packed(packed) -> PackedWeight:
@@ -192,14 +239,8 @@ def dequantize(packed: PackedWeight, *, backend: Optional[str] = None) -> Tensor
     p = _check_packed(packed)
     name = backends.resolve(backend, p.device)
     if name == "reference":
-        zero = torch.zeros(p.out_features, dtype=torch.int32, device=p.device)
-        scale = torch.zeros(p.out_features, dtype=torch.float32, device=p.device)
-        keep = p.perm >= 0
-        cols = p.perm[keep].long()
-        zero[cols] = p.zero[keep].to(torch.int32)
-        scale[cols] = p.scale[keep]
-        return reference.dequantize(reference.QuantizedWeight(p.codes(), scale, zero, p.bits))
-    return ops.quant_ops(name)[1](*p.tensors(), p.flat_buckets, p.in_features, p.out_features)
+        return reference.dequantize(p.quantized())
+    return ops.quant_ops(name)[1](*p.tensors(), p.flat_buckets, p.in_features, p.out_features, p.op_group_size)
 
 
 def packed_linear(x: Tensor, packed: PackedWeight, bias: Optional[Tensor] = None, *, fast: bool = False,
@@ -242,8 +283,9 @@ def packed_linear(x: Tensor, packed: PackedWeight, bias: Optional[Tensor] = None
         raise TypeError(f"fast must be a bool, got {type(fast).__name__}")
     name = backends.resolve(backend, device)
     if name == "reference":
-        return reference.packed_linear(x, p, bias)
-    return ops.quant_ops(name)[0](x, p.data, p.scale, p.zero, p.perm, p._flat_buckets, p.out_features, bias, fast)
+        return reference.packed_linear(x, p.quantized(), bias)
+    return ops.quant_ops(name)[0](x, p.data, p.scale, p.zero, p.perm, p._flat_buckets, p.out_features, bias, fast,
+                                  p.op_group_size)
 
 
 # ---------------------------------------------------------------- CHORD strategy codes

@@ -595,20 +595,26 @@ def kmeans_predict(x: Tensor, centroids: Tensor, metric: str = "l2") -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
+GROUP_SIZES = (32, 64, 128)  # group-wise scales along K (None: one scale per output channel)
+
+
 class QuantizedWeight(NamedTuple):
-    """A channel-wise quantized [out, in] weight (CHORD Eq. 3).
+    """A channel-wise (optionally group-wise) quantized [out, in] weight (CHORD Eq. 3).
 
     codes: uint8 [out, in], each in [0, 2**bits[o] - 1]
-    scale: float32 [out], > 0
-    zero:  int32 [out], the integer zero point, in [0, 2**bits[o] - 1]
+    scale: float32 [out] (group_size None) or [out, G] with G = ceil(in / group_size), > 0
+    zero:  int32, same shape as scale: the integer zero point, in [0, 2**bits[o] - 1]
     bits:  int64 [out], each in {2, 4, 6, 8}
-    Value: w[o, i] ~= (codes[o, i] - zero[o]) * scale[o].
+    group_size: None (one scale per channel) or 32, 64, 128: input i of channel o uses
+           scale[o, i // group_size] (the last group is ragged when in is not a multiple).
+    Value: w[o, i] ~= (codes[o, i] - zero[o, g]) * scale[o, g], g = i // group_size.
     """
 
     codes: Tensor
     scale: Tensor
     zero: Tensor
     bits: Tensor
+    group_size: Optional[int] = None
 
     def dequantize(self) -> Tensor:
         return dequantize(self)
@@ -631,65 +637,106 @@ def _check_bits(name: str, bits: object, length: Optional[int] = None) -> Tensor
     return bits.to(torch.int64)
 
 
-def quantize_channelwise(weight: Tensor, bits: Union[int, Tensor]) -> QuantizedWeight:
+def check_group_size(group_size: object) -> Optional[int]:
+    """None (per channel) or one of GROUP_SIZES; anything else raises naming group_size."""
+    if group_size is None:
+        return None
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be None or an int in {GROUP_SIZES}, got {type(group_size).__name__}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be None (per channel) or one of {GROUP_SIZES}, got {group_size}")
+    return group_size
+
+
+def n_groups(in_features: int, group_size: Optional[int]) -> int:
+    """Groups per channel: ceil(in / group_size), or 1 per channel (group_size None)."""
+    return 1 if group_size is None else -(-in_features // group_size)
+
+
+def _group_of_column(in_features: int, group_size: Optional[int]) -> Tensor:
+    if group_size is None:
+        return torch.zeros(in_features, dtype=torch.int64)
+    return torch.arange(in_features) // group_size
+
+
+def quantize_channelwise(weight: Tensor, bits: Union[int, Tensor], group_size: Optional[int] = None) -> QuantizedWeight:
     """Asymmetric min-max quantization per output channel (CHORD Eq. 3, with the uniform
-    affine scheme of its "Quant" baseline [Krishnamoorthi 2018]).
+    affine scheme of its "Quant" baseline [Krishnamoorthi 2018]), or per group of
+    ``group_size`` consecutive inputs of each channel (the last group ragged).
 
     weight: [out, in] finite floating (NaN/inf -> ValueError); quantized from its float32
             value. bits: int or [out] integers in {2, 4, 6, 8}.
-    For channel o with q_max = 2**bits[o] - 1, lo = min(min_i w, 0), hi = max(max_i w, 0)
-    (the range always holds 0, so zero is exactly representable):
+    For each channel o (or group) with q_max = 2**bits[o] - 1, lo = min(min_i w, 0),
+    hi = max(max_i w, 0) over the channel's (group's) inputs (the range always holds 0, so
+    zero is exactly representable):
         scale = float32((hi - lo) / q_max)   (at least the smallest normal float32)
         zero  = clamp(round(-lo / scale), 0, q_max)                      (integer)
         codes = clamp(round(w / scale) + zero, 0, q_max)
     evaluated in float64 with the stored float32 scale; round = half to even. Every
     element then dequantizes to within scale / 2 of its float32 value (up to rounding of
-    scale itself). Constant channels (max == min == c, or in == 0 with c = 0) are exact:
-    scale = |c| (1 if c == 0), zero = 1 if c < 0 else 0, codes = zero + sign(c).
+    scale itself). Constant channels or groups (max == min == c, or in == 0 with c = 0) are
+    exact: scale = |c| (1 if c == 0), zero = 1 if c < 0 else 0, codes = zero + sign(c).
+    A range whose float32 scale would overflow (|w| near the float32 maximum) is refused.
     """
     _check_float("weight", weight, (2,))
     if not bool(torch.isfinite(weight).all()):
         raise ValueError("weight must be finite (no NaN or inf)")
+    group_size = check_group_size(group_size)
     n_out, n_in = weight.shape
     b = _check_bits("bits", bits, n_out)
     w = weight.to(torch.float32).to(torch.float64)  # float32 values, float64 arithmetic
-    q_max = (2.0 ** b.to(torch.float64)) - 1.0
+    q_max = ((2.0 ** b.to(torch.float64)) - 1.0)[:, None]
+    groups = n_groups(n_in, group_size)
+    gid = _group_of_column(n_in, group_size)
     if n_in:
-        wmin, wmax = w.amin(1), w.amax(1)
+        index = gid.expand(n_out, n_in)
+        init = torch.zeros(n_out, groups, dtype=torch.float64)
+        wmin = init.scatter_reduce(1, index, w, "amin", include_self=False)
+        wmax = init.scatter_reduce(1, index, w, "amax", include_self=False)
     else:
-        wmin = wmax = torch.zeros(n_out, dtype=torch.float64)
+        wmin = wmax = torch.zeros(n_out, groups, dtype=torch.float64)
     lo, hi = wmin.clamp_max(0.0), wmax.clamp_min(0.0)
     tiny = torch.finfo(torch.float32).tiny
     scale = ((hi - lo) / q_max).to(torch.float32).clamp_min(tiny)
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError("weight's range per channel (or group) must fit float32 (max - min overflows)")
     s = scale.to(torch.float64)
     zero = torch.round(-lo / s).clamp(min=0.0).minimum(q_max)
-    codes = (torch.round(w / s[:, None]) + zero[:, None]).clamp(min=0.0).minimum(q_max[:, None])
-    # constant channels: exact by construction
+    codes = (torch.round(w / s[:, gid]) + zero[:, gid]).clamp(min=0.0).minimum(q_max)
+    # constant channels / groups: exact by construction
     const = wmax == wmin
     c = wmin
     c_zero = (c < 0).to(torch.float64)
     scale = torch.where(const, torch.where(c == 0, 1.0, c.abs()).to(torch.float32), scale)
     zero = torch.where(const, c_zero, zero)
-    codes = torch.where(const[:, None], (c_zero + torch.sign(c))[:, None], codes)
-    return QuantizedWeight(codes.to(torch.uint8), scale, zero.to(torch.int32), b)
+    codes = torch.where(const[:, gid], (c_zero + torch.sign(c))[:, gid], codes)
+    zero = zero.to(torch.int32)
+    if group_size is None:
+        scale, zero = scale[:, 0].contiguous(), zero[:, 0].contiguous()
+    return QuantizedWeight(codes.to(torch.uint8), scale, zero, b, group_size)
 
 
 def dequantize(qw: QuantizedWeight) -> Tensor:
-    """float32 [out, in]: (codes - zero[:, None]) * scale[:, None], one float32 multiply
-    per element (codes - zero is an exact small integer)."""
-    codes, scale, zero, bits = qw
+    """float32 [out, in]: (codes - zero) * scale, per channel or per group, one float32
+    multiply per element (codes - zero is an exact small integer)."""
+    codes, scale, zero, bits = qw[:4]
+    group_size = check_group_size(qw[4] if len(qw) > 4 else None)
     if not isinstance(codes, Tensor) or codes.dtype != torch.uint8 or codes.dim() != 2:
         raise TypeError("qw.codes must be a 2-D uint8 tensor")
-    n_out = codes.shape[0]
+    n_out, n_in = codes.shape
     b = _check_bits("qw.bits", bits, n_out)
+    shape = (n_out,) if group_size is None else (n_out, n_groups(n_in, group_size))
     for name, t in (("qw.scale", scale), ("qw.zero", zero)):
-        if not isinstance(t, Tensor) or tuple(t.shape) != (n_out,):
-            raise ValueError(f"{name} must be a tensor of shape [{n_out}]")
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be a tensor of shape {list(shape)}")
     q_max = (1 << b) - 1
     if codes.numel() and bool((codes.to(torch.int64) > q_max[:, None]).any()):
         raise ValueError("qw.codes exceed 2**bits - 1 for their channel")
-    q = codes.to(torch.float32) - zero.to(torch.float32)[:, None]
-    return q * scale.to(torch.float32)[:, None]
+    gid = _group_of_column(n_in, group_size)
+    groups = n_groups(n_in, group_size)
+    z = zero.to(torch.float32).reshape(n_out, groups)[:, gid]
+    s = scale.to(torch.float32).reshape(n_out, groups)[:, gid]
+    return (codes.to(torch.float32) - z) * s
 
 
 def packed_linear(x: Tensor, packed: object, bias: Optional[Tensor] = None) -> Tensor:

@@ -4,6 +4,7 @@
 // reached 21-27, so rooflines from the torch ops alone understated what the machine can move.
 // read_probe: the largest int32 word of a buffer (exact: the max does not depend on the order).
 // copy_probe: dst = src, bytewise.
+#include "pyeditor/cpu_isa.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -53,7 +54,7 @@ __attribute__((target("avx512f"))) int32_t max_streams_avx512(const int32_t* w, 
   const int32_t m = _mm512_reduce_max_epi32(_mm512_max_epi32(_mm512_max_epi32(a0, a1), _mm512_max_epi32(a2, a3)));
   return max_tail(w, st.tail, end, m);
 }
-const bool kAvx512 = __builtin_cpu_supports("avx512f");
+const bool kAvx512 = pe::cpu::isa_allows(pe::cpu::kIsaAvx512) && __builtin_cpu_supports("avx512f");
 #else
 const bool kAvx512 = false;
 #endif

@@ -1,5 +1,6 @@
 // SIMD clones of the edit's inner loops. The math is pe::clip_add_span / clip_grad_span from
 // edit_math.h; this file only asks the compiler for one copy per instruction set.
+#include "pyeditor/cpu_isa.h"
 #include "pyeditor/cpu_spans.h"
 
 #include "pyeditor/edit_math.h"
@@ -70,8 +71,10 @@ struct HalfConverters {
 
 HalfConverters pick_half_converters() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return {f16_to_f32_avx512, f32_to_f16_avx512};
-  if (__builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx")) return {f16_to_f32_f16c, f32_to_f16_f16c};
+  using pe::cpu::isa_allows;
+  if (isa_allows(pe::cpu::kIsaAvx512) && __builtin_cpu_supports("avx512f")) return {f16_to_f32_avx512, f32_to_f16_avx512};
+  if (isa_allows(pe::cpu::kIsaAvx2) && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx"))
+    return {f16_to_f32_f16c, f32_to_f16_f16c};
   return {f16_to_f32_portable, f32_to_f16_portable};
 }
 

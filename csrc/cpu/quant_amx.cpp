@@ -6,6 +6,7 @@
 //   of two (exact) so that no part is a denormal, which AMX would flush to zero.
 // - GEMV (int8 tiles, int32 accumulators): the A tile holds fixed-point digits of a few exact
 //   rows, or the fast mode's int8 rows; u8 codes are the B tiles.
+#include "pyeditor/cpu_isa.h"
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -284,7 +285,7 @@ const bool kAmx = false;
 
 bool amx_enabled() {
   const char* env = std::getenv("PYEDITOR_CPU_AMX");
-  return kAmx && !(env && env[0] == '0');
+  return kAmx && !(env && env[0] == '0') && pe::cpu::isa_allows(pe::cpu::kIsaAmx);
 }
 
 int64_t amx_padded_k(int64_t k) { return (k + 31) / 32 * 32; }

@@ -233,11 +233,8 @@ PE_AVX2 void rows_f32(const float* w, int64_t kp, const float* x, int64_t ldx, f
   pe::cpu_avx2::rows16<R, false>(x, ldx, w, kTileN, 0, kp, out, ldo);
 }
 
-template <int BITS>
-void dot_f32_gemm(const uint8_t* tile, int64_t blocks, const float* x, int64_t ldx, int64_t m, float* out,
-                  int64_t ldo, float* w) {
-  decode_tile<BITS>(tile, blocks, w);
-  const int64_t kp = blocks * kTileK;
+// m rows against a decoded (or dequantized) tile w [kp][16]
+void rows_all_f32(const float* w, int64_t kp, const float* x, int64_t ldx, int64_t m, float* out, int64_t ldo) {
   int64_t r = 0;
   for (; r + 6 <= m; r += 6) rows_f32<6>(w, kp, x + r * ldx, ldx, out + r * ldo, ldo);
   // the last m % 6 rows in one pass (a row at a time would leave two latency-bound FMA chains)
@@ -250,6 +247,35 @@ void dot_f32_gemm(const uint8_t* tile, int64_t blocks, const float* x, int64_t l
     case 2: rows_f32<2>(w, kp, xr, ldx, o, ldo); break;
     case 1: rows_f32<1>(w, kp, xr, ldx, o, ldo); break;
     default: break;
+  }
+}
+
+template <int BITS>
+void dot_f32_gemm(const uint8_t* tile, int64_t blocks, const float* x, int64_t ldx, int64_t m, float* out,
+                  int64_t ldo, float* w) {
+  decode_tile<BITS>(tile, blocks, w);
+  rows_all_f32(w, blocks * kTileK, x, ldx, m, out, ldo);
+}
+
+// The tile decoded and dequantized with group-wise scales: w[k][c] = (q - z[g][c]) * s[g][c]
+// (g = k / group, the reference's one float32 multiply), so the GEMM needs no epilogue per group.
+template <int BITS>
+PE_AVX2 void dequant_tile(const uint8_t* tile, int64_t blocks, const float* s, const uint8_t* z, int64_t srows,
+                          int64_t group_blocks, float* w) {
+  decode_tile<BITS>(tile, blocks, w);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t g = b / group_blocks;
+    const float* sg = s + g * srows;
+    const uint8_t* zg = z + g * srows;
+    for (int h = 0; h < 2; ++h) {
+      const __m256 sv = _mm256_loadu_ps(sg + 8 * h);
+      int64_t z8;
+      std::memcpy(&z8, zg + 8 * h, 8);
+      const __m256 zv = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(z8)));
+      float* wb = w + b * kTileK * kTileN + 8 * h;
+      for (int kk = 0; kk < kTileK; ++kk)
+        _mm256_storeu_ps(wb + kk * kTileN, _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(wb + kk * kTileN), zv), sv));
+    }
   }
 }
 
@@ -392,6 +418,13 @@ void tile_dot_f32(const uint8_t* tile, int bits, int64_t blocks, const float* x,
 
 void tiles_dot_f32_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const float* x, float* out) {
   PE_BITS_SWITCH(bits, row_f32_any, tiles, n, blocks, x, out)
+}
+
+void tile_gemm_grouped_f32(const uint8_t* tile, int bits, int64_t blocks, const float* s, const uint8_t* z,
+                           int64_t srows, int64_t group_blocks, const float* x, int64_t ldx, int64_t m, float* out,
+                           int64_t ldo, float* wbuf) {
+  PE_BITS_SWITCH(bits, dequant_tile, tile, blocks, s, z, srows, group_blocks, wbuf)
+  rows_all_f32(wbuf, blocks * kTileK, x, ldx, m, out, ldo);
 }
 
 InPlaceRead preferred_read() {
@@ -540,6 +573,10 @@ namespace pe::quant::cpu::avx2 {
 bool supported() { return false; }
 void tile_dot_f32(const uint8_t*, int, int64_t, const float*, int64_t, int64_t, float*, int64_t, float*) { std::abort(); }
 void tiles_dot_f32_row(const uint8_t* const*, int, int, int64_t, const float*, float*) { std::abort(); }
+void tile_gemm_grouped_f32(const uint8_t*, int, int64_t, const float*, const uint8_t*, int64_t, int64_t, const float*,
+                           int64_t, int64_t, float*, int64_t, float*) {
+  std::abort();
+}
 InPlaceRead preferred_read() { return InPlaceRead::kConvert; }
 bool scale_row(int, const float*, int64_t, InPlaceRead, float*, float*) { std::abort(); }
 void tiles_dot_in_place_row(const uint8_t* const*, int, int, int64_t, const float*, InPlaceRead, float, float*) {

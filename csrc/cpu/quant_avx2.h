@@ -16,6 +16,10 @@ bool supported();  // AVX2 and FMA, seen by cpuid
 void tile_dot_f32(const uint8_t* tile, int bits, int64_t blocks, const float* x, int64_t ldx, int64_t m,
                   float* out, int64_t ldo, float* wbuf);
 void tiles_dot_f32_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const float* x, float* out);
+// tile_gemm_grouped_f32 of cpu_quant.h
+void tile_gemm_grouped_f32(const uint8_t* tile, int bits, int64_t blocks, const float* s, const uint8_t* z,
+                           int64_t srows, int64_t group_blocks, const float* x, int64_t ldx, int64_t m, float* out,
+                           int64_t ldo, float* wbuf);
 // in_place_read, in_place_row and tiles_dot_in_place_row of cpu_quant.h
 InPlaceRead preferred_read();
 bool scale_row(int bits, const float* x, int64_t kp, InPlaceRead read, float* xs, float* unscale);

@@ -1,5 +1,6 @@
 // CPU inner kernels of the packed low-bit matmul (see cpu_quant.h): an AVX-512 (+VNNI) path
 // picked at load time, and a portable path on the shared codec in pack.h.
+#include "pyeditor/cpu_isa.h"
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -475,8 +476,8 @@ bool detect_vnni() {
   return false;                                                        // paths on a VNNI machine too
 #endif
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vnni");
+  return pe::cpu::isa_allows(pe::cpu::kIsaAvx512) && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
 }
 const bool kVnni = detect_vnni();
 // the digit split also converts float64 <-> int64 in vectors
@@ -492,7 +493,7 @@ bool detect_avx2() {
 #ifdef PE_QUANT_FORCE_PORTABLE
   return false;
 #endif
-  return !kVnni && avx2::supported();
+  return !kVnni && pe::cpu::isa_allows(pe::cpu::kIsaAvx2) && avx2::supported();
 }
 const bool kAvx2 = detect_avx2();
 
@@ -594,6 +595,35 @@ void tiles_dot_in_place_row(const uint8_t* const* tiles, int n, int bits, int64_
 }
 
 bool digits_enabled() { return kDigitsSimd; }
+
+bool grouped_gemm_f32() {
+#if defined(PE_QUANT_X86) && !defined(PE_QUANT_FORCE_PORTABLE)
+  static const bool ok = pe::cpu::isa_allows(pe::cpu::kIsaAvx2) && avx2::supported();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+void tile_gemm_grouped_f32(const uint8_t* tile, int bits, int64_t blocks, const float* s, const uint8_t* z,
+                           int64_t srows, int64_t group_blocks, const float* x, int64_t ldx, int64_t m, float* out,
+                           int64_t ldo, float* wbuf) {
+#if defined(PE_QUANT_X86)
+  if (grouped_gemm_f32())
+    return avx2::tile_gemm_grouped_f32(tile, bits, blocks, s, z, srows, group_blocks, x, ldx, m, out, ldo, wbuf);
+#endif
+  (void)tile, (void)bits, (void)blocks, (void)s, (void)z, (void)srows, (void)group_blocks, (void)x, (void)ldx;
+  (void)m, (void)out, (void)ldo, (void)wbuf;
+  std::abort();  // callers check grouped_gemm_f32() first
+}
+
+CpuCaps cpu_caps() {
+  CpuCaps caps;
+  caps.amx = amx_enabled();
+  caps.digits = digits_enabled();
+  caps.grouped_gemm = grouped_gemm_f32();
+  return caps;
+}
 
 int64_t digit_bytes(int64_t m, int64_t k) { return (k + 63) / 64 * 64 * m * kDigits; }
 

@@ -18,39 +18,19 @@
 #include "../quant_args.h"
 #include "pyeditor/cpu_quant.h"
 #include "pyeditor/pack.h"
+#include "pyeditor/quant_plan.h"
+#include "quant_group_cpu.h"
+#include "quant_tiles.h"
 
 namespace pyeditor {
 namespace {
 namespace q = pe::quant;
 
-struct Tile {
-  int bits;
-  const uint8_t* ptr;
-  int64_t row;  // first packed row
-};
-
-std::vector<Tile> tiles_of(const PackedArgs& a, const uint8_t* data) {
-  std::vector<Tile> tiles;
-  tiles.reserve(a.rows / q::kTileN);
-  const int64_t tb_k = a.k;
-  for (const auto& b : a.buckets)
-    for (int64_t t = 0; t < b.rows / q::kTileN; ++t)
-      tiles.push_back({static_cast<int>(b.bits), data + b.byte_offset + t * q::tile_bytes(b.bits, tb_k),
-                       b.row_start + t * q::kTileN});
-  return tiles;
-}
+using Tile = QuantTile;
+std::vector<Tile> tiles_of(const PackedArgs& a, const uint8_t* data) { return quant_tiles(a, data); }
 
 constexpr int kChunksPerThread = 8;
 constexpr int64_t kLutGroup = 8;  // tiles sharing one L1-resident chunk of lookup tables
-// Where AMX is present: the exact GEMV (fixed-point digits, a pass over the codes per 2 rows;
-// one row: 2-bit tiles only, see run_linear) up to this many rows, the bf16 GEMM above
-// (measured at 4 rows: 0.6 ms against 2.4-2.7 ms for a cache-resident 4096x4096 CHORD mix;
-// both 2-4x the AVX-512 paths).
-constexpr int64_t kDigitGemvRows = 8;
-// The fast mode's AMX tiles from this many rows; one row takes AVX-512 VNNI, whose 16 vpdpbusd
-// per 1024 codes (against one tile load and product) keep up with the stream: M = 1, 4096 x 4096
-// from DRAM, 2-bit 349 against 442 us, 8-bit alike; at 2 and 4 rows AMX is 10-20% faster.
-constexpr int64_t kFastTileRows = 2;
 
 // Tile boundaries [starts[i], starts[i+1]) of chunks holding about equal bytes of codes, or {}
 // to split by tile count (chunks_per_thread == 0, or too few tiles for it to matter).
@@ -241,28 +221,26 @@ template <class T>
 bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& data, const at::Tensor& scale,
                 const at::Tensor& zero, const at::Tensor& perm, const float* bias, bool fast, at::Tensor& out) {
   const int64_t m = x2.size(0), kp = q::padded_k(a.k), blocks = kp / q::kTileK, n = a.n;
-  const bool amx = !fast && m > kDigitGemvRows && q::cpu::amx_enabled();
-  // GEMV on AMX-INT8 (cpu_quant.h): exact for up to kDigitGemvRows rows (a pass over the codes
-  // per 2 rows); the fast mode's int8 rows from kFastTileRows rows (a pass per 16 rows: M = 256,
-  // 4096x4096 CHORD mix 13.5 ms against 32.9 ms on VNNI)
-  const bool gemv_amx = q::cpu::amx_enabled();
-  // One exact row: the same digits on AVX-512 VNNI for 4-, 6- and 8-bit tiles, on any CPU with
-  // it (see the work loop). (Digit sums are int32: |digit| <= 128 times codes <= 255 stays exact
-  // up to 65536 inputs, the same bound the fast mode checks on entry.)
-  // (Without AMX a layer of 2-bit tiles alone needs no digits: those take the lookup tables.)
+  // the kernels this call takes: quant_plan.h (the table ctest checks), from shape, mode and CPU
   bool wide_tiles = false;
   for (const auto& b : a.buckets) wide_tiles = wide_tiles || (b.bits != 2 && b.rows > 0);
-  const bool digit_row = !fast && m == 1 && q::cpu::digits_enabled() && (gemv_amx || wide_tiles);
-  const Activations act =
-      prepare<T>(x2, kp, fast, amx, !fast && a.k <= 65536 && ((gemv_amx && m <= kDigitGemvRows) || digit_row),
-                 digit_row && !gemv_amx, gemv_amx && fast && m >= kFastTileRows);
-  const bool tiles_a = !act.groups.empty();     // either of those runs
+  q::LinearCall call;
+  call.m = m, call.k = a.k, call.fast = fast, call.group_size = a.group_size, call.wide_tiles = wide_tiles;
+  const q::CpuCaps caps = q::cpu::cpu_caps();
+  const q::LinearPlan plan = q::plan_linear(caps, call);
+  if (plan.path == q::LinearPath::kGrouped)
+    return run_linear_grouped_cpu(a, plan, x2, data, scale, zero, perm, bias, fast, out);
+  const bool amx = plan.path == q::LinearPath::kAmxGemm;
+  const bool gemv_amx = caps.amx;
+  const Activations act = prepare<T>(x2, kp, fast, amx, plan.digits, plan.digit_float_row, plan.fast_tiles);
+  const bool tiles_a = !act.groups.empty();     // digits or fast A tiles run (a row with inf or NaN
+                                                // cannot take the digits: the float kernels then)
   const bool digits = tiles_a && !fast;          // the exact one
   const bool one_row = digits && m == 1;         // width by width, see the work loop
   // GEMV (few rows, exact mode): x-scaled lookup tables, built once per call for each width
   // that has a table path; lut[bits] holds m rows of lut_floats(bits, kp) floats.
   std::vector<float> lut[9];
-  if (!fast && (!digits || (one_row && !gemv_amx)) && m < 4) {
+  if (plan.lut && (!digits || plan.digit_float_row)) {
     for (const auto& b : a.buckets) {
       const int bits = static_cast<int>(b.bits);
       const int64_t per_row = q::cpu::lut_floats(bits, kp);
@@ -277,7 +255,7 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   std::vector<float> in_place[9];
   q::cpu::InPlaceRead in_place_read[9];
   float in_place_unscale[9];
-  if (!fast && !digits && m == 1) {
+  if (plan.in_place_row && !digits) {
     for (const auto& b : a.buckets) {
       const int bits = static_cast<int>(b.bits);
       if (b.rows == 0 || !in_place[bits].empty() || !q::cpu::one_row_f32_tiles(bits)) continue;
@@ -550,9 +528,9 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
 
 at::Tensor quant_dequantize_cpu(const at::Tensor& data, const at::Tensor& scale, const at::Tensor& zero,
                                 const at::Tensor& perm, at::IntArrayRef buckets, int64_t in_features,
-                                int64_t out_features) {
+                                int64_t out_features, int64_t group_size) {
   check_cpu(data, "packed data");
-  const PackedArgs a = check_packed(data, scale, zero, perm, buckets, in_features, out_features);
+  const PackedArgs a = check_packed(data, scale, zero, perm, buckets, in_features, out_features, group_size);
   check_perm_values(perm, a.n);
   at::Tensor out = at::empty({a.n, a.k}, data.options().dtype(at::kFloat));
   const std::vector<Tile> tiles = tiles_of(a, data.const_data_ptr<uint8_t>());
@@ -560,7 +538,7 @@ at::Tensor quant_dequantize_cpu(const at::Tensor& data, const at::Tensor& scale,
   const uint8_t* z = zero.const_data_ptr<uint8_t>();
   const q::PermView p = perm_view(perm);
   float* w = out.mutable_data_ptr<float>();
-  const int64_t k = a.k;
+  const int64_t k = a.k, gs = a.group_size > 0 ? a.group_size : std::max<int64_t>(k, 1);
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const Tile& tile = tiles[t];
@@ -570,7 +548,8 @@ at::Tensor quant_dequantize_cpu(const at::Tensor& data, const at::Tensor& scale,
         float* wr = w + static_cast<int64_t>(p[row]) * k;
         for (int64_t i = 0; i < k; ++i) {
           const uint8_t* blk = tile.ptr + (i / q::kTileK) * q::block_bytes(tile.bits);
-          wr[i] = q::dequant(q::get_code(blk, tile.bits, c, static_cast<int>(i % q::kTileK)), z[row], s[row]);
+          const int64_t at = (i / gs) * a.rows + row;  // group-major scales (one group per channel: row)
+          wr[i] = q::dequant(q::get_code(blk, tile.bits, c, static_cast<int>(i % q::kTileK)), z[at], s[at]);
         }
       }
     }
@@ -584,6 +563,7 @@ namespace {
 void redo_nonfinite_rows(const at::Tensor& x2, at::Tensor& out, const at::Tensor& data, const at::Tensor& scale,
                          const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
                          const PackedArgs& a, const at::Tensor& b) {
+  // (a.group_size: the dequantized weight below is group-wise too)
   std::vector<uint8_t> bad(out.size(0), 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pyeditor_quant_finite", [&] {
     const scalar_t* o = out.const_data_ptr<scalar_t>();
@@ -604,7 +584,7 @@ void redo_nonfinite_rows(const at::Tensor& x2, at::Tensor& out, const at::Tensor
     if (bad[r]) redo.push_back(r);
   if (redo.empty()) return;
   const at::Tensor inf_rows = at::tensor(redo, x2.options().dtype(at::kLong));
-  const at::Tensor w = quant_dequantize_cpu(data, scale, zero, perm, buckets, a.k, a.n);
+  const at::Tensor w = quant_dequantize_cpu(data, scale, zero, perm, buckets, a.k, a.n, a.group_size);
   at::Tensor y = at::matmul(x2.index_select(0, inf_rows).to(at::kFloat), w.t());
   if (b.defined()) y = y + b;
   out.index_copy_(0, inf_rows, y.to(out.scalar_type()));
@@ -614,11 +594,12 @@ void redo_nonfinite_rows(const at::Tensor& x2, at::Tensor& out, const at::Tensor
 
 at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
                             const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
-                            int64_t out_features, const c10::optional<at::Tensor>& bias, bool fast) {
+                            int64_t out_features, const c10::optional<at::Tensor>& bias, bool fast,
+                            int64_t group_size) {
   check_cpu(x, "x");
   check_cpu(data, "packed data");
   const int64_t in_features = x.dim() ? x.size(-1) : 0;
-  const PackedArgs a = check_packed(data, scale, zero, perm, buckets, in_features, out_features);
+  const PackedArgs a = check_packed(data, scale, zero, perm, buckets, in_features, out_features, group_size);
   check_linear_inputs(a, x, bias, data);
   check_perm_values(perm, a.n);
   TORCH_CHECK(!fast || a.k <= 65536, "pyeditor: fast (int8) mode sums in int32 and supports at most 65536 "
@@ -626,7 +607,7 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& data, const a
   const auto shape = linear_out_shape(x, a.n);
   if (x.scalar_type() == at::kDouble) {
     // float64 (gradcheck, tests): the float32 weight exactly, in a float64 matmul
-    at::Tensor w = quant_dequantize_cpu(data, scale, zero, perm, buckets, a.k, a.n).to(at::kDouble);
+    at::Tensor w = quant_dequantize_cpu(data, scale, zero, perm, buckets, a.k, a.n, a.group_size).to(at::kDouble);
     at::Tensor y = at::matmul(x, w.t());
     if (bias.has_value() && bias->defined()) y = y + bias->to(at::kDouble);
     return y.reshape(shape).contiguous();
@@ -643,12 +624,12 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& data, const a
       nonfinite = run_linear<scalar_t>(a, x2, data, scale, zero, perm, b.defined() ? b.const_data_ptr<float>() : nullptr,
                            fast, out);
     });
-    // s * (sum q x - z * sum x) turns an inf input (or a sum that overflows) into inf - inf = NaN
-    // where the reference's sum of ((q - z) * s) * x gives +-inf or a finite value: rows with a
-    // non-finite result and no NaN input are redone on the dequantized weight (rare: only when
-    // the kernels wrote a non-finite output is the output scanned for them)
-    if (nonfinite) redo_nonfinite_rows(x2, out, data, scale, zero, perm, buckets, a, b);
   }
+  // s * (sum q x - z * sum x) turns an inf input (or a sum that overflows) into inf - inf = NaN
+  // where the reference's sum of ((q - z) * s) * x gives +-inf or a finite value: rows with a
+  // non-finite result and no NaN input are redone on the dequantized weight (rare: only when
+  // the kernels wrote a non-finite output is the output scanned for them)
+  if (nonfinite) redo_nonfinite_rows(x2, out, data, scale, zero, perm, buckets, a, b);
   return x.dim() == 2 ? out : out.reshape(shape);
 }
 

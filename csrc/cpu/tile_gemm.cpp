@@ -3,6 +3,7 @@
 // columns, each quarter of the tile in turn: 12 accumulators + 2 tile vectors + a broadcast in
 // the 16 ymm registers), and a portable loop the compiler vectorizes for every other case (and for double).
 // PE_TILE_FORCE_PORTABLE / PE_TILE_FORCE_AVX2 pin the choice (the ctests run each variant).
+#include "pyeditor/cpu_isa.h"
 #include "tile_gemm.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -129,14 +130,15 @@ struct Picked {
 
 Picked pick_float_kernel() {
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx2 = pe::cpu::isa_allows(pe::cpu::kIsaAvx2) && __builtin_cpu_supports("avx2") &&
+                    __builtin_cpu_supports("fma");
 #if defined(PE_TILE_FORCE_PORTABLE)
   return {tile_gemm_portable<float>, "portable"};
 #elif defined(PE_TILE_FORCE_AVX2)
   if (avx2) return {tile_gemm_avx2, "avx2"};
   return {tile_gemm_portable<float>, "portable"};
 #else
-  if (__builtin_cpu_supports("avx512f")) return {tile_gemm_avx512, "avx512"};
+  if (pe::cpu::isa_allows(pe::cpu::kIsaAvx512) && __builtin_cpu_supports("avx512f")) return {tile_gemm_avx512, "avx512"};
   if (avx2) return {tile_gemm_avx2, "avx2"};
   return {tile_gemm_portable<float>, "portable"};
 #endif

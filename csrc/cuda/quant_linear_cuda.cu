@@ -2,6 +2,8 @@
 // (16-channel tile, 16 activation rows), one thread per (channel, row); codes decoded with the
 // shared pack.h codec; launched on the current stream. Activations stay in their float type;
 // the fast (int8) mode of the CPU backend is not implemented here (fast is ignored: exact).
+// Group-wise scales (group_size 32, 64, 128): scale/zero are [groups, rows] group-major, entry
+// (i / group_size) * rows + row for input i; group_size 0 is one group of all k inputs, entry row.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,10 +20,15 @@ namespace q = pe::quant;
 template <class T> struct acc_type { using type = float; };
 template <> struct acc_type<double> { using type = double; };
 
+// Inputs per scale entry: group_size, or all k (one scale per packed row; 0 when k is 0).
+__device__ __forceinline__ int64_t inputs_per_scale(int64_t k, int64_t group_size) {
+  return group_size > 0 ? group_size : k;
+}
+
 template <class T>
 __global__ void quant_linear_kernel(const T* x, const uint8_t* data, const float* scale, const uint8_t* zero,
                                     q::PermView perm, const float* bias, T* y, q::Bucket b, int64_t m,
-                                    int64_t k, int64_t n) {
+                                    int64_t k, int64_t n, int64_t rows, int64_t group_size) {
   using A = typename acc_type<T>::type;
   const int c = threadIdx.x;
   const int64_t tile = blockIdx.x, r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
@@ -31,14 +38,22 @@ __global__ void quant_linear_kernel(const T* x, const uint8_t* data, const float
   if (col < 0 || col >= n) return;  // padding row (the host checks perm on CPU tensors only)
   const uint8_t* t = data + b.byte_offset + tile * q::tile_bytes(b.bits, k);
   const T* xr = x + r * k;
-  A acc = 0, sum = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    const A xv = static_cast<A>(xr[i]);
-    acc += static_cast<A>(q::get_code(t + (i / q::kTileK) * q::block_bytes(b.bits), static_cast<int>(b.bits), c,
-                                      static_cast<int>(i % q::kTileK))) * xv;
-    sum += xv;
+  const int64_t gs = inputs_per_scale(k, group_size);
+  // per group: the sums of q x and x, then v += s_g * (acc - z_g * sum) with entry g * rows + row
+  A v = 0;
+  for (int64_t i0 = 0, g = 0; i0 < k; i0 += gs, ++g) {
+    const int64_t i1 = i0 + gs < k ? i0 + gs : k;
+    A acc = 0, sum = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const A xv = static_cast<A>(xr[i]);
+      acc += static_cast<A>(q::get_code(t + (i / q::kTileK) * q::block_bytes(b.bits), static_cast<int>(b.bits), c,
+                                        static_cast<int>(i % q::kTileK))) * xv;
+      sum += xv;
+    }
+    const int64_t e = g * rows + row;
+    const A term = static_cast<A>(scale[e]) * (acc - static_cast<A>(zero[e]) * sum);
+    v = g == 0 ? term : v + term;
   }
-  A v = static_cast<A>(scale[row]) * (acc - static_cast<A>(zero[row]) * sum);
   if (!isfinite(v)) {
     // an inf input (or an overflowing sum) makes the factored form inf - inf = NaN where the
     // reference's sum of ((q - z) * s) * x gives +-inf or a finite value: redo it in that order
@@ -46,7 +61,8 @@ __global__ void quant_linear_kernel(const T* x, const uint8_t* data, const float
     for (int64_t i = 0; i < k; ++i) {
       const unsigned code = q::get_code(t + (i / q::kTileK) * q::block_bytes(b.bits), static_cast<int>(b.bits), c,
                                         static_cast<int>(i % q::kTileK));
-      v += static_cast<A>(q::dequant(code, zero[row], scale[row])) * static_cast<A>(xr[i]);
+      const int64_t e = (i / gs) * rows + row;  // the input's group
+      v += static_cast<A>(q::dequant(code, zero[e], scale[e])) * static_cast<A>(xr[i]);
     }
   }
   if (bias) v += static_cast<A>(bias[col]);
@@ -54,16 +70,19 @@ __global__ void quant_linear_kernel(const T* x, const uint8_t* data, const float
 }
 
 __global__ void quant_dequantize_kernel(const uint8_t* data, const float* scale, const uint8_t* zero,
-                                        q::PermView perm, float* w, q::Bucket b, int64_t k, int64_t n) {
+                                        q::PermView perm, float* w, q::Bucket b, int64_t k, int64_t n,
+                                        int64_t rows, int64_t group_size) {
   const int c = threadIdx.x;
   const int64_t tile = blockIdx.x, row = b.row_start + tile * q::kTileN + c;
   const int32_t col = perm[row];
   if (col < 0 || col >= n) return;
   const uint8_t* t = data + b.byte_offset + tile * q::tile_bytes(b.bits, k);
+  const int64_t gs = inputs_per_scale(k, group_size);
   for (int64_t i = threadIdx.y; i < k; i += blockDim.y) {
     const unsigned code = q::get_code(t + (i / q::kTileK) * q::block_bytes(b.bits), static_cast<int>(b.bits), c,
                                       static_cast<int>(i % q::kTileK));
-    w[static_cast<int64_t>(col) * k + i] = q::dequant(code, zero[row], scale[row]);
+    const int64_t e = (i / gs) * rows + row;  // the input's group
+    w[static_cast<int64_t>(col) * k + i] = q::dequant(code, zero[e], scale[e]);
   }
 }
 
@@ -71,8 +90,8 @@ __global__ void quant_dequantize_kernel(const uint8_t* data, const float* scale,
 
 at::Tensor quant_dequantize_cuda(const at::Tensor& data, const at::Tensor& scale, const at::Tensor& zero,
                                  const at::Tensor& perm, at::IntArrayRef buckets, int64_t in_features,
-                                 int64_t out_features) {
-  const PackedArgs a = check_packed(data, scale, zero, perm, buckets, in_features, out_features);
+                                 int64_t out_features, int64_t group_size) {
+  const PackedArgs a = check_packed(data, scale, zero, perm, buckets, in_features, out_features, group_size);
   c10::cuda::CUDAGuard guard(data.device());
   at::Tensor w = at::zeros({a.n, a.k}, data.options().dtype(at::kFloat));
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -80,7 +99,7 @@ at::Tensor quant_dequantize_cuda(const at::Tensor& data, const at::Tensor& scale
     if (b.rows == 0 || a.k == 0) continue;
     quant_dequantize_kernel<<<dim3(b.rows / q::kTileN), dim3(q::kTileN, 16), 0, stream>>>(
         data.const_data_ptr<uint8_t>(), scale.const_data_ptr<float>(), zero.const_data_ptr<uint8_t>(),
-        perm_view(perm), w.mutable_data_ptr<float>(), b, a.k, a.n);
+        perm_view(perm), w.mutable_data_ptr<float>(), b, a.k, a.n, a.rows, a.group_size);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return w;
@@ -88,10 +107,11 @@ at::Tensor quant_dequantize_cuda(const at::Tensor& data, const at::Tensor& scale
 
 at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
                              const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
-                             int64_t out_features, const c10::optional<at::Tensor>& bias, bool fast) {
+                             int64_t out_features, const c10::optional<at::Tensor>& bias, bool fast,
+                             int64_t group_size) {
   (void)fast;
   const int64_t in_features = x.dim() ? x.size(-1) : 0;
-  const PackedArgs a = check_packed(data, scale, zero, perm, buckets, in_features, out_features);
+  const PackedArgs a = check_packed(data, scale, zero, perm, buckets, in_features, out_features, group_size);
   check_linear_inputs(a, x, bias, data);
   c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x2 = x.reshape({c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)), a.k}).contiguous();
@@ -108,7 +128,8 @@ at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& data, const 
         quant_linear_kernel<scalar_t><<<grid, dim3(q::kTileN, 16), 0, stream>>>(
             x2.const_data_ptr<scalar_t>(), data.const_data_ptr<uint8_t>(), scale.const_data_ptr<float>(),
             zero.const_data_ptr<uint8_t>(), perm_view(perm),
-            bf.defined() ? bf.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<scalar_t>(), b, m, a.k, a.n);
+            bf.defined() ? bf.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<scalar_t>(), b, m, a.k, a.n,
+            a.rows, a.group_size);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });

@@ -4,13 +4,28 @@
 #pragma once
 #include <cstdint>
 
+#include "pyeditor/quant_plan.h"
+
 namespace pe::quant::cpu {
+
+// What this CPU offers the plan table (quant_plan.h): amx_enabled() and digits_enabled() below.
+CpuCaps cpu_caps();
 
 // out[m * ldo + c] = sum_k q[c, k] * x[m * ldx + k] over `blocks` blocks of 16 inputs, in
 // float32; x rows are zero-padded to 16 * blocks. wbuf: scratch of 256 * blocks floats
 // (the decoded tile, used when m is large enough to reuse it).
 void tile_dot_f32(const uint8_t* tile, int bits, int64_t blocks, const float* x, int64_t ldx, int64_t m,
                   float* out, int64_t ldo, float* wbuf);
+
+// Group-wise scales, many rows: the tile dequantized once into wbuf (256 * blocks floats) as
+// w[k][c] = (q - z[g][c]) * s[g][c], with s, z at the tile's first row of [groups][srows] arrays and
+// g = block / group_blocks, then out[r * ldo + c] = sum_k x[r, k] w[k][c] for m rows: the
+// reference's weight values in one float32 GEMM. grouped_gemm_f32() is false where this CPU (or
+// the PYEDITOR_CPU_ISA cap) has no such kernel: then the per-group sums of tile_dot_f32.
+bool grouped_gemm_f32();
+void tile_gemm_grouped_f32(const uint8_t* tile, int bits, int64_t blocks, const float* s, const uint8_t* z,
+                           int64_t srows, int64_t group_blocks, const float* x, int64_t ldx, int64_t m, float* out,
+                           int64_t ldo, float* wbuf);
 
 // Exact-mode GEMV through x-scaled lookup tables (few rows): lut_floats(bits, kp) floats of
 // table per activation row, 0 when this width or CPU has no table path (then use tile_dot_f32).

@@ -31,6 +31,14 @@ struct PermView {
 
 PE_HD bool valid_bits(int64_t bits) { return bits == 2 || bits == 4 || bits == 6 || bits == 8; }
 
+// Group-wise scales: input i of a channel uses scale/zero entry i / group_size (a multiple of
+// kTileK, so a block never straddles two groups; the last group may be ragged). 0: one scale
+// and zero point per channel.
+PE_HD bool valid_group_size(int64_t g) { return g == 0 || g == 32 || g == 64 || g == 128; }
+PE_HD int64_t scale_groups(int64_t k, int64_t group_size) {
+  return group_size > 0 ? (k + group_size - 1) / group_size : 1;
+}
+
 // Bytes of one 16 x 16 block at `bits` bits.
 PE_HD int64_t block_bytes(int64_t bits) { return bits * 32; }
 

@@ -1,0 +1,72 @@
+// Which CPU kernels the packed matmul runs, decided from the call's shape, mode, group size and
+// this CPU's capabilities alone (no torch, no data): quant_linear_cpu.cpp reads the plan, ctest
+// (csrc/tests/test_quant_plan.cpp) checks it. Data can still move a call off a planned path at
+// run time: a row with inf or NaN cannot take the fixed-point digits, nor x out of range the
+// in-place reads; those fallbacks are the float kernels, with the same sums.
+#pragma once
+#include <cstdint>
+
+namespace pe::quant {
+
+// What this CPU offers the packed kernels (after PYEDITOR_CPU_AMX=0 and the ISA cap).
+struct CpuCaps {
+  bool amx = false;     // AMX-INT8 and AMX-BF16 with the OS's tile state
+  bool digits = false;  // AVX-512 F/BW/DQ/VL/VNNI: fixed-point digit GEMV
+  bool grouped_gemm = false;  // the dequantized-tile GEMM for group-wise scales (AVX2 + FMA)
+};
+
+struct LinearCall {
+  int64_t m = 1;           // activation rows
+  int64_t k = 0;           // in_features
+  bool fast = false;       // int8 activations
+  int64_t group_size = 0;  // 0: one scale per channel
+  bool wide_tiles = false; // any 4-, 6- or 8-bit tile
+};
+
+enum class LinearPath : uint8_t {
+  kGrouped,  // group-wise scales: the float / int8 tile kernels per group (quant_group_cpu.cpp)
+  kAmxGemm,  // exact GEMM on AMX-BF16
+  kTiles,    // the tile kernels of quant_kernels.cpp / quant_avx2.cpp, chosen per tile below
+};
+
+struct LinearPlan {
+  LinearPath path = LinearPath::kTiles;
+  bool digits = false;       // exact rows as fixed-point digits (AMX GEMV or one VNNI row)
+  bool digit_float_row = false;  // ... and the float row too (its 2-bit tiles take the tables)
+  bool fast_tiles = false;   // int8 rows as AMX A tiles
+  bool lut = false;          // lookup tables for few rows, where the digits do not run or beside
+                             // digit_float_row
+  bool in_place_row = false; // one exact float row: codes read in place, where the digits do not run
+  bool dequant_gemm = false;  // grouped, exact, many rows: tiles dequantized with their group scales,
+                              // one GEMM each (else the per-group sums with an epilogue per group)
+};
+
+constexpr int64_t kDigitGemvRows = 8;  // AMX digit GEMV up to this many rows, the bf16 GEMM above
+constexpr int64_t kFastTileRows = 2;   // the fast mode's AMX tiles from this many rows
+constexpr int64_t kMaxDigitK = 65536;  // int32 digit sums stay exact up to this many inputs
+constexpr int64_t kLutRows = 4;        // lookup tables below this many rows
+constexpr int64_t kDequantGemmRows = 4; // grouped: the dequantized-tile GEMM from this many rows
+
+inline LinearPlan plan_linear(const CpuCaps& cpu, const LinearCall& c) {
+  LinearPlan p;
+  if (c.group_size > 0) {
+    p.path = LinearPath::kGrouped;
+    p.dequant_gemm = !c.fast && c.m >= kDequantGemmRows && cpu.grouped_gemm;
+    p.in_place_row = !c.fast && c.m == 1;
+    return p;
+  }
+  if (!c.fast && c.m > kDigitGemvRows && cpu.amx) {
+    p.path = LinearPath::kAmxGemm;
+    return p;
+  }
+  // one exact row: digits on VNNI for 4/6/8-bit tiles (2-bit ones take the tables), on AMX for all
+  const bool digit_row = !c.fast && c.m == 1 && cpu.digits && (cpu.amx || c.wide_tiles);
+  p.digits = !c.fast && c.k <= kMaxDigitK && ((cpu.amx && c.m <= kDigitGemvRows) || digit_row);
+  p.digit_float_row = p.digits && digit_row && !cpu.amx;
+  p.fast_tiles = cpu.amx && c.fast && c.m >= kFastTileRows;
+  p.lut = !c.fast && c.m < kLutRows;
+  p.in_place_row = !c.fast && c.m == 1;
+  return p;
+}
+
+}  // namespace pe::quant

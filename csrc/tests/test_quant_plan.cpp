@@ -1,0 +1,51 @@
+// The packed matmul's CPU plan table (quant_plan.h), checked for every kind of CPU the project
+// runs on, whatever CPU runs this test: AVX2 only, AVX-512 VNNI, and AMX.
+#include <initializer_list>
+
+#include "expect.h"
+#include "pyeditor/quant_plan.h"
+
+using namespace pe::quant;
+
+int main() {
+  const CpuCaps avx2{false, false, true}, vnni{false, true, true}, amx{true, true, true}, portable{};
+  auto call = [](int64_t m, bool fast = false, int64_t group = 0, bool wide = true, int64_t k = 4096) {
+    LinearCall c;
+    c.m = m, c.k = k, c.fast = fast, c.group_size = group, c.wide_tiles = wide;
+    return c;
+  };
+  // group-wise scales take their own path on every CPU, in both modes
+  for (const CpuCaps& cpu : {avx2, vnni, amx})
+    for (int64_t m : {1, 7, 256})
+      for (bool fast : {false, true}) EXPECT(plan_linear(cpu, call(m, fast, 64)).path == LinearPath::kGrouped);
+  // grouped, exact: the dequantized-tile GEMM from kDequantGemmRows rows where the CPU has it
+  EXPECT(!plan_linear(avx2, call(kDequantGemmRows - 1, false, 64)).dequant_gemm);
+  EXPECT(plan_linear(avx2, call(kDequantGemmRows, false, 64)).dequant_gemm);
+  EXPECT(!plan_linear(avx2, call(256, true, 64)).dequant_gemm);  // int8 rows: per-group integer sums
+  EXPECT(!plan_linear(portable, call(256, false, 64)).dequant_gemm);
+  EXPECT(plan_linear(avx2, call(1, false, 128)).in_place_row && !plan_linear(avx2, call(1, true, 128)).in_place_row);
+  // AVX2: tiles, never digits or AMX; tables and in-place reads for one exact row
+  LinearPlan p = plan_linear(avx2, call(1));
+  EXPECT(p.path == LinearPath::kTiles && !p.digits && !p.fast_tiles && p.lut && p.in_place_row);
+  p = plan_linear(avx2, call(256));
+  EXPECT(p.path == LinearPath::kTiles && !p.digits && !p.lut && !p.in_place_row);
+  EXPECT(!plan_linear(avx2, call(1, true)).lut && !plan_linear(avx2, call(1, true)).in_place_row);
+  // VNNI: one exact row with 4/6/8-bit tiles takes the digits (and the float row for 2-bit tiles)
+  p = plan_linear(vnni, call(1));
+  EXPECT(p.digits && p.digit_float_row && p.lut);
+  p = plan_linear(vnni, call(1, false, 0, /*wide=*/false));  // 2-bit tiles only: tables, no digits
+  EXPECT(!p.digits && p.lut);
+  EXPECT(!plan_linear(vnni, call(2)).digits);  // digits are for one row without AMX
+  EXPECT(!plan_linear(vnni, call(1, false, 0, true, 65537)).digits);  // int32 digit sums would not be exact
+  EXPECT(plan_linear(vnni, call(256)).path == LinearPath::kTiles);
+  // AMX: digit GEMV up to kDigitGemvRows rows, the bf16 GEMM above; fast mode's A tiles from 2 rows
+  for (int64_t m = 1; m <= kDigitGemvRows; ++m) {
+    p = plan_linear(amx, call(m));
+    EXPECT(p.path == LinearPath::kTiles && p.digits && !p.digit_float_row);
+  }
+  EXPECT(plan_linear(amx, call(kDigitGemvRows + 1)).path == LinearPath::kAmxGemm);
+  EXPECT(plan_linear(amx, call(kDigitGemvRows + 1, true)).path == LinearPath::kTiles);  // fast: int8 tiles
+  EXPECT(!plan_linear(amx, call(1, true)).fast_tiles && plan_linear(amx, call(2, true)).fast_tiles);
+  if (failures == 0) std::printf("quant plan: all checks passed\n");
+  return failures ? 1 : 0;
+}
