@@ -1,5 +1,8 @@
 #include "edit_args.h"
 
+#include <cstdlib>
+#include <utility>
+
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 
@@ -138,12 +141,38 @@ at::Tensor edit_output(const EditArgs& args, const at::Tensor& like, const at::T
   return result;
 }
 
+namespace {
+// Whether the byte ranges a and b span in one storage meet (ATen's overlap test gives up on
+// non-dense views and lets them through).
+bool overlaps(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) return false;
+  auto extent = [](const at::Tensor& t) {
+    int64_t span = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) span += (t.size(d) - 1) * std::abs(t.stride(d));
+    const char* p = static_cast<const char*>(t.const_data_ptr());
+    return std::pair{p, p + (span + 1) * t.element_size()};
+  };
+  const auto [alo, ahi] = extent(a);
+  const auto [blo, bhi] = extent(b);
+  return alo < bhi && blo < ahi;
+}
+}  // namespace
+
 EditArgs prepare_edit_out(const at::Tensor& theta, const at::Tensor& delta, const at::Tensor& threshold,
                           const c10::optional<at::Tensor>& proto_index, const at::Tensor& out) {
   EditArgs args = prepare_edit(theta, delta, threshold, proto_index);
   edit_output(args, theta, &out);
   at::assert_no_partial_overlap(out, theta);
   at::assert_no_partial_overlap(out, delta);
+  // out may be theta itself (no index: each element reads only its own place) or delta itself;
+  // any other sharing would read values already overwritten
+  TORCH_CHECK(!(proto_index.has_value() && proto_index->defined() && overlaps(out, theta)),
+              "pyeditor: out is theta itself, but with proto_index a sample may read a prototype another sample "
+              "has already overwritten; pass a separate buffer");
+  TORCH_CHECK(!overlaps(out, threshold), "pyeditor: out overlaps threshold: the kernel would read values it has "
+              "already overwritten; pass a separate buffer");
+  TORCH_CHECK(!(proto_index.has_value() && proto_index->defined() && overlaps(out, *proto_index)),
+              "pyeditor: out overlaps proto_index; pass a separate buffer");
   return args;
 }
 

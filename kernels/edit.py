@@ -49,6 +49,10 @@ def launch(a, delta, out, threshold, proto_index, geometry, num_slots: int, grad
     g = geometry
     if out.numel() == 0:
         return
+    # threshold and proto_index are read densely (thr_ptr + b * thr_stride, index_ptr + b)
+    threshold = threshold.contiguous()
+    if proto_index is not None:
+        proto_index = proto_index.contiguous()
     block_r, block_c = 16, 64
     grid = (g.samples, triton.cdiv(g.rows, block_r), triton.cdiv(g.cols, block_c))
     o_ss = out.stride(0) if out.dim() == 3 else 0

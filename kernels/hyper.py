@@ -34,7 +34,7 @@ def _clip(v, t):
 @triton.jit
 def _edited_linear_kernel(
     x_ptr, theta_ptr, delta_ptr, thr_ptr, bias_ptr, index_ptr, y_ptr,
-    S, K, N,
+    S, K, N, num_slots,
     x_bs, x_rs, x_ks, t_ps, t_ks, t_ns, d_bs, d_ks, d_ns, b_ps, b_ns, y_bs, y_rs, y_ns, thr_stride,
     HAS_INDEX: tl.constexpr, PER_SAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -45,6 +45,7 @@ def _edited_linear_kernel(
     rk = tl.arange(0, BLOCK_K).to(tl.int64)
     if HAS_INDEX:
         slot = tl.load(index_ptr + b)
+        slot = tl.where((slot >= 0) & (slot < num_slots), slot, 0)  # never read outside theta (host-checked)
     elif PER_SAMPLE:
         slot = b
     else:
@@ -69,7 +70,12 @@ def _edited_linear_kernel(
 
 
 def edited_linear(x, theta, delta, threshold, bias, proto_index) -> torch.Tensor:
+    """Operands are read through their strides; threshold and proto_index are read densely, so
+    they are made contiguous here (no-ops after pyeditor.validate.edited_linear_args)."""
     B, S, K = x.shape
+    threshold = threshold.reshape(-1).contiguous()
+    if proto_index is not None:
+        proto_index = proto_index.contiguous()
     N = theta.shape[-1]
     y = torch.empty((B, S, N), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
@@ -81,7 +87,7 @@ def edited_linear(x, theta, delta, threshold, bias, proto_index) -> torch.Tensor
     wrap_triton(_edited_linear_kernel)[grid](
         x, theta, delta, threshold, bias if bias is not None else threshold,
         proto_index if proto_index is not None else threshold, y,
-        S, K, N,
+        S, K, N, theta.shape[0] if theta.dim() == 3 else 1,
         x.stride(0), x.stride(1), x.stride(2), t_ps, theta.stride(-2), theta.stride(-1),
         delta.stride(0), delta.stride(1), delta.stride(2), b_ps, bias.stride(-1) if bias is not None else 0,
         y.stride(0), y.stride(1), y.stride(2), 0 if threshold.numel() == 1 else 1,
@@ -189,7 +195,7 @@ def _launch_hyper(e, weight, bias, index, out, sumsq: bool, threshold=None, size
         o_ps, o_bs, o_ns = out.stride(0), out.stride(1), out.stride(2)
     tiles = offsets if sumsq else head_tiles([N] if sizes is None else sizes, BN, e.device)
     grid = (P, triton.cdiv(B, BM), 1 if sumsq else tiles.shape[0])
-    thr = threshold if threshold is not None else e
+    thr = threshold.reshape(-1).contiguous() if threshold is not None else e  # read densely
     wrap_triton(_hyper_kernel)[grid](
         e3, weight, bias if bias is not None else e, offsets, rows, out, thr, tiles,
         B, D, N,

@@ -25,6 +25,12 @@ def apply_edit(
     Shapes and broadcasting as :func:`pyeditor.reference.apply_edit`. ``out=`` writes K into
     an existing tensor of the result's shape and dtype (e.g. the device model's own weight,
     which may be theta itself when P = 1) and returns it; it does not support autograd.
+    Aliasing: ``out`` may be theta itself (the very same view) when no ``proto_index`` is given,
+    or delta itself -- each element is then read before it is written. Any other overlap raises
+    ValueError (RuntimeError from the registered ops called directly): a partial overlap with
+    theta or delta, ``out`` being theta together with ``proto_index`` (a sample could read a
+    prototype that another sample has already overwritten), and any overlap with ``threshold``
+    or ``proto_index``.
     Differentiable in theta (gradient summed over the samples using each prototype) and
     delta (gradient where |delta| <= T); the threshold gets no gradient.
     """
@@ -53,6 +59,9 @@ def apply_edit(
     name = backends.resolve(backend, theta.device)
     if out is not None:
         validate.out_tensor(out, _out_shape(theta, delta, samples), theta, theta, delta)
+        if not validate.compiling():  # data pointers: eager only (the ops re-check real tensors)
+            validate.edit_out_aliasing(out, theta, delta, threshold if isinstance(threshold, Tensor) else t,
+                                       proto_index)
         if torch.is_grad_enabled() and (theta.requires_grad or delta.requires_grad):
             raise RuntimeError("apply_edit(out=...) does not support autograd; call it without out=")
         if name == "reference":

@@ -6,6 +6,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+
+from ._geometry import EditGeometry, acc_dtype, edit_geometry
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -123,3 +126,440 @@ def out_tensor(out, shape: tuple, like: Tensor, *inputs: Tensor) -> Tensor:
         if not same and xlo < hi and lo < xhi:
             raise ValueError("out partially overlaps an input; pass a separate buffer or the input itself")
     return out
+
+
+# ============================================================================ op-level checks
+# Every backend's op goes through one checking layer: the C++ ops through csrc/*_args.cpp, the
+# Triton ops (pyeditor.ops, `*_triton`) through the functions below, which test the same
+# conditions and raise RuntimeError("pyeditor: ...") naming the argument, like TORCH_CHECK. They
+# run inside the triton_op bodies, so they hold under torch.compile too (where the public
+# functions skip their own checks). Shape checks work on fake tensors; value checks (index
+# ranges, thresholds, permutations) read real CPU tensors on the host, use torch._assert_async
+# on CUDA tensors, and become a graph assert while tracing.
+
+def _fail(*parts) -> None:
+    raise RuntimeError("pyeditor: " + "".join(str(p) for p in parts))
+
+
+def _shape(t: Tensor) -> list:
+    return list(t.shape)
+
+
+def concrete(t: Tensor) -> bool:
+    """Whether t holds data this process can read (not fake, meta or a functorch wrapper)."""
+    return (t.device.type != "meta" and not is_fake(t)
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def _require(ok: Tensor, message, static: str, host: bool = False) -> None:
+    """ok: a 0-d bool tensor computed from the inputs. On real CPU tensors (or with host=True, as
+    the C++ ops copy a CUDA index to the host) a False raises RuntimeError(message()); on real
+    CUDA tensors it is a device-side assert; while tracing, a graph assert."""
+    if concrete(ok) and (ok.device.type == "cpu" or host):
+        if not bool(ok):
+            raise RuntimeError("pyeditor: " + message())
+    else:
+        torch._assert_async(ok, "pyeditor: " + static)
+
+
+def _edit_dtype(dtype: torch.dtype) -> bool:
+    return dtype in FLOAT_DTYPES
+
+
+def check_index_values(idx: Tensor, bound: int, name: str, host: bool = False) -> None:
+    """Every entry of the int64 index in [0, bound) (csrc/edit_args.cpp check_index_values)."""
+    if idx.numel() == 0:
+        return
+    bad = (idx < 0) | (idx >= bound)
+
+    def message():
+        i = int(bad.nonzero()[0, 0])
+        return f"{name}[{i}] = {int(idx[i])} is out of range for {bound} prototypes"
+
+    _require(~bad.any(), message, f"{name} out of range for {bound} prototypes", host)
+
+
+def check_threshold_values(t: Tensor, host: bool = False) -> None:
+    """T >= 0 and not NaN everywhere (csrc/edit_args.cpp check_threshold_values)."""
+    if t.numel() == 0:
+        return
+    bad = ~(t >= 0)  # NaN fails too
+
+    def message():
+        return f"threshold must be >= 0 and not NaN, got {t.reshape(-1)[bad.reshape(-1)][0].item()}"
+
+    _require(~bad.any(), message, "threshold must be >= 0 and not NaN", host)
+
+
+def edit_args(theta: Tensor, delta: Tensor, threshold: Tensor, proto_index: Optional[Tensor],
+              values: bool = True):
+    """csrc/edit_args.cpp prepare_edit: (geometry, threshold in the accumulation dtype and
+    contiguous, proto_index contiguous or None). values=False: shapes only (fake kernels)."""
+    if theta.dim() not in (2, 3):
+        _fail("theta must be [R, C] or [P, R, C], got shape ", _shape(theta))
+    if delta.dim() not in (2, 3):
+        _fail("delta must be [R, C] or [B, R, C], got shape ", _shape(delta))
+    if not _edit_dtype(theta.dtype):
+        _fail("theta dtype must be float32, float64, float16 or bfloat16, got ", theta.dtype)
+    if delta.dtype != theta.dtype:
+        _fail("delta dtype ", delta.dtype, " does not match theta dtype ", theta.dtype)
+    if delta.device != theta.device or threshold.device != theta.device:
+        _fail("theta, delta and threshold must be on one device, got ", theta.device, ", ", delta.device, ", ",
+              threshold.device)
+    rows, cols = theta.shape[-2], theta.shape[-1]
+    if delta.shape[-2] != rows or delta.shape[-1] != cols:
+        _fail("delta matrices ", _shape(delta), " do not match theta's matrix shape [", rows, ", ", cols, "]")
+    theta3, delta3 = theta.dim() == 3, delta.dim() == 3
+    P = theta.shape[0] if theta3 else 1
+    if proto_index is not None:
+        if not theta3:
+            _fail("proto_index needs theta as a [P, R, C] prototype stack, got shape ", _shape(theta))
+        if proto_index.dtype != torch.int64:
+            _fail("proto_index must be int64, got ", proto_index.dtype)
+        if proto_index.dim() != 1:
+            _fail("proto_index must be 1-D [B], got shape ", _shape(proto_index))
+        if proto_index.device != theta.device:
+            _fail("proto_index is on ", proto_index.device, ", theta on ", theta.device)
+        samples = proto_index.shape[0]
+        if delta3 and delta.shape[0] != samples:
+            _fail("delta has ", delta.shape[0], " samples but proto_index has ", samples)
+        if P == 0 and samples != 0:
+            _fail("proto_index given but theta holds no prototypes")
+        proto_index = proto_index.contiguous()
+    else:
+        B = delta.shape[0] if delta3 else 1
+        if theta3 and delta3 and not (P == B or P == 1 or B == 1):
+            _fail("theta has ", P, " matrices and delta ", B,
+                  "; without proto_index they must match (or one of them be 1)")
+        samples = (max(P, B) if delta3 else P) if theta3 else B
+    thr = _edit_threshold(threshold, samples, theta3 or delta3, acc_dtype(theta.dtype))
+    if values:
+        check_threshold_values(thr)
+        if proto_index is not None:
+            check_index_values(proto_index, P, "proto_index")
+    return edit_geometry(theta, delta, thr, proto_index), thr, proto_index
+
+
+def _edit_threshold(threshold: Tensor, samples, batched: bool, acc: torch.dtype) -> Tensor:
+    if not threshold.dtype.is_floating_point:
+        _fail("threshold must be a floating tensor, got ", threshold.dtype)
+    if not (threshold.numel() == 1 and threshold.dim() <= 1):
+        if not (batched and threshold.dim() == 1 and threshold.shape[0] == samples):
+            _fail("threshold must be a number, a 0-d tensor or one value per sample [", samples, "], got shape ",
+                  _shape(threshold))
+    return threshold.to(acc).contiguous()
+
+
+def edit_grad_args(grad: Tensor, delta: Tensor, threshold: Tensor, values: bool = True):
+    """csrc/edit_args.cpp prepare_edit_grad: (geometry, threshold acc-contiguous)."""
+    if grad.dim() not in (2, 3):
+        _fail("grad must be [R, C] or [B, R, C], got shape ", _shape(grad))
+    fits = (delta.dim() in (2, grad.dim()) and delta.shape[-1] == grad.shape[-1]
+            and delta.shape[-2] == grad.shape[-2] and (delta.dim() == 2 or delta.shape[0] == grad.shape[0]))
+    if not fits:
+        _fail("delta shape ", _shape(delta), " does not fit grad shape ", _shape(grad))
+    if not _edit_dtype(grad.dtype) or delta.dtype != grad.dtype:
+        _fail("grad and delta must share a floating dtype, got ", grad.dtype, " and ", delta.dtype)
+    if delta.device != grad.device or threshold.device != grad.device:
+        _fail("grad, delta and threshold must be on one device")
+    batched = grad.dim() == 3
+    samples = grad.shape[0] if batched else 1
+    thr = _edit_threshold(threshold, samples, batched, acc_dtype(grad.dtype))
+    if values:
+        check_threshold_values(thr)
+    g = EditGeometry(samples=samples, rows=grad.shape[-2], cols=grad.shape[-1], out_shape=tuple(grad.shape),
+                     theta_sample_stride=grad.stride(0) if batched else 0,
+                     delta_sample_stride=delta.stride(0) if delta.dim() == 3 else 0,
+                     thr_stride=0 if thr.numel() == 1 else 1)
+    return g, thr
+
+
+def _overlaps(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b share any byte of memory (by extent: conservative for interleaved views)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    alo, ahi = _extent(a)
+    blo, bhi = _extent(b)
+    return alo < bhi and blo < ahi
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride())
+
+
+def edit_out_aliasing(out: Tensor, theta: Tensor, delta: Tensor, threshold: Optional[Tensor],
+                      proto_index: Optional[Tensor], error=ValueError) -> None:
+    """apply_edit(out=)'s aliasing rule, on real tensors: out may be theta itself when each sample
+    reads the matrix it writes (no proto_index) or delta itself (element-wise in place); any other
+    overlap with theta or delta, and any overlap with threshold or proto_index, is refused: the
+    kernels would read values they had already overwritten."""
+    if out.numel() == 0 or not concrete(out):
+        return
+    if any(st == 0 and n > 1 for n, st in zip(out.shape, out.stride())):
+        raise error("out has a broadcast (stride-0) dimension: it would be written more than once "
+                    "(some of its elements refer to a single memory location)")
+    for x, name in ((theta, "theta"), (delta, "delta")):
+        if not concrete(x) or not _overlaps(out, x):
+            continue
+        if not _same_view(out, x):
+            raise error(f"out partially overlaps {name}; pass a separate buffer or {name} itself")
+        if name == "theta" and proto_index is not None:
+            raise error("out is theta itself, but with proto_index a sample may read a prototype another "
+                        "sample has already overwritten; pass a separate buffer")
+    for x, name in ((threshold, "threshold"), (proto_index, "proto_index")):
+        if x is not None and concrete(x) and _overlaps(out, x):
+            raise error(f"out overlaps {name}: the kernel would read values it has already overwritten; "
+                        "pass a separate buffer")
+
+
+def edit_out_args(theta: Tensor, delta: Tensor, threshold: Tensor, proto_index: Optional[Tensor], out: Tensor,
+                  values: bool = True):
+    """csrc/edit_args.cpp prepare_edit_out, plus the aliasing rule of edit_out_aliasing."""
+    g, thr, idx = edit_args(theta, delta, threshold, proto_index, values)
+    if tuple(out.shape) != tuple(g.out_shape):
+        _fail("out has shape ", _shape(out), ", expected ", list(g.out_shape))
+    if out.dtype != theta.dtype:
+        _fail("out dtype ", out.dtype, " does not match ", theta.dtype)
+    if out.device != theta.device:
+        _fail("out is on ", out.device, ", inputs on ", theta.device)
+    # the caller's threshold / index (before .contiguous() may have copied them)
+    edit_out_aliasing(out, theta, delta, threshold, proto_index, error=lambda m: RuntimeError("pyeditor: " + m))
+    return g, thr, idx
+
+
+# ---------------------------------------------------------------- Persona serving (hyper_args.cpp)
+def _check_float(t: Tensor, name: str, like: Tensor) -> None:
+    if not t.dtype.is_floating_point:
+        _fail(name, " must be floating point, got ", t.dtype)
+    if t.dtype != like.dtype:
+        _fail(name, " dtype ", t.dtype, " does not match ", like.dtype)
+    if t.device != like.device:
+        _fail(name, " is on ", t.device, " but expected ", like.device)
+
+
+def _prepare_index(idx: Tensor, batch, bound, name: str, values: bool, like: Tensor) -> Tensor:
+    if idx.dtype != torch.int64:
+        _fail(name, " must be int64, got ", idx.dtype)
+    if idx.dim() != 1 or idx.shape[0] != batch:
+        _fail(name, " must have shape [", batch, "], got ", _shape(idx))
+    if idx.device != like.device:
+        _fail(name, " is on ", idx.device, " but expected ", like.device)
+    idx = idx.contiguous()
+    if values:
+        check_index_values(idx, bound, name, host=True)  # as the C++ ops: a CUDA index is copied once
+    return idx
+
+
+def _prepare_threshold(t: Tensor, like: Tensor, batch, values: bool) -> Tensor:
+    acc = acc_dtype(like.dtype)
+    if t.dtype != acc:
+        _fail("threshold must be ", acc, " for ", like.dtype, " inputs, got ", t.dtype)
+    if not (t.numel() == 1 or (t.dim() == 1 and t.shape[0] == batch)):
+        _fail("threshold must hold 1 or ", batch, " values, got shape ", _shape(t))
+    if t.device != like.device:
+        _fail("threshold is on ", t.device, " but expected ", like.device)
+    out = t.reshape(t.numel()).contiguous()
+    if values:
+        check_threshold_values(out, host=True)
+    return out
+
+
+def edited_linear_args(x: Tensor, theta: Tensor, delta: Tensor, threshold: Tensor, bias: Optional[Tensor],
+                       proto_index: Optional[Tensor], values: bool = True):
+    """csrc/hyper_args.cpp prepare_edited_linear: (threshold [1 or B] contiguous, proto_index
+    contiguous or None)."""
+    _check_float(x, "x", x)
+    _check_float(theta, "theta", x)
+    _check_float(delta, "delta", x)
+    if x.dim() != 3:
+        _fail("x must be [B, S, in], got ", _shape(x))
+    if theta.dim() not in (2, 3):
+        _fail("theta must be [in, out] or [P, in, out], got ", _shape(theta))
+    batch, _, n_in = x.shape
+    n_out = theta.shape[-1]
+    slots = theta.shape[0] if theta.dim() == 3 else 1
+    if theta.shape[-2] != n_in:
+        _fail("theta has ", theta.shape[-2], " rows but x has ", n_in, " features")
+    if not (delta.dim() == 3 and delta.shape[0] == batch and delta.shape[1] == n_in and delta.shape[2] == n_out):
+        _fail("delta must be [", batch, ", ", n_in, ", ", n_out, "], got ", _shape(delta))
+    if proto_index is not None:
+        if theta.dim() != 3:
+            _fail("proto_index needs theta as [P, in, out]")
+        proto_index = _prepare_index(proto_index, batch, slots, "proto_index", values, x)
+    elif theta.dim() == 3 and slots != batch:
+        _fail("theta has ", slots, " matrices for batch ", batch, "; pass proto_index")
+    if bias is not None:
+        _check_float(bias, "bias", x)
+        ok = bias.dim() in (1, 2) and bias.shape[-1] == n_out and (
+            bias.dim() == 1 or (bias.shape[0] == slots and theta.dim() == 3))
+        if not ok:
+            _fail("bias must be [", n_out, "] or [", slots, ", ", n_out, "], got ", _shape(bias))
+    return _prepare_threshold(threshold, x, batch, values), proto_index
+
+
+def hyper_args(e: Tensor, weight: Tensor, bias: Optional[Tensor], index: Optional[Tensor],
+               values: bool = True) -> Optional[Tensor]:
+    """csrc/hyper_args.cpp prepare_hyper: index contiguous or None."""
+    _check_float(e, "e", e)
+    _check_float(weight, "weight", e)
+    if e.dim() != 2:
+        _fail("e must be [B, d], got ", _shape(e))
+    if weight.dim() != 3 or weight.shape[1] != e.shape[1]:
+        _fail("weight must be [P, ", e.shape[1], ", n], got ", _shape(weight))
+    P, _, n = weight.shape
+    if bias is not None:
+        _check_float(bias, "bias", e)
+        if not (bias.dim() == 2 and bias.shape[0] == P and bias.shape[1] == n):
+            _fail("bias must be [", P, ", ", n, "], got ", _shape(bias))
+    if index is not None:
+        index = _prepare_index(index, e.shape[0], P, "index", values, e)
+    return index
+
+
+def _head_sizes(sizes, heads, width) -> list:
+    if len(sizes) != heads:
+        _fail("sizes has ", len(sizes), " entries but e holds ", heads, " heads")
+    for l, n in enumerate(sizes):
+        if n < 0:
+            _fail("sizes[", l, "] = ", n, " is negative")
+    if sum(sizes) != width:
+        _fail("sizes sum to ", sum(sizes), " but the heads have ", width, " columns")
+    return list(sizes)
+
+
+def hyper_heads_args(e: Tensor, weight: Tensor, sizes, bias: Optional[Tensor], index: Optional[Tensor],
+                     values: bool = True) -> Optional[Tensor]:
+    """csrc/hyper_args.cpp prepare_hyper_heads: index contiguous or None."""
+    if not (e.dim() == 3 and e.shape[0] >= 1):
+        _fail("e must be [L >= 1, B, d] (one embedding per head), got ", _shape(e))
+    index = hyper_args(e[0], weight, bias, index, values)
+    _head_sizes(sizes, e.shape[0], weight.shape[2])
+    return index
+
+
+def weight_grad_args(e: Tensor, grad: Tensor, sizes, index: Tensor, protos: int, values: bool = True) -> Tensor:
+    """csrc/hyper_args.cpp prepare_weight_grad: index contiguous."""
+    _check_float(e, "e", e)
+    _check_float(grad, "grad", e)
+    if e.dim() != 3:
+        _fail("e must be [L, B, d], got ", _shape(e))
+    if not (grad.dim() == 2 and grad.shape[0] == e.shape[1]):
+        _fail("grad must be [", e.shape[1], ", N], got ", _shape(grad))
+    if protos < 0:
+        _fail("protos must be >= 0, got ", protos)
+    index = _prepare_index(index, e.shape[1], protos, "index", values, e)
+    _head_sizes(sizes, e.shape[0], grad.shape[1])
+    return index
+
+
+def sumsq_args(e: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Optional[Tensor],
+               values: bool = True) -> Optional[Tensor]:
+    """csrc/hyper_args.cpp prepare_hyper + prepare_sumsq_threshold: threshold [1 or B] or None."""
+    hyper_args(e, weight, bias, None, values)
+    if threshold is None:
+        return None
+    return _prepare_threshold(threshold, e, e.shape[0], values)
+
+
+# ---------------------------------------------------------------- packed weights (quant_args.cpp)
+_TILE_N, _TILE_K, _PERM_INT16_CHANNELS, _MAX_DIM = 16, 16, 32767, 1 << 40
+
+
+def packed_args(data: Tensor, scale: Tensor, zero: Tensor, perm: Tensor, buckets, in_features: int,
+                out_features: int, group_size: int, values: bool = True) -> int:
+    """csrc/quant_args.cpp check_packed (+ check_perm_values on CPU tensors, as the CPU op):
+    the packed rows."""
+    if not (data.dtype == torch.uint8 and data.dim() == 1 and data.is_contiguous()):
+        _fail("packed data must be a contiguous 1-D uint8 tensor, got ", data.dtype, " ", _shape(data))
+    if in_features < 0 or out_features < 0:
+        _fail("in_features and out_features must be >= 0")
+    if group_size not in (0, 32, 64, 128):
+        _fail("group_size must be 0 (per channel), 32, 64 or 128, got ", group_size)
+    if in_features > _MAX_DIM or out_features > _MAX_DIM:
+        _fail("in_features and out_features must be at most 2^40")
+    if len(buckets) % 4:
+        _fail("buckets must hold (bits, row_start, rows, byte_offset) quadruples, got ", len(buckets), " values")
+    groups = -(-in_features // group_size) if group_size else 1
+    rows = nbytes = 0
+    tile_blocks = -(-in_features // _TILE_K)
+    for i in range(0, len(buckets), 4):
+        bits, row_start, brows, offset = buckets[i:i + 4]
+        if bits not in (2, 4, 6, 8):
+            _fail("bucket bits must be 2, 4, 6 or 8, got ", bits)
+        if not (brows >= 0 and brows % _TILE_N == 0 and brows <= _MAX_DIM):
+            _fail("bucket rows must be a multiple of ", _TILE_N, " (at most 2^40), got ", brows)
+        if row_start != rows or offset != nbytes:
+            _fail("buckets must be contiguous and in order (bucket ", i // 4, ")")
+        tile = tile_blocks * bits * 32
+        if tile and brows // _TILE_N > (data.numel() - nbytes) // tile:
+            _fail("packed data holds ", data.numel(), " bytes, fewer than the buckets need (bucket ", i // 4, ")")
+        rows += brows
+        nbytes += brows // _TILE_N * tile
+    if nbytes != data.numel():
+        _fail("packed data holds ", data.numel(), " bytes, the buckets need ", nbytes)
+    if rows < out_features:
+        _fail(rows, " packed rows cannot hold ", out_features, " channels")
+    perm_type = torch.int16 if out_features <= _PERM_INT16_CHANNELS else torch.int32
+    for t, name, dtype in ((scale, "scale", torch.float32), (zero, "zero", torch.uint8), (perm, "perm", perm_type)):
+        grouped = group_size > 0 and name != "perm"
+        shape = [groups, rows] if grouped else [rows]
+        if t.dtype != dtype or _shape(t) != shape or not t.is_contiguous():
+            _fail("packed ", name, " must be a contiguous ", shape, " ", dtype, " tensor (group_size ", group_size,
+                  "), got ", t.dtype, " ", _shape(t))
+        if t.device != data.device:
+            _fail("packed ", name, " is on ", t.device, " but data is on ", data.device)
+    if values and perm.device.type == "cpu" and concrete(perm):
+        check_perm_values(perm, out_features)
+    return rows
+
+
+def check_perm_values(perm: Tensor, n: int) -> None:
+    """perm maps the packed rows onto [0, n) once each, -1 on padding rows (check_perm_values)."""
+    p = perm.long()
+    bad = (p < -1) | (p >= n)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        _fail("packed perm is not a permutation of [0, ", n, ") (entry ", i, " = ", int(p[i]), ")")
+    hits = torch.bincount(p[p >= 0], minlength=n) if n else p.new_zeros(0)
+    if bool((hits > 1).any()):
+        col = int((hits > 1).nonzero()[0, 0])
+        i = int((p == col).nonzero()[1, 0])
+        _fail("packed perm is not a permutation of [0, ", n, ") (entry ", i, " = ", col, ")")
+    if int((hits == 1).sum()) != n:
+        _fail("packed perm covers ", int((hits == 1).sum()), " of ", n, " channels")
+
+
+def packed_linear_args(x: Tensor, out_features: int, bias: Optional[Tensor], data: Tensor) -> None:
+    """csrc/quant_args.cpp check_linear_inputs (in_features is x's last dimension)."""
+    if x.dtype not in FLOAT_DTYPES:
+        _fail("x must be float32, float64, float16 or bfloat16, got ", x.dtype)
+    if x.dim() < 1:
+        _fail("x has 0 input features but the packed weight has more")
+    if x.device != data.device:
+        _fail("x is on ", x.device, " but the packed weight is on ", data.device)
+    if bias is not None:
+        if not (bias.dtype.is_floating_point and bias.dim() == 1 and bias.shape[0] == out_features):
+            _fail("bias must be a floating [", out_features, "] tensor, got ", bias.dtype, " ", _shape(bias))
+        if bias.device != x.device:
+            _fail("bias is on ", bias.device, " but x is on ", x.device)
+
+
+# ---------------------------------------------------------------- nearest prototype (search_cpu.cpp)
+def search_args(x: Tensor, prototypes: Tensor, k: int, metric: str) -> None:
+    if x.device != prototypes.device:
+        _fail("x and prototypes must be on one device, got ", x.device, " and ", prototypes.device)
+    if x.dim() != 2:
+        _fail("x must be [B, d], got shape ", _shape(x))
+    if prototypes.dim() != 2:
+        _fail("prototypes must be [N, d], got shape ", _shape(prototypes))
+    if not (x.dtype.is_floating_point and prototypes.dtype.is_floating_point):
+        _fail("x and prototypes must be floating, got ", x.dtype, " and ", prototypes.dtype)
+    if x.shape[1] != prototypes.shape[1]:
+        _fail("x has ", x.shape[1], " features but prototypes have ", prototypes.shape[1])
+    if not (1 <= k <= prototypes.shape[0]):
+        _fail("k must be in [1, N = ", prototypes.shape[0], "], got ", k)
+    if metric not in ("l2", "ip", "cosine"):
+        _fail("metric must be 'l2', 'ip' or 'cosine', got '", metric, "'")
