@@ -1,58 +1,111 @@
 """torch.nn modules built on pyeditor's ops: CHORD's packed layers and Persona's edited layers."""
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+import fnmatch
+import itertools
+import os
+import warnings
+from collections.abc import Mapping
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import quant as _quant
+from . import reference as _ref
 
 
 class PackedLinear(nn.Module):
     """A frozen nn.Linear whose weight is channel-wise 2/4/6/8-bit packed (CHORD).
 
     forward(x) = x @ W.T + bias with W the dequantized packed weight, computed by
-    :func:`pyeditor.quant.packed_linear` (gradients flow to x and bias). The packed tensors are
-    buffers, so ``state_dict`` / ``load_state_dict`` (also through safetensors) round-trip bit
-    for bit; loading checks that the tensors describe a valid packed weight of this layer's shape.
+    :func:`pyeditor.quant.packed_linear` (gradients flow to x and bias), returned in x's dtype
+    (float32, float64, float16 or bfloat16).
+
+    State: the packed tensors are buffers (``data`` uint8, ``scale`` float32, ``zero`` uint8,
+    ``perm`` int16/int32, ``buckets`` and ``bits`` int64, ``group`` an int64 scalar: the inputs
+    per scale, 0 for one scale per output channel), so ``state_dict`` / ``load_state_dict``
+    (also through safetensors) round-trip bit for bit; loading checks that the tensors describe a
+    valid packed weight of this layer's declared shape (see :func:`load_quantized` to rebuild
+    the layers of a freshly constructed float model). Checkpoints saved before ``group`` existed
+    still load (one scale per channel).
+
+    dtype casts: ``.to(torch.bfloat16)`` / ``.half()`` / ``.double()`` on the layer or a model
+    holding it cast the bias but leave the packed buffers exactly as they are (the scale stays
+    float32); device moves move them.
+
+    ``weight`` (read-only property): the dequantized weight [out, in] in the layer's floating
+    dtype (the bias's, else that of the last dtype cast, float32 by default), so that modules
+    reading ``.weight`` of their linears directly still work: ``nn.MultiheadAttention`` (its
+    ``out_proj`` goes through ``F.multi_head_attention_forward`` or the native fast path) and
+    the eval fast path of ``nn.TransformerEncoderLayer``. Each access dequantizes the whole
+    weight (a transient float copy: those code paths use the float matmul, not the packed
+    kernel, and save no memory traffic), and it carries no gradient to the packed codes.
     """
 
-    _KEYS = ("data", "scale", "zero", "perm", "buckets", "bits")
+    _KEYS = ("data", "scale", "zero", "perm", "buckets", "bits")  # required in a state_dict
+    _OPTIONAL_KEYS = ("group",)  # inferred when absent (state_dicts from before group-wise scales)
 
     def __init__(self, packed: _quant.PackedWeight, bias: Optional[Tensor] = None, *, fast: bool = False,
-                 backend: Optional[str] = None) -> None:
+                 backend: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
+        if not isinstance(packed, _quant.PackedWeight):
+            raise TypeError(f"packed must be a pyeditor.quant.PackedWeight, got {type(packed).__name__}")
+        if not isinstance(fast, bool):
+            raise TypeError(f"fast must be a bool, got {type(fast).__name__}")
+        if bias is not None:
+            if not isinstance(bias, Tensor) or not bias.is_floating_point():
+                raise TypeError(f"bias must be None or a floating tensor, got {_describe(bias)}")
+            if tuple(bias.shape) != (packed.out_features,):
+                raise ValueError(f"bias must have shape [{packed.out_features}], got {tuple(bias.shape)}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.in_features, self.out_features = packed.in_features, packed.out_features
         self.fast, self.backend = fast, backend
+        self._weight_dtype = dtype or (bias.dtype if bias is not None else torch.float32)
         self._set(packed)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
     def _set(self, p: _quant.PackedWeight) -> None:
         for name, t in zip(("data", "scale", "zero", "perm"), p.tensors()):
             self.register_buffer(name, t)
         self.register_buffer("buckets", torch.tensor(p.buckets, dtype=torch.int64).reshape(-1, 4))
         self.register_buffer("bits", p.bits)
+        self.register_buffer("group", torch.tensor(p.group_size or 0, dtype=torch.int64))
         self._bucket_list = p.buckets  # plain ints: no device sync or graph break per forward
+        self.group_size = p.group_size
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits, **kwargs) -> "PackedLinear":
-        """Quantize linear.weight per output channel to ``bits`` (int or [out] in {2, 4, 6, 8})."""
+    def from_linear(cls, linear: nn.Linear, bits, group_size: Optional[int] = None, *, fast: bool = False,
+                    backend: Optional[str] = None, **quantize_kwargs) -> "PackedLinear":
+        """Quantize linear.weight to ``bits`` (int or [out] in {2, 4, 6, 8}) with one scale per
+        output channel (group_size None) or per group of 32, 64 or 128 inputs; extra keywords go
+        to :func:`pyeditor.quant.quantize_channelwise`. The bias is copied (same dtype)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        packed = _quant.quantize_channelwise(linear.weight.detach(), bits)
-        return cls(packed, linear.bias, **kwargs)
+        if linear.weight.is_meta:
+            raise ValueError("linear.weight is on the meta device: there is no weight to quantize "
+                             "(materialize the model first, or use pyeditor.nn.load_quantized)")
+        packed = _quant.quantize_channelwise(linear.weight.detach(), bits, group_size=group_size, **quantize_kwargs)
+        return cls(packed, linear.bias, fast=fast, backend=backend, dtype=linear.weight.dtype)
 
     @property
     def packed(self) -> _quant.PackedWeight:
         return _quant.PackedWeight(self.data, self.scale, self.zero, self.perm,
                                    self._bucket_list, self.bits,
-                                   self.in_features, self.out_features)
+                                   self.in_features, self.out_features, self.group_size)
 
     @property
     def packed_bytes(self) -> int:
         """Bytes of the packed weight (codes + scale, zero point, permutation); bias not counted."""
         return self.packed.nbytes
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized weight [out, in] in the layer's floating dtype: one dequantize per
+        access, no gradient (see the class docstring)."""
+        dtype = self.bias.dtype if self.bias is not None else self._weight_dtype
+        return self.dequantize().to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return _quant.packed_linear(x, self.packed, self.bias, fast=self.fast, backend=self.backend)
@@ -60,90 +113,503 @@ class PackedLinear(nn.Module):
     def dequantize(self) -> Tensor:
         return self.packed.dequantize(backend=self.backend)
 
+    def _apply(self, fn, recurse=True):
+        """Device moves move the packed buffers; dtype casts (``.half()``, ``.to(torch.bfloat16)``,
+        ...) do not touch them: a buffer whose dtype ``fn`` changed is put back, bit for bit, on
+        the device ``fn`` chose. The bias is cast as usual."""
+        before = {name: self._buffers[name] for name in self._KEYS + self._OPTIONAL_KEYS}
+        try:  # where fn sends this layer's floating dtype (.to(device) keeps it, .half() changes it)
+            probe = fn(torch.empty(0, dtype=self._weight_dtype, device=before["scale"].device))
+            if isinstance(probe, Tensor) and probe.is_floating_point():
+                self._weight_dtype = probe.dtype
+        except Exception:  # an fn that only handles particular tensors: keep the dtype
+            pass
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
     def extra_repr(self) -> str:
         widths = {b: int((self.bits == b).sum()) for b in _quant.WIDTHS}
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"channels per width={widths}, packed_bytes={self.packed_bytes}")
+                f"group_size={self.group_size}, channels per width={widths}, packed_bytes={self.packed_bytes}")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        keys = [prefix + k for k in self._KEYS]
-        if all(k in state_dict for k in keys):
-            got = {k: state_dict[prefix + k] for k in self._KEYS}
-            try:
-                packed = _validated(got, self.in_features, self.out_features)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"state_dict for PackedLinear {prefix!r} is not a valid packed weight: {exc}") from exc
-            self._set(packed.to(self.data.device))  # the packed shapes depend on the widths
+        present = [k for k in self._KEYS if prefix + k in state_dict]
+        if present and len(present) < len(self._KEYS):
+            # a partial packed weight cannot be loaded (strict or not): its tensors depend on each other
+            missing = [prefix + k for k in self._KEYS if k not in present]
+            raise ValueError(f"state_dict for PackedLinear {prefix!r} holds {[prefix + k for k in present]} "
+                             f"but misses {missing}")
+        if present:
+            packed = _validated_prefixed(state_dict, prefix, self.in_features, self.out_features)
+            # what the base class copies (or assigns): the validated tensors (an int32 perm of an
+            # older state_dict as int16; group inferred when absent). state_dict is load_state_dict's copy.
+            for name, t in zip(("data", "scale", "zero", "perm"), packed.tensors()):
+                state_dict[prefix + name] = t
+            if prefix + "group" not in state_dict:
+                state_dict[prefix + "group"] = torch.tensor(packed.group_size or 0, dtype=torch.int64)
+            # the packed shapes depend on the widths: fresh buffers of the new shapes, which the
+            # base class fills (copies, so the layer never aliases the caller's tensors) or replaces (assign)
+            dev = self.data.device
+            self._set(_quant.PackedWeight(*(torch.empty_like(t, device=dev) for t in packed.tensors()),
+                                          packed.buckets, torch.empty_like(packed.bits, device=dev),
+                                          packed.in_features, packed.out_features, packed.group_size))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
 
-def _validated(t: dict, k: int, n: int) -> _quant.PackedWeight:
-    """A PackedWeight from state_dict tensors, after checking they are consistent."""
+def _describe(v) -> str:
+    return f"a {v.dtype} tensor" if isinstance(v, Tensor) else type(v).__name__
+
+
+def _validated_prefixed(state_dict, prefix: str, k: int, n: int) -> _quant.PackedWeight:
+    """_validated on the keys ``prefix + name`` of a state_dict; ValueError naming the key."""
+    got = {name: state_dict[prefix + name] for name in PackedLinear._KEYS}
+    if prefix + "group" in state_dict:
+        got["group"] = state_dict[prefix + "group"]
+    try:
+        return _validated(got, k, n, prefix=prefix)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"state_dict for PackedLinear {prefix!r} (in_features={k}, out_features={n}) is not a "
+                         f"valid packed weight: {exc}") from exc
+
+
+def _group_size_of(t: dict, k: int, key) -> Optional[int]:
+    """group_size from the ``group`` tensor, or (absent) from the shape of ``scale``: 1-D is one
+    scale per channel; [G, rows] the group size with ceil(k / size) == G (any of them when
+    G == 1: all give the same weight)."""
+    g = t.get("group")
+    if g is not None:
+        if not isinstance(g, Tensor) or g.dtype != torch.int64 or g.numel() != 1:
+            raise TypeError(f"{key('group')} must be an int64 tensor with one value, got "
+                            f"{_describe(g) if not isinstance(g, Tensor) else f'{g.dtype} {tuple(g.shape)}'}")
+        v = int(g.reshape(()).item())
+        if v == 0:
+            return None
+        if v not in _ref.GROUP_SIZES:
+            raise ValueError(f"{key('group')} must be 0 (one scale per channel) or one of {_ref.GROUP_SIZES}, "
+                             f"got {v}")
+        return v
+    scale = t["scale"]
+    if not isinstance(scale, Tensor) or scale.dim() != 2:
+        return None
+    fits = [s for s in _ref.GROUP_SIZES if _ref.n_groups(k, s) == scale.shape[0]]
+    if not fits:
+        raise ValueError(f"{key('scale')} has {scale.shape[0]} groups, which no group size in "
+                         f"{_ref.GROUP_SIZES} gives for {k} inputs")
+    return fits[-1] if scale.shape[0] == 1 else fits[0]
+
+
+def _validated(t: dict, k: int, n: int, *, prefix: str = "") -> _quant.PackedWeight:
+    """A PackedWeight from state_dict tensors (data, scale, zero, perm, buckets, bits and,
+    optionally, group) after checking they are consistent with each other and with a layer of
+    ``k`` inputs and ``n`` outputs. Errors name the key (``prefix + name``)."""
+    def key(name: str) -> str:
+        return repr(prefix + name)
+
     want = {"data": torch.uint8, "scale": torch.float32, "zero": torch.uint8, "perm": _quant.perm_dtype(n),
             "buckets": torch.int64, "bits": torch.int64}
     t = dict(t)
     if isinstance(t["perm"], Tensor) and t["perm"].dtype == torch.int32 and want["perm"] == torch.int16:
         # saved before the permutation became int16 for layers of < 2^15 channels: same values
         if t["perm"].numel() and not (-1 <= int(t["perm"].min()) and int(t["perm"].max()) < n):
-            raise ValueError(f"perm must hold channels in [0, {n}) or -1")
+            raise ValueError(f"{key('perm')} must hold channels in [0, {n}) or -1")
         t["perm"] = t["perm"].to(torch.int16)
     for name, dtype in want.items():
         if not isinstance(t[name], Tensor) or t[name].dtype != dtype:
-            raise TypeError(f"{name} must be a {dtype} tensor")
+            raise TypeError(f"{key(name)} must be a {dtype} tensor, got {_describe(t[name])}")
+    group_size = _group_size_of(t, k, key)
     buckets = t["buckets"].cpu()
     if buckets.dim() != 2 or buckets.shape[1] != 4:
-        raise ValueError(f"buckets must have shape [B, 4], got {tuple(buckets.shape)}")
+        raise ValueError(f"{key('buckets')} must have shape [B, 4], got {tuple(buckets.shape)}")
     bits = t["bits"].cpu()
-    if tuple(bits.shape) != (n,) or not bool(torch.isin(bits, torch.tensor(_quant.WIDTHS)).all()):
-        raise ValueError(f"bits must be [{n}] values in {{2, 4, 6, 8}}")
+    if tuple(bits.shape) != (n,):
+        raise ValueError(f"{key('bits')} must have shape [{n}] (out_features={n}), got {list(bits.shape)}")
+    if not bool(torch.isin(bits, torch.tensor(_quant.WIDTHS)).all()):
+        raise ValueError(f"{key('bits')} must hold values in {{2, 4, 6, 8}}")
     row = offset = 0
     kp = _quant.padded_k(k)
     perm = t["perm"].cpu().long()
     for b, start, rows, off in buckets.tolist():
         if b not in _quant.WIDTHS or start != row or off != offset or rows <= 0 or rows % _quant.TILE_N:
-            raise ValueError(f"bucket {(b, start, rows, off)} is not a contiguous tile-aligned bucket")
+            raise ValueError(f"{key('buckets')}: bucket {(b, start, rows, off)} is not a contiguous tile-aligned "
+                             f"bucket")
         chans = perm[start:start + rows]
         chans = chans[chans >= 0]
         if chans.numel() and not bool((chans < n).all() and (bits[chans.clamp(0, n - 1)] == b).all()):
-            raise ValueError(f"the {b}-bit bucket holds channels whose bits are not {b}")
+            raise ValueError(f"the {b}-bit bucket of {key('perm')} holds channels whose {key('bits')} are not {b}")
         row += rows
         offset += rows // _quant.TILE_N * (kp // _quant.TILE_K) * b * 32
     if t["data"].shape != (offset,):
-        raise ValueError(f"data must hold {offset} bytes, got {tuple(t['data'].shape)}")
-    for name in ("scale", "zero", "perm"):
-        if t[name].shape != (row,):
-            raise ValueError(f"{name} must have shape [{row}], got {tuple(t[name].shape)}")
+        raise ValueError(f"{key('data')} must hold {offset} bytes for in_features={k} and these buckets, got "
+                         f"{tuple(t['data'].shape)}")
+    if t["perm"].shape != (row,):
+        raise ValueError(f"{key('perm')} must have shape [{row}], got {tuple(t['perm'].shape)}")
+    groups = _ref.n_groups(k, group_size)
+    per_row = (row,) if group_size is None else (groups, row)
+    for name in ("scale", "zero"):
+        if t[name].shape != per_row:
+            what = "" if group_size is None else f" (group_size={group_size}: {groups} groups of in_features={k})"
+            raise ValueError(f"{key(name)} must have shape {list(per_row)}{what}, got {list(t[name].shape)}")
     real = perm[perm >= 0]
     if real.numel() != n or (n and not torch.equal(torch.sort(real).values, torch.arange(n))):
-        raise ValueError(f"perm must map the packed rows onto the {n} channels exactly once")
-    if not bool(torch.isfinite(t["scale"]).all()) or bool((t["scale"][perm >= 0] <= 0).any()):
-        raise ValueError("scale must be finite and > 0")
-    qmax = (1 << bits[real]) - 1
-    if bool((t["zero"].cpu()[perm >= 0].long() > qmax).any()):
-        raise ValueError("zero exceeds 2**bits - 1 for its channel")
+        raise ValueError(f"{key('perm')} must map the packed rows onto the {n} channels exactly once")
+    keep = perm >= 0
+    g = 1 if group_size is None else groups
+    scale = t["scale"].cpu().reshape(g, row)  # [G, rows] (G = 1 per channel)
+    if not bool(torch.isfinite(scale).all()) or bool((scale[:, keep] <= 0).any()):
+        raise ValueError(f"{key('scale')} must be finite and > 0")
+    qmax = (1 << bits[real]) - 1  # per real packed row
+    if bool((t["zero"].cpu().reshape(g, row)[:, keep].long() > qmax).any()):
+        raise ValueError(f"{key('zero')} exceeds 2**bits - 1 for its channel")
     return _quant.PackedWeight(t["data"], t["scale"], t["zero"], t["perm"], [tuple(r) for r in buckets.tolist()],
-                               bits, k, n)
+                               bits, k, n, group_size)
 
 
-def quantize_model(model: nn.Module, bits_for: Callable[[str, nn.Linear], Optional[Tensor]], **kwargs) -> nn.Module:
-    """Replace, in place, every nn.Linear of ``model`` for which ``bits_for(name, linear)`` returns
-    a bits vector (or int) by a PackedLinear; None keeps the layer. Returns the model."""
-    if not callable(bits_for):
-        raise TypeError("bits_for must be a callable (name, linear) -> bits or None")
+# ---------------------------------------------------------------- quantize_model / load_quantized
+_TIED = ("skip", "error", "untie")
+
+
+def _linear_sites(model: nn.Module) -> dict:
+    """{id(module): (module, [names])} for every nn.Linear, each module once with all the names
+    it is registered under (a module shared by two parents keeps being shared)."""
+    sites: dict = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, nn.Linear):
+            sites.setdefault(id(m), (m, []))[1].append(name)
+    return sites
+
+
+def _tied_tensor_ids(model: nn.Module) -> set:
+    """ids of the parameters and buffers that another module also holds: the same tensor object
+    registered in two modules, or tensors whose memory overlaps (``nn.Parameter(other.weight)``,
+    ``.data`` assignments)."""
+    owners: dict = {}
+    tensors: dict = {}
+    for m in model.modules():
+        for t in itertools.chain(m._parameters.values(), m._buffers.values()):
+            if t is not None:
+                owners.setdefault(id(t), set()).add(id(m))
+                tensors[id(t)] = t
+    tied = {i for i, mods in owners.items() if len(mods) > 1}
+    spans: dict = {}
+    for i, t in tensors.items():
+        if t.is_meta or t.numel() == 0:
+            continue
+        try:
+            storage = t.untyped_storage()
+            base = storage.data_ptr()
+        except (RuntimeError, NotImplementedError, TypeError):
+            continue
+        if base == 0:
+            continue
+        size = t.element_size()
+        start = t.storage_offset() * size
+        span = sum((s - 1) * st for s, st in zip(t.shape, t.stride())) * size + size
+        spans.setdefault((t.device, base), []).append((start, start + span, i))
+    for group in spans.values():
+        if len(group) < 2:
+            continue
+        group.sort()
+        for a, (start, end, i) in enumerate(group):
+            for s2, _, j in group[a + 1:]:
+                if s2 >= end:
+                    break
+                tied.update((i, j))
+    return tied
+
+
+def _skip_patterns(skip) -> Tuple[str, ...]:
+    if isinstance(skip, str):
+        skip = (skip,)
+    try:
+        patterns = tuple(skip)
+    except TypeError:
+        raise TypeError(f"skip must be an iterable of module names or fnmatch patterns, got "
+                        f"{type(skip).__name__}") from None
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"skip must hold str module names or fnmatch patterns, got {type(p).__name__}")
+    return patterns
+
+
+def _skipped(name: str, patterns: Tuple[str, ...]) -> bool:
+    """name matches a pattern, or lies inside a module the pattern names exactly."""
+    return any(fnmatch.fnmatchcase(name, p) or name.startswith(p + ".") for p in patterns)
+
+
+def quantize_model(model: nn.Module, bits=None, *, group_size: Optional[int] = None, skip=(), fast: bool = False,
+                   backend: Optional[str] = None, tied: str = "skip", bits_for=None, **quantize_kwargs) -> nn.Module:
+    """Replace, in place, nn.Linear layers of ``model`` by PackedLinear; returns the model.
+
+    bits: which layers, at which widths:
+      * an int in {2, 4, 6, 8}: every nn.Linear (subclasses such as attention's ``out_proj``
+        included);
+      * a dict {module name: bits} (bits an int or an [out_features] tensor in {2, 4, 6, 8}, or
+        None); layers it does not name stay float, and a name that is no nn.Linear of the
+        model raises ValueError;
+      * a callable (name, linear) -> bits or None (None keeps the layer float). The earlier
+        ``quantize_model(model, bits_for)`` / ``bits_for=`` spelling still works.
+    group_size: None (one scale per output channel) or 32, 64, 128 inputs per scale.
+    skip: module names or fnmatch patterns (``"*.lm_head"``, ``"encoder.layers.0.*"``) to keep
+      float, whatever ``bits`` says; a name also keeps every Linear inside that module.
+    fast, backend: passed to every PackedLinear. Other keywords go to
+      :func:`pyeditor.quant.quantize_channelwise`.
+    tied: a Linear whose weight (or bias) is shared with another module (the same Parameter,
+      e.g. an lm_head tied to the token embedding, or overlapping memory) would be silently
+      untied by quantization. "skip" (default): keep it float and warn naming it; "error":
+      raise ValueError; "untie": quantize it anyway (the other module keeps the float tensor).
+      A Linear *module* registered under several names is quantized once and stays shared.
+
+    Attention: nn.MultiheadAttention's ``out_proj`` (and the linears of
+    nn.TransformerEncoderLayer, whose eval fast path reads ``.weight``) are quantized like any
+    Linear; those code paths read PackedLinear.weight, which dequantizes on each access (see
+    PackedLinear). Pass ``skip=("*.out_proj",)`` to keep them float instead. Separate q/k/v/o
+    nn.Linear modules (Hugging Face style) go through the packed kernel.
+
+    All layers are quantized before any is swapped: an error leaves the model unchanged.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.Linear):
         raise ValueError("model itself is an nn.Linear; use PackedLinear.from_linear")
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    for name, linear in targets:
-        bits = bits_for(name, linear)
-        if bits is None:
+    if bits_for is not None:
+        if bits is not None:
+            raise TypeError("pass bits or bits_for (its earlier name), not both")
+        if not callable(bits_for):
+            raise TypeError("bits_for must be a callable (name, linear) -> bits or None")
+        bits = bits_for
+    if bits is None:
+        raise TypeError("bits is required: an int, a dict {module name: bits} or a callable (name, linear) -> bits")
+    if isinstance(bits, bool) or not (isinstance(bits, (int, Mapping)) or callable(bits)):
+        raise TypeError(f"bits must be an int in {{2, 4, 6, 8}}, a dict {{module name: bits}} or a callable "
+                        f"(name, linear) -> bits or None, got {type(bits).__name__}")
+    if isinstance(bits, int) and bits not in _quant.WIDTHS:
+        raise ValueError(f"bits must be one of {_quant.WIDTHS}, got {bits}")
+    group_size = _ref.check_group_size(group_size)
+    patterns = _skip_patterns(skip)
+    if tied not in _TIED:
+        raise ValueError(f"tied must be one of {_TIED}, got {tied!r}")
+    if not isinstance(fast, bool):
+        raise TypeError(f"fast must be a bool, got {type(fast).__name__}")
+
+    sites = _linear_sites(model)
+    if isinstance(bits, Mapping):
+        names = {n for _, ns in sites.values() for n in ns}
+        bad = [k for k in bits if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"bits dict keys must be module names (str), got {bad[0]!r}")
+        unknown = sorted(k for k in bits if k not in names)
+        if unknown:
+            raise ValueError(f"bits names modules that are not nn.Linear layers of the model: {unknown}")
+
+    def chosen(names: List[str], linear: nn.Linear):
+        if any(_skipped(n, patterns) for n in names):
+            return None
+        if isinstance(bits, int):
+            return bits
+        if isinstance(bits, Mapping):
+            return next((bits[n] for n in names if n in bits), None)
+        return bits(names[0], linear)
+
+    tied_ids = _tied_tensor_ids(model) if tied != "untie" else set()
+    plan, kept_tied = [], []
+    for linear, names in sites.values():
+        b = chosen(names, linear)
+        if b is None:
             continue
-        packed = PackedLinear.from_linear(linear, bits, **kwargs)
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, packed)
+        if id(linear.weight) in tied_ids or (linear.bias is not None and id(linear.bias) in tied_ids):
+            kept_tied.append(names[0])
+            continue
+        try:
+            layer = PackedLinear.from_linear(linear, b, group_size, fast=fast, backend=backend, **quantize_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"quantize_model: layer {names[0]!r}: {exc}") from exc
+        plan.append((layer, names))
+    if kept_tied:
+        msg = (f"quantize_model: {kept_tied} share their weight (or bias) with another module (tied weights); "
+               "quantizing would untie them")
+        if tied == "error":
+            raise ValueError(msg + "; pass tied='skip' to keep them float or tied='untie' to quantize them anyway")
+        warnings.warn(msg + ", so they stay float (pass tied='untie' to quantize them anyway)", UserWarning,
+                      stacklevel=2)
+    for layer, names in plan:
+        for name in names:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, layer)
     return model
+
+
+def _read_state_dict(src) -> dict:
+    if isinstance(src, Mapping):
+        sd = dict(src)
+    elif isinstance(src, (str, os.PathLike)):
+        path = os.fspath(src)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"path_or_state_dict: no file {path!r}")
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            sd = load_file(path, device="cpu")
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(sd, Mapping):
+            raise TypeError(f"path_or_state_dict: {path!r} holds a {type(sd).__name__}, not a state_dict")
+        sd = dict(sd)
+    else:
+        raise TypeError(f"path_or_state_dict must be a state_dict (a mapping of str to tensors) or a path, got "
+                        f"{type(src).__name__}")
+    for k, v in sd.items():
+        if not isinstance(k, str):
+            raise TypeError(f"state_dict keys must be str, got {k!r}")
+        if not isinstance(v, Tensor):
+            raise TypeError(f"state_dict[{k!r}] must be a tensor, got {type(v).__name__}")
+    return sd
+
+
+def load_quantized(model: nn.Module, path_or_state_dict, *, strict: bool = True, fast: bool = False,
+                   backend: Optional[str] = None) -> nn.Module:
+    """Load a state_dict saved from a model after :func:`quantize_model` (``torch.save`` of its
+    ``state_dict()``, or a ``.safetensors`` file) into ``model``, a freshly constructed float
+    model of the same architecture; returns the model, changed in place.
+
+    Every nn.Linear whose keys in the state_dict are packed (``data``, ``scale``, ``zero``,
+    ``perm``, ``buckets``, ``bits`` and optionally ``group``) becomes a PackedLinear with the
+    saved widths and group size (``fast`` and ``backend`` are given to it); the others load as
+    float. The model may be built on the meta device (``with torch.device("meta"): model =
+    Model()``): it is then materialized from the state_dict's tensors (on the CPU when read from
+    a file) by ``load_state_dict(assign=True)``; parameters the meta model shared (the same
+    Parameter in two modules, e.g. a tied lm_head) are shared again after loading, and a
+    duplicate key of such a parameter may be absent. A tensor left on the meta device (a missing
+    key with strict=False, a non-persistent buffer) raises ValueError naming it.
+
+    Checked before anything changes, every error a ValueError naming the key: a partial packed
+    layer; packed and float weights for one layer; each packed tensor against the layer's
+    declared in/out features (and its dtype, scale > 0 and finite, zero <= 2**bits - 1); the
+    shape of every other tensor; with strict (default), missing and unexpected keys (left to
+    ``load_state_dict``, a RuntimeError, for models with load_state_dict pre-hooks, which may
+    rename keys).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(fast, bool):
+        raise TypeError(f"fast must be a bool, got {type(fast).__name__}")
+    sd = _read_state_dict(path_or_state_dict)
+    modules = dict(model.named_modules(remove_duplicate=False))  # every name of a shared module
+
+    def prefix_of(name: str) -> str:
+        return name + "." if name else ""
+
+    # 1. the packed layers: validate them and build their PackedLinear (not yet swapped in)
+    replaced: dict = {}  # id(nn.Linear) -> PackedLinear
+    for name, m in modules.items():
+        if not isinstance(m, (nn.Linear, PackedLinear)):
+            continue
+        p = prefix_of(name)
+        present = [k for k in PackedLinear._KEYS if p + k in sd]
+        if not present:
+            continue
+        if len(present) < len(PackedLinear._KEYS):
+            missing = [p + k for k in PackedLinear._KEYS if k not in present]
+            raise ValueError(f"load_quantized: state_dict holds part of a packed weight for {name!r}: "
+                             f"missing {missing}")
+        if p + "weight" in sd:
+            raise ValueError(f"load_quantized: state_dict holds both {p + 'weight'!r} and a packed weight for "
+                             f"{name!r}")
+        packed = _validated_prefixed(sd, p, m.in_features, m.out_features)
+        if isinstance(m, PackedLinear) or id(m) in replaced:
+            continue  # load_state_dict loads it (validated above)
+        if m is model:
+            raise ValueError("load_quantized: model itself is an nn.Linear; use PackedLinear.load_state_dict")
+        bias = None
+        if m.bias is not None:
+            bias = sd.get(p + "bias", m.bias).detach()
+            if tuple(bias.shape) != (m.out_features,):
+                raise ValueError(f"load_quantized: state_dict[{p + 'bias'!r}] has shape {list(bias.shape)}, but "
+                                 f"{name!r} declares out_features={m.out_features}")
+            if not bias.is_meta:
+                bias = bias.to(packed.device)
+        layer = PackedLinear(packed, bias, fast=fast, backend=backend, dtype=m.weight.dtype)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(m.bias.requires_grad)
+        replaced[id(m)] = layer
+
+    # 2. the keys and shapes the model will expect once swapped
+    expected: dict = {}
+    optional = set()
+    for name, m in modules.items():
+        m = replaced.get(id(m), m)
+        local: dict = {}
+        m._save_to_state_dict(local, "", True)
+        for k, v in local.items():
+            expected[prefix_of(name) + k] = v
+        if isinstance(m, PackedLinear):
+            optional.update(prefix_of(name) + k for k in PackedLinear._OPTIONAL_KEYS)
+    ties = [sites for sites in _shared_parameters(model)  # those packing does not break up
+            if not any(id(modules[n]) in replaced for n, _ in sites)]
+    for sites in ties:  # a tied duplicate may be absent (safetensors' save_model drops them)
+        keys = [prefix_of(n) + attr for n, attr in sites]
+        have = [k for k in keys if k in sd]
+        if have:
+            for k in keys:
+                sd.setdefault(k, sd[have[0]])
+    # modules whose load pre-hooks rename keys (older checkpoint layouts) are left to load_state_dict
+    renames = any(m._load_state_dict_pre_hooks for m in modules.values())
+    if strict and not renames:
+        missing = [k for k in expected if k not in sd and k not in optional]
+        unexpected = [k for k in sd if k not in expected]
+        if missing or unexpected:
+            hint = ""
+            if any(k.rpartition(".")[2] in PackedLinear._KEYS for k in unexpected):
+                hint = " (packed weights load only into nn.Linear or PackedLinear modules)"
+            raise ValueError(f"load_quantized: state_dict does not match the model: missing keys {missing}, "
+                             f"unexpected keys {unexpected}{hint}")
+    packed_leaves = set(PackedLinear._KEYS + PackedLinear._OPTIONAL_KEYS)
+    for k, v in expected.items():
+        if k not in sd or not isinstance(v, Tensor):
+            continue
+        owner, _, leaf = k.rpartition(".")
+        m = modules.get(owner)
+        if leaf in packed_leaves and (isinstance(m, PackedLinear) or id(m) in replaced):
+            continue  # validated as a packed weight
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise ValueError(f"load_quantized: state_dict[{k!r}] has shape {list(sd[k].shape)}, but the model's "
+                             f"is {list(v.shape)}")
+
+    # 3. swap, load (assigning when the model is on the meta device), re-tie
+    for name, m in modules.items():
+        if id(m) in replaced:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, replaced[id(m)])
+    has_meta = any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+    model.load_state_dict(sd, strict=strict, assign=has_meta)
+    for sites in ties:
+        owners = [(model.get_submodule(n), attr) for n, attr in sites]
+        params = [o._parameters.get(attr) for o, attr in owners]
+        source = next((q for q in params if q is not None and not q.is_meta), None)
+        if source is not None:
+            for o, attr in owners:
+                o._parameters[attr] = source
+    left = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"load_quantized: {left} are still on the meta device (not in the state_dict, or "
+                         "non-persistent buffers): construct them on a real device or load them separately")
+    return model
+
+
+def _shared_parameters(model: nn.Module) -> List[List[Tuple[str, str]]]:
+    """[(module name, attribute), ...] of every Parameter object held in more than one place."""
+    where: dict = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        for attr, q in m._parameters.items():
+            if q is not None:
+                where.setdefault(id(q), []).append((name, attr))
+    return [sites for sites in where.values() if len(sites) > 1]
 # ---------------------------------------------------------------- end packed low-bit layers
 
 # ------------------------------------------------------------------ Persona (issue 4)

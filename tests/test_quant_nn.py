@@ -108,7 +108,9 @@ def test_from_linear_bad_input():
     with pytest.raises(ValueError, match="bits"):
         pnn.PackedLinear.from_linear(nn.Linear(4, 3), torch.tensor([2, 4]))
     with pytest.raises(TypeError, match="bits_for"):
-        pnn.quantize_model(model(), 4)
+        pnn.quantize_model(model(), bits_for=4)
+    with pytest.raises(TypeError, match="bits"):
+        pnn.quantize_model(model(), "4")  # an int, a dict or a callable (tests/test_quant_dropin.py)
 
 
 def test_packed_size_is_a_fraction_of_fp32():
