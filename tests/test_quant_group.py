@@ -12,19 +12,10 @@ from pyeditor import reference as ref
 from pyeditor.testing import check_close, reduction_tolerance
 
 from conftest import backend_params
+from test_quant import rand, rand_bits
 
 BACKENDS = backend_params()
 GROUPS = [32, 64, 128]
-
-
-def rand(shape, dtype=torch.float32, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-
-
-def rand_bits(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.tensor([2, 4, 6, 8])[torch.randint(0, 4, (n,), generator=g)]
 
 
 def both(w, bits, group_size):
