@@ -440,8 +440,8 @@ def _models(config: str, with_bnb: bool, backend):
     model, ev, ref, acts, n_cal = _setup()
     models, qtime = {}, {}
     threads = torch.get_num_threads()
-    # quantizing is set-up, not the timed forward: one thread, so a loaded 2-core host (where
-    # two threads' small ops wait on each other: 3-7x slower, measured) does not stretch the run
+    # quantizing is set-up, not the timed forward: one thread, so that on a loaded 2-core host
+    # two threads' small ops do not wait on each other and stretch the run
     torch.set_num_threads(1)
     try:
         for impl, method in METHODS.items():
