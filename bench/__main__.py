@@ -1,4 +1,14 @@
-"""Command line: ``python -m bench [--full] [--filter SUBSTR] [--list] [--json PATH]``."""
+"""Command line of the benchmark suite.
+
+  python -m bench [--full] [--filter SUBSTR] [--shape FAMILY:K=V,...] [--list] [--json PATH] [--plot DIR]
+      run the suite (default); results go to bench/results/<host>-<date>-<commit>.json and latest.json
+  python -m bench report [RESULTS.json ...] [-o BENCHMARKS.md]
+      the results as Markdown: per host, one table per family, targets marked pass/miss
+  python -m bench compare OLD.json NEW.json [--all] [--fail-slower PCT]
+      per case, new/old ratio of medians, flagged when beyond the two runs' spread
+  python -m bench plot [RESULTS.json ...] [-o DIR]
+      a roofline / speedup PNG per family (needs matplotlib)
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,50 +17,80 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from bench.contention import BUSY_CORES_FLAG, foreign_load, wait_until_idle
-from bench.machine import machine_info
-from bench.registry import Context, default_backend, discover, select
-from bench.report import format_report, write_json
-from bench.roofline import BandwidthProbe, best_of
-from bench.runner import add_roofline, run_case
-
-DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
+from bench.results import LATEST, ResultsError, results_dir
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+def _run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="also bf16/fp16 and extra shapes")
     p.add_argument("--filter", action="append", metavar="SUBSTR",
                    help="only cases whose name or label contains SUBSTR (repeatable: any)")
+    p.add_argument("--shape", action="append", metavar="FAMILY:KEY=VALUE,...",
+                   help="run FAMILY's cases at your own sizes, e.g. quant:M=1,N=1024,K=1024 or search:B=4096,N=32 "
+                        "(repeatable; keys are the case's arguments: see --list --shape FAMILY)")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH",
-                   help="results file (default bench/results/latest.json)")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH",
+                   help="write the results here only (default: a new timestamped file in the results dir "
+                        f"and a copy at {LATEST})")
+    p.add_argument("--plot", type=Path, default=None, metavar="DIR", help="also write the PNG plots into DIR")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default=None, help="pyeditor backend for 'ours' (default: native for device)")
-    # 1.5 s keeps the default run near 5 minutes on the 2-core CI machine (2 s took 6.3 minutes
-    # once the packed rows gained a second read peer and a 4x-L3 working set)
+    # the budget sets most of the default run's length; keep it short enough for a CI host
     p.add_argument("--budget", type=float, default=1.5, help="seconds of timed reps per impl (default 1.5)")
-    # at least 6 samples per impl by default, 10 with --full: the slow peers (0.3-0.7 s a call on the
-    # 2026-12-04 AMD Zen 3 host) made min-reps, not the budget, set the default run's length (6.3 min)
+    # slow peers, not the budget, set the default run's length: min-reps bounds them
     p.add_argument("--min-reps", type=int, default=None, help="samples per impl at least (default 6, --full 10)")
+    p.add_argument("--probe-mib", type=int, default=256, metavar="MIB",
+                   help="size of the memory-bandwidth probe's buffers (default 256: far beyond the caches; "
+                        "smaller only for quick smoke runs, whose rooflines then mean little)")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                    help="before each case wait up to S seconds for other processes to go idle")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    cases = select(discover(), full=args.full, filters=args.filter)
+def _select(args: argparse.Namespace) -> list:
+    from bench.registry import discover_modules, select
+    from bench.shapes import apply_shapes, parse_shape
+
+    modules = discover_modules()
+    if args.shape:
+        specs = [parse_shape(s) for s in args.shape]
+        picked = {id(c) for c in select([c for cs in modules.values() for c in cs], full=args.full,
+                                        filters=args.filter)}
+        modules = {m: [c for c in cs if id(c) in picked] for m, cs in modules.items()}
+        return apply_shapes(modules, specs)
+    return select([c for cs in modules.values() for c in cs], full=args.full, filters=args.filter)
+
+
+def run(argv: list[str]) -> int:
+    args = _run_parser().parse_args(argv)
+    try:
+        cases = _select(args)
+    except ValueError as e:
+        print(f"python -m bench: {e}", file=sys.stderr)
+        return 2
     if args.list:
+        from bench.shapes import accepted
+
         for c in cases:
             print(f"{c.name:<44} {'full' if c.full else 'default':<8} {', '.join(c.impls)}")
+            if args.shape:
+                print(f"    {c.make.func.__name__}(" + ", ".join(f"{k}={v!r}" for k, v in accepted(c).items()) + ")")
         return 0
     if not cases:
         print("no cases selected", file=sys.stderr)
         return 1
+
+    import torch
+
+    from bench.contention import foreign_load, wait_until_idle
+    from bench.machine import machine_info
+    from bench.registry import Context, default_backend
+    from bench.report import format_report
+    from bench.results import document, write_run
+    from bench.roofline import BandwidthProbe, best_of
+    from bench.runner import add_roofline, run_case
 
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -65,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"WARNING: other processes are using {load['foreign_cores']:.1f} cores of this machine; "
               "timings will be noisy (rows measured under load are flagged)", file=sys.stderr)
     progress(f"measuring memory bandwidth on {args.device} with {threads} threads ...")
-    probe = BandwidthProbe(args.device, sync=ctx.sync)
+    if args.probe_mib < 1:
+        print("python -m bench: --probe-mib must be at least 1", file=sys.stderr)
+        return 2
+    probe = BandwidthProbe(args.device, nbytes=args.probe_mib << 20, sync=ctx.sync)
     bw_start = probe.measure()
     machine = machine_info(args.device)
     machine["load_at_start"] = load
@@ -88,10 +131,98 @@ def main(argv: list[str] | None = None) -> int:
     del probe
 
     machine["wall_s"] = time.perf_counter() - start
-    print(format_report(machine, rows))
-    write_json(args.json, machine, rows, sys.argv if argv is None else argv)
-    print(f"\nwrote {args.json} ({len(rows)} rows) in {machine['wall_s']:.0f} s", file=sys.stderr)
+    print(format_report(machine, rows), flush=True)
+    paths = write_run(document(machine, rows, argv), out=args.json)
+    print(f"\nwrote {' and '.join(map(str, paths))} ({len(rows)} rows) in {machine['wall_s']:.0f} s", file=sys.stderr)
+    if args.plot is not None:
+        return _plot_files([paths[0]], args.plot)
     return 0
+
+
+def _load_all(paths: list[Path]) -> list[dict]:
+    from bench.results import load
+
+    return [load(p) for p in paths]
+
+
+def report(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench report",
+                                description="BENCHMARKS.md from results files (regenerated whole).")
+    p.add_argument("results", nargs="*", type=Path,
+                   help=f"results files (default: {LATEST} in the results dir); per host and case the newest wins")
+    p.add_argument("-o", "--output", type=Path, default=None, help="write here instead of stdout")
+    args = p.parse_args(argv)
+    from bench.markdown import render
+    from bench.results import command_line
+
+    files = args.results or [results_dir() / LATEST]
+    text = render(_load_all(files), command_line(["report", *map(str, args.results)]))
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def compare(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench compare",
+                                description="Per case, the new/old ratio of medians; changes beyond the spread "
+                                            "are flagged slower/faster.")
+    p.add_argument("old", type=Path)
+    p.add_argument("new", type=Path)
+    p.add_argument("--all", action="store_true", help="every impl, not only ours")
+    p.add_argument("--fail-slower", type=float, default=None, metavar="PCT",
+                   help="exit 1 when a flagged slowdown exceeds PCT percent")
+    args = p.parse_args(argv)
+    from bench.compare import format_changes, worst_slowdown
+
+    old, new = _load_all([args.old, args.new])
+    text, found = format_changes(old, new, args.all)
+    print(text)
+    worst = worst_slowdown(found)
+    if args.fail_slower is not None and worst is not None and worst.ratio > 1 + args.fail_slower / 100:
+        print(f"FAIL: {worst.label} {worst.impl} is {100 * (worst.ratio - 1):.0f}% slower "
+              f"(limit {args.fail_slower:g}%)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _plot_files(files: list[Path], out_dir: Path) -> int:
+    from bench.plot import PlotUnavailable, plot
+
+    try:
+        written = plot(_load_all(files), out_dir)
+    except PlotUnavailable as e:
+        print(f"python -m bench plot: {e}", file=sys.stderr)
+        return 3
+    for path in written:
+        print(path)
+    if not written:
+        print("no family had a roofline or a peer to plot", file=sys.stderr)
+    return 0
+
+
+def plot_cmd(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench plot",
+                                description="A % roofline and speedup PNG per host and family (needs matplotlib).")
+    p.add_argument("results", nargs="*", type=Path, help=f"results files (default: {LATEST} in the results dir)")
+    p.add_argument("-o", "--output-dir", type=Path, default=None, help="default: the results dir's plots/")
+    args = p.parse_args(argv)
+    return _plot_files(args.results or [results_dir() / LATEST], args.output_dir or results_dir() / "plots")
+
+
+COMMANDS = {"report": report, "compare": compare, "plot": plot_cmd, "run": run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = COMMANDS.get(argv[0], None) if argv else None
+    try:
+        return command(argv[1:]) if command else run(argv)
+    except ResultsError as e:
+        print(f"python -m bench: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

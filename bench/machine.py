@@ -40,16 +40,35 @@ def caches() -> dict[str, str]:
     return out
 
 
+def _size_bytes(size: str) -> int:
+    text = size.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    digits = text.rstrip("KMGB") if mult > 1 else text
+    return int(digits) * mult if digits.isdigit() else 0
+
+
 def last_level_cache_bytes() -> int:
     """Size of the largest data/unified cache the OS reports for cpu0 (0 when unknown)."""
-    best = 0
-    for size in caches().values():
-        text = size.strip().upper()
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        digits = text.rstrip("KMGB") if mult > 1 else text
-        if digits.isdigit():
-            best = max(best, int(digits) * mult)
-    return best
+    return max((_size_bytes(size) for size in caches().values()), default=0)
+
+
+def last_level_cache() -> Optional[str]:
+    """The largest data/unified cache as "L3 32768K" (None when the OS reports none)."""
+    sizes = caches()
+    if not sizes:
+        return None
+    level = max(sizes, key=lambda k: _size_bytes(sizes[k]))
+    return f"{level} {sizes[level]}"
+
+
+def pyeditor_isa() -> Optional[str]:
+    """The instruction-set level pyeditor's CPU kernels run at (PYEDITOR_CPU_ISA or the host's best)."""
+    try:
+        from pyeditor import _ext
+
+        return _ext.requested_isa() or _ext.host_isa()
+    except Exception:  # noqa: BLE001  (an old or broken pyeditor: the JSON just lacks the field)
+        return None
 
 
 def _git(*args: str) -> Optional[str]:
@@ -79,7 +98,9 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "caches": caches(),
+        "llc": last_level_cache(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "pyeditor_isa": pyeditor_isa(),
         "transparent_hugepage": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
@@ -92,7 +113,8 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         "git_dirty": None if status is None else bool(status),
         "device": device,
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "THP_MEM_ALLOC_ENABLE",
-                                           "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES") if k in os.environ},
+                                           "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES",
+                                           "PYEDITOR_CPU_ISA") if k in os.environ},
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))

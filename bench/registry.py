@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-OURS = "ours"
+from bench.roles import OURS, impl_role  # noqa: F401  (OURS is re-exported to the cases)
 
 # An impl is a zero-argument callable returning its result tensor, or a string
 # saying why it is unavailable (recorded in the row instead of a time).
@@ -58,19 +58,35 @@ class Case:
     make: Callable[[Context], Prepared]
     full: bool = False  # only in --full runs
     params: dict[str, Any] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)  # impl -> role, where impl_role's rule is wrong
+
+    def role(self, impl: str) -> str:
+        return self.roles.get(impl) or impl_role(impl)
 
     @property
     def peers(self) -> tuple[str, ...]:
-        return tuple(i for i in self.impls if i != OURS)
+        """Impls from other libraries or plain torch: what "speedup vs peers" compares with."""
+        return tuple(i for i in self.impls if self.role(i) == "peer")
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """pyeditor's other paths and modes of the same op (e.g. ours-fast)."""
+        return tuple(i for i in self.impls if self.role(i) == "own")
+
+
+def discover_modules(package: str = "bench") -> dict[str, list[Case]]:
+    """Each ``<package>/cases_<short>.py`` module's cases, keyed by ``short``, in module-name order."""
+    pkg = importlib.import_module(package)
+    out: dict[str, list[Case]] = {}
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if info.name.startswith("cases_"):
+            out[info.name[len("cases_"):]] = list(importlib.import_module(f"{package}.{info.name}").CASES)
+    return out
 
 
 def discover(package: str = "bench") -> list[Case]:
     """All cases from every ``<package>/cases_*.py`` module, in module-name order."""
-    pkg = importlib.import_module(package)
-    cases: list[Case] = []
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-        if info.name.startswith("cases_"):
-            cases.extend(importlib.import_module(f"{package}.{info.name}").CASES)
+    cases = [c for module in discover_modules(package).values() for c in module]
     names = [c.name for c in cases]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -1,10 +1,12 @@
-"""The stdout table and the JSON results file."""
+"""The stdout table of a run (the results file: bench/results.py; BENCHMARKS.md: bench/markdown.py)."""
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any, Optional
+
+from bench.results import isa, llc
+from bench.roles import row_role
+from bench.targets import Outcome, for_row
 
 MiB = 1 << 20
 
@@ -34,12 +36,12 @@ def header(machine: dict[str, Any]) -> str:
     bw = machine.get("bandwidth", {})
     return "\n".join([
         f"machine: {machine.get('cpu_model')}, {machine.get('cores_usable')} cores, "
-        f"{machine.get('torch_threads')} torch threads, {machine.get('cpu_capability')}, "
+        f"{machine.get('torch_threads')} torch threads, ISA {isa(machine)}, last-level cache {llc(machine)}, "
         f"caches {machine.get('caches')}",
         f"software: torch {machine.get('torch')}, triton {machine.get('triton')}, "
         f"python {machine.get('python')}, commit {(machine.get('git_commit') or 'none')[:12]}"
         f"{' (dirty)' if machine.get('git_dirty') else ''}, {machine.get('date')}",
-        f"bandwidth (256 MiB fp32, best of {bw.get('reps')}, start/end of run): copy "
+        f"bandwidth ({(bw.get('tensor_bytes') or 0) >> 20} MiB fp32, best of {bw.get('reps')}, start/end of run): copy "
         f"{'/'.join(_num(x, '.1f') for x in bw.get('copy_gbps_runs', []))} GB/s, read "
         f"{'/'.join(_num(x, '.1f') for x in bw.get('read_gbps_runs', []))} GB/s, write "
         f"{'/'.join(_num(x, '.1f') for x in bw.get('write_gbps_runs', []))} GB/s (copy and read: the faster of "
@@ -51,7 +53,9 @@ def header(machine: dict[str, Any]) -> str:
 
 def _case_block(i: int, row: dict[str, Any]) -> list[str]:
     head = f"[{i}] {row['label']}"
-    if row.get("bytes"):
+    if row.get("bytes") and row.get("roofline_s") is None:
+        head += f"   {row['bytes'] / MiB:.1f} MiB, cache-resident (no DRAM roofline)"
+    elif row.get("bytes"):
         head += (f"   {row['bytes'] / MiB:.1f} MiB moved, roofline {_ms(row.get('roofline_s'))} ms "
                  f"at {_num(row.get('copy_gbps'), '.1f')} GB/s")
     if "ours" in row.get("impls", {}):
@@ -64,28 +68,42 @@ def _case_block(i: int, row: dict[str, Any]) -> list[str]:
                      "reps marked ! include samples taken under that load")
     elif dropped:
         lines.append(f"    (other processes were busy at times: {dropped} samples from contended rounds dropped)")
+    kept = [f"{len(row[k])} {what}" for k, what in (("output", "line(s) of library output"),
+                                                     ("warnings", "warning(s)")) if row.get(k)]
+    if kept:
+        lines.append(f"    ({' and '.join(kept)} kept in the results file's row)")
     if "error" in row:
         return lines + [f"    ERROR {_oneline(row['error'], 300)}"]
-    lines.append(f"    {'impl':<13}{'median ms':>10}{'GB/s':>8}{'%roof':>8}{'speedup':>9}"
+    lines.append(f"    {'impl':<16}{'role':<6}{'median ms':>10}{'GB/s':>8}{'%roof':>8}{'t/ours':>8}"
                  f"{'max|err|':>10}{'reps':>6}  spread(IQR)")
     for name, e in row["impls"].items():
+        role = row_role(row, name)
         if "error" in e:
-            lines.append(f"    {name:<13}ERROR {_oneline(e['error'])}")
+            lines.append(f"    {name:<16}{role:<6}ERROR {_oneline(e['error'])}")
             continue
         err = e.get("max_abs_err")
         err_s = _num(err, ".1e") + ("!" if e.get("error_above_tol") else "")
         if "check_error" in e:
             err_s = "check failed"
-        sp = e.get("speedup")
-        lines.append(f"    {name:<13}{_ms(e['median_s']):>10}{_num(e.get('gbps'), '.1f'):>8}"
-                     f"{_pct(e.get('roofline_pct')):>8}{'-' if sp is None else f'{sp:.2f}x':>9}"
+        ours = row["impls"].get("ours", {}).get("median_s")
+        rel = "-" if not ours or name == "ours" else f"{e['median_s'] / ours:.2f}"
+        lines.append(f"    {name:<16}{role:<6}{_ms(e['median_s']):>10}{_num(e.get('gbps'), '.1f'):>8}"
+                     f"{_pct(e.get('roofline_pct')):>8}{rel:>8}"
                      f"{err_s:>10}{str(e['reps']) + ('!' if e.get('contended_reps') else ''):>6}  {100 * e['iqr_s'] / e['median_s']:.1f}%")
         if "check_error" in e:
             lines.append(f"      check: {e['check_error'][:200]}")
     extra = row.get("extra") or {}
     if "summary" in extra:
         lines.append(f"    => {extra['summary']}")
+    for o in for_row(row):
+        lines.append(f"    target ({o.target.source}): {o.target.what}: {_outcome(o)}")
     return lines
+
+
+def _outcome(o: Outcome) -> str:
+    if o.passed is None:
+        return "not measured (figure missing)"
+    return f"{o.value:.3g} {o.target.op} {o.bound:.3g} {'pass' if o.passed else 'MISS'}"
 
 
 def _load(row: dict[str, Any]) -> str:
@@ -102,7 +120,7 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
             why = r.get("error") or r.get("impls", {}).get("ours", {}).get("error", "?")
             out.append(f"{r['label']:<42}  ERROR {_oneline(why, 100)}")
             continue
-        sp = ", ".join(f"{k} {v:.2f}x" for k, v in r.get("speedup", {}).items())
+        sp = ", ".join(f"{k} {v:.2f}x" for k, v in r.get("speedup", {}).items() if row_role(r, k) == "peer")
         fails = [k for k, e in r["impls"].items() if "error" in e]
         if fails:
             sp += (", " if sp else "") + ", ".join(f"{k} failed" for k in fails)
@@ -118,14 +136,8 @@ def format_report(machine: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         lines += _case_block(i, row) + [""]
     summ = summary_table(rows)
     if len(summ) > 1:
-        lines += ["summary (speedup = peer time / ours, >1: ours is faster; %roof = roofline time / time; "
-                  "load = cores other processes used meanwhile, ! = some samples taken under that load)"] + summ
+        lines += ["summary (speedup vs peers = peer time / ours, >1: ours is faster; pyeditor's own other modes and "
+                  "the roofline reads are not peers; t/ours above = impl time / ours time; %roof = roofline time / "
+                  "time; load = cores other processes used meanwhile, ! = some samples taken under that load)"] + summ
     return "\n".join(lines)
 
-
-def write_json(path: Path, machine: dict[str, Any], rows: list[dict[str, Any]], argv: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"schema": 1, "argv": argv, "machine": machine, "rows": rows}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    tmp.replace(path)

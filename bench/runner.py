@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 
 from bench.contention import CpuMonitor
+from bench.quiet import captured_output, collect_warnings
 from bench.registry import OURS, Case, Context
 from bench.roofline import roofline_s
 from bench.timing import measure_interleaved
@@ -31,12 +32,26 @@ def max_abs_err(got: Any, want: torch.Tensor) -> float:
 def run_case(case: Case, ctx: Context, timing_kw: Optional[dict] = None) -> dict[str, Any]:
     """One JSON row for ``case``; failures are recorded in the row, never raised.
 
-    Bandwidth-dependent fields are added by :func:`add_roofline`.
+    What the case's libraries print and warn goes into the row ("output", "warnings"), not to
+    the terminal. Bandwidth-dependent fields are added by :func:`add_roofline`.
     """
+    output: list[str] = []
+    caught: list[str] = []
+    with captured_output(output), collect_warnings(caught):
+        row = _run_case(case, ctx, timing_kw)
+    if output:
+        row["output"] = output
+    if caught:
+        row["warnings"] = caught
+    return row
+
+
+def _run_case(case: Case, ctx: Context, timing_kw: Optional[dict]) -> dict[str, Any]:
     start = time.perf_counter()
     row: dict[str, Any] = {
         "name": case.name, "label": case.label, "family": case.family, "params": case.params,
         "backend": ctx.backend if ctx.backend is not None else "auto",
+        "roles": {impl: case.role(impl) for impl in case.impls},
     }
     try:
         prep = case.make(ctx)
@@ -79,9 +94,15 @@ def run_case(case: Case, ctx: Context, timing_kw: Optional[dict] = None) -> dict
     ours = impls.get(OURS, {})
     if "median_s" in ours:
         row.update(time_s=ours["median_s"], max_abs_err=ours.get("max_abs_err"))
+        # peers only: pyeditor's own other modes and the roofline reads are not peers
         row["speedup"] = {p: impls[p]["median_s"] / ours["median_s"] for p in case.peers if "median_s" in impls[p]}
         for p, s in row["speedup"].items():
             impls[p]["speedup"] = s
+        # own variants: variant time / ours time (< 1: the variant is faster than the default path)
+        row["variants"] = {v: impls[v]["median_s"] / ours["median_s"] for v in case.variants
+                           if "median_s" in impls[v]}
+        for v, s in row["variants"].items():
+            impls[v]["time_vs_ours"] = s
     if prep.derive is not None:
         try:
             row["extra"] = prep.derive({k: v for k, v in impls.items() if "median_s" in v})
@@ -93,17 +114,30 @@ def run_case(case: Case, ctx: Context, timing_kw: Optional[dict] = None) -> dict
     return row
 
 
+def cache_resident(params: dict[str, Any]) -> bool:
+    """Whether the case says its data stays in cache (a --shape case keeps its base case's params)."""
+    return (params.get("regime") or (params.get("base_params") or {}).get("regime")) == "cache"
+
+
 def add_roofline(row: dict[str, Any], copy_gbps: float) -> None:
-    """GB/s and % of roofline (roofline time = bytes / copy bandwidth) for every timed impl."""
+    """GB/s and % of roofline (roofline time = bytes / copy bandwidth) for every timed impl.
+
+    Cache-resident rows get GB/s only: a DRAM roofline says nothing about data in cache.
+    """
     nbytes = row.get("bytes")
     if not nbytes:
         return
     row["copy_gbps"] = copy_gbps
-    roof = row["roofline_s"] = roofline_s(nbytes, copy_gbps)
+    roof = None if cache_resident(row.get("params") or {}) else roofline_s(nbytes, copy_gbps)
+    if roof is not None:
+        row["roofline_s"] = roof
     for e in row.get("impls", {}).values():
         if "median_s" in e:
             e["gbps"] = nbytes / e["median_s"] / 1e9
-            e["roofline_pct"] = 100.0 * roof / e["median_s"]
+            if roof is not None:
+                e["roofline_pct"] = 100.0 * roof / e["median_s"]
     ours = row.get("impls", {}).get(OURS, {})
     if "gbps" in ours:
-        row.update(gbps=ours["gbps"], roofline_pct=ours["roofline_pct"])
+        row["gbps"] = ours["gbps"]
+    if "roofline_pct" in ours:
+        row["roofline_pct"] = ours["roofline_pct"]
