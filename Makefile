@@ -44,3 +44,12 @@ verify: setup
 
 clean:
 	rm -rf build *.egg-info pyeditor/_C*.so $(VENV)/.built
+
+# The first run on a CUDA machine: CUDA build, GPU tests, verify on cuda, a short bench, within
+# 8 minutes, logged to bench/results/gpu-check-<host>-<date>.log (scripts/gpu_check.py --help).
+# The GPU is looked for before the environment is set up, so without one it stops at once.
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py --preflight
+	$(MAKE) --no-print-directory $(VENV)/.deps-ok
+	$(PY) scripts/gpu_check.py $(ARGS)

@@ -1,29 +1,41 @@
 """`python -m pyeditor verify`: every op with kernels, on every backend this machine can run,
 against pyeditor.reference, over a grid of shapes and dtypes (forward and gradients).
 
-Each op family adds a `Check` generator to CHECKS; the table and exit code come for free.
+Pass rule per row: every element has abs(got - ref) <= atol + rtol * abs(ref) (torch.isclose; NaN
+exactly where the reference has NaN), with atol and rtol from pyeditor.testing's table (scaled by
+sqrt(K) for sums over K products); rows whose rule starts "idx=" also need indices or labels
+equal to the reference's. Progress goes to stderr, one line per op and backend; the table to stdout; exit 1
+on any failure.
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+import os
+import sys
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import torch
 
 from . import backends, reference
 from .api import apply_edit
-from .testing import errors, tolerance
+from .testing import errors, reduction_tolerance, tolerance
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+SHORT_DTYPE = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
+TABLE_WIDTH = 110
 
 
 @dataclass
 class Check:
-    op: str
+    op: str  # the case's name; its first word is the op that --op selects
     shape: str
     dtype: torch.dtype
-    run: Callable[[str, str], tuple]  # (backend, device) -> (actual, expected)
+    # (backend, device) -> (actual, expected) or (actual, expected, {name: equal?}) where the dict
+    # holds results that must match exactly (indices, labels)
+    run: Callable[[str, str], tuple]
     tol: Optional[tuple] = None  # (atol, rtol) instead of the dtype's row, e.g. reduction_tolerance
 
 
@@ -39,6 +51,23 @@ class Row:
     rtol: float
     passed: bool
     note: str = ""
+    exact: dict = field(default_factory=dict)  # name -> equal to the reference's
+
+    @property
+    def family(self) -> str:
+        return self.op.split()[0]
+
+    @property
+    def rule(self) -> str:
+        close = "exact" if self.atol == 0 and self.rtol == 0 else f"abs<={self.atol:.0e}+{self.rtol:.1e}|ref|"
+        return ("idx= " if self.exact else "") + close
+
+    def as_json(self) -> dict:
+        finite = lambda v: v if math.isfinite(v) else None  # noqa: E731  (strict JSON has no NaN)
+        return {"op": self.family, "case": self.op, "backend": self.backend, "dtype": self.dtype, "shape": self.shape,
+                "errors": {"max_abs": finite(self.abs_err), "max_rel": finite(self.rel_err)},
+                "tolerances": {"atol": self.atol, "rtol": self.rtol}, "rule": self.rule,
+                "exact": self.exact, "pass": self.passed, "note": self.note}
 
 
 def _rand(shape, dtype, device, scale=1.0, seed=0):
@@ -81,8 +110,8 @@ def _edit_checks(small: bool) -> Iterator[Check]:
 
 
 def _search_checks(small: bool) -> Iterator[Check]:
-    """nearest_prototype (issue 5): indices must equal the reference's exactly (compared as
-    floats), distances within the dtype's tolerance; clustered data offset far from 0."""
+    """nearest_prototype (issue 5): indices must equal the reference's exactly, distances
+    within the dtype's tolerance; clustered data offset far from 0."""
     from .search import nearest_prototype
 
     shapes = [(24, 40, 3, 1e4), (24, 40, 64, 300.0)] if small else \
@@ -99,13 +128,13 @@ def _search_checks(small: bool) -> Iterator[Check]:
                     x, p = x.to(dtype), p.to(dtype)
                     dist, idx = nearest_prototype(x.to(device), p.to(device), 2, metric, backend=backend)
                     rd, ri = reference.nearest_prototype(x, p, 2, metric)
-                    same = (idx.cpu() == ri).all()
-                    return (torch.cat([dist.cpu().double().flatten(), same.double().view(1)]),
-                            torch.cat([rd.double().flatten(), torch.ones(1, dtype=torch.float64)]))
+                    return dist.cpu(), rd, {"indices": torch.equal(idx.cpu(), ri)}
 
                 yield Check(f"nearest_prototype {metric}", f"x[{B},{d}] P[{N}] +{off:g}", dtype, run)
 
 
+# Each op family adds a `Check` generator (small shapes when given True) to CHECKS; the table,
+# JSON, --op names and exit code come for free.
 CHECKS: list[Callable[[bool], Iterator[Check]]] = [_edit_checks]
 CHECKS.append(_search_checks)  # issue 5
 
@@ -113,7 +142,6 @@ CHECKS.append(_search_checks)  # issue 5
 # ---------------------------------------------------------------- packed low-bit weights (quant)
 def _quant_checks(small: bool) -> Iterator[Check]:
     from . import quant
-    from .testing import reduction_tolerance
 
     shapes = [((1, 50), 37), ((20, 33), 21), ((2, 3, 17), 1)]
     if not small:
@@ -284,58 +312,272 @@ def _hyper_heads_checks(small: bool) -> Iterator[Check]:
 CHECKS.append(_hyper_heads_checks)  # issue 4: grouped heads
 
 
-def _targets() -> list[tuple[str, str]]:
+def _kmeans_checks(small: bool) -> Iterator[Check]:
+    """kmeans on the search kernels against the reference's Lloyd loop: labels exactly, centroids
+    and inertia (last element) within the tolerance of a sum over d."""
+    from .search import kmeans
+
+    shapes = [(60, 4, 5, 4)] if small else [(60, 4, 5, 4), (400, 16, 8, 10)]  # (B, d, K, iterations)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for B, d, K, n_iter in shapes:
+            for metric in ("l2", "ip", "cosine"):
+                def run(backend, device, B=B, d=d, K=K, n_iter=n_iter, metric=metric, dtype=dtype):
+                    g = torch.Generator().manual_seed(B + d)
+                    centres = torch.randn(K, d, generator=g, dtype=torch.float64) * 3
+                    x = centres[torch.randint(0, K, (B,), generator=g)] + 0.5 * torch.randn(B, d, generator=g) + 50.0
+                    x = x.to(dtype)
+                    kw = dict(n_iter=n_iter, seed=3, metric=metric, tol=0.0)
+                    c, labels, inertia = kmeans(x.to(device), K, backend=backend, **kw)
+                    cr, lr, ir = reference.kmeans(x, K, **kw)
+                    got = torch.cat([c.cpu().double().flatten(), torch.tensor([inertia], dtype=torch.float64)])
+                    want = torch.cat([cr.double().flatten(), torch.tensor([ir], dtype=torch.float64)])
+                    return got, want, {"labels": torch.equal(labels.cpu(), lr)}
+
+                yield Check(f"kmeans {metric}", f"x[{B},{d}]+50 K={K} it={n_iter}", dtype, run,
+                            reduction_tolerance(dtype, d))
+
+
+CHECKS.append(_kmeans_checks)
+
+
+def _hyper_data(B, d, n, P, dtype, device):
+    return (_rand((B, d), dtype, device, seed=1), _rand((P, d, n), dtype, device, seed=2),
+            _rand((P, n), dtype, device, seed=3))
+
+
+def _assign_checks(small: bool) -> Iterator[Check]:
+    """assign_prototypes (Persona Eq. 12): chosen prototypes exactly, float64 norms within the
+    tolerance of a sum over d*n products; the fused kernel under each threshold form, and the
+    Gram form (threshold None) on the same device."""
+    from . import hyper
+
+    cases = [(9, 20, 130, 3), (6, 9, 70, 4)]  # (B, d, n, P)
+    if not small:
+        cases.append((64, 32, 257, 8))
+    for dtype in DTYPES:
+        for B, d, n, P in cases:
+            for method, thr in (("fused", None), ("fused", 0.4), ("fused", "[B]"), ("gram", None)):
+                def run(backend, device, B=B, d=d, n=n, P=P, method=method, thr=thr, dtype=dtype):
+                    e, w, b = _hyper_data(B, d, n, P, dtype, "cpu")
+                    t = torch.linspace(0, 2, B) if thr == "[B]" else thr
+                    norms, chosen = hyper.assign_prototypes(
+                        e.to(device), w.to(device), b.to(device), t.to(device) if isinstance(t, torch.Tensor) else t,
+                        backend=backend, method=method)
+                    want_norms, want = reference.assign_prototypes(e, w, b, t)
+                    return norms.cpu(), want_norms, {"chosen": torch.equal(chosen.cpu(), want)}
+
+                name = f"assign_prototypes {method}" + {None: "", "[B]": " T[B]"}.get(thr, f" T={thr}")
+                yield Check(name, f"e[{B},{d}] W[{P},{d},{n}]", dtype, run, reduction_tolerance(dtype, d * n))
+
+
+def _generate_edit_checks(small: bool) -> Iterator[Check]:
+    """generate_edit (Persona Eq. 6): hyper_matmul then the clip, for every prototype or the
+    indexed one, with a scalar and a per-sample threshold."""
+    from . import hyper
+
+    cases = [(6, 9, 70, 3, None), (9, 20, 130, 3, [2, 0, 1, 1, 2, 0, 0, 2, 1])]  # (B, d, n, P, index)
+    if not small:
+        cases.append((32, 64, 300, 8, [i % 8 for i in range(32)]))
+    for dtype in DTYPES:
+        for B, d, n, P, index in cases:
+            for thr in (0.3, "[B]"):
+                def run(backend, device, B=B, d=d, n=n, P=P, index=index, thr=thr, dtype=dtype):
+                    e, w, b = _hyper_data(B, d, n, P, dtype, device)
+                    idx = None if index is None else torch.tensor(index, device=device)
+                    t = torch.linspace(0, 1, B, device=device) if thr == "[B]" else thr
+                    return (hyper.generate_edit(e, w, b, idx, t, backend=backend),
+                            reference.generate_edit(e, w, b, idx, t))
+
+                label = f"e[{B},{d}] W[{P},{d},{n}]" + (" idx" if index else "")
+                name = "generate_edit " + ("T[B]" if thr == "[B]" else f"T={thr}")
+                yield Check(name, label, dtype, run, reduction_tolerance(dtype, d))
+
+
+CHECKS += [_assign_checks, _generate_edit_checks]
+
+
+def op_names() -> list[str]:
+    """The names --op accepts: the first word of every check's name, in run order."""
+    names: dict[str, None] = {}
+    for make in CHECKS:
+        for check in make(True):
+            names.setdefault(check.op.split()[0])
+    return list(names)
+
+
+def _targets(device: str | None = None) -> list[tuple[str, str]]:
     targets = []
-    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        targets += [(b, device) for b in backends.available(device) if b != "reference"]
+    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        if device is None or dev == device:
+            targets += [(b, dev) for b in backends.available(dev) if b != "reference"]
     return targets
 
 
-def run_all(only_backend: str | None = None) -> list[Row]:
-    rows = []
-    for backend, device in _targets():
+def _run_check(check: Check, backend: str, device: str, interpreted: bool) -> Row:
+    note = "interpreter truncates bf16" if interpreted and check.dtype == torch.bfloat16 else ""
+    atol, rtol = check.tol or tolerance(check.dtype)
+    exact: dict = {}
+    try:
+        actual, expected, *rest = check.run(backend, device)
+        exact = {k: bool(v) for k, v in (rest[0] if rest else {}).items()}
+        if actual.shape != expected.shape:
+            raise ValueError(f"shape {tuple(actual.shape)} != the reference's {tuple(expected.shape)}")
+        a, r = errors(actual, expected)
+        got, want = actual.detach().double().cpu(), expected.detach().double().cpu()
+        same_nan = bool((torch.isnan(got) == torch.isnan(want)).all())
+        ok = (same_nan and all(exact.values())
+              and bool(torch.isclose(got, want, atol=atol, rtol=rtol, equal_nan=True).all()))
+        if not all(exact.values()):
+            note = ", ".join(f"{k} differ" for k, v in exact.items() if not v)
+    except Exception as exc:  # a crash is a failure with its reason shown
+        a = r = float("nan")
+        ok, note = False, f"{type(exc).__name__}: {exc}"
+    dev = "" if device == "cpu" or backend == "cuda" else f"@{device}"
+    return Row(check.op, backend + dev, SHORT_DTYPE.get(check.dtype, str(check.dtype).replace("torch.", "")),
+               check.shape.replace(", ", ","), a, r, atol, rtol, ok, note, exact)
+
+
+def run_all(only_backend: str | None = None, ops: Optional[list[str]] = None, device: str | None = None,
+            small: bool = False, dtypes: Optional[list[torch.dtype]] = None, progress=None, on_group=None) -> list[Row]:
+    """Every selected check on every target; ``progress(text, end)`` reports each (op, backend)
+    group as it starts and ends, ``on_group(rows so far)`` runs after each group."""
+    rows: list[Row] = []
+    for backend, dev in _targets(device):
         if only_backend and backend != only_backend:
             continue
-        interpreted = backend == "triton" and device == "cpu"
+        interpreted = backend == "triton" and dev == "cpu"
+        groups: dict[str, list[Check]] = {}
         for make in CHECKS:
-            for check in make(interpreted):
-                if interpreted and check.dtype == torch.bfloat16:
-                    note = "interpreter truncates bf16"
-                else:
-                    note = ""
-                atol, rtol = check.tol or tolerance(check.dtype)
-                try:
-                    actual, expected = check.run(backend, device)
-                    a, r = errors(actual, expected)
-                    same_nan = bool((torch.isnan(actual.float()) == torch.isnan(expected.float())).all())
-                    ok = same_nan and bool(torch.isclose(actual.double().cpu(), expected.double().cpu(),
-                                                         atol=atol, rtol=rtol, equal_nan=True).all())
-                except Exception as exc:  # a crash is a failure with its reason shown
-                    a = r = float("nan")
-                    ok, note = False, f"{type(exc).__name__}: {exc}"[:80]
-                dev = "" if device == "cpu" or backend == "cuda" else f"@{device}"
-                rows.append(Row(check.op, backend + dev, str(check.dtype).replace("torch.", ""), check.shape,
-                                a, r, atol, rtol, ok, note))
+            for check in make(small or interpreted):
+                family = check.op.split()[0]
+                if (ops is None or family in ops) and (dtypes is None or check.dtype in dtypes):
+                    groups.setdefault(family, []).append(check)
+        where = backend if backend == "cuda" or dev == "cpu" else f"{backend}@{dev}"
+        for family, checks in groups.items():
+            if progress:
+                progress(f"verify {family:<19} {where:<12}", "")
+            start = time.perf_counter()
+            new = [_run_check(c, backend, dev, interpreted) for c in checks]
+            rows += new
+            failed = sum(not r.passed for r in new)
+            if progress:
+                progress(f" {len(new) - failed:>3}/{len(new)} passed"
+                         + (f", {failed} FAILED" if failed else "") + f"  {time.perf_counter() - start:.1f}s", "\n")
+            if on_group:
+                on_group(rows)
     return rows
 
 
-def format_table(rows: list[Row]) -> str:
-    head = ("op", "backend", "dtype", "shape", "max abs", "max rel", "atol", "rtol", "pass")
-    body = [(r.op, r.backend, r.dtype, r.shape, f"{r.abs_err:.2e}", f"{r.rel_err:.2e}", f"{r.atol:.0e}",
-             f"{r.rtol:.1e}", ("yes" if r.passed else "NO") + (f" ({r.note})" if r.note else "")) for r in rows]
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:max(width - 1, 0)] + "~"
+
+
+def format_table(rows: list[Row], width: int = TABLE_WIDTH) -> str:
+    """Rows under one heading line per (op, backend), within ``width`` columns (a long shape is
+    cut with ~; --json has it whole); a failure's reason goes on the line below its row."""
+    head = ("case", "dtype", "shape", "max abs", "max rel", "pass rule", "pass")
+    body = [["  " + (r.op[len(r.family):].strip(" ()") or "forward"), r.dtype, r.shape, f"{r.abs_err:.1e}",
+             f"{r.rel_err:.1e}", r.rule, "yes" if r.passed else "NO"] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+    over = sum(widths) + 2 * (len(widths) - 1) - width
+    if over > 0:  # the shape column gives way first, then the case names
+        for col in (2, 0):
+            cut = min(over, widths[col] - len(head[col]) - 1)
+            if cut > 0:
+                widths[col] -= cut
+                over -= cut
+    line = lambda cells: "  ".join(_cut(str(c), w).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    out = [line(head), line(["-" * w for w in widths])]
+    group = None
+    for r, b in zip(rows, body):
+        if (r.family, r.backend) != group:
+            group = (r.family, r.backend)
+            out.append(f"{r.family} on {r.backend}")
+        out.append(line(b))
+        if r.note and not r.passed:
+            out.append(_cut("      ^ " + r.note.replace("\n", " "), width))
+    return "\n".join(out)
+
+
+def write_json(path: str, rows: list[Row], complete: bool, argv: list[str]) -> None:
+    """Every row so far (rewritten after each group, so a run cut short still leaves its rows)."""
+    doc = {"complete": complete, "argv": argv, "torch": torch.__version__,
+           "triton_interpreted": backends.triton_interpreted(),
+           "passed": sum(r.passed for r in rows), "failed": sum(not r.passed for r in rows),
+           "rows": [r.as_json() for r in rows]}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, allow_nan=False)
+    os.replace(tmp, path)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--backend", choices=[b for b in backends.NAMES if b != "reference"],
+                        help="only this backend (default: every one that runs here)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="only backends on this device")
+    parser.add_argument("--op", action="append", metavar="NAME",
+                        help="only this op (repeatable, or a comma list): " + ", ".join(op_names()))
+    parser.add_argument("--dtype", action="append", metavar="NAME",
+                        help="only this dtype (repeatable, or a comma list): " + ", ".join(SHORT_DTYPE.values()))
+    parser.add_argument("--small", action="store_true",
+                        help="the small shapes on every backend (the Triton interpreter always uses them)")
+    parser.add_argument("--json", metavar="PATH", help="also write every row to PATH as JSON")
+
+
+def _split(values: Optional[list[str]]) -> list[str]:
+    return [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
+
+
+def check_args(parser, args) -> None:
+    """--op and --dtype split on commas and checked (parser.error lists the valid names); they
+    become lists of op names / torch dtypes, or None for all."""
+    ops, valid = _split(args.op), op_names()
+    unknown = [n for n in ops if n not in valid]
+    if unknown or (args.op and not ops):
+        parser.error(f"unknown --op {', '.join(unknown) or repr(args.op)}; valid ops: {', '.join(valid)}")
+    by_name = {**{v: k for k, v in SHORT_DTYPE.items()}, **{str(k).replace("torch.", ""): k for k in SHORT_DTYPE}}
+    dtypes = _split(args.dtype)
+    unknown = [n for n in dtypes if n not in by_name]
+    if unknown or (args.dtype and not dtypes):
+        parser.error(f"unknown --dtype {', '.join(unknown) or repr(args.dtype)}; valid: {', '.join(by_name)}")
+    args.op = ops or None
+    args.dtype = [by_name[n] for n in dtypes] or None
+
+
+def run(args, argv: list[str]) -> int:
+    """verify with arguments parsed by add_arguments and normalised by check_args."""
+    def progress(text: str, end: str) -> None:
+        print(text, end=end, file=sys.stderr, flush=True)
+
+    on_group = None
+    if args.json:
+        try:
+            write_json(args.json, [], False, argv)  # a bad path fails now, not after the first op
+        except OSError as exc:
+            print(f"python -m pyeditor verify: cannot write --json {args.json}: {exc}", file=sys.stderr)
+            return 2
+        on_group = lambda rows: write_json(args.json, rows, False, argv)  # noqa: E731
+    rows = run_all(args.backend, args.op, args.device, args.small, args.dtype, progress, on_group)
+    if not rows:
+        print("no checks ran: nothing here matches the selection "
+              f"(backends: {[b for b, _ in _targets(args.device)]})", file=sys.stderr)
+        return 1
+    if args.json:
+        write_json(args.json, rows, True, argv)
+    print(format_table(rows))
+    failed = [r for r in rows if not r.passed]
+    print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed"
+          + (f"; rows written to {args.json}" if args.json else ""))
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m pyeditor verify", description=__doc__)
-    parser.add_argument("--backend", help="only this backend")
+    parser = argparse.ArgumentParser(prog="python -m pyeditor verify", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    rows = run_all(args.backend)
-    print(format_table(rows))
-    failed = [r for r in rows if not r.passed]
-    print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
-    return 1 if failed else 0
+    check_args(parser, args)
+    return run(args, argv)

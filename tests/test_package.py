@@ -1,4 +1,5 @@
 """Package-level behaviour: works without the compiled extension, verify CLI, public names."""
+import json
 import os
 import shutil
 import subprocess
@@ -46,12 +47,17 @@ def test_works_without_extension(tmp_path):
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr
 
 
-def test_verify_cli_passes():
-    env = dict(os.environ)
-    run = subprocess.run([sys.executable, "-m", "pyeditor", "verify"], cwd=ROOT, capture_output=True, text=True, env=env)
+def test_verify_cli_smoke(tmp_path):
+    """`python -m pyeditor verify` end to end at small size: one op, one dtype, every backend (the
+    per-op tests cover the ops, tests/test_cli.py the options and the restart into the interpreter)."""
+    out = tmp_path / "verify.json"
+    run = subprocess.run([sys.executable, "-m", "pyeditor", "verify", "--small", "--op", "apply_edit",
+                          "--dtype", "f32", "--json", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "apply_edit" in run.stdout and " 0 failed" in run.stdout
-    backends_seen = {line.split()[2] for line in run.stdout.splitlines() if line.startswith("apply_edit ")}
+    assert "apply_edit on cpu" in run.stdout and " 0 failed" in run.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["op"] for r in rows} == {"apply_edit"} and all(r["pass"] for r in rows)
+    backends_seen = {r["backend"] for r in rows}
     assert "cpu" in backends_seen
     if not torch.cuda.is_available():
         assert "triton" in backends_seen  # the interpreter run counts
