@@ -1,29 +1,40 @@
-"""CHORD end to end on pyeditor: per-device 2/4/6/8-bit strategies for a frozen random model.
+"""CHORD end to end on pyeditor: per-device mixed-precision strategies for a frozen random model.
 
-    .venv/bin/python examples/chord_pipeline.py             # small config, < 1 minute on 2 cores
-    .venv/bin/python examples/chord_pipeline.py --hidden 512 --users 512 --steps 600
+    .venv/bin/python examples/chord_pipeline.py                          # both bit configs, Lambda on
+    .venv/bin/python examples/chord_pipeline.py --no-layer-importance    # CHORD rows without Lambda
+    .venv/bin/python examples/chord_pipeline.py --bit-configs 2-4-6-8 --steps 60 --users 48   # quick
 
-Method (CHORD Sec. 3.2-3.4), every quantization, strategy code and packed layer through pyeditor:
-  * a frozen, random-initialised backbone shared by every device (the layers CHORD quantizes) and a
-    linear readout fitted once on the cloud history at full precision;
+Method (CHORD, Liu et al., MM '25, Sec. 3.2-3.4), every strategy, code and quantization through pyeditor:
+  * a frozen, random-initialised backbone shared by every device: a float input layer, then --depth
+    hidden x hidden Linear layers (the layers CHORD quantizes; equal widths, so the average bits per
+    channel the allocation holds is also the average bits per weight, as the paper reports it), and
+    a linear readout fitted once on the cloud history at full precision;
   * a GRU on the device turns recent interactions into a user embedding z (Eq. 6);
-  * cloud hypernetworks give filter-level (Eq. 7) and element-level (Eq. 8) sensitivity per layer,
-    run as pyeditor.hyper_matmul heads; alpha^W = softmax(alpha^F) * sum_k |alpha^E| (Eq. 10-11);
-  * pyeditor.allocate_bits (Eq. 12, straight-through) turns it into 8/4/2 bits per channel; the
-    training loss sees exactly the quantized weights of those widths, and the gradient reaches the
-    bits through a surrogate whose error shrinks by 2^-db per extra bit;
-  * the 2-bit code (pyeditor.encode_strategy) goes to the device, which decodes it, builds
-    PackedLinear layers from its copy of the frozen weights (pyeditor.nn.quantize_model) and serves.
+  * cloud hypernetworks (pyeditor.hyper_matmul) give filter-level (Eq. 7), element-level (Eq. 8) and
+    layer-level (Eq. 9) sensitivity; alpha^W = softmax(alpha^F) * sum_k |alpha^E| (Eq. 10-11);
+  * pyeditor.allocate_bits turns alpha^W into tiers (Eq. 12) and, with Lambda on, moves every layer
+    one rung up or down by alpha^L (Eq. 13) while holding Gamma's average bits; its straight-through
+    estimator carries the loss's gradient to alpha^W and alpha^L through pyeditor.fake_quantize,
+    which trains on exactly the weights the device will serve;
+  * one checksummed message per device (pyeditor.encode_strategy_message: every layer's 2-bit code)
+    goes to the device, which decodes it, packs its own copy of the frozen weights into PackedLinear
+    layers (pyeditor.nn.quantize_model) and serves. 2-5-6-7 has no packed kernel (the kernels pack
+    2, 4, 6 and 8 bits): that configuration is evaluated on the fake-quantized weights, which for
+    2-4-6-8 equal the packed layers' weights bit for bit.
+The tables have the shape of the paper's Tables 3 and 4; the data are synthetic users (interest
+regions in feature space), so the values are not comparable with the paper's datasets -- only the
+wire cost is computed by the paper's own definition, and the paper's figures are printed beside it.
+The example runs with one intra-op thread unless --threads says otherwise, so that its timing on a
+shared host is reproducible.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pyeditor  # noqa: E402
 from pyeditor.nn import PackedLinear, quantize_model  # noqa: E402
 
-LAYERS = ("0", "2")  # the backbone's Linear layers, by their names in the Sequential
+BIT_CONFIGS = {"2-4-6-8": (2, 4, 6, 8), "2-5-6-7": (2, 5, 6, 7)}  # the paper's Table 4
+TOP_K = 10
 
 
 class Users:
@@ -57,188 +69,233 @@ class Users:
 
 
 class SensitivityHypernet(nn.Module):
-    """z -> per-layer channel sensitivity alpha^W (Eq. 7, 8, 10, 11); heads run on pyeditor.hyper_matmul."""
+    """z -> per-layer channel sensitivity alpha^W (Eq. 7, 8, 10, 11) and layer importance alpha^L
+    (Eq. 9); every head runs on pyeditor.hyper_matmul."""
 
-    def __init__(self, features: int, embed: int, shapes: List[tuple]):
+    def __init__(self, features: int, embed: int, shapes: List[Tuple[int, int]]):
         super().__init__()
         self.gru = nn.GRU(features, embed, batch_first=True)          # device-side G_d (Eq. 6)
         self.shapes = shapes
-        self.filter_w = nn.ParameterList([nn.Parameter(torch.randn(1, embed, o) * embed ** -0.5) for o, _ in shapes])
+        scale = embed ** -0.5
+        self.filter_w = nn.ParameterList([nn.Parameter(torch.randn(1, embed, o) * scale) for o, _ in shapes])
         self.filter_b = nn.ParameterList([nn.Parameter(torch.zeros(1, o)) for o, _ in shapes])
-        self.elem_w = nn.ParameterList([nn.Parameter(torch.randn(1, embed, o * i) * embed ** -0.5) for o, i in shapes])
+        self.elem_w = nn.ParameterList([nn.Parameter(torch.randn(1, embed, o * i) * scale) for o, i in shapes])
         self.elem_b = nn.ParameterList([nn.Parameter(torch.zeros(1, o * i)) for o, i in shapes])
+        self.layer_w = nn.Parameter(torch.randn(1, embed, len(shapes)) * scale)
+        self.layer_b = nn.Parameter(torch.zeros(1, len(shapes)))
 
-    def embed(self, recent: Tensor) -> Tensor:
-        return self.gru(recent)[1][-1]
-
-    def forward(self, recent: Tensor) -> List[Tensor]:
-        """[L] of [B, out_l]: weighted channel sensitivity per layer and user."""
-        z = self.embed(recent)
-        out = []
+    def forward(self, recent: Tensor) -> Tuple[List[Tensor], Tensor]:
+        """([L] of [B, out_l] weighted channel sensitivity, [B, L] layer importance)."""
+        z = self.gru(recent)[1][-1]
+        sens = []
         for (o, i), fw, fb, ew, eb in zip(self.shapes, self.filter_w, self.filter_b, self.elem_w, self.elem_b):
             a_f = pyeditor.hyper_matmul(z, fw, fb)[0]                            # [B, out]   Eq. 7
             a_e = pyeditor.hyper_matmul(z, ew, eb)[0].view(-1, o, i)             # [B, out, in] Eq. 8
-            out.append(torch.softmax(a_f, -1) * a_e.abs().sum(-1))               # Eq. 10-11
-        return out
+            sens.append(torch.softmax(a_f, -1) * a_e.abs().sum(-1))              # Eq. 10-11
+        return sens, pyeditor.hyper_matmul(z, self.layer_w, self.layer_b)[0]    # Eq. 9
 
 
-def allocate(sens: List[Tensor], beta: float, straight_through: bool) -> List[Tensor]:
-    """Per user, pyeditor.allocate_bits over its layers: [L] of [B, out_l] bits."""
-    per_user = [pyeditor.allocate_bits([s[u] for s in sens], beta, straight_through=straight_through)
-                for u in range(sens[0].shape[0])]
-    return [torch.stack([bits[layer] for bits in per_user]) for layer in range(len(sens))]
+class Model:
+    """The frozen backbone (float input layer + quantized hidden layers) and the fitted readout."""
+
+    def __init__(self, features: int, hidden: int, depth: int, classes: int):
+        layers: List[nn.Module] = [nn.Linear(features, hidden), nn.ReLU()]
+        for _ in range(depth):
+            layers += [nn.Linear(hidden, hidden), nn.ReLU()]
+        self.backbone = nn.Sequential(*layers).requires_grad_(False)
+        self.names = [str(2 * (k + 1)) for k in range(depth)]  # the quantized Linear layers
+        self.readout = nn.Linear(hidden, classes)
+
+    def quantized(self) -> List[nn.Linear]:
+        return [self.backbone.get_submodule(n) for n in self.names]
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for m in (self.backbone, self.readout) for p in m.parameters())
+
+    def forward(self, x: Tensor, bits: Optional[List[Tensor]] = None) -> Tensor:
+        """Logits with every quantized layer fake-quantized at bits[l] ([B, out] per user, or an
+        int for all), or at full precision (bits None)."""
+        h = self.backbone[1](self.backbone[0](x))
+        for k, lin in enumerate(self.quantized()):
+            if bits is None:
+                h = F.linear(h, lin.weight, lin.bias)
+            else:
+                w = pyeditor.fake_quantize(lin.weight, bits[k])
+                h = torch.einsum("bsi,boi->bso", h, w) + lin.bias if w.dim() == 3 else F.linear(h, w, lin.bias)
+            h = torch.relu(h)
+        return self.readout(h)
 
 
-class QuantLevels:
-    """One layer's frozen weight quantized at every width with pyeditor (per channel, so a mixed
-    strategy's weight is these rows picked by each channel's width)."""
-
-    def __init__(self, linear: nn.Linear):
-        w = linear.weight.detach()
-        self.w, self.bias = w, linear.bias.detach()
-        self.levels = torch.stack([pyeditor.quantize_channelwise(w, b).dequantize() for b in pyeditor.quant.WIDTHS])
-
-    def weights(self, bits: Tensor) -> Tensor:
-        """[B, out, in] quantized weights for float bits [B, out] (values in {2,4,6,8}); forward
-        exact, gradient to the bits through err * 2^-(bits - bits.detach())."""
-        idx = (bits.detach() / 2 - 1).long()
-        rows = torch.arange(self.w.shape[0])
-        err = self.levels[idx, rows] - self.w
-        return self.w + err * torch.exp2(-(bits - bits.detach())).unsqueeze(-1)
-
-
-def quantized_forward(levels: List[QuantLevels], readout: nn.Linear, x: Tensor, bits: List[Tensor]) -> Tensor:
-    h = x
-    for q, b in zip(levels, bits):
-        h = torch.relu(torch.einsum("bsi,boi->bso", h, q.weights(b)) + q.bias)
-    return readout(h)
+def train_strategy(model: Model, world_x: Tensor, world_y: Tensor, widths, use_lambda: bool,
+                   args, seed: int) -> SensitivityHypernet:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    shapes = [tuple(lin.weight.shape) for lin in model.quantized()]
+    hyper = SensitivityHypernet(args.features, args.embed, shapes)
+    opt = torch.optim.Adam(hyper.parameters(), lr=args.lr)
+    for _ in range(args.steps):
+        u = torch.randint(0, world_x.shape[0], (args.batch,), generator=gen)
+        sens, lam = hyper(world_x[u, :args.recent])
+        bits = pyeditor.allocate_bits(sens, args.beta, lam if use_lambda else None, True, widths=widths)
+        logits = model.forward(world_x[u, args.recent:], bits)
+        loss = F.cross_entropy(logits.flatten(0, 1), world_y[u, args.recent:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return hyper
 
 
-def serve(backbone: nn.Sequential, readout: nn.Linear, codes: Dict[str, Tensor], x: Tensor) -> Tensor:
-    """The device: decode the strategy, pack its own copy of the frozen weights, run."""
-    outs = {name: backbone.get_submodule(name).out_features for name in LAYERS}
-    bits = {name: pyeditor.decode_strategy(codes[name], outs[name]) for name in LAYERS}
-    local = quantize_model(copy.deepcopy(backbone), lambda name, lin: bits.get(name))
-    if not all(isinstance(local.get_submodule(n), PackedLinear) for n in LAYERS):
+def strategies(hyper: SensitivityHypernet, recent: Tensor, beta: float, widths, use_lambda: bool) -> List[Tensor]:
+    with torch.no_grad():
+        sens, lam = hyper(recent)
+        return pyeditor.allocate_bits(sens, beta, lam if use_lambda else None, widths=widths)
+
+
+def metrics(logits: Tensor, y: Tensor) -> Dict[str, float]:
+    """Acc@1, HR@10 and NDCG@10 of the clicked item among all items (one relevant item)."""
+    rank = (logits > logits.gather(-1, y.unsqueeze(-1))).sum(-1).double()
+    hit = (rank < TOP_K).double()
+    return {"acc": float((rank == 0).double().mean()), "hr10": float(hit.mean()),
+            "ndcg10": float((hit / torch.log2(rank + 2)).mean())}
+
+
+def avg_bits(bits: List[Tensor]) -> float:
+    """Average bits per channel, which is per weight too (the quantized layers share one width)."""
+    return float(torch.cat([b.flatten() for b in bits]).double().mean())
+
+
+def serve(model: Model, message: bytes, x: Tensor) -> Tensor:
+    """The device: decode the message, pack its own copy of the frozen weights, run."""
+    layers = pyeditor.decode_strategy_message(message)
+    if [(int(s.bits.numel()), s.in_features) for s in layers] != [tuple(lin.weight.shape) for lin in model.quantized()]:
+        raise RuntimeError("the strategy message does not fit this device's model")
+    bits = dict(zip(model.names, (s.bits for s in layers)))
+    local = quantize_model(copy.deepcopy(model.backbone), lambda name, lin: bits.get(name))
+    if not all(isinstance(local.get_submodule(n), PackedLinear) for n in model.names):
         raise RuntimeError("quantize_model left a backbone layer unpacked")
     with torch.no_grad():
-        return readout(local(x))
+        return model.readout(local(x))
 
 
-def avg_bits(bits: Dict[str, Tensor], backbone: nn.Sequential) -> float:
-    """Bits per weight of the quantized layers (each channel's width times its row length)."""
-    total = sum(float(bits[n].float().sum()) * backbone.get_submodule(n).in_features for n in LAYERS)
-    return total / sum(backbone.get_submodule(n).weight.numel() for n in LAYERS)
-
-
-def main(argv=None) -> Dict[str, float]:
+def main(argv=None) -> Dict[str, object]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--users", type=int, default=96, help="devices (train on their history, test on new data)")
-    p.add_argument("--test-users", type=int, default=32, help="devices served with packed layers")
+    p.add_argument("--test-users", type=int, default=32, help="devices served")
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--features", type=int, default=16)
     p.add_argument("--classes", type=int, default=32, help="items to choose from")
     p.add_argument("--hidden", type=int, default=128, help="width of the frozen backbone")
+    p.add_argument("--depth", type=int, default=3, help="quantized hidden x hidden layers")
     p.add_argument("--embed", type=int, default=16, help="user embedding z")
     p.add_argument("--recent", type=int, default=16, help="real-time interactions summarised into z")
     p.add_argument("--samples", type=int, default=64, help="interactions per user and split")
     p.add_argument("--spread", type=float, default=0.6, help="spread of a user's interactions around its centre")
-    p.add_argument("--beta", type=float, default=0.125, help="tier fraction (8-bit top beta, 4-bit next beta)")
+    p.add_argument("--beta", type=float, default=0.125, help="tier fraction (top beta, next beta)")
+    p.add_argument("--bit-configs", default="2-4-6-8,2-5-6-7", help="comma-separated, of " + ", ".join(BIT_CONFIGS))
+    p.add_argument("--no-layer-importance", action="store_true", help="CHORD rows without Lambda (Eq. 13)")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (1: reproducible on a shared host)")
     args = p.parse_args(argv)
+    configs = [c.strip() for c in args.bit_configs.split(",") if c.strip()]
+    if not configs or any(c not in BIT_CONFIGS for c in configs):
+        p.error(f"--bit-configs must name some of {', '.join(BIT_CONFIGS)}, got {args.bit_configs!r}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args, configs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, configs: List[str]) -> Dict[str, object]:
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-
     world = Users(args.users, args.groups, args.features, args.classes, args.seed, args.spread)
     hist_x, hist_y = world.interactions(args.samples)
     recent_x, _ = world.interactions(args.recent)       # the real-time window the device summarises
     test_x, test_y = world.interactions(args.samples)   # what the device must then predict
+    served = torch.arange(min(args.test_users, args.users))
+    tx, ty = test_x[served], test_y[served]
 
-    # the shared frozen random backbone; the readout is fitted once, full precision, on the history
-    backbone = nn.Sequential(nn.Linear(args.features, args.hidden), nn.ReLU(),
-                             nn.Linear(args.hidden, args.hidden), nn.ReLU()).requires_grad_(False)
-    readout = nn.Linear(args.hidden, args.classes)
-    feats = backbone(hist_x)
-    opt = torch.optim.Adam(readout.parameters(), lr=1e-2)
+    model = Model(args.features, args.hidden, args.depth, args.classes)
+    feats = model.backbone(hist_x)
+    opt = torch.optim.Adam(model.readout.parameters(), lr=1e-2)
     for _ in range(300):
         opt.zero_grad()
-        F.cross_entropy(readout(feats).flatten(0, 1), hist_y.flatten()).backward()
+        F.cross_entropy(model.readout(feats).flatten(0, 1), hist_y.flatten()).backward()
         opt.step()
-    readout.requires_grad_(False)
+    model.readout.requires_grad_(False)
 
-    levels = [QuantLevels(backbone.get_submodule(n)) for n in LAYERS]
-    shapes = [tuple(q.w.shape) for q in levels]
-    hyper = SensitivityHypernet(args.features, args.embed, shapes)
-    opt = torch.optim.Adam(hyper.parameters(), lr=args.lr)
-    for _ in range(args.steps):
-        u = torch.randint(0, args.users, (args.batch,), generator=gen)
-        bits = allocate(hyper(hist_x[u, :args.recent]), args.beta, straight_through=True)
-        loss = F.cross_entropy(quantized_forward(levels, readout, hist_x[u, args.recent:], bits).flatten(0, 1),
-                               hist_y[u, args.recent:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    # cloud -> device for the test users: one strategy per user, 2 bits per channel on the wire
-    served = torch.arange(min(args.test_users, args.users))
+    use_lambda = not args.no_layer_importance
+    res: Dict[str, object] = {"rows": {}}
+    rows: Dict[str, Dict[str, float]] = res["rows"]  # type: ignore[assignment]
     with torch.no_grad():
-        sens = hyper(recent_x[served])
-        user_bits = allocate(sens, args.beta, straight_through=False)
-        # the non-personalised strategy at the same budget: the mean sensitivity over all users
-        global_bits = [pyeditor.allocate_bits(s.mean(0), args.beta) for s in hyper(hist_x[:, :args.recent])]
-    res = {}
-    fp = readout(backbone(test_x[served]))
-    res["acc_fp32"] = _acc(fp, test_y[served])
-    for b in (8, 4, 2):
-        bits = {n: torch.full((q.w.shape[0],), b) for n, q in zip(LAYERS, levels)}
-        codes = {n: pyeditor.encode_strategy(v) for n, v in bits.items()}
-        res[f"acc_uniform{b}"] = _acc(serve(backbone, readout, codes, test_x[served]), test_y[served])
-    codes_g = {n: pyeditor.encode_strategy(v) for n, v in zip(LAYERS, global_bits)}
-    res["acc_global_mixed"] = _acc(serve(backbone, readout, codes_g, test_x[served]), test_y[served])
-    res["avg_bits_global_mixed"] = avg_bits(dict(zip(LAYERS, global_bits)), backbone)
+        rows["Base (fp32)"] = dict(metrics(model.forward(tx), ty), bits=32.0)
+        rows["Quant (uniform 3-bit)"] = dict(metrics(model.forward(tx, [3] * args.depth), ty), bits=3.0)
+        rows["Quant (uniform 2-bit)"] = dict(metrics(model.forward(tx, [2] * args.depth), ty), bits=2.0)
+    trained = {}
+    for name in configs:
+        trained[(name, use_lambda)] = train_strategy(model, hist_x, hist_y, BIT_CONFIGS[name], use_lambda,
+                                                     args, args.seed)
+    if use_lambda and "2-4-6-8" in configs:  # Table 3's row without Lambda
+        trained[("2-4-6-8", False)] = train_strategy(model, hist_x, hist_y, BIT_CONFIGS["2-4-6-8"], False,
+                                                     args, args.seed)
+    per_config = {}
+    for (name, lam_on), hyper in trained.items():
+        bits = strategies(hyper, recent_x[served], args.beta, BIT_CONFIGS[name], lam_on)
+        with torch.no_grad():
+            per_config[(name, lam_on)] = dict(metrics(model.forward(tx, bits), ty), bits=avg_bits(bits))
+        if (name, lam_on) == (configs[0], use_lambda):
+            main_bits = bits
+    for lam_on, label in ((False, "+Weighted Channel (Lambda off)"), (True, "CHORD (Lambda on)")):  # paper's order
+        if ("2-4-6-8", lam_on) in per_config:
+            rows[label] = per_config[("2-4-6-8", lam_on)]
+    res["table4"] = {name: per_config[(name, use_lambda)] for name in configs}
 
-    hits, wire, bit_sum = 0, 0, 0.0
-    for k, u in enumerate(served.tolist()):
-        codes = {n: pyeditor.encode_strategy(user_bits[i][k]) for i, n in enumerate(LAYERS)}
-        wire += sum(c.numel() for c in codes.values())
-        logits = serve(backbone, readout, codes, test_x[u:u + 1])
-        hits += int((logits.argmax(-1) == test_y[u:u + 1]).sum())
-        bit_sum += avg_bits({n: user_bits[i][k] for i, n in enumerate(LAYERS)}, backbone)
-    res["acc_chord"] = hits / test_y[served].numel()
-    res["avg_bits_chord"] = bit_sum / len(served)
-    res["wire_bytes_per_user"] = wire / len(served)
-    fp32_bytes = sum(backbone.get_submodule(n).weight.numel() * 4 for n in LAYERS)
-    packed = quantize_model(copy.deepcopy(backbone), lambda n, lin: user_bits[LAYERS.index(n)][0]
-                            if n in LAYERS else None)
-    res["fp32_weight_bytes"] = fp32_bytes
-    res["packed_weight_bytes"] = sum(packed.get_submodule(n).packed_bytes for n in LAYERS)
+    # cloud -> device, main configuration: one message per device; 2-4-6-8 is served packed
+    widths = BIT_CONFIGS[configs[0]]
+    in_features = [lin.in_features for lin in model.quantized()]
+    messages = [pyeditor.encode_strategy_message([(b[k], n) for b, n in zip(main_bits, in_features)], widths)
+                for k in range(len(served))]
+    if configs[0] == "2-4-6-8":
+        served_logits = torch.cat([serve(model, m, tx[k:k + 1]) for k, m in enumerate(messages)])
+        with torch.no_grad():
+            res["served_vs_fake_quant_max_abs"] = float((served_logits - model.forward(tx, main_bits)).abs().max())
+        res["served"] = metrics(served_logits, ty)
+    report = pyeditor.wire_report(messages[0], model.n_parameters())
+    res["wire"] = report._asdict()
     res["seconds"] = time.perf_counter() - t0
-    _print(args, res)
+    _print(args, configs, use_lambda, res, report)
     return res
 
 
-def _acc(logits: Tensor, y: Tensor) -> float:
-    return float((logits.argmax(-1) == y).float().mean())
-
-
-def _print(args, r: Dict[str, float]) -> None:
-    print(f"CHORD pipeline: frozen random backbone {args.features}->{args.hidden}->{args.hidden}, "
-          f"{args.test_users} served devices, beta={args.beta}, seed={args.seed}")
-    print(f"{'strategy':<34}{'avg bits':>10}{'accuracy':>10}")
-    rows = [("full precision (fp32)", 32.0, r["acc_fp32"]), ("uniform 8-bit", 8.0, r["acc_uniform8"]),
-            ("uniform 4-bit", 4.0, r["acc_uniform4"]), ("uniform 2-bit", 2.0, r["acc_uniform2"]),
-            ("mixed, one strategy for all", r["avg_bits_global_mixed"], r["acc_global_mixed"]),
-            ("CHORD, per-device strategy", r["avg_bits_chord"], r["acc_chord"])]
-    for name, bits, acc in rows:
-        print(f"{name:<34}{bits:>10.2f}{acc:>10.4f}")
-    ratio = r["fp32_weight_bytes"] / r["wire_bytes_per_user"]
-    print(f"on the wire per device: {r['wire_bytes_per_user']:.0f} B strategy code vs "
-          f"{r['fp32_weight_bytes']} B fp32 weights ({ratio:.0f}x less) or {r['packed_weight_bytes']} B packed "
-          f"weights ({r['packed_weight_bytes'] / r['wire_bytes_per_user']:.0f}x less); {r['seconds']:.1f} s")
+def _print(args, configs, use_lambda, res, report) -> None:
+    print(f"CHORD pipeline: frozen random backbone {args.features}->{args.hidden} + {args.depth} quantized "
+          f"{args.hidden}x{args.hidden} layers, {args.test_users} served devices, beta={args.beta}, "
+          f"seed={args.seed}, {args.threads} thread(s); synthetic users (not the paper's datasets)")
+    head = f"{'Avg Bits':>9}{'NDCG@10':>9}{'HR@10':>8}{'Acc@1':>8}"
+    print(f"\nTable 3 shape (ablation, 2-4-6-8)\n{'Method':<32}{head}")
+    for name, r in res["rows"].items():
+        print(f"{name:<32}{r['bits']:>9.2f}{r['ndcg10']:>9.4f}{r['hr10']:>8.4f}{r['acc']:>8.4f}")
+    lam = "on" if use_lambda else "off"
+    print(f"\nTable 4 shape (bit configurations, CHORD with Lambda {lam})\n{'Bit Config':<32}{head}")
+    for name, r in res["table4"].items():
+        print(f"{name:<32}{r['bits']:>9.2f}{r['ndcg10']:>9.4f}{r['hr10']:>8.4f}{r['acc']:>8.4f}")
+    if "served" in res:
+        s = res["served"]
+        print(f"\nserved on the device (decoded message -> PackedLinear): NDCG@10 {s['ndcg10']:.4f}, HR@10 "
+              f"{s['hr10']:.4f}, Acc@1 {s['acc']:.4f}; max |served - trained forward| "
+              f"{res['served_vs_fake_quant_max_abs']:.1e}")
+    print(f"on the wire per device: {report.message_bits // 8} B message ({report.code_bits // 8} B of 2-bit "
+          f"codes for {report.channels} channels, header and CRC-32 the rest)")
+    print(f"  paper's accounting (Sec. 4.1.3, Table 2: Param = Mbit transmitted; Base = the whole model at "
+          f"32 bits): {report.base_param_mbit:.4f} / {report.chord_param_mbit:.4f} Mbit = "
+          f"x{report.paper_ratio:.1f} (the paper, on its models: x61.20 SASRec, x173.8 Caser)")
+    print(f"  raw: fp32 bytes of the quantized weights per code byte = x{report.raw_ratio:.0f}; "
+          f"{res['seconds']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,11 @@ The top-level functions take the same arguments as their plain-PyTorch definitio
 from . import backends, reference
 from .api import apply_edit
 from . import quant
-from .quant import (PackedWeight, allocate_bits, decode_strategy, dequantize, encode_strategy,
-                    packed_linear, quantize_channelwise)
+from .quant import PackedWeight, dequantize, packed_linear, quantize_channelwise
+from .bit_allocation import allocate_bits
+from .fake_quant import fake_quantize
+from .strategy_message import (LayerStrategy, WireReport, decode_strategy, decode_strategy_message, encode_strategy,
+                               encode_strategy_message, wire_report)
 from .search import kmeans, kmeans_predict, nearest_prototype
 from .hyper import (assign_prototypes, edit_norms, edited_linear, generate_edit, hyper_matmul, hyper_matmul_heads,
                     prototype_gram)
@@ -16,7 +19,8 @@ from . import nn  # noqa: E402  (modules: PackedLinear, quantize_model, EditedLi
 
 __all__ = ["apply_edit", "backends", "reference", "nn",
            "quant", "PackedWeight", "quantize_channelwise", "dequantize", "packed_linear", "encode_strategy",
-           "decode_strategy", "allocate_bits",
+           "decode_strategy", "allocate_bits", "fake_quantize", "encode_strategy_message", "decode_strategy_message",
+           "LayerStrategy", "WireReport", "wire_report",
            "nearest_prototype", "kmeans", "kmeans_predict",
            "assign_prototypes", "edit_norms", "edited_linear", "generate_edit", "hyper_matmul", "prototype_gram",
            "hyper_matmul_heads"]

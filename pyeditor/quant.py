@@ -286,24 +286,3 @@ def packed_linear(x: Tensor, packed: PackedWeight, bias: Optional[Tensor] = None
         return reference.packed_linear(x, p.quantized(), bias)
     return ops.quant_ops(name)[0](x, p.data, p.scale, p.zero, p.perm, p._flat_buckets, p.out_features, bias, fast,
                                   p.op_group_size)
-
-
-# ---------------------------------------------------------------- CHORD strategy codes
-def encode_strategy(bits: Tensor) -> Tensor:
-    """2 bits per channel, four channels per byte (code = bits / 2 - 1, channel i in byte i // 4 at
-    bit 2 * (i % 4)): the strategy that travels from cloud to device. Plain torch (byte-sized work)."""
-    return reference.encode_strategy(bits.detach().cpu() if isinstance(bits, Tensor) else bits)
-
-
-def decode_strategy(codes: Tensor, n_channels: int) -> Tensor:
-    """Inverse of encode_strategy: int64 bits [n_channels]; non-zero padding bits raise ValueError."""
-    return reference.decode_strategy(codes.cpu() if isinstance(codes, Tensor) else codes, n_channels)
-
-
-def allocate_bits(sensitivity, beta: float, layer_importance: Optional[Tensor] = None,
-                  straight_through: bool = False):
-    """CHORD Eq. 12-13 (2-4-6-8): top beta of each layer's channels 8-bit, next beta 4-bit, rest
-    2-bit; the most important layer one step up, the least one step down. straight_through=True
-    returns float bits whose gradient flows to the sensitivity unchanged. See
-    :func:`pyeditor.reference.allocate_bits`."""
-    return reference.allocate_bits(sensitivity, beta, layer_importance, straight_through)

@@ -622,18 +622,3 @@ def test_strategy_layout_and_errors():
         pyeditor.decode_strategy(torch.tensor([0b11100100, 0b111], dtype=torch.uint8), 5)
     with pytest.raises(ValueError, match="bits"):
         pyeditor.encode_strategy(torch.tensor([2, 3]))
-
-
-def test_allocate_bits_tiers_boost_and_straight_through():
-    s = torch.arange(16, dtype=torch.float32)
-    bits = pyeditor.allocate_bits(s, 0.125)
-    assert bits.tolist() == [2] * 12 + [4] * 2 + [8] * 2
-    layers = [torch.rand(16), torch.rand(16), torch.rand(16)]
-    out = pyeditor.allocate_bits(layers, 0.125, layer_importance=torch.tensor([0.5, 2.0, 0.1]))
-    base = pyeditor.allocate_bits(layers, 0.125)
-    assert torch.equal(out[1], (base[1] + 2).clamp_max(8)) and torch.equal(out[2], (base[2] - 2).clamp_min(2))
-    assert torch.equal(out[0], base[0])
-    s = torch.rand(16, requires_grad=True)
-    b = pyeditor.allocate_bits(s, 0.25, straight_through=True)
-    (b * torch.arange(16.0)).sum().backward()
-    assert torch.equal(s.grad, torch.arange(16.0))

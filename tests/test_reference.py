@@ -517,14 +517,34 @@ def test_allocate_bits_layer_boost_and_cut():
     layers = [torch.tensor([0.1, 0.9, 0.5, 0.7]), torch.tensor([0.4, 0.3, 0.2, 0.1]), torch.tensor([1.0, 2.0, 3.0, 4.0])]
     base = ref.allocate_bits(layers, 0.25)
     assert [b.tolist() for b in base] == [[2, 8, 2, 4], [8, 4, 2, 2], [2, 2, 4, 8]]
+    # mean 0.4: layer 1 one rung up ([8, 6, 4, 4]), layers 0 and 2 one down ([2, 6, 2, 2], [2, 2, 2, 6]);
+    # that is 46 bits against Gamma's 48: the rank-0 channels come first, layer 1's (at 8 already),
+    # then layer 0's, which goes 6 -> 8
     out = ref.allocate_bits(layers, 0.25, layer_importance=torch.tensor([0.2, 0.9, 0.1]))
-    assert [b.tolist() for b in out] == [[2, 8, 2, 4], [8, 6, 4, 4], [2, 2, 2, 6]]
+    assert [b.tolist() for b in out] == [[2, 8, 2, 2], [8, 6, 4, 4], [2, 2, 2, 6]]
     same = ref.allocate_bits(layers, 0.25, layer_importance=torch.ones(3))
     assert all(torch.equal(a, b) for a, b in zip(same, base))
+    # mean 0.7667: layer 0 down, layers 1 and 2 up -> 56 bits; 8 come off the least important
+    # channels: rank 3 of 4 first (layer 0's is at 2; layers 2 and 1 tie on importance, the later
+    # layer counts as less important), 4 -> 2 each, then rank 2 the same way
     ties = ref.allocate_bits(layers, 0.25, layer_importance=torch.tensor([0.5, 0.9, 0.9]))
-    assert ties[1].tolist() == [8, 6, 4, 4] and ties[0].tolist() == [2, 6, 2, 2]
+    assert [b.tolist() for b in ties] == [[2, 6, 2, 2], [8, 6, 2, 2], [2, 2, 6, 8]]
     one = ref.allocate_bits(layers[0], 0.25, layer_importance=torch.tensor([3.0]))
     assert one.tolist() == base[0].tolist() and one.dtype == torch.int64
+
+
+def test_allocate_bits_budget_hand_example():
+    layers = [torch.tensor([0.1, 0.9, 0.5, 0.7]), torch.tensor([0.4, 0.3, 0.2, 0.1])]
+    # Gamma [2, 8, 2, 4], [8, 4, 2, 2] = 32 bits; 3.5 * 8 = 28: channels last by rank / C go down
+    # first (ties: the later layer first); ranks 3 and 2 are at 2 bits already, so the two rank-1
+    # channels (4 bits) drop to 2
+    out = ref.allocate_bits(layers, 0.25, budget=3.5)
+    assert [b.tolist() for b in out] == [[2, 8, 2, 2], [8, 2, 2, 2]]
+    # 3.3 * 7 = 23.1 -> 23 bits is odd: the nearest even total below, 22
+    out = ref.allocate_bits([layers[0], layers[1][:3]], 0.25, budget=3.3)
+    assert sum(int(b.sum()) for b in out) == 22
+    # 2-5-6-7: steps 3, 1, 1; 4.0 * 4 = 16 bits from Gamma's [2, 7, 2, 5] = 16 -> unchanged
+    assert ref.allocate_bits(layers[0], 0.25, budget=4.0, widths=(2, 5, 6, 7)).tolist() == [2, 7, 2, 5]
 
 
 def test_allocate_bits_straight_through():
@@ -534,9 +554,11 @@ def test_allocate_bits_straight_through():
     (bits * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
     assert s.grad.tolist() == [1.0, 2.0, 3.0, 4.0]
     layers = [torch.randn(6, requires_grad=True), torch.randn(3, requires_grad=True)]
-    out = ref.allocate_bits(layers, 0.125, torch.tensor([0.0, 1.0]), straight_through=True)
+    lam = torch.tensor([0.0, 1.0], requires_grad=True)
+    out = ref.allocate_bits(layers, 0.125, lam, straight_through=True)
     sum(o.sum() for o in out).backward()
     assert all(torch.equal(layer.grad, torch.ones_like(layer)) for layer in layers)
+    assert lam.grad.tolist() == [6 - 4.5, 3 - 4.5]  # each layer's channel count minus their mean
     assert ref.encode_strategy(out[0].detach()).dtype == torch.uint8
 
 
@@ -546,12 +568,16 @@ def test_allocate_bits_straight_through():
         ((torch.ones(4), 0.6), {}, ValueError, r"beta must be a number in \[0, 0.5\]"),
         ((torch.ones(4), -0.1), {}, ValueError, "beta must be"),
         ((torch.tensor([1.0, NAN]), 0.25), {}, ValueError, "sensitivity must not contain NaN"),
-        ((torch.ones(2, 4), 0.25), {}, ValueError, "sensitivity must be 1-D"),
-        (([torch.ones(4), torch.ones(2, 2)], 0.25), {}, ValueError, r"sensitivity\[1\] must be 1-D"),
+        ((torch.ones(2, 2, 4), 0.25), {}, ValueError, "sensitivity must be 1-D or 2-D"),
+        (([torch.ones(4), torch.ones(2, 2)], 0.25), {}, ValueError, r"sensitivity\[1\] has batch shape"),
         ((torch.ones(4, dtype=torch.int64), 0.25), {}, TypeError, "sensitivity must be a floating"),
         (([], 0.25), {}, ValueError, "at least one layer"),
         (([torch.ones(4), torch.ones(3)], 0.25), dict(layer_importance=torch.ones(3)), ValueError, r"layer_importance must have shape \[2\]"),
         (([torch.ones(4), torch.ones(3)], 0.25), dict(layer_importance=torch.tensor([1.0, NAN])), ValueError, "layer_importance must not contain NaN"),
+        (([torch.ones(4), torch.ones(3)], 0.25), dict(layer_importance=torch.tensor([1.0, INF])), ValueError, "layer_importance must be finite"),
+        ((torch.ones(4), 0.25), dict(budget=8.5), ValueError, r"budget must be in \[2, 8\]"),
+        ((torch.ones(4), 0.25), dict(budget=True), TypeError, "budget must be a number"),
+        ((torch.ones(4), 0.25), dict(widths=(2, 4, 4, 8)), ValueError, "strictly increasing"),
     ],
 )
 def test_allocate_bits_errors(args, kwargs, err, match):
