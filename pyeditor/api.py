@@ -33,6 +33,10 @@ def apply_edit(
     or ``proto_index``.
     Differentiable in theta (gradient summed over the samples using each prototype) and
     delta (gradient where |delta| <= T); the threshold gets no gradient.
+    threshold: a real number or a floating / integer tensor (bool and complex raise TypeError).
+    A T beyond the range of the accumulation dtype (float32, float64 for float64 edits; e.g.
+    T = 1e39 with float32 tensors) becomes +inf, which clips exactly as T would: nothing, since
+    every finite edit lies inside [-T, T].
     """
     validate.float_tensor(theta, "theta")
     validate.float_tensor(delta, "delta")

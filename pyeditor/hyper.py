@@ -180,6 +180,7 @@ class PrototypeGram(NamedTuple):
     values of an fp32 / fp64 product), from which ||e W_p + b_p||^2 = [e,1] G_p [e,1]^T."""
     gram: Tensor
     abs_gram: Tensor  # |G_p|, bounds the terms of the quadratic form (cancellation check)
+    source: tuple = ()  # validate.editor_fingerprint of the editors it was computed from
 
 
 def prototype_gram(weight: Tensor, bias: Optional[Tensor] = None) -> PrototypeGram:
@@ -196,7 +197,7 @@ def prototype_gram(weight: Tensor, bias: Optional[Tensor] = None) -> PrototypeGr
         g[:, :d, d] = c
         g[:, d, :d] = c
         g[:, d, d] = b.double().square().sum(1)
-    return PrototypeGram(g, g.abs())
+    return PrototypeGram(g, g.abs(), validate.editor_fingerprint(weight, bias))
 
 
 _CANCEL = {torch.float32: 2.0 ** -10, torch.float64: 2.0 ** -40}
@@ -233,6 +234,9 @@ def edit_norms(e: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
             "auto"  -- "gram" when there is no threshold and a gram is given or 2 (d + 1) < B (the
                        Gram product costs P d^2 n at about half the fused kernel's speed here),
                        else "fused".
+    The fused kernels form each edit in float32 (float64 for float64 inputs); a (sample, prototype)
+    pair whose sum of squares comes out inf or NaN is recomputed in float64 as the reference does
+    (eager calls; an edit past the float32 maximum is finite there).
     Not differentiable (assignment is an argmin).
     """
     _check_hyper(e, weight, bias, None)
@@ -240,6 +244,8 @@ def edit_norms(e: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         raise ValueError("weight must hold at least one prototype editor (P >= 1)")
     if method not in ("auto", "fused", "gram"):
         raise ValueError(f"method must be 'auto', 'fused' or 'gram', got {method!r}")
+    if gram is not None:
+        validate.gram_of(gram, e, weight, bias)
     t = None if threshold is None else validate.threshold(threshold, e)
     if t is not None and t.dim() == 1 and t.shape[0] != e.shape[0]:
         raise ValueError(f"threshold has {t.shape[0]} values; expected one or {e.shape[0]}")
@@ -256,7 +262,31 @@ def edit_norms(e: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     if name == "reference":
         return reference.edit_norms(e, weight, bias, t)
     with torch.no_grad():
-        return ops.hyper_ops(name)[2](e, weight, bias, t).sqrt()
+        sq = ops.hyper_ops(name)[2](e, weight, bias, t)
+        if not validate.compiling():
+            sq = _redo_nonfinite(sq, e, weight, bias, t)
+        return sq.sqrt()
+
+
+def _redo_nonfinite(sq: Tensor, e: Tensor, weight: Tensor, bias: Optional[Tensor], t: Optional[Tensor]) -> Tensor:
+    """The fused kernels form each edit in float32 (fp64 for fp64 inputs), which overflows to inf
+    (or NaN, inf - inf) where the reference's float64 edit is finite; those (sample, prototype)
+    pairs are recomputed as the reference does. Inputs holding NaN / inf give the reference's
+    NaN / inf again."""
+    redo = ~torch.isfinite(sq)
+    if not bool(redo.any()):
+        return sq
+    sq = sq.clone()
+    for p in redo.any(0).nonzero().flatten().tolist():
+        rows = redo[:, p].nonzero().flatten()
+        g = e.detach()[rows].double() @ weight.detach()[p].double()
+        if bias is not None:
+            g = g + bias.detach()[p].double()
+        if t is not None:
+            tr = t.double()[rows].unsqueeze(1) if t.dim() == 1 else t.double()
+            g = torch.clamp(g, min=-tr, max=tr)
+        sq[rows, p] = g.square().sum(1)
+    return sq
 
 
 class Assignment(NamedTuple):

@@ -7,6 +7,7 @@ output dtype, which is what the kernels do too.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import List, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -550,7 +551,8 @@ def lloyd(x: Tensor, n_clusters: int, n_iter: int, init: str, seed: int, metric:
             if not bool(w.sum() > 0):  # every remaining point sits on a chosen centre
                 w = torch.ones_like(w)
                 w[chosen] = 0.0
-            nxt = int(torch.multinomial(w, 1, generator=gen))
+            # the CPU generator draws on CPU: the same choice for CPU and CUDA inputs
+            nxt = int(torch.multinomial(w.cpu(), 1, generator=gen))
             chosen.append(nxt)
             loss = assign(xs, as_centroid(pts[[nxt]]), metric)[1]
             best = torch.minimum(best, loss)
@@ -671,10 +673,13 @@ def quantize_channelwise(weight: Tensor, bits: Union[int, Tensor], group_size: O
     zero is exactly representable):
         scale = float32((hi - lo) / q_max)   (at least the smallest normal float32)
         zero  = clamp(round(-lo / scale), 0, q_max)                      (integer)
-        codes = clamp(round(w / scale) + zero, 0, q_max)
+        reach = floor(float32_max / scale)
+        codes = clamp(round(w / scale) + zero, max(0, zero - reach), min(q_max, zero + reach))
     evaluated in float64 with the stored float32 scale; round = half to even. Every
     element then dequantizes to within scale / 2 of its float32 value (up to rounding of
-    scale itself). Constant channels or groups (max == min == c, or in == 0 with c = 0) are
+    scale itself), except that no code dequantizes past the float32 maximum: reach only
+    binds for scales above float32_max / q_max (|w| near 3e38), where an element near
+    +-float32_max may be off by up to one scale instead of dequantizing to +-inf. Constant channels or groups (max == min == c, or in == 0 with c = 0) are
     exact: scale = |c| (1 if c == 0), zero = 1 if c < 0 else 0, codes = zero + sign(c).
     A range whose float32 scale would overflow (|w| near the float32 maximum) is refused.
     """
@@ -702,7 +707,11 @@ def quantize_channelwise(weight: Tensor, bits: Union[int, Tensor], group_size: O
         raise ValueError("weight's range per channel (or group) must fit float32 (max - min overflows)")
     s = scale.to(torch.float64)
     zero = torch.round(-lo / s).clamp(min=0.0).minimum(q_max)
-    codes = (torch.round(w / s[:, gid]) + zero[:, gid]).clamp(min=0.0).minimum(q_max)
+    # near the float32 maximum the rounded zero can put an end code past it: (code - zero) * scale
+    # would dequantize to inf, so codes stop at the last one that stays finite
+    reach = torch.floor(torch.finfo(torch.float32).max / s)
+    c_lo, c_hi = (zero - reach).clamp(min=0.0), (zero + reach).minimum(q_max)
+    codes = (torch.round(w / s[:, gid]) + zero[:, gid]).maximum(c_lo[:, gid]).minimum(c_hi[:, gid])
     # constant channels / groups: exact by construction
     const = wmax == wmin
     c = wmin
@@ -802,29 +811,79 @@ def decode_strategy(codes: Tensor, n_channels: int) -> Tensor:
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Forward: the discrete bits; backward: identity to the sensitivity."""
+    """Forward: the discrete bits. Backward: identity to the sensitivity and, summed over the
+    layer's channels, to the layer's importance minus the mean importance."""
 
     @staticmethod
-    def forward(ctx, sensitivity: Tensor, bits: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, sensitivity: Tensor, shift: Optional[Tensor], bits: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.has_shift = shift is not None
         return bits.to(sensitivity.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return grad, None
+        return grad, (grad.sum(-1, keepdim=True) if ctx.has_shift else None), None
 
 
-def _tier_bits(s: Tensor, beta: float) -> Tensor:
-    """Eq. 12 tiers for one layer: int64 [C] of 8 / 4 / 2."""
-    C = s.shape[0]
-    n8 = math.floor(beta * C + 0.5)
-    n84 = math.floor(2 * beta * C + 0.5)
-    order = torch.sort(s.detach(), descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(C)
-    bits = torch.full((C,), 2, dtype=torch.int64)
-    bits[rank < n84] = 4
-    bits[rank < n8] = 8
-    return bits
+def _check_widths(widths: object) -> tuple:
+    if not isinstance(widths, (tuple, list)) or len(widths) != 4 or any(
+            isinstance(w, bool) or not isinstance(w, int) for w in widths):
+        raise TypeError(f"widths must be four ints (the bit widths codes 0-3 name), got {widths!r}")
+    if not all(1 <= w <= 8 for w in widths) or any(a >= b for a, b in zip(widths, widths[1:])):
+        raise ValueError(f"widths must be strictly increasing and in [1, 8], got {tuple(widths)}")
+    return tuple(widths)
+
+
+def _allocate_user(sens: List[list], beta: float, lam: Optional[list], budget, widths: tuple) -> List[list]:
+    """One user's ladder levels per layer (0..3), by the rules of allocate_bits, in plain Python."""
+    levels, frac = [], []
+    for s in sens:
+        c = len(s)
+        ranked = sorted(range(c), key=lambda i: (-s[i], i))
+        n8, n84 = math.floor(beta * c + 0.5), math.floor(2 * beta * c + 0.5)
+        lv, fr = [0] * c, [Fraction(0)] * c
+        for r, i in enumerate(ranked):
+            lv[i] = 3 if r < n8 else (1 if r < n84 else 0)
+            fr[i] = Fraction(r, c)
+        levels.append(lv)
+        frac.append(fr)
+    gamma_total = sum(widths[v] for lv in levels for v in lv)
+    imp = [Fraction(0)] * len(sens)
+    if lam is not None:
+        imp = [Fraction(v) for v in lam]
+        mean = sum(imp) / len(imp)
+        for layer, lv in enumerate(levels):
+            step = (imp[layer] > mean) - (imp[layer] < mean)
+            levels[layer] = [min(3, max(0, v + step)) for v in lv]
+    n = sum(len(lv) for lv in levels)
+    if budget is not None:
+        target = math.floor(Fraction(budget) * n)
+        steps = {b - a for a, b in zip(widths, widths[1:])}
+        if len(steps) == 1:
+            target -= (target - widths[0] * n) % steps.pop()
+    elif lam is not None:
+        target = gamma_total
+    else:
+        return levels
+    order = sorted(((layer, i) for layer, lv in enumerate(levels) for i in range(len(lv))),
+                   key=lambda t: (frac[t[0]][t[1]], -imp[t[0]], t[0], t[1]))
+    left = target - sum(widths[v] for lv in levels for v in lv)
+    if left > 0:
+        for layer, i in order:
+            cur = levels[layer][i]
+            new = max(j for j in range(cur, 4) if widths[j] - widths[cur] <= left)
+            left -= widths[new] - widths[cur]
+            levels[layer][i] = new
+    elif left < 0:
+        left = -left
+        for layer, i in reversed(order):
+            cur = levels[layer][i]
+            new = min(j for j in range(cur + 1) if widths[cur] - widths[j] <= left)
+            left -= widths[cur] - widths[new]
+            levels[layer][i] = new
+        if left > 0:  # uneven ladder: one more rung down, least important channel that can go
+            layer, i = next((layer, i) for layer, i in reversed(order) if levels[layer][i] > 0)
+            levels[layer][i] -= 1
+    return levels
 
 
 def allocate_bits(
@@ -832,23 +891,25 @@ def allocate_bits(
     beta: float,
     layer_importance: Optional[Tensor] = None,
     straight_through: bool = False,
+    budget: Optional[float] = None,
+    widths: Sequence[int] = (2, 4, 6, 8),
 ) -> Union[Tensor, List[Tensor]]:
-    """CHORD's strategy functions Gamma (Eq. 12) and Lambda (Eq. 13), 2-4-6-8 configuration.
+    """CHORD's strategy functions Gamma (Eq. 12) and Lambda (Eq. 13) with an average-bits budget,
+    one user at a time in plain Python (the rules are pyeditor.allocate_bits's, stated there).
 
-    sensitivity: one layer's channel sensitivity alpha^W [C] (floating, no NaN), or a
-                 list of such tensors, one per layer (lengths may differ).
-    beta:        tier fraction in [0, 0.5].
-    Gamma, per layer with C channels, channels ranked by descending sensitivity (ties:
-    lower channel index first): the first n8 = floor(beta*C + 1/2) get 8 bits, the next
-    floor(2*beta*C + 1/2) - n8 get 4 bits, the rest 2 bits (beta*C evaluated in double).
-    Lambda, if layer_importance alpha^L [L] (floating, no NaN; L = number of layers) is
-    given: the single most important layer (argmax, ties -> lowest index) moves every
-    channel one step up the ladder 2 -> 4 -> 6 -> 8 (8 stays 8), the single least
-    important layer (argmin, ties -> lowest index) one step down 8 -> 6 -> 4 -> 2 (2 stays
-    2). If all L importances are equal (always when L == 1) no layer is adjusted.
-    Returns the same structure as sensitivity (a tensor or a list): int64 bits, or, with
-    straight_through=True, bits in sensitivity's float dtype whose gradient flows to
-    sensitivity unchanged (straight-through estimator: forward discrete, backward identity).
+    sensitivity: [C] or [B, C] floating (no NaN), or a list of them, one per layer (same B).
+    beta in [0, 0.5]; layer_importance: None, [L] or [B, L] finite floating; budget: None or a
+    number in [widths[0], widths[3]] (average bits per channel); widths: the four-rung ladder.
+    Gamma: per layer the first floor(beta*C + 1/2) channels by descending sensitivity (ties: lower
+    index) get widths[3], the next floor(2*beta*C + 1/2) minus those widths[1], the rest widths[0].
+    Lambda: every layer whose importance is above the mean goes one rung up, below it one down.
+    Budget (or, without one but with layer_importance, Gamma's own total): target floor(budget*N)
+    bits, lowered to the ladder's grid when its steps are even; bits added from the most important
+    channel (rank / C in its layer asc, layer importance desc, layer, channel), each as high as fits, or
+    removed from the least important, each as low as fits (one rung more if still over).
+    Returns int64 bits in sensitivity's structure, or with straight_through=True bits in its
+    dtype whose gradient is 1 to each channel's sensitivity and, summed over the layer's channels,
+    1 - 1/L to its own importance and -1/L to every other layer's.
     """
     single = isinstance(sensitivity, Tensor)
     layers = [sensitivity] if single else list(sensitivity)  # type: ignore[arg-type]
@@ -856,27 +917,86 @@ def allocate_bits(
         raise ValueError("sensitivity must hold at least one layer")
     for i, s in enumerate(layers):
         name = "sensitivity" if single else f"sensitivity[{i}]"
-        _check_float(name, s, (1,))
+        _check_float(name, s, (1, 2))
         if bool(torch.isnan(s).any()):
             raise ValueError(f"{name} must not contain NaN")
+        if s.shape[:-1] != layers[0].shape[:-1]:
+            raise ValueError(f"{name} has batch shape {tuple(s.shape[:-1])} but sensitivity[0] has "
+                             f"{tuple(layers[0].shape[:-1])}")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 0.5:
         raise ValueError(f"beta must be a number in [0, 0.5], got {beta!r}")
-    bits = [_tier_bits(s, float(beta)) for s in layers]
+    widths = _check_widths(widths)
+    lead, n_layers = tuple(layers[0].shape[:-1]), len(layers)
+    rows = lead[0] if lead else 1
+    lam_rows = None
     if layer_importance is not None:
-        _check_float("layer_importance", layer_importance, (1,))
-        if layer_importance.shape[0] != len(layers):
-            raise ValueError(f"layer_importance must have shape [{len(layers)}] (one per "
-                             f"layer), got {tuple(layer_importance.shape)}")
+        _check_float("layer_importance", layer_importance, (1, 2))
+        if tuple(layer_importance.shape) not in ((n_layers,), lead + (n_layers,)):
+            raise ValueError(f"layer_importance must have shape [{n_layers}] (one per layer), "
+                             f"got {tuple(layer_importance.shape)}")
         if bool(torch.isnan(layer_importance).any()):
             raise ValueError("layer_importance must not contain NaN")
-        li = layer_importance.detach()
-        if bool(li.max() > li.min()):
-            up, down = int(li.argmax()), int(li.argmin())
-            bits[up] = (bits[up] + 2).clamp_max(8)
-            bits[down] = (bits[down] - 2).clamp_min(2)
+        if not bool(torch.isfinite(layer_importance).all()):
+            raise ValueError("layer_importance must be finite")
+        lam_rows = layer_importance.detach().expand(rows, n_layers).tolist()
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise TypeError(f"budget must be a number (average bits per channel), got {type(budget).__name__}")
+        if not math.isfinite(budget) or not widths[0] <= budget <= widths[3]:
+            raise ValueError(f"budget must be in [{widths[0]}, {widths[3]}], got {budget}")
+    sens_rows = [s.detach().reshape(rows, s.shape[-1]).tolist() for s in layers]
+    per_user = [_allocate_user([s[r] for s in sens_rows], float(beta), None if lam_rows is None else lam_rows[r],
+                               budget, widths) for r in range(rows)]
+    bits = [torch.tensor([[widths[v] for v in per_user[r][layer]] for r in range(rows)],
+                         dtype=torch.int64).reshape(s.shape).to(s.device) for layer, s in enumerate(layers)]
     if straight_through:
-        bits = [_StraightThrough.apply(s, b) for s, b in zip(layers, bits)]
+        lam = layer_importance
+        centred = None if lam is None else lam - lam.mean(-1, keepdim=True)
+        bits = [_StraightThrough.apply(s, None if centred is None else centred[..., i:i + 1].expand(*lead, 1), b)
+                for i, (s, b) in enumerate(zip(layers, bits))]
     return bits[0] if single else bits
+
+
+def fake_quantize(weight: Tensor, bits: Union[int, Tensor], group_size: Optional[int] = None) -> Tensor:
+    """float32 [..., out, in]: weight min-max quantized at bits[..., o] (whole numbers 1..8) per
+    output channel (per group of group_size inputs) and dequantized, channel by channel and group
+    by group, with quantize_channelwise's formulas; for 2/4/6/8 it equals
+    dequantize(quantize_channelwise(weight, bits, group_size)). Values only (the training
+    gradients are pyeditor.fake_quantize's)."""
+    _check_float("weight", weight, (2,))
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight must be finite (no NaN or inf)")
+    group_size = check_group_size(group_size)
+    n_out, n_in = weight.shape
+    if isinstance(bits, int) and not isinstance(bits, bool):
+        bits = torch.full((n_out,), bits)
+    if not isinstance(bits, Tensor) or bits.dim() < 1 or bits.shape[-1] != n_out:
+        raise ValueError(f"bits must be an int or a [..., {n_out}] tensor")
+    b = bits.detach().cpu().reshape(-1, n_out).tolist()
+    if any(v != int(v) or not 1 <= v <= 8 for row in b for v in row):
+        raise ValueError("bits must be whole numbers in [1, 8]")
+    w = weight.detach().cpu().to(torch.float32)
+    out = torch.empty(len(b), n_out, n_in, dtype=torch.float32)
+    gs = group_size or max(n_in, 1)
+    f32 = torch.finfo(torch.float32)
+    for r, row in enumerate(b):
+        for o, width in enumerate(row):
+            q_max = 2.0 ** int(width) - 1.0
+            for g0 in range(0, n_in, gs):
+                vals = w[o, g0:g0 + gs].to(torch.float64)
+                mn, mx = float(vals.min()), float(vals.max())
+                if mn == mx:
+                    out[r, o, g0:g0 + gs] = w[o, g0:g0 + gs]
+                    continue
+                lo, hi = min(mn, 0.0), max(mx, 0.0)
+                scale = max(torch.tensor((hi - lo) / q_max, dtype=torch.float64).to(torch.float32).item(), f32.tiny)
+                if not math.isfinite(scale):
+                    raise ValueError("weight's range per channel (or group) must fit float32")
+                zero = min(max(round(-lo / scale), 0), q_max)
+                reach = math.floor(f32.max / scale)
+                codes = (torch.round(vals / scale) + zero).clamp(max(0.0, zero - reach), min(q_max, zero + reach))
+                out[r, o, g0:g0 + gs] = ((codes - zero) * scale).to(torch.float32)
+    return out.reshape(*bits.shape, n_in).to(weight.device)
 
 
 def read_probe(data: Tensor, streams: int = 4) -> Tensor:

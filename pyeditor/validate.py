@@ -61,26 +61,43 @@ def index_tensor(index, name: str, bound: int) -> Tensor:
 
 
 _scalar_thresholds: dict = {}
+_ACC_MAX = {torch.float32: torch.finfo(torch.float32).max, torch.float64: torch.finfo(torch.float64).max}
+
+
+def _saturated(t, acc: torch.dtype) -> float:
+    """A Python number T >= 0 as a float of the accumulation dtype's range: beyond its maximum it
+    becomes +inf, which clips exactly as T does (every finite value of that dtype lies inside
+    [-T, T], so neither clips anything)."""
+    try:
+        v = float(t)
+    except OverflowError:  # an int beyond float64
+        return math.inf
+    return math.inf if v > _ACC_MAX[acc] else v
 
 
 def threshold(t, like: Tensor, name: str = "threshold") -> Tensor:
-    """T as a tensor of the kernels' accumulation dtype on like's device; T >= 0, never NaN."""
+    """T as a tensor of the kernels' accumulation dtype on like's device; T >= 0, never NaN.
+    A real number or a floating / integer tensor; bool and complex raise TypeError naming T.
+    A T beyond the accumulation dtype's range saturates to +inf (see _saturated)."""
     acc = torch.float64 if like.dtype == torch.float64 else torch.float32
     if isinstance(t, bool) or not isinstance(t, (int, float, Tensor)):
         raise TypeError(f"{name} must be a number or a tensor, got {type(t).__name__}")
     if not isinstance(t, Tensor):
-        if math.isnan(t) or t < 0:
+        if (isinstance(t, float) and math.isnan(t)) or t < 0:
             raise ValueError(f"{name} must be >= 0 and not NaN, got {t}")
+        t = _saturated(t, acc)
         if compiling() or like.device.type != "cpu":
-            return torch.full((), float(t), dtype=acc, device=like.device)
+            return torch.full((), t, dtype=acc, device=like.device)
         # serving calls repeat the same T: keep its (read-only) 0-d CPU tensor
-        key = (float(t), acc)
+        key = (t, acc)
         cached = _scalar_thresholds.get(key)
         if cached is None:
             if len(_scalar_thresholds) > 256:
                 _scalar_thresholds.clear()
-            cached = _scalar_thresholds[key] = torch.full((), float(t), dtype=acc)
+            cached = _scalar_thresholds[key] = torch.full((), t, dtype=acc)
         return cached
+    if t.dtype == torch.bool or t.dtype.is_complex:
+        raise TypeError(f"{name} must be a real (floating or integer) tensor, got {t.dtype}")
     if not t.dtype.is_floating_point:
         t = t.to(acc)
     if t.dim() > 1:
@@ -95,6 +112,38 @@ def threshold(t, like: Tensor, name: str = "threshold") -> Tensor:
         else:
             torch._assert_async(~bad.any(), f"{name} must be >= 0 and not NaN")
     return t.detach().to(acc)
+
+
+def _version(t: Tensor):
+    try:
+        return t._version  # bumped by every in-place update
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
+
+
+def editor_fingerprint(weight: Tensor, bias: Optional[Tensor]) -> tuple:
+    """What a cached Gram form was computed from: the editors' memory, layout and version."""
+    return tuple(None if t is None else (t.data_ptr(), _version(t), tuple(t.shape), t.stride(), t.dtype, t.device)
+                 for t in (weight, bias))
+
+
+def gram_of(gram, e: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """edit_norms / assign_prototypes(gram=...): a PrototypeGram that prototype_gram computed from
+    these very editors, not updated since; another editor's or a stale Gram would assign silently
+    wrong, so it is refused."""
+    g, a = getattr(gram, "gram", None), getattr(gram, "abs_gram", None)
+    if not (isinstance(g, Tensor) and isinstance(a, Tensor)):
+        raise TypeError(f"gram must be a PrototypeGram from pyeditor.prototype_gram(weight, bias), "
+                        f"got {type(gram).__name__}")
+    P, d = weight.shape[0], weight.shape[1]
+    if tuple(g.shape) != (P, d + 1, d + 1) or g.shape != a.shape or g.dtype != torch.float64:
+        raise ValueError(f"gram holds {g.dtype} {tuple(g.shape)}, expected float64 {(P, d + 1, d + 1)} for "
+                         f"weight of shape {tuple(weight.shape)}: it is the Gram form of other editors")
+    if g.device != e.device or a.device != e.device:
+        raise ValueError(f"gram is on {g.device} but e is on {e.device}")
+    if not compiling() and getattr(gram, "source", None) != editor_fingerprint(weight, bias):
+        raise ValueError("gram was not computed from these weight and bias tensors, or they changed since "
+                         "(in place); compute it again with pyeditor.prototype_gram(weight, bias)")
 
 
 def _extent(t: Tensor) -> tuple[int, int]:
