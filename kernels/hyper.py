@@ -147,8 +147,8 @@ def _hyper_kernel(
         m = valid[:, None] & (rn[None, :] < n_end)
         if SUMSQ:
             g = acc
-            if HAS_THR:
-                g = _clip(g, t.to(acc_dtype)[:, None])
+            if HAS_THR:  # + (acc - acc): an overflowed (inf) element stays non-finite, not T
+                g = _clip(g, t.to(acc_dtype)[:, None]) + (acc - acc)
             g = g.to(tl.float64)
             sq += tl.sum(tl.where(m, g * g, 0.0), axis=1)
         else:

@@ -32,6 +32,8 @@ int main() {
   CHECK(pe::clipped_square<float>(3.0f, false, 0.5f) == 9.0);
   CHECK(std::isnan(pe::clipped_square<float>(nan, true, 0.5f)));
   CHECK(std::isinf(pe::clipped_square<float>(inf, false, 0.5f)));
+  CHECK(std::isnan(pe::clipped_square<float>(inf, true, 0.5f)));   // overflow is not hidden by T
+  CHECK(std::isnan(pe::clipped_square<float>(-inf, true, 0.5f)));
   // stable counting segments, including an empty group
   const int64_t index[7] = {2, 0, 2, 3, 0, 2, 3};
   std::vector<int64_t> offsets(5), rows(7);

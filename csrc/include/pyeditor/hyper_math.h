@@ -14,10 +14,13 @@ template <class S, class A> PE_HD A edited_weight(const S* delta, const S* theta
 }
 
 // One element's contribution to an edit's squared norm: clip(g, -T, T)^2 (no clip when !clipped),
-// accumulated in double whatever the input dtype, as the reference does.
+// accumulated in double whatever the input dtype, as the reference does. An element that
+// overflowed the accumulator type (inf) stays non-finite through the clip (g - g is NaN, else 0;
+// no branch, so the loops still vectorize): the caller redoes that pair in float64 instead of
+// taking T for a value that may lie below it.
 template <class A> PE_HD double clipped_square(A g, bool clipped, A t) {
   const double v = static_cast<double>(clipped ? clip(g, t) : g);
-  return v * v;
+  return clipped ? v * v + static_cast<double>(g - g) : v * v;
 }
 
 // Which matrix (prototype) a sample reads: proto_index[b] if given, else b when every sample has
