@@ -13,14 +13,16 @@ reads "unavailable: pip install ...".
 
 Configurations of all 36 encoder linear layers (word embeddings and LayerNorms stay fp32):
 8, 6, 4 bits per channel; 4 bits with groups of 128, 64, 32 inputs; "mix84" (per layer the 25%
-of channels with the largest weight norm at 8 bits, the rest 4) and "mix842" (CHORD's
-allocate_bits on the channel weight norms, beta 0.125: 12.5% 8-bit, 12.5% 4-bit, 75% 2-bit).
-The default run has w4, w4g64 and mix842; --full adds the other five.
+of channels with the largest weight norm at 8 bits, the rest 4), "mix84g64" (the same with
+groups of 64) and "mix842" (CHORD's allocate_bits on the channel weight norms, beta 0.125: 12.5%
+8-bit, 12.5% 4-bit, 75% 2-bit). The default run has w4g64 and mix84g64; --full adds the other six.
 
 Per configuration, a deep copy of the fp32 model is packed with pyeditor.nn.quantize_model once
 per quantizer: ours = min-max (the reference quantizer), ours-search (data-free), ours-calibrated
-(every linear layer's input captured by forward hooks on the fp32 model over 64 calibration
-sentences, disjoint from and built from other text than the 32 evaluation sentences);
+(quantize_model's calibration=: forward hooks collect every linear layer's input while the fp32
+model embeds the calibration sentences one at a time, unpadded: 64 questions / facts and their
+recombinations plus the sentences of bench/data/calibration.txt, all other text than the 32
+evaluation sentences);
 ours-fast = ours with int8 activations (PackedLinear fast=True). Peers: fp32 (the original
 model) and, on the w4g64 rows, bnb-nf4 (bitsandbytes Linear4bit NF4, block 64, fp32 compute, on
 the CPU) when installed. Two rows per configuration: one forward of the 32-sentence eval batch
@@ -34,10 +36,10 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import json
 import math
 import random
+import re
 import time
 import unicodedata
 from pathlib import Path
@@ -54,7 +56,8 @@ INSTALL = f"unavailable: pip install --no-deps {PACKAGE}=={VERSION} (or -r requi
 BNB_VERSION = "0.50.2"
 METHODS = {OURS: "minmax", "ours-search": "search", "ours-calibrated": "calibrated"}
 PEERS = ("fp32",)
-N_EVAL, N_CALIB = 32, 64
+N_EVAL, N_CALIB = 32, 64  # N_CALIB: the generated calibration sentences; bench/data's text adds more
+CORPUS = Path(__file__).resolve().parent / "data" / "calibration.txt"
 
 
 # ------------------------------------------------------------------------------ the model files
@@ -266,6 +269,16 @@ _CALIB = [
 ]
 
 
+def corpus_sentences() -> list:
+    """The sentences of bench/data/calibration.txt (split after . ? or ! followed by a space)."""
+    text = CORPUS.read_text(encoding="utf-8")
+    return [s.strip() for s in re.split(r"(?<=[.?!])\s+", text) if s.strip()]
+
+
+def calibration_sentences() -> list:
+    return sentences("calib", N_CALIB) + corpus_sentences()
+
+
 def sentences(kind: str, n: int) -> list:
     """Deterministic sentences: "eval" from the announcement templates, "calib" from a fixed
     list of questions / facts and their recombinations (no sentence in both sets)."""
@@ -287,35 +300,22 @@ def sentences(kind: str, n: int) -> list:
 # ------------------------------------------------------------------------------ shared state
 @functools.lru_cache(maxsize=1)
 def _setup():
-    """The fp32 model, the tokenized evaluation batch, its fp32 embeddings, and every linear
-    layer's calibration activations (the real tokens only)."""
+    """The fp32 model, the tokenized evaluation batch, its fp32 embeddings, the calibration
+    (a callable for quantize_model's calibration=) and its number of tokens."""
     d = model_dir()
     tok = WordPiece(d / "vocab.txt")
     model = load_model(d)
     ev = tok(sentences("eval", N_EVAL))
-    cal = tok(sentences("calib", N_CALIB))
-    acts, seen, hooks = {}, {}, []
-    keep = cal[1].reshape(-1).bool()
+    # one sentence per forward, unpadded: the layers see the real tokens only
+    cal = [tok([s]) for s in calibration_sentences()]
 
-    def capture(name, x):
-        # layers that read the same tensor (q, k, v) share one activation tensor, so the
-        # calibrated quantizer's per-input work (Hessian, its factorization) is done once
-        # (seen holds x itself, so its id and memory are not reused during the forward)
-        if id(x) not in seen:
-            seen[id(x)] = (x, x.reshape(-1, x.shape[-1])[keep].clone())
-        acts[name] = seen[id(x)][1]
+    def calibrate(m: nn.Module) -> None:
+        for ids, mask in cal:
+            m(ids, mask)
 
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_hook(lambda mod, inp, out, _n=name: capture(_n, inp[0])))
-    with torch.no_grad():
-        model(*cal)
-    for h in hooks:
-        h.remove()
-    seen.clear()
     with torch.no_grad():
         ref = model(*ev)
-    return model, ev, ref, acts, int(keep.sum())
+    return model, ev, ref, calibrate, sum(ids.shape[1] for ids, _ in cal)
 
 
 # ------------------------------------------------------------------------------ bit configurations
@@ -344,47 +344,26 @@ def _bits_mix842(name, lin):
 CONFIGS = {  # name -> (bits_for(name, linear), group_size, full-only)
     "w8": (_bits_uniform(8), None, True),
     "w6": (_bits_uniform(6), None, True),
-    "w4": (_bits_uniform(4), None, False),
+    "w4": (_bits_uniform(4), None, True),
     "w4g128": (_bits_uniform(4), 128, True),
     "w4g64": (_bits_uniform(4), 64, False),
     "w4g32": (_bits_uniform(4), 32, True),
     "mix84": (_bits_mix84, None, True),
-    "mix842": (_bits_mix842, None, False),
+    "mix84g64": (_bits_mix84, 64, False),
+    "mix842": (_bits_mix842, None, True),
 }
 
 
 # ------------------------------------------------------------------------------ quantizing a copy
-def _extended_quantize_model() -> bool:
+def quantize_copy(model: nn.Module, bits_for, group_size, method: str, calibrate, backend) -> nn.Module:
+    """A deep copy of ``model`` with every nn.Linear packed by one pyeditor.nn.quantize_model call
+    with ``method`` (calibrated: ``calibration=calibrate``, so each layer is quantized with its
+    own inputs from the fp32 model)."""
     from pyeditor import nn as pnn
-
-    return "group_size" in inspect.signature(pnn.quantize_model).parameters
-
-
-def quantize_copy(model: nn.Module, bits_for, group_size, method: str, acts: dict, backend) -> nn.Module:
-    """A deep copy of ``model`` with every nn.Linear packed by pyeditor.nn.quantize_model using
-    ``method`` (calibrated: each layer with its own activations, so one quantize_model call per
-    layer). Without quantize_model's group_size / quantizer keywords (older pyeditor.nn) the
-    layers are swapped by PackedLinear(quant.quantize_channelwise(...)) directly."""
-    from pyeditor import nn as pnn
-    from pyeditor import quant
 
     q = copy.deepcopy(model)
-    names = [n for n, m in q.named_modules() if isinstance(m, nn.Linear)]
-    extended = _extended_quantize_model()
-    for name in names:
-        lin = q.get_submodule(name)
-        bits = bits_for(name, lin)
-        kw = {} if method == "minmax" else {"method": method}
-        if method == "calibrated":
-            kw["activations"] = acts[name]
-        if extended:
-            pnn.quantize_model(q, {name: bits}, group_size=group_size, backend=backend, **kw)
-        elif group_size is None and method == "minmax":
-            pnn.quantize_model(q, lambda n, _l, _name=name, _b=bits: _b if n == _name else None)
-        else:
-            packed = quant.quantize_channelwise(lin.weight.detach(), bits, group_size, **kw)
-            parent, _, attr = name.rpartition(".")
-            setattr(q.get_submodule(parent) if parent else q, attr, pnn.PackedLinear(packed, lin.bias))
+    kw = {"calibration": calibrate} if method == "calibrated" else {"method": method}
+    pnn.quantize_model(q, bits_for, group_size=group_size, backend=backend, **kw)
     for m in q.modules():
         if isinstance(m, pnn.PackedLinear):
             if backend is not None:
@@ -437,7 +416,7 @@ def _models(config: str, with_bnb: bool, backend):
     """The config's models (impl -> module, or a string saying why it is unavailable), their
     quality on the evaluation batch, and the set-up facts; shared by the config's two rows."""
     bits_for, group_size, _ = CONFIGS[config]
-    model, ev, ref, acts, n_cal = _setup()
+    model, ev, ref, calibrate, n_cal = _setup()
     models, qtime = {}, {}
     threads = torch.get_num_threads()
     # quantizing is set-up, not the timed forward: one thread, so that on a loaded 2-core host
@@ -446,7 +425,7 @@ def _models(config: str, with_bnb: bool, backend):
     try:
         for impl, method in METHODS.items():
             t = time.perf_counter()
-            models[impl] = quantize_copy(model, bits_for, group_size, method, acts, backend)
+            models[impl] = quantize_copy(model, bits_for, group_size, method, calibrate, backend)
             qtime[method] = time.perf_counter() - t
     finally:
         torch.set_num_threads(threads)
@@ -479,8 +458,8 @@ def _models(config: str, with_bnb: bool, backend):
     notes = [f"all-MiniLM-L6-v2 ({PACKAGE}=={VERSION}), {n_lin} linear layers packed ({fp32_bytes / 2**20:.1f} MiB "
              f"fp32 -> {_packed_bytes(models[OURS]) / 2**20:.2f} MiB packed incl. metadata); channels per width "
              f"{widths}; group_size {group_size}",
-             f"quality: {N_EVAL} eval sentences, {int(ev[1].sum())} real tokens; calibration: {N_CALIB} other "
-             f"sentences, {n_cal} tokens per layer; quantize time (1 thread) "
+             f"quality: {N_EVAL} eval sentences, {int(ev[1].sum())} real tokens; calibration: "
+             f"{len(calibration_sentences())} other sentences, {n_cal} tokens per layer; quantize time (1 thread) "
              + ", ".join(f"{k} {v:.2f} s" for k, v in qtime.items()),
              "ours / ours-search / ours-calibrated: the same packed kernels and bytes (min-max, data-free search, "
              "calibrated); ours-fast: min-max weights with int8 activations (fast=True); cos: against the fp32 "

@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from . import calibration as _calibration
 from . import quant as _quant
 from . import reference as _ref
 
@@ -343,7 +344,8 @@ def _skipped(name: str, patterns: Tuple[str, ...]) -> bool:
 
 
 def quantize_model(model: nn.Module, bits=None, *, group_size: Optional[int] = None, skip=(), fast: bool = False,
-                   backend: Optional[str] = None, tied: str = "skip", bits_for=None, **quantize_kwargs) -> nn.Module:
+                   backend: Optional[str] = None, tied: str = "skip", bits_for=None, calibration=None,
+                   calibration_rows: int = 2048, sequential: bool = False, **quantize_kwargs) -> nn.Module:
     """Replace, in place, nn.Linear layers of ``model`` by PackedLinear; returns the model.
 
     bits: which layers, at which widths:
@@ -364,6 +366,21 @@ def quantize_model(model: nn.Module, bits=None, *, group_size: Optional[int] = N
       untied by quantization. "skip" (default): keep it float and warn naming it; "error":
       raise ValueError; "untie": quantize it anyway (the other module keeps the float tensor).
       A Linear *module* registered under several names is quantized once and stays shared.
+
+    calibration: data for ``method="calibrated"`` (the default method when it is given): a
+      callable ``fn(model)`` that runs the model, a Tensor / tuple of positional arguments / dict
+      of keyword arguments for ``model(...)``, or a list of those (batches); see
+      :mod:`pyeditor.calibration`. Forward hooks collect every chosen layer's inputs while it
+      runs (no_grad, in the model's current mode: call ``.eval()`` first so that dropout does not
+      perturb them), and each layer is quantized with its own inputs. Memory: at most
+      ``calibration_rows`` rows (a uniform sample beyond that) of float32 [in_features] per
+      distinct layer input (layers reading the same tensor, like q/k/v, share them), all layers
+      at once. A chosen layer the calibration never calls raises ValueError (skip it).
+    sequential: with calibration, quantize layer by layer in the order the model first calls
+      them (layers with one shared input together), each from the inputs the model produces with
+      the layers before it already quantized (GPTQ's sequential order): the quantized layers
+      then correct for the error upstream. Runs the calibration once per such step (plus once to
+      find the order), and holds only one step's activations.
 
     Attention: nn.MultiheadAttention's ``out_proj`` (and the linears of
     nn.TransformerEncoderLayer, whose eval fast path reads ``.weight``) are quantized like any
@@ -416,8 +433,10 @@ def quantize_model(model: nn.Module, bits=None, *, group_size: Optional[int] = N
             return next((bits[n] for n in names if n in bits), None)
         return bits(names[0], linear)
 
+    _check_calibration_args(calibration, calibration_rows, sequential, quantize_kwargs)
+
     tied_ids = _tied_tensor_ids(model) if tied != "untie" else set()
-    plan, kept_tied = [], []
+    todo, kept_tied = [], []
     for linear, names in sites.values():
         b = chosen(names, linear)
         if b is None:
@@ -425,11 +444,7 @@ def quantize_model(model: nn.Module, bits=None, *, group_size: Optional[int] = N
         if id(linear.weight) in tied_ids or (linear.bias is not None and id(linear.bias) in tied_ids):
             kept_tied.append(names[0])
             continue
-        try:
-            layer = PackedLinear.from_linear(linear, b, group_size, fast=fast, backend=backend, **quantize_kwargs)
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"quantize_model: layer {names[0]!r}: {exc}") from exc
-        plan.append((layer, names))
+        todo.append((linear, names, b))
     if kept_tied:
         msg = (f"quantize_model: {kept_tied} share their weight (or bias) with another module (tied weights); "
                "quantizing would untie them")
@@ -437,12 +452,88 @@ def quantize_model(model: nn.Module, bits=None, *, group_size: Optional[int] = N
             raise ValueError(msg + "; pass tied='skip' to keep them float or tied='untie' to quantize them anyway")
         warnings.warn(msg + ", so they stay float (pass tied='untie' to quantize them anyway)", UserWarning,
                       stacklevel=2)
+
+    def pack(linear: nn.Linear, names: List[str], b, **extra) -> Tuple[PackedLinear, List[str]]:
+        try:
+            layer = PackedLinear.from_linear(linear, b, group_size, fast=fast, backend=backend, **quantize_kwargs,
+                                             **extra)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"quantize_model: layer {names[0]!r}: {exc}") from exc
+        return layer, names
+
+    if calibration is None:
+        _swap_in(model, [pack(*t) for t in todo])
+    elif not sequential:
+        layers = {names[0]: linear for linear, names, _ in todo}
+        acts, _ = _calibration.capture(model, layers, calibration, calibration_rows)
+        _check_called(layers, acts)
+        _swap_in(model, [pack(linear, names, b, activations=acts[names[0]]) for linear, names, b in todo])
+    else:
+        _quantize_sequential(model, todo, calibration, calibration_rows, pack)
+    return model
+
+
+def _check_calibration_args(calibration, rows, sequential, quantize_kwargs) -> None:
+    """Checks calibration / calibration_rows / sequential against the quantizer keywords; sets
+    method="calibrated" in quantize_kwargs when calibration is given without a method."""
+    if not isinstance(sequential, bool):
+        raise TypeError(f"sequential must be a bool, got {type(sequential).__name__}")
+    if isinstance(rows, bool) or not isinstance(rows, int):
+        raise TypeError(f"calibration_rows must be an int, got {type(rows).__name__}")
+    if rows < 1:
+        raise ValueError(f"calibration_rows must be >= 1, got {rows}")
+    method = quantize_kwargs.get("method", "minmax")
+    if calibration is None:
+        if sequential:
+            raise ValueError("sequential=True needs calibration= (it re-runs the calibration data layer by layer)")
+        if method == "calibrated" and quantize_kwargs.get("activations") is None:
+            raise ValueError("method='calibrated' needs calibration= (sample inputs for the model, or a callable "
+                             "fn(model) that runs it) or activations= (one layer input shared by every layer)")
+        return
+    _calibration.check_calibration(calibration)
+    if "activations" in quantize_kwargs:
+        raise TypeError("pass calibration= (inputs of the model) or activations= (inputs of one layer), not both")
+    if method != "calibrated" and "method" in quantize_kwargs:
+        raise ValueError(f"calibration is only used by method='calibrated', got method={method!r}")
+    quantize_kwargs["method"] = "calibrated"
+
+
+def _check_called(layers: dict, acts: dict) -> None:
+    silent = [name for name in layers if name not in acts]
+    if silent:
+        raise ValueError(f"quantize_model: calibration never called {silent}: no inputs to calibrate them on "
+                         "(pass skip= to keep them float, or calibration data that reaches them)")
+
+
+def _swap_in(model: nn.Module, plan) -> List[Tuple[nn.Module, List[str]]]:
+    """Sets every (layer, names) of plan under all its names; returns what they replaced."""
+    replaced = []
     for layer, names in plan:
+        old = model.get_submodule(names[0])
         for name in names:
             parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, layer)
-    return model
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
+        replaced.append((old, names))
+    return replaced
+
+
+def _quantize_sequential(model: nn.Module, todo, calibration, rows: int, pack) -> None:
+    """quantize_model's sequential=True: one step per group of layers sharing an input, in call
+    order; each step captures its group's inputs from the model as quantized so far. An error
+    puts the original layers back."""
+    layers = {names[0]: linear for linear, names, _ in todo}
+    entry = {names[0]: (linear, names, b) for linear, names, b in todo}
+    groups = _calibration.input_groups(model, layers, calibration)
+    _check_called(layers, {name: None for group in groups for name in group})
+    done: List[Tuple[nn.Module, List[str]]] = []
+    try:
+        for group in groups:
+            acts, _ = _calibration.capture(model, {name: layers[name] for name in group}, calibration, rows)
+            _check_called({name: None for name in group}, acts)
+            done += _swap_in(model, [pack(*entry[name], activations=acts[name]) for name in group])
+    except BaseException:
+        _swap_in(model, list(reversed(done)))
+        raise
 
 
 def _read_state_dict(src) -> dict:

@@ -189,6 +189,22 @@ def _set_constant_groups(codes: Tensor, const: Tensor, const_code: Tensor, group
     codes[rows] = torch.where(mask, val, sub)
 
 
+def _keep_finite(codes: Tensor, scale: Tensor, zero: Tensor, q_max: Tensor, group_size: Optional[int]) -> None:
+    """The reference's reach rule: codes stop at the last one whose (code - zero) * scale is finite
+    in float32. Only scales above float32_max / q_max (|w| near 3e38) can bind, so the common case
+    is one [n, G] comparison; clamping the [0, q_max]-clamped codes again equals the reference's
+    single clamp, as its bounds lie inside [0, q_max]."""
+    reach = torch.floor(torch.finfo(torch.float32).max / scale.to(torch.float64))
+    near = reach < q_max
+    if not bool(near.any()) or codes.shape[1] == 0:
+        return
+    rows = near.any(1).nonzero().flatten()
+    gid = _column_group(codes.shape[1], group_size)
+    lo = (zero[rows] - reach[rows]).clamp(min=0.0)[:, gid]
+    hi = (zero[rows] + reach[rows]).minimum(q_max[rows])[:, gid]
+    codes[rows] = codes[rows].to(torch.float64).maximum(lo).minimum(hi).to(torch.uint8)
+
+
 def _finite_or_raise(weight: Tensor, wmin: Tensor, wmax: Tensor) -> None:
     # float32 weight: NaN / inf show in the (NaN-propagating) per-group min and max, so no
     # extra pass; other dtypes are checked as given, like the reference (a float64 value that
@@ -217,6 +233,7 @@ def _minmax_full(weight, bits, group_size):
     _finite_or_raise(weight, wmin, wmax)
     scale_enc, scale, zero_enc, zero, const, const_code, q_max = _minmax_params(wmin, wmax, b)
     codes = _encode_exact(w, scale_enc, zero_enc, q_max, group_size)
+    _keep_finite(codes, scale_enc, zero_enc, q_max, group_size)
     _set_constant_groups(codes, const, const_code, group_size)
     zero = zero.to(torch.int32)
     qw = reference.QuantizedWeight(codes, scale, zero, b, group_size)

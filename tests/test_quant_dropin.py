@@ -2,6 +2,7 @@
 skip patterns and tied weights; attention modules that read ``.weight`` directly; dtype casts
 that leave the packed buffers alone; load_quantized into a meta-constructed model; group-wise
 scales in PackedLinear state_dicts."""
+import copy
 import inspect
 import warnings
 
@@ -484,3 +485,193 @@ def test_load_quantized_with_a_renaming_pre_hook():
     pnn.load_quantized(b, sd)
     x = torch.randn(2, 48)
     assert torch.equal(a.body(x), b.body(x))
+
+
+# ---------------------------------------------------------------- quantize_model(calibration=...)
+def spy_activations(monkeypatch):
+    """Records (weight shape, activations) of every quantize_channelwise call."""
+    seen = []
+    real = quant.quantize_channelwise
+
+    def spy(weight, bits, group_size=None, **kwargs):
+        seen.append((tuple(weight.shape), kwargs.get("method"), kwargs.get("activations")))
+        return real(weight, bits, group_size, **kwargs)
+
+    monkeypatch.setattr(quant, "quantize_channelwise", spy)
+    return seen
+
+
+def layer_inputs(model, x):
+    """{linear name: its input rows [-1, in]} from one forward of x."""
+    got, hooks = {}, []
+
+    def keep(name, x):
+        got.setdefault(name, x.reshape(-1, x.shape[-1]).clone())
+
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_pre_hook(lambda mod, inp, _n=name: keep(_n, inp[0])))
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return got
+
+
+def test_calibration_gives_each_layer_its_own_inputs(monkeypatch):
+    m, ids = block(), torch.randint(0, 50, (3, 7))
+    want = layer_inputs(m, ids)
+    seen = spy_activations(monkeypatch)
+    quantize_quietly(m, 4, group_size=32, calibration=ids)  # lm_head is tied: kept float
+    assert [s for s, _, _ in seen] == [(32, 32)] * 4 + [(128, 32), (32, 128)]
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "mlp.0", "mlp.2"]
+    for (_, method, acts), name in zip(seen, names):
+        assert method == "calibrated" and torch.equal(acts, want[name]), name
+    assert seen[0][2] is seen[1][2] is seen[2][2]  # q, k, v read one tensor: one buffer
+    assert seen[3][2] is not seen[0][2]
+    # the same as quantizing each layer with its inputs by hand
+    by_hand = block()
+    for name in names:
+        pnn.quantize_model(by_hand, {name: 4}, group_size=32, method="calibrated", activations=want[name])
+    sd = by_hand.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+
+
+def test_calibration_forms_agree():
+    x1, x2 = torch.randn(5, 48), torch.randn(3, 48)
+
+    def run(calibration, **kw):
+        return pnn.quantize_model(mlp(), 4, calibration=calibration, **kw).state_dict()
+
+    base = run(lambda model: (model(x1), model(x2)))
+    for form in ([x1, x2], [(x1,), {"input": x2}]):
+        got = run(form)
+        assert all(torch.equal(v, got[k]) for k, v in base.items())
+    assert run(x1, method="calibrated").keys() == base.keys()
+
+
+def test_calibration_rows_are_a_bounded_seeded_sample(monkeypatch):
+    m, xs = mlp(), [torch.randn(4, 6, 48) for _ in range(3)]  # 72 rows per layer
+    want = torch.cat([x.reshape(-1, 48) for x in xs])
+    seen = spy_activations(monkeypatch)
+    pnn.quantize_model(m, 4, calibration=xs, calibration_rows=20)
+    acts = seen[0][2]
+    assert acts.shape == (20, 48)
+    row_of = {tuple(r.tolist()): i for i, r in enumerate(want)}
+    picked = sorted(row_of[tuple(r.tolist())] for r in acts)  # every kept row is a real input row, once
+    assert len(set(picked)) == 20 and picked[-1] >= 20  # not just the first 20
+    seen.clear()
+    pnn.quantize_model(mlp(), 4, calibration=xs, calibration_rows=20)
+    assert torch.equal(seen[0][2], acts)  # the same data gives the same sample
+    seen.clear()
+    pnn.quantize_model(mlp(), 4, calibration=xs, calibration_rows=500)
+    assert torch.equal(seen[0][2], want)  # all rows while they fit
+
+
+def test_calibrated_layer_has_no_more_output_error_than_minmax():
+    torch.manual_seed(3)
+    lin = nn.Linear(64, 48)
+    with torch.no_grad():
+        lin.weight[:, :4] *= 20  # outlier inputs: where the data matters
+    x = torch.randn(256, 64) * torch.linspace(0.1, 3, 64)
+    out = lin(x).detach()
+    errs = {}
+    for method in ("minmax", "calibrated"):
+        kw = {"calibration": x} if method == "calibrated" else {}
+        q = pnn.quantize_model(nn.Sequential(copy.deepcopy(lin)), 4, group_size=32, **kw)
+        with torch.no_grad():
+            errs[method] = (q(x) - out).pow(2).sum().item()
+    assert errs["calibrated"] < errs["minmax"]
+
+
+def test_sequential_calibration_sees_the_quantized_layers_before(monkeypatch):
+    x = torch.randn(16, 48)
+    seen = spy_activations(monkeypatch)
+    q = pnn.quantize_model(mlp(), 4, calibration=x, sequential=True)
+    assert all(isinstance(q[i], pnn.PackedLinear) for i in (0, 2, 3))
+    with torch.no_grad():
+        h0 = torch.relu(q[0](x))
+        assert torch.equal(seen[0][2], x) and torch.equal(seen[1][2], h0)  # layer 2 reads quantized layer 0
+        assert torch.equal(seen[2][2], q[2](h0))
+    seen.clear()
+    pnn.quantize_model(mlp(), 4, calibration=x)
+    with torch.no_grad():
+        assert torch.equal(seen[1][2], torch.relu(mlp()[0](x)))  # one pass: the float model's inputs
+
+
+def test_sequential_calibration_error_restores_the_model():
+    m, calls = mlp(), []
+    x = torch.randn(4, 48)
+
+    def flaky(model):
+        calls.append(1)
+        if len(calls) == 3:  # order pass, step of layer 0, then fail in the step of layer 2
+            raise RuntimeError("data source went away")
+        model(x)
+
+    with pytest.raises(RuntimeError, match="went away"):
+        pnn.quantize_model(m, 4, calibration=flaky, sequential=True)
+    assert not any(isinstance(l, pnn.PackedLinear) for l in m.modules())
+    assert all(isinstance(m[i], nn.Linear) for i in (0, 2, 3))
+
+
+@pytest.mark.parametrize("call,exc,msg", [
+    (lambda m: pnn.quantize_model(m, 4, calibration="text"), TypeError, "calibration"),
+    (lambda m: pnn.quantize_model(m, 4, calibration=[]), TypeError, "calibration"),
+    (lambda m: pnn.quantize_model(m, 4, calibration=torch.randn(2, 48), method="search"), ValueError,
+     "calibration.*calibrated"),
+    (lambda m: pnn.quantize_model(m, 4, calibration=torch.randn(2, 48), activations=torch.randn(2, 48)), TypeError,
+     "not both"),
+    (lambda m: pnn.quantize_model(m, 4, calibration=torch.randn(2, 48), calibration_rows=0), ValueError,
+     "calibration_rows"),
+    (lambda m: pnn.quantize_model(m, 4, calibration=torch.randn(2, 48), calibration_rows=2.0), TypeError,
+     "calibration_rows"),
+    (lambda m: pnn.quantize_model(m, 4, calibration=torch.randn(2, 48), sequential=1), TypeError, "sequential"),
+    (lambda m: pnn.quantize_model(m, 4, sequential=True), ValueError, "sequential.*calibration"),
+    (lambda m: pnn.quantize_model(m, 4, method="calibrated"), ValueError, "calibration="),
+    (lambda m: pnn.quantize_model(m, 4, calibration=lambda model: model[0](torch.randn(2, 48))), ValueError,
+     r"never called \['2', '3'\]"),
+    (lambda m: pnn.quantize_model(m, 4, calibration=lambda model: model[0](torch.randn(2, 48)), sequential=True),
+     ValueError, r"never called \['2', '3'\]"),
+])
+def test_calibration_bad_input_names_the_argument_and_changes_nothing(call, exc, msg):
+    m = mlp()
+    with pytest.raises(exc, match=msg):
+        call(m)
+    assert not any(isinstance(x, pnn.PackedLinear) for x in m.modules())
+
+
+def test_calibration_layers_that_share_an_input_only_at_first_keep_their_own(monkeypatch):
+    class Fork(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.calls = nn.Linear(32, 4), nn.Linear(32, 4), 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.a(x) + self.b(x if self.calls == 1 else 2 * x)  # shared on the first call only
+
+    x1, x2 = torch.randn(3, 32), torch.randn(2, 32)
+    seen = spy_activations(monkeypatch)
+    pnn.quantize_model(Fork(), 4, calibration=[x1, x2])
+    (_, _, a), (_, _, b) = seen
+    assert torch.equal(a, torch.cat([x1, x2])) and torch.equal(b, torch.cat([x1, 2 * x2]))
+
+
+def test_calibration_sees_inputs_changed_in_place_between_layers(monkeypatch):
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(32, 4), nn.Linear(32, 4)
+
+        def forward(self, x):
+            x = x.clone()
+            y = self.a(x)
+            x.mul_(3)  # the same tensor object, other values
+            return y + self.b(x)
+
+    x = torch.randn(5, 32)
+    seen = spy_activations(monkeypatch)
+    pnn.quantize_model(InPlace(), 4, calibration=x)
+    (_, _, a), (_, _, b) = seen
+    assert torch.equal(a, x) and torch.equal(b, 3 * x)
