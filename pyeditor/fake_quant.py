@@ -10,19 +10,10 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-GROUP_SIZES = (32, 64, 128)
+from .reference import check_group_size as _check_group_size
+
 _F32_MAX = torch.finfo(torch.float32).max
 _TINY = torch.finfo(torch.float32).tiny
-
-
-def _check_group_size(group_size: object) -> Optional[int]:
-    if group_size is None:
-        return None
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be None or an int in {GROUP_SIZES}, got {type(group_size).__name__}")
-    if group_size not in GROUP_SIZES:
-        raise ValueError(f"group_size must be None (per channel) or one of {GROUP_SIZES}, got {group_size}")
-    return group_size
 
 
 def _check_bits(bits: object, n_out: int) -> Tensor:
