@@ -29,7 +29,7 @@ $(VENV)/.built: $(VENV)/.deps-ok $(CSRC)
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q --durations=15 tests $(ARGS)
 
 # optional bench peers and the real model (requirements-bench.txt): a failed install leaves those
 # rows "unavailable", not the run broken
