@@ -4,15 +4,22 @@ Rows (default run, fp32, the issue's sizes):
   edited_linear  B=64 S=16 512x512 P=8      peers: eager (clamp, gather, add, bmm), torch.compile(reference)
   hyper_matmul   gathered B=256 d=128 P=8 n=65536
                  peers: the plain-torch segmented forms (sort by index, one addmm per prototype)
-  assign         same sizes, no threshold: ours = method='auto' (fused epilogue at these sizes), and the
-                 cached Gram (serving keeps it while editors are frozen); peer: every prototype's edit + norms
+  assign         same sizes, no threshold: ours = method='auto' (hyper.norms_plan: the Gram form at these
+                 sizes), and the cached Gram (serving keeps it while editors are frozen); peer: every
+                 prototype's edit + norms
   assign+T       same sizes, threshold 0.5: ours = fused matmul + clipped sum-of-squares epilogue
                  (every assign row also measures the peak extra memory of ours and the peer with
                  torch.profiler's memory events: pyeditor.memory.peak_extra_bytes)
   heads          the heads of a 3-layer editor (512x512, 512x128, 128x10 edits) at d=128, P=8, B=256
                  gathered: hyper_matmul_heads (one launch) vs a loop of hyper_matmul per head vs plain
                  torch (the segmented form per head)
---full adds the all-prototype hyper_matmul, an odd-shaped edited_linear and bf16 rows.
+  assign-layers  Persona Eq. 11-12 over every layer at the Persona example's shapes (B=192 test sessions,
+                 editor width d=32, P=4, heads 32x32 and 32x6, per-layer embeddings), unclipped sum of
+                 squares: ours = assign_prototypes_layers (uncached, and cached: prototype_gram_layers kept
+                 while editors are frozen); own: the example's loop of edit_norms per layer + combination
+                 (uncached and with each layer's prototype_gram kept); peer: every layer's [P, B, n] edits
+--full adds the all-prototype hyper_matmul, an odd-shaped edited_linear and bf16 rows, and assign-layers
+with a shared embedding and with a threshold.
 """
 from __future__ import annotations
 
@@ -162,8 +169,8 @@ def _make_assign(B, d, P, n, dt, threshold, cached, ctx: Context) -> Prepared:
         note = "ours: Gram form with prototype_gram(W, b) computed once outside the timed loop (frozen editors)"
     elif threshold is None:
         ours = lambda: pyeditor.assign_prototypes(e, w, b, **_kw(ctx))  # noqa: E731
-        note = ("ours: method='auto' (at B=256, d=128: the fused matmul + sum-of-squares epilogue; the "
-                "Gram form pays P d^2 n in torch.bmm per call)")
+        note = ("ours: method='auto' (pyeditor.hyper.norms_plan: the Gram form at B=256 > d=128, its "
+                "P d^2 n torch.bmm per call against the fused pass's P B d n)")
     else:
         ours = lambda: pyeditor.assign_prototypes(e, w, b, threshold, **_kw(ctx))  # noqa: E731
         note = "ours: fused matmul, clip + sum of squares in the epilogue (no [P, B, n] tensor)"
@@ -256,6 +263,69 @@ def _make_heads(B, d, P, shapes, dt, ctx: Context) -> Prepared:
     )
 
 
+# -- assignment over every layer ----------------------------------------------------------
+
+def _make_assign_layers(B, d, P, shapes, dt, shared, threshold, ctx: Context) -> Prepared:
+    import pyeditor
+    import pyeditor.reference as ref
+
+    gen = torch.Generator().manual_seed(0)
+    dtype = DTYPES[dt]
+    sizes = [i * o for i, o in shapes]
+    L, N = len(sizes), sum(sizes)
+    e = _randn((L, B, d), dtype, ctx.device, gen)
+    if shared:
+        e = e[:1].expand(L, B, d)
+    w = _randn((P, d, N), dtype, ctx.device, gen, d ** -0.5)  # ParameterEditor's concatenated heads
+    b = _randn((P, N), dtype, ctx.device, gen, 0.1)
+    heads = [(w[:, :, s:s + n], b[:, s:s + n]) for s, n in zip([sum(sizes[:l]) for l in range(L)], sizes)]
+    kw = _kw(ctx)
+
+    def ours():
+        return pyeditor.assign_prototypes_layers(e, w, b, threshold, sizes=sizes, **kw)
+
+    def loop():  # the Persona example's per-layer norms, combined in quadrature
+        sq = sum(pyeditor.edit_norms(e[l], hw, hb, threshold, **kw).square() for l, (hw, hb) in enumerate(heads))
+        norms = sq.sqrt()
+        return pyeditor.hyper.Assignment(norms, norms.argmin(1))
+
+    def naive():  # every layer's [P, B, n_l] edits
+        sq = 0
+        for l, (hw, hb) in enumerate(heads):
+            g = torch.baddbmm(hb.unsqueeze(1), e[l].expand(P, B, d), hw)
+            if threshold is not None:
+                g = g.clamp_(-threshold, threshold)
+            sq = sq + g.double().square().sum(-1).t()
+        norms = sq.sqrt()
+        return norms, norms.argmin(1)
+
+    fns = {OURS: lambda: ours().norms, "loop": lambda: loop().norms, "naive": lambda: naive()[0]}
+    notes = ["ours: assign_prototypes_layers(e [L, B, d], head_weight, head_bias, sizes=...), method='auto'",
+             "loop: the example's sum over layers of edit_norms(e[l], W_l, b_l)^2 (each 'auto'), sqrt, argmin",
+             "naive: baddbmm into each layer's [P, B, n_l] edits, sum of squares, sqrt, argmin"]
+    if threshold is None:
+        gram = pyeditor.prototype_gram_layers(w, b, sizes=sizes)
+        grams = [pyeditor.prototype_gram(hw, hb) for hw, hb in heads]
+
+        def loop_cached():
+            sq = sum(pyeditor.edit_norms(e[l], hw, hb, gram=grams[l], **kw).square()
+                     for l, (hw, hb) in enumerate(heads))
+            return sq.sqrt()
+
+        fns["ours-cached"] = lambda: pyeditor.assign_prototypes_layers(e, w, b, sizes=sizes, gram=gram, **kw).norms
+        fns["loop-cached"] = loop_cached
+        notes.append("-cached: the Grams (prototype_gram_layers / per layer prototype_gram) computed once outside "
+                     "the timed loop, as serving keeps them while editors are frozen")
+    if not torch.equal(ours().chosen, loop().chosen):
+        raise AssertionError("assign_prototypes_layers and the per-layer loop chose different prototypes")
+    return Prepared(
+        fns=fns,
+        bytes_moved=w.nbytes + b.nbytes + e[0].nbytes * (1 if shared else L),
+        reference=lambda: ref.edit_norms_layers(e, w, b, threshold, "sumsq", sizes), tol=1e-3,
+        notes=notes,
+    )
+
+
 # -- the case list ------------------------------------------------------------------------
 
 def _linear(B, S, n_in, n_out, P, dt, full=False):
@@ -295,6 +365,19 @@ def _heads(B, d, P, shapes, dt, full=False):
                 {"op": "hyper_matmul_heads", "B": B, "d": d, "P": P, "heads": [list(s) for s in shapes], "dtype": dt})
 
 
+def _assign_layers(B, d, P, shapes, dt, shared=False, threshold=None, full=False):
+    shape = f"B{B}xd{d}-" + ",".join(f"{i}x{o}" for i, o in shapes) + f"-P{P}"
+    kind = ("shared" if shared else "per-layer") + ("-threshold" if threshold is not None else "")
+    impls = (OURS, "ours-cached", "loop", "loop-cached", "naive") if threshold is None else (OURS, "loop", "naive")
+    return Case(f"{FAMILY}/assign-layers-{kind}/{shape}/{dt}", f"assign_prototypes_layers ({kind}) {shape} {dt}",
+                FAMILY, impls, functools.partial(_make_assign_layers, B, d, P, shapes, dt, shared, threshold), full,
+                {"op": "assign_prototypes_layers", "embedding": "shared" if shared else "per-layer", "B": B, "d": d,
+                 "P": P, "layers": [list(s) for s in shapes], "dtype": dt, "T": threshold, "rule": "sumsq"},
+                roles={"loop-cached": "own"})
+
+
+PERSONA_LAYERS = [(32, 32), (32, 6)]  # examples/persona_pipeline.py: hidden 32, 6 classes, editor width 32
+
 CASES: list[Case] = [
     _linear(64, 16, 512, 512, 8, "fp32"),
     _gathered(256, 128, 8, 65536, "fp32"),
@@ -302,7 +385,10 @@ CASES: list[Case] = [
     _assign(256, 128, 8, 65536, "fp32", cached=True),
     _assign(256, 128, 8, 65536, "fp32", threshold=T),
     _heads(256, 128, 8, [(512, 512), (512, 128), (128, 10)], "fp32"),
+    _assign_layers(192, 32, 4, PERSONA_LAYERS, "fp32"),
     # --full
+    _assign_layers(192, 32, 4, PERSONA_LAYERS, "fp32", shared=True, full=True),
+    _assign_layers(192, 32, 4, PERSONA_LAYERS, "fp32", threshold=0.1, full=True),
     _all(256, 128, 8, 8192, "fp32"),
     _linear(33, 7, 300, 517, 5, "fp32", full=True),
     _linear(64, 16, 512, 512, 8, "bf16", full=True),

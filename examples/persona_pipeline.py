@@ -87,17 +87,11 @@ def accuracy(logits: Tensor, y: Tensor) -> float:
     return float((logits.argmax(-1) == y).float().mean())
 
 
-def edit_norms_all_layers(editor: ParameterEditor, emb: Tensor) -> Tensor:
-    """[B, P] ||G^(j)|| over every adaptive layer: per-layer pyeditor.assign_prototypes norms,
-    combined in quadrature (Eq. 11-12 over the device's whole edit)."""
-    e = editor.layer_embeddings(emb)
-    sq = sum(pyeditor.assign_prototypes(e[n], *editor.head(n)).norms.square() for n in range(e.shape[0]))
-    return sq.sqrt()
-
-
 def assign(editor: ParameterEditor, emb: Tensor) -> Tensor:
-    """Eq. 12: the prototype needing the smallest edit (ties to the lowest index)."""
-    return edit_norms_all_layers(editor, emb).argmin(1)
+    """Eq. 11-12: the prototype needing the smallest edit over every adaptive layer (the whole
+    edit's Frobenius norm, unclipped; ties to the lowest index), in one call."""
+    return pyeditor.assign_prototypes_layers(editor.layer_embeddings(emb), editor.head_weight, editor.head_bias,
+                                             sizes=editor.head_sizes).chosen
 
 
 def train(params, loss_fn, steps: int, lr: float, n: int, batch: int, gen: torch.Generator) -> None:
@@ -186,6 +180,8 @@ def run_pipeline(args) -> Dict[str, float]:
         single_logits = base(tx, single(emb_t, zero), zero)
         static_logits = static(tx)
         purity = cluster_purity(clusters, hist.group, args.prototypes)
+        # does Eq. 12 on the history reproduce the k-means partition the groups were trained on?
+        agree = pyeditor.assignment_agreement(assign(multi, emb_h), clusters, args.prototypes, args.prototypes)
     return {
         "static_acc": accuracy(static_logits, ty),
         "single_acc": accuracy(single_logits, ty),
@@ -195,6 +191,7 @@ def run_pipeline(args) -> Dict[str, float]:
         "test_sessions": len(test),
         "cluster_purity": purity,
         "test_assignment_purity": cluster_purity(proto, test.group, args.prototypes),
+        "history_assignment_agreement": agree.rate,
     }
 
 
@@ -282,7 +279,9 @@ def main(argv=None) -> Dict[str, float]:
                       ("Persona multi-prototype", "multi_acc")):
         print(f"{name:<28}{res[key]:>30.4f}")
     print(f"history cluster purity {res['cluster_purity']:.3f}, test assignment purity "
-          f"{res['test_assignment_purity']:.3f}; train + eval {res['train_eval_s']:.1f} s")
+          f"{res['test_assignment_purity']:.3f}; history assignment agrees with k-means on "
+          f"{res['history_assignment_agreement']:.3f} (best matching of labels); "
+          f"train + eval {res['train_eval_s']:.1f} s")
     if not args.no_latency:
         lat = adaptation_latency(args.latency_size, args.latency_hidden, args.latency_hidden, args.prototypes,
                                  args.latency_batch, args.threshold, args.latency_repeats)

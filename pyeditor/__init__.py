@@ -15,6 +15,7 @@ from .strategy_message import (LayerStrategy, WireReport, decode_strategy, decod
 from .search import kmeans, kmeans_predict, nearest_prototype
 from .hyper import (assign_prototypes, edit_norms, edited_linear, generate_edit, hyper_matmul, hyper_matmul_heads,
                     prototype_gram)
+from .assign_layers import assign_prototypes_layers, assignment_agreement, edit_norms_layers, prototype_gram_layers
 from . import nn  # noqa: E402  (modules: PackedLinear, quantize_model, EditedLinear, ParameterEditor)
 
 __all__ = ["apply_edit", "backends", "reference", "nn",
@@ -23,5 +24,6 @@ __all__ = ["apply_edit", "backends", "reference", "nn",
            "LayerStrategy", "WireReport", "wire_report",
            "nearest_prototype", "kmeans", "kmeans_predict",
            "assign_prototypes", "edit_norms", "edited_linear", "generate_edit", "hyper_matmul", "prototype_gram",
-           "hyper_matmul_heads"]
+           "hyper_matmul_heads", "assign_prototypes_layers", "edit_norms_layers", "prototype_gram_layers",
+           "assignment_agreement"]
 __version__ = "0.1.0"

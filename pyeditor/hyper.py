@@ -2,11 +2,12 @@
 
 Same names and arguments as their definitions in :mod:`pyeditor.reference`, plus ``backend=``
 (see :mod:`pyeditor.backends`). ``assign_prototypes`` / ``edit_norms`` also take ``method=`` and
-``gram=`` (the cached Gram form, see :func:`prototype_gram`).
+``gram=`` (the cached Gram form, see :func:`prototype_gram`). The assignment over every edited
+layer at once is in :mod:`pyeditor.assign_layers`.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -177,27 +178,49 @@ def generate_edit(e: Tensor, weight: Tensor, bias: Optional[Tensor] = None, inde
 
 class PrototypeGram(NamedTuple):
     """Per-editor Gram of the augmented generator [W_p; b_p]: ``gram`` [P, d+1, d+1] (float64
-    values of an fp32 / fp64 product), from which ||e W_p + b_p||^2 = [e,1] G_p [e,1]^T."""
+    values of an fp32 / fp64 product), from which ||e W_p + b_p||^2 = [e,1] G_p [e,1]^T.
+    :func:`pyeditor.assign_layers.prototype_gram_layers` stacks one per layer: [L, P, d+1, d+1]."""
     gram: Tensor
     abs_gram: Tensor  # |G_p|, bounds the terms of the quadratic form (cancellation check)
     source: tuple = ()  # validate.editor_fingerprint of the editors it was computed from
+    forms: Optional[tuple] = None  # _forms(gram, abs_gram, ...), kept so that serving calls skip the layout
 
 
 def prototype_gram(weight: Tensor, bias: Optional[Tensor] = None) -> PrototypeGram:
     """The Gram form of every editor, to keep while editor weights are frozen (serving)."""
     _check_hyper(weight.new_zeros(0, weight.shape[1]) if weight.dim() == 3 else weight, weight, bias, None)
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    w = weight.detach().to(acc)
-    P, d, n = w.shape
-    g = w.new_zeros((P, d + 1, d + 1), dtype=torch.float64)
-    g[:, :d, :d] = torch.bmm(w, w.transpose(1, 2)).double()
+    P, d, _ = weight.shape
+    g = weight.new_zeros((P, d + 1, d + 1), dtype=torch.float64)
+    _fill_gram(g, weight, bias)
+    a = g.abs()
+    return PrototypeGram(g, a, validate.editor_fingerprint(weight, bias), _forms(g[None], a[None], _acc_of(weight)))
+
+
+def _fill_gram(g: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """g [P, d+1, d+1] float64 (zeros) := the Gram of [W_p; b_p], products in float32 (float64
+    for float64 editors)."""
+    w = weight.detach().to(_acc_of(weight))
+    d = w.shape[1]
+    g[:, :d, :d] = torch.bmm(w, w.transpose(1, 2))
     if bias is not None:
-        b = bias.detach().to(acc)
-        c = torch.bmm(w, b.unsqueeze(2)).squeeze(2).double()  # W_p b_p
+        b = bias.detach().to(w.dtype)
+        # b_p W_p^T as a [1, n] x [n, d] product: bmm(W, b[..., None]) runs a slow matrix-vector path
+        c = torch.bmm(b.unsqueeze(1), w.transpose(1, 2)).squeeze(1)
         g[:, :d, d] = c
         g[:, d, :d] = c
         g[:, d, d] = b.double().square().sum(1)
-    return PrototypeGram(g, g.abs(), validate.editor_fingerprint(weight, bias))
+
+
+def _forms(gram: Tensor, abs_gram: Tensor, acc: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """K stacks of Grams [K, P, d+1, d+1] laid out for one wide batched product per call: every
+    prototype's form side by side, [K, d+1, P (d+1)] (a broadcast matmul would copy the
+    embeddings P times). The value in float64; the bound in the editors' accumulation dtype
+    ``acc``: for float32 / 16-bit editors, whose Gram entries are float32 products, only the
+    bound's magnitude counts (it meets a 2^-10 margin; an overflow to inf sends the pair to the
+    redo), so a float32 product is enough and cheaper."""
+    K, P, d1, _ = gram.shape
+    return (gram.transpose(1, 2).reshape(K, d1, P * d1),
+            abs_gram.transpose(1, 2).reshape(K, d1, P * d1).to(acc))
 
 
 _CANCEL = {torch.float32: 2.0 ** -10, torch.float64: 2.0 ** -40}
@@ -207,20 +230,83 @@ def _gram_sumsq(e: Tensor, weight: Tensor, bias: Optional[Tensor], gram: Prototy
     """sum of squares [B, P] float64 from the Gram form; pairs where the quadratic form may have
     cancelled (result small next to the sum of its terms' magnitudes) or met inf / NaN are
     recomputed directly in float64, so the answer keeps the reference's accuracy."""
-    ea = torch.cat([e.detach().double(), e.new_ones((e.shape[0], 1), dtype=torch.float64)], 1)
-    sq = (torch.matmul(ea, gram.gram) * ea).sum(-1).t()  # [P, B, d+1] -> [B, P]
-    ab = ea.abs()
-    bound = (torch.matmul(ab, gram.abs_gram) * ab).sum(-1).t()
-    eps = _CANCEL[torch.float64 if weight.dtype == torch.float64 else torch.float32]
+    def direct(_block: int, p: int, rows: Tensor) -> Tensor:
+        return _direct_sumsq(e, weight, bias, p, rows)
+
+    forms = getattr(gram, "forms", None)
+    if forms is None:
+        forms = _forms(gram.gram[None], gram.abs_gram[None], _acc_of(weight))
+    return _quad_sumsq(e[None], forms, _CANCEL[_acc_of(weight)], direct)[0]
+
+
+def _acc_of(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _augment(e: Tensor, dtype: torch.dtype) -> Tensor:
+    """[..., B, d] -> [..., B, d+1] rows [e_b, 1] (the bias column of the Gram form)."""
+    e = e.detach().to(dtype)
+    return torch.cat([e, e.new_ones(e.shape[:-1] + (1,))], -1)
+
+
+def _direct_sumsq(e: Tensor, weight: Tensor, bias: Optional[Tensor], p: int, rows: Tensor) -> Tensor:
+    """||e_b W_p + b_p||^2 in float64 for the given rows, as the reference computes it."""
+    g = e.detach()[rows].double() @ weight.detach()[p].double()
+    if bias is not None:
+        g = g + bias.detach()[p].double()
+    return g.square().sum(1)
+
+
+def _quad_sumsq(e: Tensor, forms: Tuple[Tensor, Tensor], eps: float, direct) -> Tensor:
+    """[K, B, P] float64 sums of squares from K quadratic forms: e [K, B, d], forms from
+    :func:`_forms`. A (k, b, p) whose value is small next to its bound (the sum of its terms'
+    magnitudes: the form may have cancelled) or not finite is recomputed by
+    ``direct(k, p, rows)`` in float64, which keeps the reference's accuracy."""
+    value, bound_form = forms
+    K, d1, width = value.shape
+    B, P = e.shape[1], width // d1
+    ea = _augment(e, torch.float64)
+    sq = (torch.bmm(ea, value).view(K, B, P, d1) * ea.unsqueeze(2)).sum(-1)
+    ab = ea.abs().to(bound_form.dtype)
+    bound = (torch.bmm(ab, bound_form).view(K, B, P, d1) * ab.unsqueeze(2)).sum(-1)
     redo = ~torch.isfinite(bound) | (sq < eps * bound)
     if bool(redo.any()):
-        for p in redo.any(0).nonzero().flatten().tolist():
-            rows = redo[:, p].nonzero().flatten()
-            g = e.detach()[rows].double() @ weight.detach()[p].double()
-            if bias is not None:
-                g = g + bias.detach()[p].double()
-            sq[rows, p] = g.square().sum(1)
+        for k, p in redo.any(1).nonzero().tolist():
+            rows = redo[k, :, p].nonzero().flatten()
+            sq[k, rows, p] = direct(k, p, rows)
     return sq.clamp_min(0)
+
+
+# The plan's cost model, in units of one multiply-add of the fused kernel (matmul + sum-of-squares
+# epilogue, P B d n of them). Fitted on the CPU backend, one thread, over the bench assign shapes,
+# the Persona example's and small ones: torch.bmm forming W W^T runs a little faster per
+# multiply-add; W b is a matrix-vector product at memory speed; the float64 quadratic form with its
+# bound costs several fused multiply-adds per (b, p, i, j); and each call of either form pays a
+# fixed cost of small torch ops, which decides at small shapes.
+_MAC_GRAM, _MAC_GEMV, _MAC_QUAD = 0.9, 6.0, 3.2
+_CALL_FUSED, _CALL_GRAM, _CALL_GRAM_LAYER = 2.4e6, 5.0e6, 3.0e6
+
+
+def norms_plan(B: int, d: int, sizes: Sequence[int], P: int, *, clipped: bool = False, cached: bool = False,
+               forms: int = 1) -> str:
+    """method="auto" of :func:`edit_norms` / :func:`edit_norms_layers`: "gram" or "fused".
+
+    The fused kernel costs P B d n multiply-adds per layer of width n. The Gram form costs
+    P d^2 n (+ P d n for the bias) per layer to form the Grams, unless they are cached, then
+    P B (d+1)^2 per quadratic form evaluated (``forms``: 1 for one layer or layers sharing their
+    embedding, L for per-layer embeddings). So the Gram form wins when B is large next to d and
+    n next to d; neither inequality alone decides (n < d makes even a cached Gram dearer), hence
+    the model rather than a threshold on B. A clip is not a quadratic form, and traced calls
+    (torch.compile) take the fused form: the Gram form's accuracy repair is data-dependent.
+    """
+    if clipped or validate.compiling():
+        return "fused"
+    n = sum(sizes)
+    fused = P * B * d * n + _CALL_FUSED * len(sizes)
+    gram = _MAC_QUAD * forms * P * B * (d + 1) ** 2 + _CALL_GRAM
+    if not cached:
+        gram += P * (_MAC_GRAM * d * d + _MAC_GEMV * d) * n + _CALL_GRAM_LAYER * len(sizes)
+    return "gram" if gram < fused else "fused"
 
 
 def edit_norms(e: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -231,9 +317,8 @@ def edit_norms(e: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     method: "fused" -- the matmul with a sum-of-squares epilogue (edit_sumsq op; any threshold);
             "gram"  -- the quadratic form of each editor's Gram matrix (threshold must be None;
                        pass ``gram=prototype_gram(weight, bias)`` to reuse it across calls);
-            "auto"  -- "gram" when there is no threshold and a gram is given or 2 (d + 1) < B (the
-                       Gram product costs P d^2 n at about half the fused kernel's speed here),
-                       else "fused".
+            "auto"  -- "gram" when there is no threshold and :func:`norms_plan` finds it the
+                       cheaper of the two for these shapes (and a cached ``gram``), else "fused".
     The fused kernels form each edit in float32 (float64 for float64 inputs); a (sample, prototype)
     pair whose sum of squares comes out inf or NaN is recomputed in float64 as the reference does
     (eager calls; an edit past the float32 maximum is finite there).
@@ -251,8 +336,8 @@ def edit_norms(e: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         raise ValueError(f"threshold has {t.shape[0]} values; expected one or {e.shape[0]}")
     name = backends.resolve(backend, e.device)
     if method == "auto":
-        cheap = gram is not None or 2 * (weight.shape[1] + 1) < e.shape[0]
-        method = "gram" if t is None and cheap and not validate.compiling() else "fused"
+        P, d, n = weight.shape
+        method = norms_plan(e.shape[0], d, [n], P, clipped=t is not None, cached=gram is not None)
     if method == "gram":
         if t is not None:
             raise ValueError("method='gram' needs threshold=None: the clip is not a quadratic form")
@@ -304,3 +389,4 @@ def assign_prototypes(e: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         raise ValueError("weight must hold at least one prototype editor (P >= 1)")
     norms = edit_norms(e, weight, bias, threshold, backend=backend, method=method, gram=gram)
     return Assignment(norms, reference._argmin_nan_last(norms))
+

@@ -1008,3 +1008,104 @@ def read_probe(data: Tensor, streams: int = 4) -> Tensor:
 def copy_probe(src: Tensor, dst: Tensor, streams: int = 4) -> None:
     """The benchmarks' copy probe: dst's bytes become src's."""
     dst.reshape(-1).view(torch.uint8).copy_(src.reshape(-1).view(torch.uint8))
+
+
+# --------------------------------------------------------------------------------------
+# Persona Eq. 11-12 over every edited layer at once
+# --------------------------------------------------------------------------------------
+
+LAYER_RULES = ("sumsq", "sum", "max")
+
+
+def _layers_of(weights: object, biases: object, sizes: object) -> tuple:
+    """(L generators [P, d, n_l], L biases None / [P, n_l]) from a list of layers, or from one
+    [P, d, sum(sizes)] tensor split by ``sizes`` (ParameterEditor's concatenated heads)."""
+    if isinstance(weights, Tensor):
+        if sizes is None:
+            raise ValueError("sizes is required with a concatenated weights tensor")
+        sizes = [int(n) for n in sizes]
+        _check_float("weights", weights, (3,))
+        if not sizes or sum(sizes) != weights.shape[2] or min(sizes) < 0:
+            raise ValueError(f"sizes {sizes} must be >= 0 and sum to weights' {weights.shape[2]} columns")
+        ws = list(weights.split(sizes, dim=2))
+        if biases is None:
+            return ws, [None] * len(ws)
+        _check_float("biases", biases, (2,))
+        if biases.shape[1] != weights.shape[2]:
+            raise ValueError(f"biases must be [P, {weights.shape[2]}], got {tuple(biases.shape)}")
+        return ws, list(biases.split(sizes, dim=1))
+    if sizes is not None:
+        raise ValueError("sizes goes with a concatenated weights tensor, not a list of layers")
+    ws = list(weights)
+    if not ws:
+        raise ValueError("weights must hold at least one layer")
+    bs = [None] * len(ws) if biases is None else list(biases)
+    if len(bs) != len(ws):
+        raise ValueError(f"biases has {len(bs)} entries but weights has {len(ws)} layers")
+    return ws, bs
+
+
+def edit_norms_layers(
+    e: Tensor,
+    weights: Union[Tensor, Sequence[Tensor]],
+    biases: Union[Tensor, Sequence[Optional[Tensor]], None] = None,
+    threshold: Optional[ThresholdLike] = None,
+    rule: Union[str, Sequence[float]] = "sumsq",
+    sizes: Optional[Sequence[int]] = None,
+) -> Tensor:
+    """[B, P] float64: the size of the whole edit prototype p's editors generate for sample b,
+    over every edited layer (Persona Eq. 11-12 with the layers' edits G_l = clip(e_l W_l + b_l)).
+
+    e:         [B, d] shared by every layer, or [L, B, d] (layer l reads e[l]).
+    weights:   a list of L generators [P, d, n_l], or one [P, d, sum(sizes)] tensor with
+               ``sizes`` = [n_0, ..., n_{L-1}] (ParameterEditor's concatenated heads).
+    biases:    None; a list of L (None or [P, n_l]) with a list of weights; [P, sum(sizes)] with
+               a concatenated weights tensor.
+    threshold: None (unclipped) or T (number, 0-d or [B]) clipping every layer's edit.
+    rule:      "sumsq": sqrt(sum_l ||G_l||^2), the Frobenius norm of the whole edit;
+               "sum":   sum_l ||G_l||;   "max": max_l ||G_l||;
+               L numbers lambda_l >= 0 (not all 0): sqrt(sum_l lambda_l ||G_l||^2); a layer with
+               lambda_l = 0 is left out.
+    Every rule is a norm of the per-layer norms, so the values scale with the edits. Each layer's
+    norm is :func:`edit_norms` (float64, NaN propagates, unclipped inf gives inf).
+    """
+    ws, bs = _layers_of(weights, biases, sizes)
+    L = len(ws)
+    _check_float("e", e, (2, 3))
+    if e.dim() == 3 and e.shape[0] != L:
+        raise ValueError(f"e holds {e.shape[0]} layer embeddings but weights has {L} layers")
+    if isinstance(rule, str):
+        if rule not in LAYER_RULES:
+            raise ValueError(f"rule must be one of {LAYER_RULES} or a list of per-layer weights, got {rule!r}")
+        lam = None
+    else:
+        lam = [float(x) for x in rule]
+        if len(lam) != L or any(not math.isfinite(x) or x < 0 for x in lam) or not any(lam):
+            raise ValueError(f"rule weights must be {L} finite numbers >= 0, not all 0, got {lam}")
+    norms = []
+    for l in range(L):
+        if lam is not None and lam[l] == 0:
+            continue
+        norms.append(edit_norms(e if e.dim() == 2 else e[l], ws[l], bs[l], threshold))
+    per = torch.stack(norms)  # [L used, B, P]
+    if rule == "sum":
+        return per.sum(0)
+    if rule == "max":
+        return per.amax(0)
+    w = torch.ones(L, dtype=torch.float64) if lam is None else torch.tensor([x for x in lam if x], dtype=torch.float64)
+    return (per.square() * w.to(per.device).view(-1, 1, 1)).sum(0).sqrt()
+
+
+def assign_prototypes_layers(
+    e: Tensor,
+    weights: Union[Tensor, Sequence[Tensor]],
+    biases: Union[Tensor, Sequence[Optional[Tensor]], None] = None,
+    threshold: Optional[ThresholdLike] = None,
+    rule: Union[str, Sequence[float]] = "sumsq",
+    sizes: Optional[Sequence[int]] = None,
+) -> tuple:
+    """Persona Eq. 12 over every layer: (norms = edit_norms_layers(...) [B, P] float64,
+    chosen [B] int64 = the row-wise argmin, NaN last, ties to the lowest index, -1 for an
+    all-NaN row), as :func:`assign_prototypes`."""
+    norms = edit_norms_layers(e, weights, biases, threshold, rule, sizes)
+    return norms, _argmin_nan_last(norms)
