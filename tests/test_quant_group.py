@@ -105,7 +105,8 @@ def test_cpu_every_width_and_row_count(m, width):
 
 def test_cpu_large_inputs_against_zero_weight_do_not_cancel():
     """A huge activation column against exactly-zero weights: the factored zero-point form must
-    not lose the small rest of the sum (groups apply it in float64)."""
+    not lose the small rest of the sum (an all-zero group has zero codes and zero point, so its
+    sums are exactly zero in every kernel)."""
     w = rand((16, 128), seed=1)
     w[:, :64] = 0.0
     p, qw = both(w, 4, 64)
@@ -125,6 +126,50 @@ def test_non_finite_inputs(backend, device):
     check_close(got, ref.packed_linear(x, qw), tol=reduction_tolerance(torch.float32, 96))
 
 
+def _fast_bound(x, qw):
+    """|y - exact| <= max|x_row| / 254 * sum_k |W[n, k]| (+ fp32 rounding) for int8 activations."""
+    return x.double().abs().amax(1, keepdim=True) / 254 * ref.dequantize(qw).double().abs().sum(1)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_cpu_one_row_group_kernels(group):
+    """One row takes the group-aware row kernels where the CPU's kernels are the AVX2 ones
+    (quant_group_avx2.cpp; elsewhere the per-group path): 4-bit runs of 8 tiles and a partial one
+    beside every other width, K = 1000 (a ragged last group), a bias; rows scaled far down and up
+    (the codes read in place as denormals, converted, or neither: the float rows), a zero row,
+    bfloat16, inf / NaN, flush-to-zero on; the int8 mode within its error bound."""
+    n, k = 230, 1000
+    bits = torch.cat([torch.full((150,), 4), rand_bits(n - 150, seed=41)])
+    p, qw = both(rand((n, k), seed=42), bits, group)
+    x, b = rand((1, k), seed=43), rand((n,), seed=44)
+    tol = reduction_tolerance(torch.float32, k)
+    check_close(quant.packed_linear(x, p, b, backend="cpu"), ref.packed_linear(x, qw, b), tol=tol)
+    for e in (-127, -112, 100):  # 2^-127: mostly float32 denormals; against the float64 reference
+        xs = x * 2.0 ** e
+        got = quant.packed_linear(xs, p, backend="cpu").double() * 2.0 ** -e
+        check_close(got, ref.packed_linear(xs.double(), qw) * 2.0 ** -e, tol=tol)
+    z = torch.zeros(1, k)
+    check_close(quant.packed_linear(z, p, backend="cpu"), ref.packed_linear(z, qw), tol=(0.0, 0.0))
+    xb = x.to(torch.bfloat16)
+    check_close(quant.packed_linear(xb, p, backend="cpu"), ref.packed_linear(xb, qw),
+                tol=reduction_tolerance(torch.bfloat16, k))
+    for bad in (float("nan"), float("inf")):
+        xi = x.clone()
+        xi[0, 70] = bad
+        got, want = quant.packed_linear(xi, p, backend="cpu"), ref.packed_linear(xi, qw)
+        for fn in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(fn(got), fn(want))
+    was = quant.packed_linear(x, p, backend="cpu")
+    torch.set_flush_denormal(True)
+    try:
+        assert torch.equal(quant.packed_linear(x, p, backend="cpu"), was)
+    finally:
+        torch.set_flush_denormal(False)
+    got = quant.packed_linear(x, p, fast=True, backend="cpu").double()
+    exact = ref.packed_linear(x, qw).double()
+    assert bool(((got - exact).abs() <= _fast_bound(x, qw) + 1e-4 * exact.abs() + 1e-4).all())
+
+
 @pytest.mark.parametrize("m", [1, 5])
 def test_fast_mode_error_bound(m):
     """int8 activations: |y - exact| <= max|x_row| / 254 * sum_k |W[n, k]| (+ fp32 rounding)."""
@@ -133,8 +178,7 @@ def test_fast_mode_error_bound(m):
     x = rand((m, k), seed=11)
     got = quant.packed_linear(x, p, fast=True, backend="cpu").double()
     exact = ref.packed_linear(x, qw).double()
-    bound = x.double().abs().amax(1, keepdim=True) / 254 * ref.dequantize(qw).double().abs().sum(1)
-    assert bool(((got - exact).abs() <= bound + 1e-4 * exact.abs() + 1e-4).all())
+    assert bool(((got - exact).abs() <= _fast_bound(x, qw) + 1e-4 * exact.abs() + 1e-4).all())
 
 
 # ---------------------------------------------------------------- autograd, opcheck, compile

@@ -1,8 +1,11 @@
 // CPU packed matmul with group-wise scales. The codes layout is the per-channel one (pack.h) and
-// a group is a whole number of 16-input blocks, so the per-channel inner kernels (cpu_quant.h)
-// run unchanged on each group's block range; this file only adds, per group,
+// a group is a whole number of 16-input blocks. One row, where the plan has grouped_row (AVX2):
+// the group-aware row kernels of quant_group_avx2.cpp keep each group's sums in registers and
+// apply its scale and zero point there, against per-group activation sums computed once per
+// call. Otherwise the per-channel inner kernels (cpu_quant.h) run unchanged on each group's
+// block range, and this file adds, per group,
 //   y += s_g * (sum_{k in g} q x_k - z_g * sum_{k in g} x_k)
-// in float64 (the factored zero-point form cancels badly in float32 when x is large).
+// in float64 (the one-row kernels use float32 there: see quant_group_avx2.cpp).
 // Exact mode: float32 activation rows and the float kernels; fast mode: int8 rows (one scale
 // per row, as the per-channel fast mode) and exact int32 group sums.
 #include "quant_group_cpu.h"
@@ -25,6 +28,7 @@
 #include "pyeditor/cpu_isa.h"
 #include "pyeditor/cpu_quant.h"
 #include "pyeditor/pack.h"
+#include "quant_group_avx2.h"
 #include "quant_tiles.h"
 
 namespace pyeditor {
@@ -71,6 +75,20 @@ inline void add_group(double* tot, const float* acc, const int32_t* acci, const 
   else add_group_scalar(tot, acc, acci, s, z, xs, unit);
 }
 
+// gs[g] = sum of v over group g's inputs (k of them in all, the last group ragged)
+template <class V>
+void group_sums(const V* v, int64_t k, int64_t group_size, double* gs) {
+  for (int64_t g0 = 0; g0 < k; g0 += group_size) {
+    const int64_t g1 = std::min(k, g0 + group_size);
+    double s[4] = {0.0, 0.0, 0.0, 0.0};
+    int64_t i = g0;
+    for (; i + 4 <= g1; i += 4)
+      for (int j = 0; j < 4; ++j) s[j] += static_cast<double>(v[i + j]);
+    for (; i < g1; ++i) s[0] += static_cast<double>(v[i]);
+    gs[g0 / group_size] = (s[0] + s[1]) + (s[2] + s[3]);
+  }
+}
+
 struct GroupedRows {
   std::unique_ptr<float[]> xf;  // exact: float32 [m, kp], zero-padded (unless x is that already)
   const float* x = nullptr;
@@ -106,7 +124,7 @@ GroupedRows prepare_rows(const at::Tensor& x2, int64_t kp, int64_t group_size, i
         int8_t* xq = rows.xq.data() + r * kp;
         int64_t total = 0;
         rows.xscale[r] = qc::quantize_row_i8(xr, k, xq, &total);
-        for (int64_t i = 0; i < k; ++i) gs[i / group_size] += xq[i];
+        group_sums(xq, k, group_size, gs);
         continue;
       }
       if (rows.xf) {
@@ -114,7 +132,7 @@ GroupedRows prepare_rows(const at::Tensor& x2, int64_t kp, int64_t group_size, i
         std::copy(xr, xr + k, d);
         std::fill(d + k, d + kp, 0.0f);
       }
-      for (int64_t i = 0; i < k; ++i) gs[i / group_size] += xr[i];
+      group_sums(xr, k, group_size, gs);
     }
   });
   return rows;
@@ -159,6 +177,44 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
   const q::PermView p = perm_view(perm);
   T* y = out.mutable_data_ptr<T>();
   std::atomic<bool> nonfinite{false};
+  if (plan.grouped_row) {  // one row: the group-aware row kernels, a run of same-width tiles a call
+    std::vector<float> xsum(fast ? 0 : groups);
+    std::vector<int32_t> xsum_i(fast ? groups : 0);  // exact: sums of at most 128 int8 values
+    for (int64_t g = 0; g < groups; ++g) {
+      if (fast) xsum_i[g] = static_cast<int32_t>(act.gsum[g]);
+      else xsum[g] = static_cast<float>(act.gsum[g]);
+    }
+    at::parallel_for(0, static_cast<int64_t>(starts.size()) - 1, 1, [&](int64_t ib, int64_t ie) {
+      for (int64_t item = ib; item < ie; ++item) {
+        const int64_t t0 = starts[item];
+        const int nt = static_cast<int>(starts[item + 1] - t0), bits = tiles[t0].bits;
+        qc::avx2::GroupedTile run[qc::kRowTiles];
+        for (int u = 0; u < nt; ++u) run[u] = {tiles[t0 + u].ptr, s + tiles[t0 + u].row, z + tiles[t0 + u].row};
+        float sums[qc::kRowTiles * q::kTileN];
+        if (fast) {
+          qc::avx2::grouped_i8_row(run, nt, bits, blocks, group_blocks, a.rows, act.xq.data(), xsum_i.data(),
+                                   act.xscale[0], sums);
+        } else if (!in_place[bits].empty()) {
+          qc::avx2::grouped_f32_row(run, nt, bits, blocks, group_blocks, a.rows, in_place[bits].data(), &read[bits],
+                                    unscale[bits], xsum.data(), sums);
+        } else {
+          qc::avx2::grouped_f32_row(run, nt, bits, blocks, group_blocks, a.rows, act.x, nullptr, 1.0f, xsum.data(),
+                                    sums);
+        }
+        bool any = false;
+        for (int u = 0; u < nt; ++u)
+          for (int c = 0; c < q::kTileN; ++c) {
+            const int32_t col = p[tiles[t0 + u].row + c];
+            if (col < 0) continue;  // padding row
+            const T v = static_cast<T>(sums[u * q::kTileN + c] + (bias ? bias[col] : 0.0f));
+            y[col] = v;
+            any |= !(std::fabs(static_cast<float>(v)) <= FLT_MAX);
+          }
+        if (any) nonfinite.store(true, std::memory_order_relaxed);
+      }
+    });
+    return nonfinite.load();
+  }
   at::parallel_for(0, static_cast<int64_t>(starts.size()) - 1, 1, [&](int64_t ib, int64_t ie) {
     // per-thread scratch, grown when needed (the kernels write before they read)
     static thread_local std::vector<float> accf, wbuf;

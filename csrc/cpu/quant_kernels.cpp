@@ -202,9 +202,9 @@ PE_AVX512 void rows_i8(const uint8_t* tile, int64_t blocks, const int8_t* x, int
 }
 
 // For 2 and 4 bits, fields 1 and 3 left in place: v[1], v[3] hold codes << kFieldShift<BITS>
-// (still u8), which saves vector shifts (fast mode, M = 1, 4096 x 4096 from DRAM, interleaved:
-// 2-bit 244 -> 230 us, 4-bit 460 -> 447, CHORD mix 387 -> 368); their sums are exact multiples
-// of 2^kFieldShift (int32 still exact: codes << shift stay <= 255), shifted back once at the end.
+// (still u8), which saves vector shifts (measured faster in fast mode on the bench's
+// packed_linear/dram/M1 rows); their sums are exact multiples of 2^kFieldShift (int32 still
+// exact: codes << shift stay <= 255), shifted back once at the end.
 template <int BITS>
 constexpr int kFieldShift = BITS == 2 ? 2 : (BITS == 4 ? 4 : 0);
 template <int BITS>
@@ -627,6 +627,7 @@ CpuCaps cpu_caps() {
   caps.amx = amx_enabled();
   caps.digits = digits_enabled();
   caps.grouped_gemm = grouped_gemm_f32();
+  caps.grouped_row = kAvx2;  // quant_group_avx2.cpp, where the AVX2 kernels are this CPU's
   return caps;
 }
 

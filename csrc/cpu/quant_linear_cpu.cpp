@@ -50,10 +50,10 @@ std::vector<int64_t> balanced_chunks(const std::vector<Tile>& tiles, int64_t k, 
   return starts;
 }
 
-// fn(i, i + 1) for every i < items, each thread claiming the next item when it is done: on a
-// VM whose vCPUs the host takes away for a while, a static split would leave the whole call
-// waiting for the slowed thread's fixed half. (No difference was measurable through the
-// benchmark host's noise; kept because it cannot be slower by more than an atomic per item.)
+// fn(i, i + 1) for every i < items, each thread claiming the next item when it is done: where
+// the hypervisor takes a vCPU away for a while, a static split would leave the whole call
+// waiting for the slowed thread's fixed half. (Kept although no difference was measurable: it
+// cannot be slower by more than an atomic per item.)
 template <class F>
 void parallel_claim(int64_t items, const F& fn) {
   std::atomic<int64_t> next{0};
@@ -140,7 +140,7 @@ Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool 
   if (amx) {
     act.m16 = (m + 15) / 16 * 16;
     act.kp32 = q::cpu::amx_padded_k(k);
-    // uninitialised: zeroing 3 * m16 * kp32 values first cost ~5% of an M=256 384x1536 call
+    // uninitialised: zeroing 3 * m16 * kp32 values first was a visible part of a many-row call
     act.parts.reset(new uint16_t[3 * act.m16 * act.kp32]);
     act.unscale.assign(m, 1.0);
     at::parallel_for(0, act.m16, 16, [&](int64_t b, int64_t e) {
@@ -158,10 +158,8 @@ Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool 
   }
   if (!fast) {
     // not zero-filled first, and four partial sums: the zeroing and the one float64 add chain
-    // were ~2.4% and ~1.4% of an M = 256, 384 x 1536 call on the AVX2 host (perf), a fifth of
-    // what it spent outside the kernel
-    // x itself where it already is float32 rows of Kp (M = 256, 384 x 1536: the copy was ~4% of
-    // the call on the AVX2 host)
+    // were a fifth of what a many-row call spent outside the kernel (perf); and x itself where
+    // it already is float32 rows of Kp, not a copy (bench: packed_linear/*/M256/384x1536 rows)
     constexpr bool is_float = std::is_same_v<T, float>;
     if (!is_float || k != kp) act.xf.reset(new float[m * kp]);
     act.xrows = act.xf ? act.xf.get() : reinterpret_cast<const float*>(x);
@@ -277,7 +275,7 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   const q::PermView p = perm_view(perm);
   T* y = out.mutable_data_ptr<T>();
   // set where a written output is inf or NaN: in the common all-finite case the caller skips its
-  // scan of the output (~10 us of a cold M = 1 call)
+  // scan of the output (a visible part of a cold M = 1 call)
   std::atomic<bool> nonfinite{false};
   auto flag_if_nonfinite = [&](bool any) {
     if (any) nonfinite.store(true, std::memory_order_relaxed);
@@ -285,13 +283,13 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   // y = s * (acc - z * sum x) + bias for the m rows of one tile, into original columns: float
   // sums in af, or integer ones in ai (fixed-point digits, or the fast mode's)
   // (integer sums: 16 channels a vector where the CPU has AVX-512, the same bits as the scalar
-  // code below; it took ~10% of an exact and ~5% of a fast M = 1, 4096 x 4096 call)
+  // code below, which was a visible part of an M = 1 call in both modes)
   auto epilogue = [&](const Tile& tile, const float* af, const int32_t* ai, int64_t r0 = 0, int64_t r1 = -1) {
     r1 = r1 < 0 ? m : std::min(r1, m);
     bool any = false;
     // float32 out, the tile's channels in 16 consecutive columns (uniform widths: the identity
-    // permutation): whole rows stored at once, no per-value scatter (M = 256, 384 x 1536: that
-    // loop was ~6% of the call on the AVX2 host)
+    // permutation): whole rows stored at once, no per-value scatter (that loop was a visible
+    // part of a many-row call)
     const int32_t col0 = p[tile.row];
     bool contiguous = std::is_same_v<T, float> && col0 >= 0 && col0 <= n - q::kTileN;
     for (int c = 1; contiguous && c < q::kTileN; ++c) contiguous = p[tile.row + c] == col0 + c;
@@ -347,8 +345,8 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   if (amx) {
     // work items: groups of kAmxGroup tiles (each decodes its codes once per K chunk for its rows)
     // times row ranges of at most 64 rows, whose three bf16 parts of a K chunk (384 KiB) stay in
-    // L2 (256 rows at once: 1.8x slower on 384 x 1536, ~5% on 4096 x 4096), and enough ranges to
-    // keep every thread busy when there are few tiles
+    // L2 (all rows at once measured slower, most on narrow layers), and enough ranges to keep
+    // every thread busy when there are few tiles
     const int64_t n_tiles = static_cast<int64_t>(tiles.size());
     const int64_t groups = (n_tiles + q::cpu::kAmxGroup - 1) / q::cpu::kAmxGroup;
     const int64_t pairs32 = (act.m16 + 31) / 32;  // the kernel walks rows in pairs of 16
@@ -417,10 +415,10 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
       return e;
     };
     // One row: same-width tiles from t walked together, as many sequential streams from memory
-    // (M = 1, 4096 x 4096 from DRAM, 1.3-1.5x faster than a tile at a time in fast mode: 8-bit
-    // 919 -> 609 us). Fast: int8 sums, up to kRowTiles. Exact with digits (one_row): integer
-    // digit sums, up to kDigitRowTiles. Exact without them (K > 65536, inf or NaN in x, no AVX-512
-    // VNNI): float sums, up to kRowTiles (8 bits gains, 1178-1294 -> 921-1044 us; 4 bits loses).
+    // (faster than a tile at a time from DRAM: bench packed_linear/dram/M1 rows). Fast: int8
+    // sums, up to kRowTiles. Exact with digits (one_row): integer digit sums, up to
+    // kDigitRowTiles. Exact without them (K > 65536, inf or NaN in x, no AVX-512 VNNI): float
+    // sums, up to kRowTiles (8 bits gains; 4 bits loses).
     static_assert(q::cpu::kDigitRowTiles <= q::cpu::kRowTiles, "one pointer array for both");
     auto row_group = [&](int64_t t, int64_t t_end) {
       const int bits = tiles[t].bits;
@@ -460,12 +458,12 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
       for (int64_t u = t; u < g_end; ++u) epilogue(tiles[u], accf.data() + (u - t) * m * q::kTileN, nullptr);
       return g_end;
     };
-    // One exact row picks a kernel per width (M = 1, 4096 x 4096 from DRAM, interleaved A/B on
-    // the AMX host): 4, 6 and 8 bits take the VNNI digit rows (4-bit 513-582 us against the AMX
-    // digits' 600-697, 6-bit 643-713 against 756-872, 8-bit 760-986 against the float rows'
-    // 829-1114): four tiles stream together, while the AMX kernel's tile loads and unpacking
-    // stores leave DRAM idle. 2 bits has 4 codes a byte, too much integer work for six digits
-    // (422-431 against 334-360 us): AMX digits where present, else the lookup tables.
+    // One exact row picks a kernel per width (measured A/B, interleaved, on the bench's
+    // packed_linear/dram/M1/4096x4096 rows where AMX is present): 4, 6 and 8 bits take the VNNI
+    // digit rows, faster than the AMX digits and (8 bits) the float rows: four tiles stream
+    // together, while the AMX kernel's tile loads and unpacking stores leave DRAM idle. 2 bits has
+    // 4 codes a byte, too much integer work for six digits: AMX digits where present, else the
+    // lookup tables.
     auto row_kernel = [&](int64_t t, int64_t t_end) {
       if (tiles[t].bits != 2) return row_group(t, t_end);
       return gemv_amx ? t + 1 : lut_group(t, t_end);  // (AMX: done in the batch before)
@@ -559,7 +557,8 @@ at::Tensor quant_dequantize_cpu(const at::Tensor& data, const at::Tensor& scale,
 
 namespace {
 // Rows of out holding inf or NaN while their x row has no NaN, recomputed as x @ W.T on the
-// dequantized weight (a plain scan: the ATen isfinite / nonzero chain cost ~20 us per call).
+// dequantized weight (a plain scan: the ATen isfinite / nonzero chain was a visible part of a
+// one-row call).
 void redo_nonfinite_rows(const at::Tensor& x2, at::Tensor& out, const at::Tensor& data, const at::Tensor& scale,
                          const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
                          const PackedArgs& a, const at::Tensor& b) {
@@ -612,7 +611,7 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& data, const a
     if (bias.has_value() && bias->defined()) y = y + bias->to(at::kDouble);
     return y.reshape(shape).contiguous();
   }
-  // (a 2-D x as it is: each ATen view costs a few us of a cold M = 1 call)
+  // (a 2-D x as it is: each ATen view is a visible part of a cold M = 1 call)
   const at::Tensor x2 =
       (x.dim() == 2 ? x : x.reshape({c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)), a.k})).contiguous();
   at::Tensor out = at::empty({x2.size(0), a.n}, x.options());

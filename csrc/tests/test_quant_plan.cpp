@@ -8,7 +8,7 @@
 using namespace pe::quant;
 
 int main() {
-  const CpuCaps avx2{false, false, true}, vnni{false, true, true}, amx{true, true, true}, portable{};
+  const CpuCaps avx2{false, false, true, true}, vnni{false, true, true}, amx{true, true, true}, portable{};
   auto call = [](int64_t m, bool fast = false, int64_t group = 0, bool wide = true, int64_t k = 4096) {
     LinearCall c;
     c.m = m, c.k = k, c.fast = fast, c.group_size = group, c.wide_tiles = wide;
@@ -24,6 +24,11 @@ int main() {
   EXPECT(!plan_linear(avx2, call(256, true, 64)).dequant_gemm);  // int8 rows: per-group integer sums
   EXPECT(!plan_linear(portable, call(256, false, 64)).dequant_gemm);
   EXPECT(plan_linear(avx2, call(1, false, 128)).in_place_row && !plan_linear(avx2, call(1, true, 128)).in_place_row);
+  // grouped, one row: the group-aware row kernels in both modes where the CPU runs the AVX2 kernels
+  EXPECT(plan_linear(avx2, call(1, false, 64)).grouped_row && plan_linear(avx2, call(1, true, 32)).grouped_row);
+  EXPECT(!plan_linear(avx2, call(2, false, 64)).grouped_row && !plan_linear(avx2, call(2, true, 64)).grouped_row);
+  for (const CpuCaps& cpu : {vnni, amx, portable}) EXPECT(!plan_linear(cpu, call(1, false, 64)).grouped_row);
+  EXPECT(!plan_linear(avx2, call(1)).grouped_row);  // one scale per channel: the tile paths
   // AVX2: tiles, never digits or AMX; tables and in-place reads for one exact row
   LinearPlan p = plan_linear(avx2, call(1));
   EXPECT(p.path == LinearPath::kTiles && !p.digits && !p.fast_tiles && p.lut && p.in_place_row);

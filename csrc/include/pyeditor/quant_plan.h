@@ -13,6 +13,7 @@ struct CpuCaps {
   bool amx = false;     // AMX-INT8 and AMX-BF16 with the OS's tile state
   bool digits = false;  // AVX-512 F/BW/DQ/VL/VNNI: fixed-point digit GEMV
   bool grouped_gemm = false;  // the dequantized-tile GEMM for group-wise scales (AVX2 + FMA)
+  bool grouped_row = false;   // the group-aware one-row kernels (where the AVX2 kernels are the CPU's)
 };
 
 struct LinearCall {
@@ -24,7 +25,7 @@ struct LinearCall {
 };
 
 enum class LinearPath : uint8_t {
-  kGrouped,  // group-wise scales: the float / int8 tile kernels per group (quant_group_cpu.cpp)
+  kGrouped,  // group-wise scales (quant_group_cpu.cpp): see grouped_row and dequant_gemm below
   kAmxGemm,  // exact GEMM on AMX-BF16
   kTiles,    // the tile kernels of quant_kernels.cpp / quant_avx2.cpp, chosen per tile below
 };
@@ -38,7 +39,10 @@ struct LinearPlan {
                              // digit_float_row
   bool in_place_row = false; // one exact float row: codes read in place, where the digits do not run
   bool dequant_gemm = false;  // grouped, exact, many rows: tiles dequantized with their group scales,
-                              // one GEMM each (else the per-group sums with an epilogue per group)
+                              // one GEMM each
+  bool grouped_row = false;   // grouped, one row, both modes: group sums kept in registers, each
+                              // group's scale applied there (else, and for other row counts, the
+                              // float / int8 tile kernels per group with an epilogue per group)
 };
 
 constexpr int64_t kDigitGemvRows = 8;  // AMX digit GEMV up to this many rows, the bf16 GEMM above
@@ -53,6 +57,7 @@ inline LinearPlan plan_linear(const CpuCaps& cpu, const LinearCall& c) {
     p.path = LinearPath::kGrouped;
     p.dequant_gemm = !c.fast && c.m >= kDequantGemmRows && cpu.grouped_gemm;
     p.in_place_row = !c.fast && c.m == 1;
+    p.grouped_row = c.m == 1 && cpu.grouped_row;
     return p;
   }
   if (!c.fast && c.m > kDigitGemvRows && cpu.amx) {
