@@ -18,6 +18,9 @@ call one layer repeatedly. Widths: 2, 4, 6, 8 uniform and the CHORD mix
 Default run (~40 s a row under load, 5 rows): 4096x4096 GEMV (dram) at 2 and 4 bits and the mix,
 cache-resident GEMV and GEMM M=256 for the mix; --full adds the rest of the grid (6- and 8-bit
 GEMV, 4-bit cache, M=16, the other widths at M=256, 384x1536).
+"module" rows (default run): one M = 1 call of the drop-in PackedLinear (4-bit, groups of 64) at
+SmolLM2-135M's 576x576 and 1536x576, module against nn.Linear fp32 and against the bare op, from
+DRAM: the per-call cost a decoder pays per layer and token (see _make_module).
 """
 from __future__ import annotations
 
@@ -151,8 +154,63 @@ def _case(n, k, m, width, dram, full):
                 {"out": n, "in": k, "M": m, "bits": width, "regime": regime})
 
 
+def _make_module(n: int, k: int, ctx: Context) -> Prepared:
+    """One M = 1 call of a drop-in layer as a decoder runs it (x [1, 1, in], no bias, inference:
+    no parameter needs a gradient), cycling over copies from DRAM like one token through a model:
+    ours = PackedLinear 4-bit groups of 64 (the real-LM rows' w4g64), ours-channel = the same
+    codes' layer with one scale per channel, ours-op = the registered op on ours's buffers (the
+    floor under the module's Python), fp32 = nn.Linear holding ours's dequantized weight."""
+    from torch import nn
+
+    from pyeditor import nn as pnn
+    from pyeditor import quant
+
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 1, k, generator=torch.Generator().manual_seed(1)).to(ctx.device)
+    kw = {} if ctx.backend is None else {"backend": ctx.backend}
+
+    def layers(group_size):
+        p = quant.quantize_channelwise(w, 4, group_size=group_size).to(ctx.device)
+        return [pnn.PackedLinear(quant.PackedWeight(*(t.clone() for t in p.tensors()), p.buckets, p.bits, k, n,
+                                                    group_size), **kw)
+                for _ in range(_copies(p.nbytes, True))]
+
+    ours, channel = layers(64), layers(None)
+    dense = ours[0].dequantize()
+    fp32 = []
+    for _ in range(_copies(dense.nbytes, True)):
+        lin = nn.Linear(k, n, bias=False, device=ctx.device).requires_grad_(False)
+        lin.weight.copy_(dense)
+        fp32.append(lin)
+    op = torch.ops.pyeditor.quant_linear.default if hasattr(torch.ops.pyeditor, "quant_linear") else None
+    floor = (_cycle([functools.partial(op, x, *p.tensors(), p.flat_buckets, n, None, False, p.op_group_size)
+                     for p in (m.packed for m in ours)])
+             if op is not None and ctx.backend in (None, "cpu", "cuda") else "the C++ op (cpu/cuda backend) only")
+
+    def derive(stats: dict) -> dict:
+        t = {i: v["median_s"] for i, v in stats.items()}
+        out = {f"vs_fp32{tag}": t["fp32"] / t[i] for i, tag in ((OURS, ""), ("ours-channel", "_channel"))
+               if i in t and "fp32" in t}
+        if OURS in t and "ours-op" in t:
+            out["module_over_op_us"] = (t[OURS] - t["ours-op"]) * 1e6
+        out["summary"] = ", ".join(f"{key}={v:.2f}" for key, v in out.items())
+        return out
+
+    return Prepared(
+        fns={OURS: _cycle([functools.partial(m, x) for m in ours]),
+             "ours-channel": _cycle([functools.partial(m, x) for m in channel]),
+             "ours-op": floor, "fp32": _cycle([functools.partial(m, x) for m in fp32])},
+        bytes_moved=ours[0].packed_bytes, derive=derive,
+        notes=[f"per call of one layer, x [1, 1, {k}]; {len(ours)} copies of ours ({ours[0].packed_bytes} B each), "
+               f"{len(channel)} of ours-channel, {len(fp32)} of fp32 per cycle (working set {WORKING_SET >> 20} MiB "
+               "per impl); vs_fp32 > 1: the packed layer is faster (issue 25's decode target needs it)"])
+
+
 def _cases() -> list:
-    cases = []
+    cases = [Case(f"{FAMILY}/module/M1/{n}x{k}/4-g64", f"PackedLinear module M=1 {n}x{k} 4-bit g64 vs nn.Linear",
+                  FAMILY, (OURS, "ours-channel", "ours-op", "fp32"), functools.partial(_make_module, n, k), False,
+                  {"out": n, "in": k, "M": 1, "bits": "4", "group_size": 64, "regime": "dram", "input": "module"})
+             for n, k in ((576, 576), (1536, 576))]  # SmolLM2-135M's q/o and gate/up projections
     for width in WIDTHS:  # mix last, so the cache-resident and GEMM mix rows reuse its packing
         cases.append(_case(4096, 4096, 1, width, True, width in ("6", "8")))
     cases += [_case(4096, 4096, 1, "mix", False, False), _case(4096, 4096, 1, "4", False, True)]

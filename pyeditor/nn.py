@@ -11,9 +11,12 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from . import backends as _backends
 from . import calibration as _calibration
+from . import ops as _ops
 from . import quant as _quant
 from . import reference as _ref
+from . import validate as _validate
 
 
 class PackedLinear(nn.Module):
@@ -75,6 +78,11 @@ class PackedLinear(nn.Module):
         self.register_buffer("group", torch.tensor(p.group_size or 0, dtype=torch.int64))
         self._bucket_list = p.buckets  # plain ints: no device sync or graph break per forward
         self.group_size = p.group_size
+        # forward's call plan: the ops' int[] buckets and int group size, built once per packed
+        # weight (set here at construction and by load_state_dict, never per call)
+        self._flat_buckets = p.flat_buckets
+        self._op_group_size = p.op_group_size
+        self._backend_plan = None  # (device, backend or $PYEDITOR_BACKEND, resolved name) of the last call
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits, group_size: Optional[int] = None, *, fast: bool = False,
@@ -109,10 +117,47 @@ class PackedLinear(nn.Module):
         return self.dequantize().to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _quant.packed_linear(x, self.packed, self.bias, fast=self.fast, backend=self.backend)
+        # M = 1 decoding runs this once per layer and token. The packed buffers and the bias were
+        # checked when set (construction, load_state_dict; the op checks them again), so only x
+        # is checked here and the op is called directly on the buffers: no PackedWeight built
+        # and no Module.__getattr__ lookups per call (they cost several times the checks).
+        buffers = self._buffers
+        data = buffers["data"]
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _validate.FLOAT_DTYPES:
+            raise TypeError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+        if x.dim() < 1:
+            raise ValueError("x must have at least 1 dimension [..., in_features]")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x has {x.shape[-1]} input features but the layer has in_features={self.in_features} "
+                             f"(x shape {tuple(x.shape)})")
+        device = x.device
+        if device != data.device:
+            raise ValueError(f"x is on {device} but the layer's packed weight is on {data.device}")
+        bias = self._parameters.get("bias")  # None also when the bias is a plain None attribute
+        # the backend as packed_linear picks it (self.backend, else $PYEDITOR_BACKEND read per
+        # call, else the device's default), resolved again only when the device or choice changes
+        choice = self.backend or _backends.env(_backends.ENV_VAR)
+        plan = self._backend_plan
+        if plan is None or plan[0] != device or plan[1] != choice:
+            plan = self._backend_plan = (device, choice, _backends.resolve(self.backend, device))
+        name = plan[2]
+        if name == "reference":
+            return _quant.packed_linear(x, self.packed, bias, fast=self.fast, backend=name)
+        return _ops.quant_ops(name)[0](x, data, buffers["scale"], buffers["zero"], buffers["perm"],
+                                       self._flat_buckets, self.out_features, bias, self.fast, self._op_group_size)
 
     def dequantize(self) -> Tensor:
         return self.packed.dequantize(backend=self.backend)
+
+    def __setstate__(self, state):
+        # a layer pickled whole (torch.save(model)) before forward's call plan existed
+        super().__setstate__(state)
+        if "_flat_buckets" not in self.__dict__:
+            self._flat_buckets = [v for b in self._bucket_list for v in b]
+            self._op_group_size = self.group_size or 0
+            self._backend_plan = None
 
     def _apply(self, fn, recurse=True):
         """Device moves move the packed buffers; dtype casts (``.half()``, ``.to(torch.bfloat16)``,

@@ -120,3 +120,93 @@ def test_packed_size_is_a_fraction_of_fp32():
     assert data == 256 * 4096 // 2
     assert layer.packed_bytes - data < 0.02 * data
     assert isinstance(layer.packed, quant.PackedWeight)
+
+
+# ---------------------------------------------------------------- forward's per-call path
+# forward calls the registered op on the buffers directly (no PackedWeight per call): it must
+# give what packed_linear gives, follow buffers set by load_state_dict, and check x itself.
+@pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_forward_is_packed_linear_values_and_grads(backend, group_size):
+    lin = nn.Linear(70, 20)
+    layer = pnn.PackedLinear.from_linear(lin, bits_of(20), group_size, backend=backend)
+    for shape in [(70,), (1, 70), (1, 1, 70), (3, 2, 70)]:
+        x = torch.randn(shape, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        y = layer(x)
+        want = quant.packed_linear(x2, layer.packed, layer.bias, backend=backend)
+        assert y.shape == (*shape[:-1], 20) and torch.equal(y, want)
+        g = torch.randn_like(y)
+        (gx, gb), (wx, wb) = (torch.autograd.grad(t, (v, layer.bias), g) for t, v in ((y, x), (want, x2)))
+        assert torch.equal(gx, wx) and torch.equal(gb, wb)
+    with torch.no_grad():
+        x = torch.randn(1, 70)
+        assert not layer(x).requires_grad and torch.equal(layer(x), quant.packed_linear(x, layer.packed, layer.bias,
+                                                                                         backend=backend))
+
+
+def test_forward_follows_loaded_and_assigned_state():
+    """load_state_dict (copied or assigned) with other widths and group size: forward uses them."""
+    x = torch.randn(2, 30)
+    src = pnn.PackedLinear.from_linear(nn.Linear(30, 20), bits_of(20, 1), 32)
+    for assign in (False, True):
+        dst = pnn.PackedLinear.from_linear(nn.Linear(30, 20), 4)
+        dst.load_state_dict(src.state_dict(), assign=assign)
+        assert torch.equal(dst(x), src(x))
+
+
+def test_forward_after_pickling_a_layer_from_before_the_call_plan():
+    layer = pnn.PackedLinear.from_linear(nn.Linear(30, 20), bits_of(20), 32)
+    state = dict(layer.__dict__)
+    del state["_flat_buckets"], state["_op_group_size"]  # what a layer pickled before them holds
+    old = pnn.PackedLinear.__new__(pnn.PackedLinear)
+    old.__setstate__(state)
+    x = torch.randn(3, 30)
+    assert torch.equal(old(x), layer(x))
+
+
+def test_forward_resolves_the_backend_per_call(monkeypatch):
+    from pyeditor import reference
+    layer = pnn.PackedLinear.from_linear(nn.Linear(30, 20), 4)
+    x = torch.randn(2, 30)
+    calls = []
+    real = reference.packed_linear
+    monkeypatch.setattr(reference, "packed_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer(x)
+    assert not calls
+    want, fast = real(x, layer.packed.quantized(), layer.bias), layer(x)
+    monkeypatch.setenv("PYEDITOR_BACKEND", "reference")
+    assert torch.equal(layer(x), want) and calls == [1]
+    monkeypatch.delenv("PYEDITOR_BACKEND")
+    assert torch.equal(layer(x), fast) and calls == [1]
+    layer.backend = "reference"  # the attribute, changed after calls, wins too
+    assert torch.equal(layer(x), want) and calls == [1, 1]
+    layer.backend = "no-such-backend"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        layer(x)
+
+
+@pytest.mark.parametrize("bad,exc,msg", [
+    ("x", TypeError, "x must be a torch.Tensor"),
+    (torch.ones(2, 30, dtype=torch.int32), TypeError, "x must be float32"),
+    (torch.tensor(1.0), ValueError, "at least 1 dimension"),
+    (torch.ones(2, 31), ValueError, "31 input features.*in_features=30"),
+    (torch.ones(2, 30, device="meta"), ValueError, "x is on meta"),
+])
+def test_forward_bad_x_names_it(bad, exc, msg):
+    layer = pnn.PackedLinear.from_linear(nn.Linear(30, 20), 4)
+    with pytest.raises(exc, match=msg):
+        layer(bad)
+
+
+def test_torch_compile_fullgraph_module():
+    torch._dynamo.reset()
+    layer = pnn.PackedLinear.from_linear(nn.Linear(70, 20), bits_of(20), 32)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(1, 1, 70, requires_grad=True)
+    y = compiled(x)
+    assert torch.equal(y, layer(x))
+    y.sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    layer(x2).sum().backward()
+    assert torch.equal(x.grad, x2.grad)
