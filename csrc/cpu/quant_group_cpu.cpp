@@ -172,6 +172,9 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
     while (e < static_cast<int64_t>(tiles.size()) && e - t < cap && tiles[e].bits == tiles[t].bits) ++e;
     starts.push_back(t = e);
   }
+  const int64_t items = static_cast<int64_t>(starts.size()) - 1;
+  // at most plan.threads threads wake (quant_plan.h: one for the few rows of a small layer)
+  const int64_t per_thread = std::max<int64_t>(1, (items + plan.threads - 1) / plan.threads);
   const float* s = scale.const_data_ptr<float>();
   const uint8_t* z = zero.const_data_ptr<uint8_t>();
   const q::PermView p = perm_view(perm);
@@ -184,7 +187,7 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
       if (fast) xsum_i[g] = static_cast<int32_t>(act.gsum[g]);
       else xsum[g] = static_cast<float>(act.gsum[g]);
     }
-    at::parallel_for(0, static_cast<int64_t>(starts.size()) - 1, 1, [&](int64_t ib, int64_t ie) {
+    at::parallel_for(0, items, per_thread, [&](int64_t ib, int64_t ie) {
       for (int64_t item = ib; item < ie; ++item) {
         const int64_t t0 = starts[item];
         const int nt = static_cast<int>(starts[item + 1] - t0), bits = tiles[t0].bits;
@@ -215,7 +218,7 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
     });
     return nonfinite.load();
   }
-  at::parallel_for(0, static_cast<int64_t>(starts.size()) - 1, 1, [&](int64_t ib, int64_t ie) {
+  at::parallel_for(0, items, per_thread, [&](int64_t ib, int64_t ie) {
     // per-thread scratch, grown when needed (the kernels write before they read)
     static thread_local std::vector<float> accf, wbuf;
     static thread_local std::vector<int32_t> acci;

@@ -55,9 +55,9 @@ std::vector<int64_t> balanced_chunks(const std::vector<Tile>& tiles, int64_t k, 
 // waiting for the slowed thread's fixed half. (Kept although no difference was measurable: it
 // cannot be slower by more than an atomic per item.)
 template <class F>
-void parallel_claim(int64_t items, const F& fn) {
+void parallel_claim(int64_t items, int threads, const F& fn) {
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(items, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::min<int64_t>(items, threads), 1, [&](int64_t, int64_t) {
     for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) fn(i, i + 1);
   });
 }
@@ -224,6 +224,8 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   for (const auto& b : a.buckets) wide_tiles = wide_tiles || (b.bits != 2 && b.rows > 0);
   q::LinearCall call;
   call.m = m, call.k = a.k, call.fast = fast, call.group_size = a.group_size, call.wide_tiles = wide_tiles;
+  for (const auto& b : a.buckets) call.code_bytes += b.rows / q::kTileN * q::tile_bytes(b.bits, a.k);
+  call.threads = at::get_num_threads();
   const q::CpuCaps caps = q::cpu::cpu_caps();
   const q::LinearPlan plan = q::plan_linear(caps, call);
   if (plan.path == q::LinearPath::kGrouped)
@@ -353,7 +355,7 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
     const int64_t busy = (4 * at::get_num_threads() + groups - 1) / groups;
     const int64_t splits = std::min<int64_t>(pairs32, std::max<int64_t>(busy, (pairs32 + 1) / 2));
     const int64_t rows_per = (pairs32 + splits - 1) / splits * 32;
-    parallel_claim(groups * splits, [&](int64_t ib, int64_t ie) {
+    parallel_claim(groups * splits, plan.threads, [&](int64_t ib, int64_t ie) {
       static thread_local std::vector<float> acc;
       static thread_local std::vector<uint32_t> pairs;
       acc.resize(q::cpu::kAmxGroup * act.m16 * q::kTileN);
@@ -517,8 +519,8 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
       ++t;
     }
   };
-  if (starts.empty()) at::parallel_for(0, items, grain, body);
-  else parallel_claim(items, body);  // byte-balanced GEMV chunks
+  if (starts.empty()) at::parallel_for(0, items, std::max(grain, (items + plan.threads - 1) / plan.threads), body);
+  else parallel_claim(items, plan.threads, body);  // byte-balanced GEMV chunks
   return nonfinite.load();
 }
 

@@ -51,6 +51,18 @@ int main() {
   EXPECT(plan_linear(amx, call(kDigitGemvRows + 1)).path == LinearPath::kAmxGemm);
   EXPECT(plan_linear(amx, call(kDigitGemvRows + 1, true)).path == LinearPath::kTiles);  // fast: int8 tiles
   EXPECT(!plan_linear(amx, call(1, true)).fast_tiles && plan_linear(amx, call(2, true)).fast_tiles);
+  // threads: few rows wake one per kMinBytesPerThread of codes (at least one, at most those there
+  // are); many rows wake every thread whatever the size
+  auto sized = [&](int64_t m, int64_t bytes, int threads, int64_t group = 0) {
+    LinearCall c = call(m, false, group);
+    c.code_bytes = bytes, c.threads = threads;
+    return plan_linear(avx2, c).threads;
+  };
+  EXPECT(sized(1, 576 * 576 / 2, 2) == 1 && sized(1, 576 * 576 / 2, 2, 64) == 1);  // a small LM layer
+  EXPECT(sized(1, 4096 * 4096 / 2, 2) == 2 && sized(1, 4096 * 4096 / 2, 64) == 32);
+  EXPECT(sized(1, 2 * kMinBytesPerThread - 1, 8) == 1 && sized(1, 2 * kMinBytesPerThread, 8) == 2);
+  EXPECT(sized(kLutRows - 1, 0, 4) == 1 && sized(kLutRows, 0, 4) == 4 && sized(256, 1, 16) == 16);
+  EXPECT(sized(1, 4096 * 4096, 0) == 1);  // threads unset: one
   if (failures == 0) std::printf("quant plan: all checks passed\n");
   return failures ? 1 : 0;
 }

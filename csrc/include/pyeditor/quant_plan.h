@@ -22,6 +22,8 @@ struct LinearCall {
   bool fast = false;       // int8 activations
   int64_t group_size = 0;  // 0: one scale per channel
   bool wide_tiles = false; // any 4-, 6- or 8-bit tile
+  int64_t code_bytes = 0;  // packed codes the call streams
+  int threads = 1;         // threads available (at::get_num_threads)
 };
 
 enum class LinearPath : uint8_t {
@@ -43,6 +45,7 @@ struct LinearPlan {
   bool grouped_row = false;   // grouped, one row, both modes: group sums kept in registers, each
                               // group's scale applied there (else, and for other row counts, the
                               // float / int8 tile kernels per group with an epilogue per group)
+  int threads = 1;            // threads to wake (see plan_threads)
 };
 
 constexpr int64_t kDigitGemvRows = 8;  // AMX digit GEMV up to this many rows, the bf16 GEMM above
@@ -51,8 +54,21 @@ constexpr int64_t kMaxDigitK = 65536;  // int32 digit sums stay exact up to this
 constexpr int64_t kLutRows = 4;        // lookup tables below this many rows
 constexpr int64_t kDequantGemmRows = 4; // grouped: the dequantized-tile GEMM from this many rows
 
+// Few rows stream the codes once: a thread that gets less than this to read costs more to wake
+// (a parallel region's start) than it saves, as the small layers of a decoder LM showed (the
+// packed_linear/module rows of bench/cases_quant.py). Many rows are compute: every thread.
+constexpr int64_t kMinBytesPerThread = int64_t(256) << 10;
+
+inline int plan_threads(const LinearCall& c) {
+  const int avail = c.threads < 1 ? 1 : c.threads;
+  if (c.m >= kLutRows) return avail;
+  const int64_t by_bytes = c.code_bytes / kMinBytesPerThread;
+  return by_bytes < 1 ? 1 : by_bytes < avail ? static_cast<int>(by_bytes) : avail;
+}
+
 inline LinearPlan plan_linear(const CpuCaps& cpu, const LinearCall& c) {
   LinearPlan p;
+  p.threads = plan_threads(c);
   if (c.group_size > 0) {
     p.path = LinearPath::kGrouped;
     p.dequant_gemm = !c.fast && c.m >= kDequantGemmRows && cpu.grouped_gemm;
