@@ -2,8 +2,9 @@
 // "avx2" < "avx512" < "amx" (unset: no cap, every path the CPU has). So an AVX-512 or AMX host
 // can run the paths of smaller CPUs, and the tests run each one (tests/test_isa_paths.py).
 // The Python package refuses a cap above what the CPU has, or an unknown name, on import
-// (pyeditor/_ext.py); here an unknown value caps nothing. Functions built with GCC
-// target_clones (the edit spans and the search passes) pick their clone by the CPU alone.
+// (pyeditor/_ext.py); here an unknown value caps nothing. Every kernel family decides through
+// the cap: the quant kernels and the tile GEMM by their own feature tests, the edit spans and
+// the search passes by vector_level() below (their portable / AVX2 / AVX-512 builds of one body).
 #pragma once
 #include <cstdlib>
 #include <cstring>
