@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "ops.h"
+#include "cpu/search_passes.h"
 #include "cpu/tile_gemm.h"
 #include "pyeditor/cpu_quant.h"
 #include "pyeditor/cpu_spans.h"
@@ -33,6 +34,8 @@ std::string build_info() {
   // the CPU kernel paths picked at load (under PYEDITOR_CPU_ISA, csrc/include/pyeditor/cpu_isa.h)
   info += ";edit_cpu=";
   info += pe::cpu::edit_level();
+  info += ";search_cpu=";
+  info += pyeditor::search_cpu::search_level();
   info += ";quant_cpu=";
   info += pe::quant::cpu::quant_simd_level();
   if (pe::quant::cpu::amx_enabled()) info += "+amx";
