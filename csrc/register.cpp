@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "ops.h"
+#include "cpu/search_passes.h"
 #include "cpu/tile_gemm.h"
 #include "pyeditor/cpu_quant.h"
 #include "pyeditor/cpu_spans.h"
@@ -29,9 +30,12 @@ extern "C" PyObject* PyInit__C(void) {
 namespace pyeditor {
 
 std::string build_info() {
-  std::string info = "torch=" PYEDITOR_TORCH_VERSION ";cpu_simd=";
-  info += pe::cpu::simd_level();
+  std::string info = "torch=" PYEDITOR_TORCH_VERSION;
   // the CPU kernel paths picked at load (under PYEDITOR_CPU_ISA, csrc/include/pyeditor/cpu_isa.h)
+  info += ";edit_cpu=";
+  info += pe::cpu::edit_level();
+  info += ";search_cpu=";
+  info += pyeditor::search_cpu::search_level();
   info += ";quant_cpu=";
   info += pe::quant::cpu::quant_simd_level();
   if (pe::quant::cpu::amx_enabled()) info += "+amx";

@@ -1,6 +1,6 @@
-"""Every CPU kernel path this host can run, not only its best: the packed-weight, edit and hyper
-op tests again in a subprocess under each lower PYEDITOR_CPU_ISA cap (the default run above
-takes the host's own level). Each run says which paths it took (build_info)."""
+"""Every CPU kernel path this host can run, not only its best: the packed-weight, edit, hyper and
+search op tests again in a subprocess under each lower PYEDITOR_CPU_ISA cap (the default run
+above takes the host's own level). Each run says which paths it took (build_info)."""
 import os
 import subprocess
 import sys
@@ -8,25 +8,40 @@ import sys
 import pytest
 import torch
 
+import pyeditor
 from pyeditor import _ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# the subprocesses import this pyeditor (a checkout's), not whichever one is installed
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pyeditor.__file__)))
 LEVELS = _ext.ISA_LEVELS
 HOST = _ext.host_isa()
-# what build_info reports under each cap (quant kernels, tile GEMM)
-EXPECT = {"portable": ("scalar", "portable"), "avx2": ("avx2", "avx2"), "avx512": ("avx512-vnni", "avx512"),
-          "amx": ("avx512-vnni+amx", "avx512")}
-TESTS = ["test_quant.py", "test_quant_group.py", "test_hyper.py", "test_apply_edit.py"]
+# the kernel families build_info names, and what each reports under each cap
+FAMILIES = ("quant_cpu", "tile_gemm", "edit_cpu", "search_cpu")
+EXPECT = {"portable": ("scalar", "portable", "portable", "portable"), "avx2": ("avx2", "avx2", "avx2", "avx2"),
+          "avx512": ("avx512-vnni", "avx512", "avx512", "avx512"),
+          "amx": ("avx512-vnni+amx", "avx512", "avx512", "avx512")}
+TESTS = ["test_quant.py", "test_quant_group.py", "test_hyper.py", "test_apply_edit.py", "test_search.py"]
 
 
 def _run(code_or_args, level, timeout):
-    env = {**os.environ, "PYEDITOR_CPU_ISA": level}
+    path = os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYEDITOR_CPU_ISA": level, "PYTHONPATH": path}
     return subprocess.run([sys.executable, *code_or_args], env=env, cwd=HERE, capture_output=True, text=True,
                           timeout=timeout)
 
 
 def _info_cmd():
-    return ["-c", "import torch, pyeditor, json; from pyeditor import _ext; print(json.dumps(_ext.build_info()))"]
+    return ["-c", "import torch, pyeditor, json; from pyeditor import _ext; "
+                  "print(json.dumps({**_ext.build_info(), 'file': pyeditor.__file__}))"]
+
+
+def _paths(info):
+    return tuple(info.get(f) for f in FAMILIES)
+
+
+def _describe(info):
+    return " ".join(f"{f}={info.get(f)}" for f in FAMILIES)
 
 
 @pytest.mark.parametrize("level", [lv for lv in LEVELS if LEVELS.index(lv) < LEVELS.index(HOST)])
@@ -35,13 +50,14 @@ def test_op_tests_under_lower_isa(level):
     assert info.returncode == 0, info.stderr[-3000:]
     import json
     got = json.loads(info.stdout.strip().splitlines()[-1])
-    print(f"PYEDITOR_CPU_ISA={level}: quant_cpu={got['quant_cpu']} tile_gemm={got['tile_gemm']}")
-    assert (got["quant_cpu"], got["tile_gemm"]) == EXPECT[level]
+    assert os.path.samefile(got["file"], pyeditor.__file__), got["file"]
+    print(f"PYEDITOR_CPU_ISA={level}: {_describe(got)}")
+    assert _paths(got) == EXPECT[level]
     run = _run(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not triton and not cuda", *TESTS],
                level, 1500)
     tail = (run.stdout + run.stderr)[-4000:]
     assert run.returncode == 0, tail
-    print(tail.strip().splitlines()[-1])
+    print(f"PYEDITOR_CPU_ISA={level}: {' '.join(TESTS)} (not triton, not cuda): {tail.strip().splitlines()[-1]}")
 
 
 def test_host_level_is_the_default():
@@ -50,9 +66,11 @@ def test_host_level_is_the_default():
         pytest.skip("no compiled extension")
     got = _ext.build_info()
     if "PYEDITOR_CPU_ISA" not in os.environ:
-        assert (got["quant_cpu"], got["tile_gemm"]) == EXPECT[HOST] or HOST == "amx" and \
-            got["quant_cpu"] == "avx512-vnni"  # PYEDITOR_CPU_AMX=0 or no OS tile state
-    print(f"host {HOST}: {got}")
+        want = EXPECT[HOST]
+        if HOST == "amx" and got["quant_cpu"] == "avx512-vnni":  # PYEDITOR_CPU_AMX=0 or no OS tile state
+            want = EXPECT["avx512"]
+        assert _paths(got) == want
+    print(f"host {HOST}: {_describe(got)}")
 
 
 @pytest.mark.parametrize("bad,match", [("avx7", "must be one of"), ("amx", "more than this CPU has")])

@@ -61,10 +61,10 @@ void run_cpu(const EditArgs& args, const at::Tensor& a, const at::Tensor& delta,
     const auto* dp = reinterpret_cast<const S*>(delta.const_data_ptr<scalar_t>());
     auto* op = reinterpret_cast<S*>(out.mutable_data_ptr<scalar_t>());
     const A* thr = args.threshold.const_data_ptr<A>();
-    auto span = [](const S* x, const S* dl, S* o, int64_t n, A t) {
-      if constexpr (kGrad) pe::cpu::clip_grad_span(x, dl, o, n, t);
-      else pe::cpu::clip_add_span(x, dl, o, n, t);
-    };
+    // the variant picked at load (cpu_spans.h), fetched once: strided runs call it per element
+    const pe::cpu::SpanFns<S> fns = pe::cpu::spans<S>();
+    const auto fn = kGrad ? fns.grad : fns.add;
+    auto span = [fn](const S* x, const S* dl, S* o, int64_t n, A t) { fn(x, dl, o, n, t); };
     for_each_span<S>(g, ap, dp, op, thr, idx, span);
   });
 }

@@ -437,9 +437,7 @@ inline __attribute__((always_inline)) void blocked_rows_top1(const BlockJob& job
   }
 }
 
-}  // namespace
-
-PE_SEARCH_CLONES void blocked_job(const BlockJob& job, int cap) {
+inline __attribute__((always_inline)) void blocked_any(const BlockJob& job, int cap) {
   switch (cap) {
     case 2: return job.pk->count >= 2 ? blocked_rows_top1(job) : blocked_rows<2>(job);
     case 4: return blocked_rows<4>(job);
@@ -448,5 +446,21 @@ PE_SEARCH_CLONES void blocked_job(const BlockJob& job, int cap) {
     default: return blocked_rows<ps::kMaxK + 1>(job);
   }
 }
+
+// The pass once per vector level (cpu_isa.h), one picked at load.
+using BlockedFn = void (*)(const BlockJob&, int);
+void blocked_portable(const BlockJob& job, int cap) { blocked_any(job, cap); }
+#if PE_ISA_VARIANTS
+PE_TARGET_AVX2 void blocked_avx2(const BlockJob& job, int cap) { blocked_any(job, cap); }
+PE_TARGET_AVX512 void blocked_avx512(const BlockJob& job, int cap) { blocked_any(job, cap); }
+const BlockedFn kBlocked =
+    pe::cpu::pick_variant<BlockedFn>(pe::cpu::vector_level(), blocked_portable, blocked_avx2, blocked_avx512);
+#else
+const BlockedFn kBlocked = blocked_portable;
+#endif
+
+}  // namespace
+
+void blocked_job(const BlockJob& job, int cap) { kBlocked(job, cap); }
 
 }  // namespace pyeditor::search_cpu

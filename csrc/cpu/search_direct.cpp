@@ -103,10 +103,9 @@ inline __attribute__((always_inline)) void direct_rows(const float* x, const flo
   }
 }
 
-}  // namespace
-
-PE_SEARCH_CLONES void direct_job(const float* x, const float* P, int64_t N, int64_t d, int k, int metric, int64_t q0,
-                                 int64_t q1, float* dist, int64_t* idx, int cap) {
+inline __attribute__((always_inline)) void direct_any(const float* x, const float* P, int64_t N, int64_t d, int k,
+                                                      int metric, int64_t q0, int64_t q1, float* dist, int64_t* idx,
+                                                      int cap) {
   switch (cap) {
     case 2: return direct_rows<2>(x, P, N, d, k, metric, q0, q1, dist, idx);
     case 4: return direct_rows<4>(x, P, N, d, k, metric, q0, q1, dist, idx);
@@ -115,5 +114,33 @@ PE_SEARCH_CLONES void direct_job(const float* x, const float* P, int64_t N, int6
     default: return direct_rows<ps::kMaxK + 1>(x, P, N, d, k, metric, q0, q1, dist, idx);
   }
 }
+
+// The pass once per vector level (cpu_isa.h), one picked at load.
+#define PE_DIRECT_VARIANT(NAME, TARGET)                                                                          \
+  TARGET void NAME(const float* x, const float* P, int64_t N, int64_t d, int k, int metric, int64_t q0, int64_t q1, \
+                   float* dist, int64_t* idx, int cap) {                                                         \
+    direct_any(x, P, N, d, k, metric, q0, q1, dist, idx, cap);                                                   \
+  }
+using DirectFn = void (*)(const float*, const float*, int64_t, int64_t, int, int, int64_t, int64_t, float*, int64_t*,
+                          int);
+PE_DIRECT_VARIANT(direct_portable, )
+#if PE_ISA_VARIANTS
+PE_DIRECT_VARIANT(direct_avx2, PE_TARGET_AVX2)
+PE_DIRECT_VARIANT(direct_avx512, PE_TARGET_AVX512)
+const DirectFn kDirect =
+    pe::cpu::pick_variant<DirectFn>(pe::cpu::vector_level(), direct_portable, direct_avx2, direct_avx512);
+#else
+const DirectFn kDirect = direct_portable;
+#endif
+#undef PE_DIRECT_VARIANT
+
+}  // namespace
+
+void direct_job(const float* x, const float* P, int64_t N, int64_t d, int k, int metric, int64_t q0, int64_t q1,
+                float* dist, int64_t* idx, int cap) {
+  kDirect(x, P, N, d, k, metric, q0, q1, dist, idx, cap);
+}
+
+const char* search_level() { return pe::cpu::level_name(pe::cpu::vector_level()); }
 
 }  // namespace pyeditor::search_cpu

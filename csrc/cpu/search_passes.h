@@ -1,6 +1,6 @@
 // The CPU search passes' shared types and entry points (search_cpu.cpp drives them):
-// the packed prototypes of the blocked pass, one block of queries, and the clone-dispatched
-// blocked and direct passes. Internal to csrc/cpu.
+// the packed prototypes of the blocked pass, one block of queries, and the blocked and direct
+// passes (each built per vector level, cpu_isa.h, one picked at load). Internal to csrc/cpu.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -44,5 +44,8 @@ void blocked_job(const BlockJob& job, int cap);
 // Direct pass over queries [q0, q1) against the raw prototypes (small batches).
 void direct_job(const float* x, const float* P, int64_t N, int64_t d, int k, int metric, int64_t q0, int64_t q1,
                 float* dist, int64_t* idx, int cap);
+
+// The build_info name of the level both passes run at: "avx512", "avx2" or "portable".
+const char* search_level();
 
 }  // namespace pyeditor::search_cpu

@@ -1,6 +1,6 @@
 // Vector helpers shared by the CPU search passes (search_blocked.cpp, search_direct.cpp):
-// GCC vector extensions, so that each pass's target_clones compile them for AVX-512, AVX2 or
-// baseline x86-64. Internal to csrc/cpu.
+// GCC vector extensions, so that each pass's per-level variants (cpu_isa.h) compile them for
+// AVX-512, AVX2 or baseline x86-64. Internal to csrc/cpu.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -8,30 +8,22 @@
 #include <cmath>
 #include <vector>
 
+#include "pyeditor/cpu_isa.h"
 #include "pyeditor/search_math.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PE_SEARCH_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PE_SEARCH_CLONES
-#endif
 
 namespace pyeditor::search_cpu {
 
 namespace ps = pe::search;
 
-// Whether 16-float vectors are one register here (AVX-512, the x86-64-v4 clones). Elsewhere a
-// v16f is two (AVX2) or four registers: micro-kernels holding 16 of them spilled on every FMA
-// (the v3 clone of the blocked pass: ~4x the stack traffic of the v4 one), and GCC moved even
-// a few v16f accumulators through general registers at every loop edge; there the
-// micro-kernels keep 8-float halves (v8f) for fewer queries per pass instead.
-inline const bool kOneRegisterV16 =
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-    __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-    __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512cd");
-#else
-    false;
-#endif
+// Whether 16-float vectors are one register here (AVX-512: the passes run their kIsaAvx512
+// variant). Elsewhere a v16f is two (AVX2) or four registers: micro-kernels holding 16 of them
+// spilled on every FMA (the AVX2 variant of the blocked pass: ~4x the stack traffic of the
+// AVX-512 one), and GCC moved even a few v16f accumulators through general registers at every
+// loop edge; there the micro-kernels keep 8-float halves (v8f) for fewer queries per pass
+// instead. A load-time value, not a template parameter: each variant then compiles both
+// paths, and so the register allocation of the hot loops stays what it was under
+// target_clones (a compile-time split spilled the AVX2 top-1 tile's accumulators).
+inline const bool kOneRegisterV16 = pe::cpu::vector_level() >= pe::cpu::kIsaAvx512;
 
 typedef float v16f __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));  // the halves the narrow micro-kernels keep

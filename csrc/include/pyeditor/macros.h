@@ -4,7 +4,7 @@
 #if defined(__CUDACC__)
 #define PE_HD __host__ __device__ __forceinline__
 #elif defined(__GNUC__)
-// always_inline lets the SIMD clones in cpu/ inline the shared loops at their own ISA level.
+// always_inline lets the per-level variants in cpu/ inline the shared loops at their own ISA level.
 #define PE_HD inline __attribute__((always_inline))
 #else
 #define PE_HD inline
