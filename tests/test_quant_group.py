@@ -184,13 +184,17 @@ def test_fast_mode_error_bound(m):
 # ---------------------------------------------------------------- autograd, opcheck, compile
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_gradcheck_and_gradgradcheck(backend, device):
-    p, _ = both(rand((6, 70), seed=1), rand_bits(6, seed=1), 32)
+    # K = 40: a full group of 32 and a ragged one of 8. The interpreter runs a kernel launch per
+    # perturbed input, so Triton on CPU takes gradcheck's fast mode (random projections of the
+    # Jacobian, still a numerical check of every entry's contribution)
+    p, _ = both(rand((6, 40), seed=1), rand_bits(6, seed=1), 32)
     p = p.to(device)
-    x = rand((3, 70), torch.float64, seed=2).to(device).requires_grad_()
+    x = rand((2, 40), torch.float64, seed=2).to(device).requires_grad_()
     b = rand((6,), torch.float64, seed=3).to(device).requires_grad_()
     fn = lambda x, b: quant.packed_linear(x, p, b, backend=backend)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x, b))
-    assert torch.autograd.gradgradcheck(fn, (x, b))
+    fast = backend == "triton" and device == "cpu"
+    assert torch.autograd.gradcheck(fn, (x, b), fast_mode=fast)
+    assert torch.autograd.gradgradcheck(fn, (x, b), fast_mode=fast)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
