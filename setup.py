@@ -49,8 +49,12 @@ setup(
     name="pyeditor",
     version="0.1.0",
     description="Custom kernels for Persona parameter editing and CHORD mixed-precision layers",
-    packages=["pyeditor", "pyeditor.kernels"],
-    package_dir={"pyeditor": "pyeditor", "pyeditor.kernels": "kernels"},
+    license="MIT",
+    # bench: the benchmark suite, so that `python -m bench` runs from any directory once installed;
+    # its text data ships with it, its results never do (they go to ./bench-results outside a checkout)
+    packages=["pyeditor", "pyeditor.kernels", "bench"],
+    package_dir={"pyeditor": "pyeditor", "pyeditor.kernels": "kernels", "bench": "bench"},
+    package_data={"bench": ["data/*.txt"]},
     python_requires=">=3.10",
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

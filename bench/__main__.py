@@ -1,7 +1,10 @@
 """Command line of the benchmark suite.
 
-  python -m bench [--full] [--filter SUBSTR] [--shape FAMILY:K=V,...] [--list] [--json PATH] [--plot DIR]
-      run the suite (default); results go to bench/results/<host>-<date>-<commit>.json and latest.json
+  python -m bench [--full] [--small] [--filter SUBSTR] [--shape FAMILY:K=V,...] [--list] [--out DIR]
+                 [--json PATH] [--plot DIR]
+      run the suite (default); results go to <results dir>/<host>-<date>-<commit>.json and latest.json,
+      where the results dir is bench/results in a checkout, ./bench-results when installed elsewhere,
+      $PYEDITOR_BENCH_RESULTS when set, or --out DIR
   python -m bench report [RESULTS.json ...] [-o BENCHMARKS.md]
       the results as Markdown: per host, one table per family, targets marked pass/miss
   python -m bench compare OLD.json NEW.json [--all] [--fail-slower PCT]
@@ -30,23 +33,44 @@ def _run_parser() -> argparse.ArgumentParser:
                    help="run FAMILY's cases at your own sizes, e.g. quant:M=1,N=1024,K=1024 or search:B=4096,N=32 "
                         "(repeatable; keys are the case's arguments: see --list --shape FAMILY)")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help=f"results dir for this run's timestamped file and {LATEST} (default: {results_dir()})")
     p.add_argument("--json", type=Path, default=None, metavar="PATH",
                    help="write the results here only (default: a new timestamped file in the results dir "
                         f"and a copy at {LATEST})")
+    p.add_argument("--small", action="store_true",
+                   help="a quick check that the cases run: one short round of samples per impl (at least 2), "
+                        "a 16 MiB bandwidth probe; the figures mean little (--shape sets smaller sizes)")
     p.add_argument("--plot", type=Path, default=None, metavar="DIR", help="also write the PNG plots into DIR")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default=None, help="pyeditor backend for 'ours' (default: native for device)")
-    # the budget sets most of the default run's length; keep it short enough for a CI host
-    p.add_argument("--budget", type=float, default=1.5, help="seconds of timed reps per impl (default 1.5)")
-    # slow peers, not the budget, set the default run's length: min-reps bounds them
-    p.add_argument("--min-reps", type=int, default=None, help="samples per impl at least (default 6, --full 10)")
-    p.add_argument("--probe-mib", type=int, default=256, metavar="MIB",
+    # the budget bounds the fast impls' share of the run; a µs impl still gets over a thousand
+    # samples in 1 s, so its median moves far less than its interquartile spread
+    p.add_argument("--budget", type=float, default=None,
+                   help=f"seconds of timed reps per impl (default {BUDGET_S:g}, --small 0)")
+    # slow peers, not the budget, set the rest: min-reps bounds them
+    p.add_argument("--min-reps", type=int, default=None,
+                   help="samples per impl at least (default 6, --full 10, --small 2)")
+    p.add_argument("--probe-mib", type=int, default=None, metavar="MIB",
                    help="size of the memory-bandwidth probe's buffers (default 256: far beyond the caches; "
-                        "smaller only for quick smoke runs, whose rooflines then mean little)")
+                        "--small 16, whose rooflines then mean little)")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                    help="before each case wait up to S seconds for other processes to go idle")
     return p
+
+
+BUDGET_S = 1.0
+
+
+def _timing_defaults(args: argparse.Namespace) -> None:
+    """Fill the timing options the user left out: --small's quick values, else the run's defaults."""
+    if args.budget is None:
+        args.budget = 0.0 if args.small else BUDGET_S
+    if args.min_reps is None:
+        args.min_reps = 2 if args.small else 10 if args.full else 6
+    if args.probe_mib is None:
+        args.probe_mib = 16 if args.small else 256
 
 
 def _select(args: argparse.Namespace) -> list:
@@ -65,6 +89,13 @@ def _select(args: argparse.Namespace) -> list:
 
 def run(argv: list[str]) -> int:
     args = _run_parser().parse_args(argv)
+    _timing_defaults(args)
+    if args.budget < 0 or args.min_reps < 1:
+        print("python -m bench: --budget must be >= 0 and --min-reps >= 1", file=sys.stderr)
+        return 2
+    if args.out is not None and args.json is not None:
+        print("python -m bench: give --out DIR or --json PATH, not both", file=sys.stderr)
+        return 2
     try:
         cases = _select(args)
     except ValueError as e:
@@ -115,15 +146,15 @@ def run(argv: list[str]) -> int:
     machine["ours_backend"] = ctx.backend if ctx.backend is not None else "auto"
 
     rows = []
-    min_reps = args.min_reps if args.min_reps is not None else (10 if args.full else 6)
-    timing_kw = {"budget_s": args.budget, "min_reps": min_reps}
+    timing_kw = {"budget_s": args.budget, "min_reps": args.min_reps}
     for i, case in enumerate(cases, 1):
         if args.wait_idle > 0:
             wait_until_idle(args.wait_idle)
         before = probe.copy_gbps()  # bandwidth drifts on a shared host: each case gets its own
         progress(f"[{i}/{len(cases)}] {case.label} ...")
         row = run_case(case, ctx, timing_kw)
-        add_roofline(row, max(before, probe.copy_gbps()))
+        if row.get("bytes"):  # rows without bytes to move have no roofline: no second probe
+            add_roofline(row, max(before, probe.copy_gbps()))
         rows.append(row)
 
     progress("measuring memory bandwidth again ...")
@@ -132,7 +163,7 @@ def run(argv: list[str]) -> int:
 
     machine["wall_s"] = time.perf_counter() - start
     print(format_report(machine, rows), flush=True)
-    paths = write_run(document(machine, rows, argv), out=args.json)
+    paths = write_run(document(machine, rows, argv), out=args.json, directory=args.out)
     print(f"\nwrote {' and '.join(map(str, paths))} ({len(rows)} rows) in {machine['wall_s']:.0f} s", file=sys.stderr)
     if args.plot is not None:
         return _plot_files([paths[0]], args.plot)

@@ -213,7 +213,7 @@ def _cases() -> list:
              for n, k in ((576, 576), (1536, 576))]  # SmolLM2-135M's q/o and gate/up projections
     for width in WIDTHS:  # mix last, so the cache-resident and GEMM mix rows reuse its packing
         cases.append(_case(4096, 4096, 1, width, True, width in ("6", "8")))
-    cases += [_case(4096, 4096, 1, "mix", False, False), _case(4096, 4096, 1, "4", False, True)]
+    cases += [_case(4096, 4096, 1, "mix", False, True), _case(4096, 4096, 1, "4", False, True)]
     for m in (256, 16):
         for width in WIDTHS:
             cases.append(_case(4096, 4096, m, width, False, width != "mix" or m == 16))

@@ -72,6 +72,9 @@ def pyeditor_isa() -> Optional[str]:
 
 
 def _git(*args: str) -> Optional[str]:
+    # only a checkout's own commit: an installed copy (site-packages) may sit inside some other repository
+    if not (REPO / ".git").exists():
+        return None
     # read-only queries; GIT_OPTIONAL_LOCKS=0 keeps `git status` from touching the index
     env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")
     try:

@@ -1,7 +1,7 @@
 """The benchmark suite's command line: report, compare, --shape, plots, clean output, any cwd.
 
-Report and compare run on small synthetic results files; one test runs a tiny real case in a
-subprocess from a directory outside the checkout.
+Report and compare run on small synthetic results files; one test lays the package out as
+setup.py installs it and runs a tiny real case in a subprocess from a directory outside the checkout.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -282,23 +283,69 @@ def test_plot_writes_a_png_per_family(tmp_path, capsys):
     assert all((tmp_path / "p" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in pngs)
 
 
-# -- a tiny real run from another directory ---------------------------------------------------------
+# -- the default run and its options --------------------------------------------------------------
 
-def test_tiny_run_from_another_cwd(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYEDITOR_BENCH_RESULTS": str(tmp_path / "results"),
-           "OMP_NUM_THREADS": "1"}
+# targets whose rows are --full only (each row alone costs what several default rows do)
+FULL_ONLY_TARGET_CASES = {"packed_linear_group/dram/M1/4096x4096/4-g128", "realmodel/smollm2-*/w4g64-quantizers/ppl"}
+
+
+def test_default_run_keeps_every_targeted_row():
+    """A row moved to --full to shorten `make bench` must not take a target's figure with it."""
+    import fnmatch
+
+    from bench.registry import discover, select
+    from bench.targets import ISSUE_TARGETS
+
+    every, default = discover(), select(discover())
+    for t in ISSUE_TARGETS:
+        assert any(fnmatch.fnmatchcase(c.name, t.cases) for c in every), f"no case at all for target {t.cases}"
+        if t.cases not in FULL_ONLY_TARGET_CASES:
+            assert any(fnmatch.fnmatchcase(c.name, t.cases) for c in default), f"{t.cases} left the default run"
+
+
+def test_small_and_output_options(tmp_path, capsys):
+    from bench.__main__ import BUDGET_S, _run_parser, _timing_defaults
+
+    for argv, want in (([], (BUDGET_S, 6, 256)), (["--full"], (BUDGET_S, 10, 256)), (["--small"], (0.0, 2, 16)),
+                       (["--small", "--budget", "0.5", "--min-reps", "3"], (0.5, 3, 16))):
+        args = _run_parser().parse_args(argv)
+        _timing_defaults(args)
+        assert (args.budget, args.min_reps, args.probe_mib) == want, argv
+    assert main(["--out", str(tmp_path), "--json", str(tmp_path / "x.json"), "--list"]) == 2
+    assert main(["--min-reps", "0", "--list"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+# -- a tiny real run of the installed package from another directory --------------------------------
+
+def test_installed_copy_runs_from_another_cwd(tmp_path):
+    """setup.py's layout of the bench package (build_py: its modules and data, nothing else) runs
+    `python -m bench --small` from a directory outside any checkout and writes ./bench-results."""
+    site = tmp_path / "site"
+    b = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(site)], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)  # copies files, compiles nothing
+    assert b.returncode == 0, b.stderr[-2000:]
+    assert sorted(p.name for p in (site / "bench" / "data").iterdir()) == sorted(
+        p.name for p in (REPO / "bench" / "data").iterdir())
+    assert not (site / "bench" / "results").exists()
+    for tree in site.iterdir():  # the checkout's pyeditor (with its built _C) stays the one imported
+        if tree.name != "bench":
+            shutil.rmtree(tree)
+    env = {k: v for k, v in os.environ.items() if k != "PYEDITOR_BENCH_RESULTS"}
+    env.update(PYTHONPATH=os.pathsep.join([str(site), str(REPO)]), OMP_NUM_THREADS="1")
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
-    r = subprocess.run([sys.executable, "-m", "bench", "--filter", "search/l2/1x256", "--shape", "search:B=8,N=4,d=8",
-                        "--budget", "0", "--min-reps", "2", "--threads", "1", "--probe-mib", "4"],
+    r = subprocess.run([sys.executable, "-m", "bench", "--small", "--filter", "search/l2/1x256",
+                        "--shape", "search:B=8,N=4,d=8", "--threads", "1"],
                        cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("machine: "), r.stdout[:500]  # stdout is the table only
-    files = sorted(p.name for p in (tmp_path / "results").iterdir())
+    assert [p.name for p in cwd.iterdir()] == ["bench-results"]
+    files = sorted(p.name for p in (cwd / "bench-results").iterdir())
     assert len(files) == 2 and "latest.json" in files
-    doc = load(tmp_path / "results" / "latest.json")
+    doc = load(cwd / "bench-results" / "latest.json")
     (row,) = doc["rows"]
     assert row["name"] == "search/l2/1x256-N256/fp32@B=8,N=4,d=8" and row["label"] == "nearest_prototype l2 B=8 d=8 N=4"
     assert row["impls"]["ours"]["max_abs_err"] == 0.0 and row["roles"]["faiss"] == "peer"
-    assert doc["command"].startswith("python -m bench --filter search/l2/1x256 --shape")
-    assert not list(cwd.iterdir())  # nothing written into the working directory
+    assert doc["command"].startswith("python -m bench --small --filter search/l2/1x256 --shape")
+    assert doc["machine"]["git_commit"] is None  # not this checkout's commit: the copy is not in it
