@@ -2,13 +2,16 @@
 
 One program handles a [BLOCK_R, BLOCK_C] tile of one sample; every operand is addressed
 through its own strides, so non-contiguous and broadcast (stride-0) inputs need no copies.
-Offsets are int64 so tensors past 2**31 elements stay addressable.
+Offsets are int64 so tensors past 2**31 elements stay addressable. Tile sizes: EDIT_CONFIGS
+(autotuned on a GPU by shape; the first, small one under the interpreter).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+
+from .configs import Tuned, config
 
 
 @triton.jit
@@ -44,6 +47,20 @@ def _edit_tile(
              res.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# [BLOCK_R, BLOCK_C] tiles; wide rows favour long column blocks (coalesced loads)
+EDIT_CONFIGS = (
+    config(BLOCK_R=16, BLOCK_C=64),
+    config(BLOCK_R=32, BLOCK_C=64),
+    config(BLOCK_R=8, BLOCK_C=128),
+    config(BLOCK_R=16, BLOCK_C=128, num_warps=8),
+    config(BLOCK_R=32, BLOCK_C=128, num_warps=8),
+    config(BLOCK_R=4, BLOCK_C=256),
+)
+# out may be theta or delta itself (apply_edit(out=...)): timed runs must not compound
+_EDIT = Tuned(_edit_tile, EDIT_CONFIGS, EDIT_CONFIGS[0], key=["rows", "cols", "HAS_INDEX", "GRAD"],
+              restore=["out_ptr"])
+
+
 def launch(a, delta, out, threshold, proto_index, geometry, num_slots: int, grad: bool) -> None:
     """Runs the edit (grad=False, a = theta) or its gradient mask (grad=True, a = grad) into out."""
     g = geometry
@@ -53,14 +70,15 @@ def launch(a, delta, out, threshold, proto_index, geometry, num_slots: int, grad
     threshold = threshold.contiguous()
     if proto_index is not None:
         proto_index = proto_index.contiguous()
-    block_r, block_c = 16, 64
-    grid = (g.samples, triton.cdiv(g.rows, block_r), triton.cdiv(g.cols, block_c))
+    def grid(meta):
+        return g.samples, triton.cdiv(g.rows, meta["BLOCK_R"]), triton.cdiv(g.cols, meta["BLOCK_C"])
+
     o_ss = out.stride(0) if out.dim() == 3 else 0
-    wrap_triton(_edit_tile)[grid](
+    wrap_triton(_EDIT.on(out))[grid](
         a, delta, out, threshold, proto_index if proto_index is not None else threshold,
         g.rows, g.cols, num_slots,
         g.theta_sample_stride, a.stride(-2), a.stride(-1),
         g.delta_sample_stride, delta.stride(-2), delta.stride(-1),
         o_ss, out.stride(-2), out.stride(-1), g.thr_stride,
-        HAS_INDEX=proto_index is not None, GRAD=grad, BLOCK_R=block_r, BLOCK_C=block_c,
+        HAS_INDEX=proto_index is not None, GRAD=grad,
     )

@@ -13,7 +13,9 @@
 * ``weight_grad``: dW_p = e[rows of p]^T @ grad[rows of p] per head, looping over p's segment only.
 
 Every operand is addressed through its strides; offsets are int64. fp32 dots use
-input_precision="ieee" (no TF32) so GPU results match the reference.
+input_precision="ieee" (no TF32) so GPU results match the reference. Block sizes: the *_CONFIGS
+tables (autotuned on a GPU by shape; the first of each under the interpreter). The column tile
+of the head table, HEAD_TILE, is fixed: the host builds the table with it.
 """
 from __future__ import annotations
 
@@ -22,7 +24,29 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-BM, BN, BK = 16, 32, 16
+from .configs import Tuned, config
+
+HEAD_TILE = 32  # BLOCK_N of the head-table kernels (hyper_matmul[_heads], edit_sumsq, weight_grad)
+
+# every block >= 16 (tl.dot)
+EDITED_LINEAR_CONFIGS = (
+    config(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16),
+    config(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
+    config(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32),
+    config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8),
+    config(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_stages=3),
+)
+HYPER_CONFIGS = (  # BLOCK_N is HEAD_TILE
+    config(BLOCK_M=16, BLOCK_K=16),
+    config(BLOCK_M=32, BLOCK_K=32),
+    config(BLOCK_M=64, BLOCK_K=32, num_warps=8),
+    config(BLOCK_M=16, BLOCK_K=64, num_stages=3),
+)
+WEIGHT_GRAD_CONFIGS = (  # BLOCK_N is HEAD_TILE; BLOCK_K runs over a prototype's rows
+    config(BLOCK_M=16, BLOCK_K=16),
+    config(BLOCK_M=32, BLOCK_K=32),
+    config(BLOCK_M=64, BLOCK_K=32, num_warps=8),
+)
 
 
 @triton.jit
@@ -83,8 +107,10 @@ def edited_linear(x, theta, delta, threshold, bias, proto_index) -> torch.Tensor
     per_sample = proto_index is None and theta.dim() == 3
     t_ps = theta.stride(0) if theta.dim() == 3 else 0
     b_ps = bias.stride(0) if bias is not None and bias.dim() == 2 else 0
-    grid = (B, triton.cdiv(S, BM), triton.cdiv(N, BN))
-    wrap_triton(_edited_linear_kernel)[grid](
+    def grid(meta):
+        return B, triton.cdiv(S, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"])
+
+    wrap_triton(_EDITED_LINEAR.on(y))[grid](
         x, theta, delta, threshold, bias if bias is not None else threshold,
         proto_index if proto_index is not None else threshold, y,
         S, K, N, theta.shape[0] if theta.dim() == 3 else 1,
@@ -92,7 +118,6 @@ def edited_linear(x, theta, delta, threshold, bias, proto_index) -> torch.Tensor
         delta.stride(0), delta.stride(1), delta.stride(2), b_ps, bias.stride(-1) if bias is not None else 0,
         y.stride(0), y.stride(1), y.stride(2), 0 if threshold.numel() == 1 else 1,
         HAS_INDEX=proto_index is not None, PER_SAMPLE=per_sample, HAS_BIAS=bias is not None,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
     )
     return y
 
@@ -193,17 +218,20 @@ def _launch_hyper(e, weight, bias, index, out, sumsq: bool, threshold=None, size
         o_ps, o_bs, o_ns = 0, out.stride(0), out.stride(1)
     else:
         o_ps, o_bs, o_ns = out.stride(0), out.stride(1), out.stride(2)
-    tiles = offsets if sumsq else head_tiles([N] if sizes is None else sizes, BN, e.device)
-    grid = (P, triton.cdiv(B, BM), 1 if sumsq else tiles.shape[0])
+    tiles = offsets if sumsq else head_tiles([N] if sizes is None else sizes, HEAD_TILE, e.device)
+
+    def grid(meta):
+        return P, triton.cdiv(B, meta["BLOCK_M"]), 1 if sumsq else tiles.shape[0]
+
     thr = threshold.reshape(-1).contiguous() if threshold is not None else e  # read densely
-    wrap_triton(_hyper_kernel)[grid](
+    wrap_triton(_HYPER.on(out))[grid](
         e3, weight, bias if bias is not None else e, offsets, rows, out, thr, tiles,
         B, D, N,
         e3.stride(0), e3.stride(1), e3.stride(2), weight.stride(0), weight.stride(1), weight.stride(2),
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
         o_ps, o_bs, o_ns, 0 if threshold is None or threshold.numel() == 1 else 1,
         GATHERED=index is not None, HAS_BIAS=bias is not None, SUMSQ=sumsq, HAS_THR=threshold is not None,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        BLOCK_N=HEAD_TILE,
     )
 
 
@@ -265,13 +293,16 @@ def weight_grad(e, grad, sizes, index, protos: int) -> torch.Tensor:
     if out.numel() == 0:
         return out
     offsets, rows = segments(index, protos)
-    tiles = head_tiles(sizes, BN, e.device)
-    grid = (protos, triton.cdiv(D, BM), tiles.shape[0])
-    wrap_triton(_weight_grad_kernel)[grid](
+    tiles = head_tiles(sizes, HEAD_TILE, e.device)
+
+    def grid(meta):
+        return protos, triton.cdiv(D, meta["BLOCK_M"]), tiles.shape[0]
+
+    wrap_triton(_WEIGHT_GRAD.on(out))[grid](
         e, grad, offsets, rows, tiles, out,
         D, e.stride(0), e.stride(1), e.stride(2), grad.stride(0), grad.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        BLOCK_N=HEAD_TILE,
     )
     return out
 
@@ -284,3 +315,10 @@ def edit_sumsq(e, weight, bias, threshold) -> torch.Tensor:
         _launch_hyper(e, weight, bias, None, out, sumsq=True,
                       threshold=None if threshold is None else threshold.reshape(-1))
     return out
+
+
+# the config tables above, bound to their kernels
+_EDITED_LINEAR = Tuned(_edited_linear_kernel, EDITED_LINEAR_CONFIGS, EDITED_LINEAR_CONFIGS[0],
+                       key=["S", "K", "N", "HAS_INDEX", "PER_SAMPLE"])
+_HYPER = Tuned(_hyper_kernel, HYPER_CONFIGS, HYPER_CONFIGS[0], key=["B", "D", "N", "GATHERED", "SUMSQ"])
+_WEIGHT_GRAD = Tuned(_weight_grad_kernel, WEIGHT_GRAD_CONFIGS, WEIGHT_GRAD_CONFIGS[0], key=["D"])

@@ -5,7 +5,7 @@ The top-level functions take the same arguments as their plain-PyTorch definitio
 (see :mod:`pyeditor.backends`).
 """
 from . import backends, reference
-from .api import apply_edit
+from .edit import apply_edit
 from . import quant
 from .quant import PackedWeight, dequantize, packed_linear, quantize_channelwise
 from .bit_allocation import allocate_bits

@@ -43,3 +43,18 @@ def edit_geometry(theta: Tensor, delta: Tensor, threshold: Tensor, proto_index: 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the kernels compute in: float64 for float64 storage, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def edit_as_matrix(theta: Tensor, delta: Tensor) -> Tensor:
+    """delta read with theta's matrix shape [R, C] (Persona Eq. 6): one edit ([R, C] or flat
+    [R*C]) or a batch ([B, R, C] or [B, R*C]) -> [R, C] or [B, R, C]; ValueError otherwise."""
+    rows, cols = theta.shape[-2], theta.shape[-1]
+    flat = rows * cols
+    if delta.dim() in (2, 3) and tuple(delta.shape[-2:]) == (rows, cols):
+        return delta
+    if delta.dim() == 1 and delta.shape[0] == flat:
+        return delta.reshape(rows, cols)
+    if delta.dim() == 2 and delta.shape[1] == flat:
+        return delta.reshape(delta.shape[0], rows, cols)
+    raise ValueError(f"delta of shape {tuple(delta.shape)} cannot be read as edits of theta's matrix shape "
+                     f"({rows}, {cols}): expected [{rows}, {cols}], [{flat}], [B, {rows}, {cols}] or [B, {flat}]")

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import backends, hyper, ops, reference, validate
+from .constants import LAYER_RULES
 from .hyper import (_CANCEL, Assignment, Number, PrototypeGram, _acc_of, _direct_sumsq, _dtype_device, _fill_gram,
                     _forms, _quad_sumsq, _redo_nonfinite)
 
@@ -102,7 +103,7 @@ def _check_layers(e: Tensor, ws: list, bs: list) -> Tuple[Tensor, bool]:
 def _layer_rule(rule, L: int) -> Tuple[str, Optional[List[float]]]:
     """("sumsq" | "sum" | "max" | "weighted", per-layer weights for "weighted")."""
     if isinstance(rule, str):
-        if rule not in reference.LAYER_RULES:
+        if rule not in LAYER_RULES:
             raise ValueError(f"rule must be 'sumsq', 'sum', 'max' or a list of {L} per-layer weights, got {rule!r}")
         return rule, None
     if isinstance(rule, Tensor):
@@ -294,7 +295,7 @@ def assign_prototypes_layers(e: Tensor, weights: Union[Tensor, Sequence[Tensor]]
     editor.head_weight, editor.head_bias, sizes=editor.head_sizes)``. Not differentiable."""
     norms = edit_norms_layers(e, weights, biases, threshold, rule=rule, sizes=sizes, backend=backend,
                               method=method, gram=gram)
-    return Assignment(norms, reference._argmin_nan_last(norms))
+    return Assignment(norms, hyper.argmin_nan_last(norms))
 
 
 class Agreement(NamedTuple):

@@ -10,7 +10,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .reference import check_group_size as _check_group_size
+from .validate import group_size as _check_group_size
 
 _F32_MAX = torch.finfo(torch.float32).max
 _TINY = torch.finfo(torch.float32).tiny

@@ -374,6 +374,15 @@ def _redo_nonfinite(sq: Tensor, e: Tensor, weight: Tensor, bias: Optional[Tensor
     return sq
 
 
+def argmin_nan_last(values: Tensor) -> Tensor:
+    """Row-wise argmin of [B, P >= 1] norms: NaN ranks after +inf, ties go to the lowest index,
+    an all-NaN row gives -1."""
+    finite_best = values.masked_fill(torch.isnan(values), float("inf")).amin(1, keepdim=True)
+    hit = values == finite_best  # NaN equals nothing, so only real values are hits
+    first = hit.to(torch.int8).argmax(1)  # argmax returns the first of equal maxima
+    return torch.where(hit.any(1), first, torch.full_like(first, -1))
+
+
 class Assignment(NamedTuple):
     norms: Tensor  # [B, P] float64
     chosen: Tensor  # [B] int64, -1 for a row whose norms are all NaN
@@ -388,5 +397,5 @@ def assign_prototypes(e: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     if isinstance(weight, Tensor) and weight.dim() == 3 and weight.shape[0] == 0:
         raise ValueError("weight must hold at least one prototype editor (P >= 1)")
     norms = edit_norms(e, weight, bias, threshold, backend=backend, method=method, gram=gram)
-    return Assignment(norms, reference._argmin_nan_last(norms))
+    return Assignment(norms, argmin_nan_last(norms))
 

@@ -2,16 +2,23 @@
 
 Every kernel in the library is tested against these functions. They favour clarity
 over speed, compute in float32 (float64 for float64 inputs) and round once to the
-output dtype, which is what the kernels do too.
+output dtype, which is what the kernels do too. The oracle imports nothing of the package
+but the shared format constants (pyeditor.quant_format), and production code calls it only
+as the "reference" backend (tests/test_reference_pure.py holds both rules).
 """
 from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import List, NamedTuple, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from .constants import LAYER_RULES
+from .constants import METRICS as _METRICS
+from .quant_format import BIT_WIDTHS as _BIT_WIDTHS
+from .quant_format import GROUP_SIZES, QuantizedWeight, n_groups
 
 ThresholdLike = Union[float, int, Tensor]
 
@@ -87,8 +94,6 @@ def apply_edit(
 # dtype) or ValueError (wrong shape or value), always naming the argument.
 # --------------------------------------------------------------------------------------
 
-_BIT_WIDTHS = (2, 4, 6, 8)
-_METRICS = ("l2", "ip", "cosine")
 
 
 def _check_float(name: str, t: object, dims: Optional[tuple] = None) -> Tensor:
@@ -597,31 +602,6 @@ def kmeans_predict(x: Tensor, centroids: Tensor, metric: str = "l2") -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
-GROUP_SIZES = (32, 64, 128)  # group-wise scales along K (None: one scale per output channel)
-
-
-class QuantizedWeight(NamedTuple):
-    """A channel-wise (optionally group-wise) quantized [out, in] weight (CHORD Eq. 3).
-
-    codes: uint8 [out, in], each in [0, 2**bits[o] - 1]
-    scale: float32 [out] (group_size None) or [out, G] with G = ceil(in / group_size), > 0
-    zero:  int32, same shape as scale: the integer zero point, in [0, 2**bits[o] - 1]
-    bits:  int64 [out], each in {2, 4, 6, 8}
-    group_size: None (one scale per channel) or 32, 64, 128: input i of channel o uses
-           scale[o, i // group_size] (the last group is ragged when in is not a multiple).
-    Value: w[o, i] ~= (codes[o, i] - zero[o, g]) * scale[o, g], g = i // group_size.
-    """
-
-    codes: Tensor
-    scale: Tensor
-    zero: Tensor
-    bits: Tensor
-    group_size: Optional[int] = None
-
-    def dequantize(self) -> Tensor:
-        return dequantize(self)
-
-
 def _check_bits(name: str, bits: object, length: Optional[int] = None) -> Tensor:
     """Bit widths as int64 [C], each in {2, 4, 6, 8}. A Python int is broadcast to length."""
     if isinstance(bits, int) and not isinstance(bits, bool) and length is not None:
@@ -648,11 +628,6 @@ def check_group_size(group_size: object) -> Optional[int]:
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be None (per channel) or one of {GROUP_SIZES}, got {group_size}")
     return group_size
-
-
-def n_groups(in_features: int, group_size: Optional[int]) -> int:
-    """Groups per channel: ceil(in / group_size), or 1 per channel (group_size None)."""
-    return 1 if group_size is None else -(-in_features // group_size)
 
 
 def _group_of_column(in_features: int, group_size: Optional[int]) -> Tensor:
@@ -760,7 +735,9 @@ def packed_linear(x: Tensor, packed: object, bias: Optional[Tensor] = None) -> T
         raise ValueError("x must have at least 1 dimension [..., in]")
     if not callable(getattr(packed, "dequantize", None)) or isinstance(packed, Tensor):
         raise TypeError(f"packed must have a dequantize() method, got {type(packed).__name__}")
-    w = _check_float("packed.dequantize()", packed.dequantize(), (2,))
+    # a QuantizedWeight dequantizes here, in the oracle; anything else by its own method
+    w = _check_float("packed.dequantize()", dequantize(packed) if isinstance(packed, QuantizedWeight)
+                     else packed.dequantize(), (2,))
     if w.shape[1] != x.shape[-1]:
         raise ValueError(f"x has {x.shape[-1]} input features but the packed weight has "
                          f"{w.shape[1]} (shape {tuple(w.shape)})")
@@ -1014,7 +991,6 @@ def copy_probe(src: Tensor, dst: Tensor, streams: int = 4) -> None:
 # Persona Eq. 11-12 over every edited layer at once
 # --------------------------------------------------------------------------------------
 
-LAYER_RULES = ("sumsq", "sum", "max")
 
 
 def _layers_of(weights: object, biases: object, sizes: object) -> tuple:

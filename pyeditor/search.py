@@ -20,34 +20,8 @@ import torch
 from torch import Tensor
 
 from . import _ext, backends, ops, reference, validate
-
-METRICS = ("l2", "ip", "cosine")
-
-
-def _check_search(x, prototypes, k, metric) -> None:
-    # the passing case reads a few attributes and calls nothing: one device's search is ~4 us
-    if not (isinstance(x, Tensor) and isinstance(prototypes, Tensor)
-            and x.dtype in validate.FLOAT_DTYPES and prototypes.dtype in validate.FLOAT_DTYPES):
-        validate.float_tensor(x, "x")
-        validate.float_tensor(prototypes, "prototypes")
-    if not (x.is_cpu and prototypes.is_cpu) and x.device != prototypes.device:
-        validate.same_device(x, "x", prototypes=prototypes)
-    if x.ndim != 2:
-        raise ValueError(f"x must be 2-D [B, d], got shape {tuple(x.shape)}")
-    ps = prototypes.shape
-    if len(ps) != 2:
-        raise ValueError(f"prototypes must be 2-D [N, d], got shape {tuple(ps)}")
-    n, d = ps
-    if x.size(1) != d:
-        raise ValueError(f"x has {x.shape[1]} features but prototypes have {d}")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if type(k) is not int:
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if n == 0:
-        raise ValueError("prototypes must hold at least one row (N >= 1)")
-    if k < 1 or k > n:
-        raise ValueError(f"k must be in [1, N = {n}], got {k}")
+from .constants import METRICS  # noqa: F401  (pyeditor.search.METRICS, as before)
+from .lloyd import lloyd
 
 
 def nearest_prototype(
@@ -68,7 +42,7 @@ def nearest_prototype(
         out = _ext.search_cpu_eager(x, prototypes, k, metric)
         if out is not None:
             return out
-    _check_search(x, prototypes, k, metric)
+    validate.search_inputs(x, prototypes, k, metric)
     name = backends.resolve(backend, x.device) if _is_compiling() else _resolve(backend, x)
     if name == "reference":
         return reference.nearest_prototype(x, prototypes, k, metric)
@@ -137,19 +111,13 @@ def kmeans(
     ``progress=True`` prints one updating stderr line per iteration when stderr is a terminal
     (``"always"``: even when it is not); off by default.
     """
-    validate.float_tensor(x, "x")
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [B, d], got shape {tuple(x.shape)}")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    n_clusters, n_iter, seed = reference._check_kmeans_args(x, n_clusters, n_iter, init, seed, tol)
+    n_clusters, n_iter, seed = validate.kmeans_args(x, n_clusters, n_iter, init, seed, metric, tol)
     bar = _Progress(progress, n_iter)
 
     def search(pts, c, k, m):
         return nearest_prototype(pts, c, k, m, backend=backend)
 
     try:
-        return reference.lloyd(x, n_clusters, n_iter, init, seed, metric, tol,
-                               lambda pts, c, m: reference._kmeans_assign(pts, c, m, search), on_iteration=bar.update)
+        return lloyd(x, n_clusters, n_iter, init, seed, metric, tol, search, on_iteration=bar.update)
     finally:
         bar.close()

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
+from . import constants as _names
+from . import quant_format as _qf
 from ._geometry import EditGeometry, acc_dtype, edit_geometry
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -514,7 +516,7 @@ def sumsq_args(e: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Opt
 
 
 # ---------------------------------------------------------------- packed weights (quant_args.cpp)
-_TILE_N, _TILE_K, _PERM_INT16_CHANNELS, _MAX_DIM = 16, 16, 32767, 1 << 40
+_TILE_N, _MAX_DIM = _qf.TILE_N, 1 << 40
 
 
 def packed_args(data: Tensor, scale: Tensor, zero: Tensor, perm: Tensor, buckets, in_features: int,
@@ -525,24 +527,24 @@ def packed_args(data: Tensor, scale: Tensor, zero: Tensor, perm: Tensor, buckets
         _fail("packed data must be a contiguous 1-D uint8 tensor, got ", data.dtype, " ", _shape(data))
     if in_features < 0 or out_features < 0:
         _fail("in_features and out_features must be >= 0")
-    if group_size not in (0, 32, 64, 128):
+    if group_size != 0 and group_size not in _qf.GROUP_SIZES:
         _fail("group_size must be 0 (per channel), 32, 64 or 128, got ", group_size)
     if in_features > _MAX_DIM or out_features > _MAX_DIM:
         _fail("in_features and out_features must be at most 2^40")
     if len(buckets) % 4:
         _fail("buckets must hold (bits, row_start, rows, byte_offset) quadruples, got ", len(buckets), " values")
-    groups = -(-in_features // group_size) if group_size else 1
+    groups = _qf.n_groups(in_features, group_size)
     rows = nbytes = 0
-    tile_blocks = -(-in_features // _TILE_K)
+    tile_blocks = _qf.padded_k(in_features) // _qf.TILE_K
     for i in range(0, len(buckets), 4):
         bits, row_start, brows, offset = buckets[i:i + 4]
-        if bits not in (2, 4, 6, 8):
+        if bits not in _qf.BIT_WIDTHS:
             _fail("bucket bits must be 2, 4, 6 or 8, got ", bits)
         if not (brows >= 0 and brows % _TILE_N == 0 and brows <= _MAX_DIM):
             _fail("bucket rows must be a multiple of ", _TILE_N, " (at most 2^40), got ", brows)
         if row_start != rows or offset != nbytes:
             _fail("buckets must be contiguous and in order (bucket ", i // 4, ")")
-        tile = tile_blocks * bits * 32
+        tile = tile_blocks * _qf.block_bytes(bits)
         if tile and brows // _TILE_N > (data.numel() - nbytes) // tile:
             _fail("packed data holds ", data.numel(), " bytes, fewer than the buckets need (bucket ", i // 4, ")")
         rows += brows
@@ -551,7 +553,7 @@ def packed_args(data: Tensor, scale: Tensor, zero: Tensor, perm: Tensor, buckets
         _fail("packed data holds ", data.numel(), " bytes, the buckets need ", nbytes)
     if rows < out_features:
         _fail(rows, " packed rows cannot hold ", out_features, " channels")
-    perm_type = torch.int16 if out_features <= _PERM_INT16_CHANNELS else torch.int32
+    perm_type = _qf.perm_dtype(out_features)
     for t, name, dtype in ((scale, "scale", torch.float32), (zero, "zero", torch.uint8), (perm, "perm", perm_type)):
         grouped = group_size > 0 and name != "perm"
         shape = [groups, rows] if grouped else [rows]
@@ -610,5 +612,119 @@ def search_args(x: Tensor, prototypes: Tensor, k: int, metric: str) -> None:
         _fail("x has ", x.shape[1], " features but prototypes have ", prototypes.shape[1])
     if not (1 <= k <= prototypes.shape[0]):
         _fail("k must be in [1, N = ", prototypes.shape[0], "], got ", k)
-    if metric not in ("l2", "ip", "cosine"):
+    if metric not in _names.METRICS:
         _fail("metric must be 'l2', 'ip' or 'cosine', got '", metric, "'")
+
+
+# ---------------------------------------------------------------- Python-only arguments (public functions)
+# The format and names come from the shared modules the oracle uses too; these are the
+# production side's checks (the oracle keeps its own, so a bad check cannot hide in both).
+def group_size(g, name: str = "group_size") -> Optional[int]:
+    """None (one scale per channel) or one of quant_format.GROUP_SIZES."""
+    if g is None:
+        return None
+    if isinstance(g, bool) or not isinstance(g, int):
+        raise TypeError(f"{name} must be None or an int in {_qf.GROUP_SIZES}, got {type(g).__name__}")
+    if g not in _qf.GROUP_SIZES:
+        raise ValueError(f"{name} must be None (per channel) or one of {_qf.GROUP_SIZES}, got {g}")
+    return g
+
+
+def bit_widths(bits, name: str, length: Optional[int] = None) -> Tensor:
+    """Bit widths as int64 [C], each in quant_format.BIT_WIDTHS; a Python int is broadcast to length."""
+    if isinstance(bits, int) and not isinstance(bits, bool) and length is not None:
+        bits = torch.full((length,), bits, dtype=torch.int64)
+    if not isinstance(bits, Tensor) or bits.dtype == torch.bool or bits.is_complex():
+        got = bits.dtype if isinstance(bits, Tensor) else type(bits).__name__
+        raise TypeError(f"{name} must be an integer (or integral float) tensor, got {got}")
+    if bits.dim() != 1 or (length is not None and bits.shape[0] != length):
+        want = f"[{length}]" if length is not None else "1-D"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(bits.shape)}")
+    ok = torch.isin(bits, torch.tensor(_qf.BIT_WIDTHS, dtype=bits.dtype, device=bits.device))
+    if not bool(ok.all()):
+        raise ValueError(f"{name} must be in {set(_qf.BIT_WIDTHS)}, got {bits[~ok][0].item()}")
+    return bits.to(torch.int64)
+
+
+def _count(value, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def kmeans_args(x, n_clusters, n_iter, init, seed, metric, tol) -> tuple:
+    """Checked (n_clusters, n_iter, seed) of a k-means fit of x [B, d] (finite)."""
+    float_tensor(x, "x")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [B, d], got shape {tuple(x.shape)}")
+    if metric not in _names.METRICS:
+        raise ValueError(f"metric must be one of {_names.METRICS}, got {metric!r}")
+    n_clusters = _count(n_clusters, "n_clusters", 1)
+    if n_clusters > x.shape[0]:
+        raise ValueError(f"n_clusters must be <= the number of points ({x.shape[0]}), got {n_clusters}")
+    n_iter, seed = _count(n_iter, "n_iter", 0), _count(seed, "seed", 0)
+    if init not in _names.KMEANS_INITS:
+        raise ValueError(f"init must be one of {_names.KMEANS_INITS}, got {init!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    # min and max are finite exactly when every entry is (NaN propagates): one pass, no mask
+    if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
+        raise ValueError("x must be finite (no NaN or inf)")
+    return n_clusters, n_iter, seed
+
+
+def search_inputs(x, prototypes, k, metric) -> None:
+    """pyeditor.nearest_prototype's arguments (TypeError / ValueError naming the argument)."""
+    # the passing case reads a few attributes and calls nothing: a one-device search is that small
+    if not (isinstance(x, Tensor) and isinstance(prototypes, Tensor)
+            and x.dtype in FLOAT_DTYPES and prototypes.dtype in FLOAT_DTYPES):
+        float_tensor(x, "x")
+        float_tensor(prototypes, "prototypes")
+    if not (x.is_cpu and prototypes.is_cpu) and x.device != prototypes.device:
+        same_device(x, "x", prototypes=prototypes)
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D [B, d], got shape {tuple(x.shape)}")
+    ps = prototypes.shape
+    if len(ps) != 2:
+        raise ValueError(f"prototypes must be 2-D [N, d], got shape {tuple(ps)}")
+    n, d = ps
+    if x.size(1) != d:
+        raise ValueError(f"x has {x.shape[1]} features but prototypes have {d}")
+    if metric not in _names.METRICS:
+        raise ValueError(f"metric must be one of {_names.METRICS}, got {metric!r}")
+    if type(k) is not int:
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if n == 0:
+        raise ValueError("prototypes must hold at least one row (N >= 1)")
+    if k < 1 or k > n:
+        raise ValueError(f"k must be in [1, N = {n}], got {k}")
+
+
+def packed_linear_inputs(x, packed, bias, fast) -> torch.device:
+    """pyeditor.packed_linear's arguments past the packed weight's type (checked by its module);
+    returns x's device. Written out (no helper calls, x.device read once): it runs on every
+    layer of every token, where each Python step shows (bench/cases_quant.py, packed_linear/*/M1)."""
+    p = packed
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension [..., in]")
+    if x.size(-1) != p.in_features:
+        raise ValueError(f"x has {x.size(-1)} input features but the packed weight has {p.in_features} "
+                         f"(shape {p.shape})")
+    device = x.device
+    if device != p.data.device:
+        raise ValueError(f"x is on {device} but packed is on {p.data.device}")
+    if bias is not None:
+        float_tensor(bias, "bias")
+        if bias.device != device:
+            raise ValueError(f"bias is on {bias.device} but packed is on {p.data.device}")
+        if bias.dim() != 1 or bias.shape[0] != p.out_features:
+            raise ValueError(f"bias must have shape [{p.out_features}], got {tuple(bias.shape)}")
+    if not isinstance(fast, bool):
+        raise TypeError(f"fast must be a bool, got {type(fast).__name__}")
+    return device

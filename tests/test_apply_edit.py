@@ -288,3 +288,16 @@ def test_backend_env_var(monkeypatch):
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only default")
 def test_default_backend_on_cpu_is_cpp():
     assert pyeditor.backends.default("cpu") == "cpu"
+
+
+def test_old_module_name_still_imports():
+    # the edit family's module is pyeditor.edit; pyeditor.api stays as a deprecated alias
+    import importlib
+    import sys
+
+    import pyeditor.edit
+
+    sys.modules.pop("pyeditor.api", None)
+    with pytest.warns(DeprecationWarning, match="pyeditor.api is deprecated"):
+        api = importlib.import_module("pyeditor.api")
+    assert api.apply_edit is pyeditor.edit.apply_edit is pyeditor.apply_edit

@@ -1,5 +1,6 @@
-// The packed layout of channel-wise 2/4/6/8-bit weights, shared by the CPU and CUDA kernels
-// (pyeditor/quant.py packs the same layout with torch ops; ctest checks put/get agree).
+// The packed layout of channel-wise 2/4/6/8-bit weights, shared by the CPU and CUDA kernels.
+// Python and Triton read the same rule from pyeditor/quant_format.py; tests/test_quant_format.py
+// parses this header's constants and formulas and cross-checks them (ctest checks put/get agree).
 //
 // Output channels are grouped by width into buckets; a bucket is a run of tiles of
 // kTileN = 16 channels (one AVX-512 vector of int32/fp32 lanes). Along K a tile is a run of
