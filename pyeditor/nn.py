@@ -15,8 +15,9 @@ from . import backends as _backends
 from . import calibration as _calibration
 from . import ops as _ops
 from . import quant as _quant
-from . import reference as _ref
+from . import quant_format as _fmt
 from . import validate as _validate
+from .quantizers import CALIBRATED_METHODS as _CALIBRATED_METHODS
 
 
 class PackedLinear(nn.Module):
@@ -45,18 +46,37 @@ class PackedLinear(nn.Module):
     the eval fast path of ``nn.TransformerEncoderLayer``. Each access dequantizes the whole
     weight (a transient float copy: those code paths use the float matmul, not the packed
     kernel, and save no memory traffic), and it carries no gradient to the packed codes.
+
+    ``mode`` (settable attribute; ``fast=True`` is its deprecated spelling of "int8act"), with
+    W the dequantized weight (codes - zero) * scale, exactly representable in float32:
+
+    * ``"exact"`` (default, the verification mode): y = x @ W.T + bias with float32
+      accumulation (float64 for float64 x), within float32 rounding of the reference.
+    * ``"int8act"``: each row of x (as float32) is quantized to int8, symmetric, one scale per
+      row: s = max_k |x[k]| / 127 (1 for an all-zero row), q = clamp(round half to even(x / s),
+      -127, 127); y = s * (q @ W.T) with exact integer dot products of q with the codes, the
+      scales applied in float32 / float64 after, + bias. Every input moves by at most s / 2, so
+
+          |y[n] - (x @ W.T)[n]| <= (max_k |x[k]| / 254) * sum_k |W[n, k]|
+
+      per row and output (:func:`pyeditor.quant.int8act_error_bound`), plus the float32
+      rounding of exact mode; an outlier in a row widens that row's bound. Gradients are those
+      of the exact layer. It is a kernel of the C++ CPU backend (in_features <= 65536); float64
+      x, rows holding inf or NaN, and the other backends (reference, Triton, CUDA) get exact
+      mode's result, which meets the same bound.
+    * ``"bf16"`` (bf16 weight tiles) is not implemented: NotImplementedError.
     """
 
     _KEYS = ("data", "scale", "zero", "perm", "buckets", "bits")  # required in a state_dict
     _OPTIONAL_KEYS = ("group",)  # inferred when absent (state_dicts from before group-wise scales)
 
-    def __init__(self, packed: _quant.PackedWeight, bias: Optional[Tensor] = None, *, fast: bool = False,
-                 backend: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> None:
+    def __init__(self, packed: _quant.PackedWeight, bias: Optional[Tensor] = None, *, mode: Optional[str] = None,
+                 fast: Optional[bool] = None, backend: Optional[str] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
         if not isinstance(packed, _quant.PackedWeight):
             raise TypeError(f"packed must be a pyeditor.quant.PackedWeight, got {type(packed).__name__}")
-        if not isinstance(fast, bool):
-            raise TypeError(f"fast must be a bool, got {type(fast).__name__}")
+        mode = _resolve_mode(mode, fast, "PackedLinear")
         if bias is not None:
             if not isinstance(bias, Tensor) or not bias.is_floating_point():
                 raise TypeError(f"bias must be None or a floating tensor, got {_describe(bias)}")
@@ -65,7 +85,7 @@ class PackedLinear(nn.Module):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.in_features, self.out_features = packed.in_features, packed.out_features
-        self.fast, self.backend = fast, backend
+        self.mode, self.backend = mode, backend
         self._weight_dtype = dtype or (bias.dtype if bias is not None else torch.float32)
         self._set(packed)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
@@ -85,18 +105,45 @@ class PackedLinear(nn.Module):
         self._backend_plan = None  # (device, backend or $PYEDITOR_BACKEND, resolved name) of the last call
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits, group_size: Optional[int] = None, *, fast: bool = False,
-                    backend: Optional[str] = None, **quantize_kwargs) -> "PackedLinear":
+    def from_linear(cls, linear: nn.Linear, bits, group_size: Optional[int] = None, *, mode: Optional[str] = None,
+                    fast: Optional[bool] = None, backend: Optional[str] = None,
+                    **quantize_kwargs) -> "PackedLinear":
         """Quantize linear.weight to ``bits`` (int or [out] in {2, 4, 6, 8}) with one scale per
         output channel (group_size None) or per group of 32, 64 or 128 inputs; extra keywords go
-        to :func:`pyeditor.quant.quantize_channelwise`. The bias is copied (same dtype)."""
+        to :func:`pyeditor.quant.quantize_channelwise`. The bias is copied (same dtype). ``mode``:
+        see the class docstring (``fast`` its deprecated spelling)."""
+        mode = _resolve_mode(mode, fast, "PackedLinear.from_linear")
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
         if linear.weight.is_meta:
             raise ValueError("linear.weight is on the meta device: there is no weight to quantize "
                              "(materialize the model first, or use pyeditor.nn.load_quantized)")
         packed = _quant.quantize_channelwise(linear.weight.detach(), bits, group_size=group_size, **quantize_kwargs)
-        return cls(packed, linear.bias, fast=fast, backend=backend, dtype=linear.weight.dtype)
+        return cls(packed, linear.bias, mode=mode, backend=backend, dtype=linear.weight.dtype)
+
+    @property
+    def mode(self) -> str:
+        """"exact" or "int8act" (see the class docstring); settable."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self._mode = _quant.check_mode(value)
+        self._fast = value == "int8act"  # the op's flag, read by forward
+
+    @property
+    def fast(self) -> bool:
+        """mode == "int8act" (the earlier name; setting it is deprecated: set ``mode``)."""
+        return self._fast
+
+    @fast.setter
+    def fast(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"fast must be a bool, got {type(value).__name__}")
+        mode = "int8act" if value else "exact"
+        warnings.warn(_FAST_DEPRECATED.format(where="PackedLinear.fast", value=value, mode=mode), FutureWarning,
+                      stacklevel=3)  # past nn.Module.__setattr__
+        self.mode = mode
 
     @property
     def packed(self) -> _quant.PackedWeight:
@@ -144,9 +191,9 @@ class PackedLinear(nn.Module):
             plan = self._backend_plan = (device, choice, _backends.resolve(self.backend, device))
         name = plan[2]
         if name == "reference":
-            return _quant.packed_linear(x, self.packed, bias, fast=self.fast, backend=name)
+            return _quant.packed_linear(x, self.packed, bias, fast=self._fast, backend=name)
         return _ops.quant_ops(name)[0](x, data, buffers["scale"], buffers["zero"], buffers["perm"],
-                                       self._flat_buckets, self.out_features, bias, self.fast, self._op_group_size)
+                                       self._flat_buckets, self.out_features, bias, self._fast, self._op_group_size)
 
     def dequantize(self) -> Tensor:
         return self.packed.dequantize(backend=self.backend)
@@ -154,6 +201,8 @@ class PackedLinear(nn.Module):
     def __setstate__(self, state):
         # a layer pickled whole (torch.save(model)) before forward's call plan existed
         super().__setstate__(state)
+        if "_mode" not in self.__dict__:  # pickled before mode=: its fast flag
+            self.mode = "int8act" if self.__dict__.pop("fast", False) else "exact"
         if "_flat_buckets" not in self.__dict__:
             self._flat_buckets = [v for b in self._bucket_list for v in b]
             self._op_group_size = self.group_size or 0
@@ -180,7 +229,8 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         widths = {b: int((self.bits == b).sum()) for b in _quant.WIDTHS}
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"group_size={self.group_size}, channels per width={widths}, packed_bytes={self.packed_bytes}")
+                f"group_size={self.group_size}, mode={self.mode!r}, channels per width={widths}, "
+                f"packed_bytes={self.packed_bytes}")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -212,6 +262,27 @@ def _describe(v) -> str:
     return f"a {v.dtype} tensor" if isinstance(v, Tensor) else type(v).__name__
 
 
+_FAST_DEPRECATED = ("{where}: fast={value} is deprecated, pass mode={mode!r} instead (fast=True is "
+                    "mode='int8act', fast=False mode='exact')")
+
+
+def _resolve_mode(mode: Optional[str], fast: Optional[bool], where: str) -> str:
+    """The mode from ``mode=`` and the deprecated ``fast=`` (a FutureWarning when fast is given;
+    ValueError when both are given and disagree)."""
+    if fast is not None and not isinstance(fast, bool):
+        raise TypeError(f"fast must be a bool, got {type(fast).__name__}")
+    if mode is not None:
+        mode = _quant.check_mode(mode)
+    if fast is None:
+        return "exact" if mode is None else mode
+    implied = "int8act" if fast else "exact"
+    if mode is not None and mode != implied:
+        raise ValueError(f"{where}: fast={fast} conflicts with mode={mode!r} (fast=True means mode='int8act'); "
+                         "pass mode only")
+    warnings.warn(_FAST_DEPRECATED.format(where=where, value=fast, mode=implied), FutureWarning, stacklevel=3)
+    return implied
+
+
 def _validated_prefixed(state_dict, prefix: str, k: int, n: int) -> _quant.PackedWeight:
     """_validated on the keys ``prefix + name`` of a state_dict; ValueError naming the key."""
     got = {name: state_dict[prefix + name] for name in PackedLinear._KEYS}
@@ -236,17 +307,17 @@ def _group_size_of(t: dict, k: int, key) -> Optional[int]:
         v = int(g.reshape(()).item())
         if v == 0:
             return None
-        if v not in _ref.GROUP_SIZES:
-            raise ValueError(f"{key('group')} must be 0 (one scale per channel) or one of {_ref.GROUP_SIZES}, "
+        if v not in _fmt.GROUP_SIZES:
+            raise ValueError(f"{key('group')} must be 0 (one scale per channel) or one of {_fmt.GROUP_SIZES}, "
                              f"got {v}")
         return v
     scale = t["scale"]
     if not isinstance(scale, Tensor) or scale.dim() != 2:
         return None
-    fits = [s for s in _ref.GROUP_SIZES if _ref.n_groups(k, s) == scale.shape[0]]
+    fits = [s for s in _fmt.GROUP_SIZES if _fmt.n_groups(k, s) == scale.shape[0]]
     if not fits:
         raise ValueError(f"{key('scale')} has {scale.shape[0]} groups, which no group size in "
-                         f"{_ref.GROUP_SIZES} gives for {k} inputs")
+                         f"{_fmt.GROUP_SIZES} gives for {k} inputs")
     return fits[-1] if scale.shape[0] == 1 else fits[0]
 
 
@@ -289,13 +360,13 @@ def _validated(t: dict, k: int, n: int, *, prefix: str = "") -> _quant.PackedWei
         if chans.numel() and not bool((chans < n).all() and (bits[chans.clamp(0, n - 1)] == b).all()):
             raise ValueError(f"the {b}-bit bucket of {key('perm')} holds channels whose {key('bits')} are not {b}")
         row += rows
-        offset += rows // _quant.TILE_N * (kp // _quant.TILE_K) * b * 32
+        offset += rows // _quant.TILE_N * (kp // _quant.TILE_K) * _fmt.block_bytes(b)
     if t["data"].shape != (offset,):
         raise ValueError(f"{key('data')} must hold {offset} bytes for in_features={k} and these buckets, got "
                          f"{tuple(t['data'].shape)}")
     if t["perm"].shape != (row,):
         raise ValueError(f"{key('perm')} must have shape [{row}], got {tuple(t['perm'].shape)}")
-    groups = _ref.n_groups(k, group_size)
+    groups = _fmt.n_groups(k, group_size)
     per_row = (row,) if group_size is None else (groups, row)
     for name in ("scale", "zero"):
         if t[name].shape != per_row:
@@ -388,7 +459,8 @@ def _skipped(name: str, patterns: Tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or name.startswith(p + ".") for p in patterns)
 
 
-def quantize_model(model: nn.Module, bits=None, *, group_size: Optional[int] = None, skip=(), fast: bool = False,
+def quantize_model(model: nn.Module, bits=None, *, group_size: Optional[int] = None, skip=(),
+                   mode: Optional[str] = None, fast: Optional[bool] = None,
                    backend: Optional[str] = None, tied: str = "skip", bits_for=None, calibration=None,
                    calibration_rows: int = 2048, sequential: bool = False, **quantize_kwargs) -> nn.Module:
     """Replace, in place, nn.Linear layers of ``model`` by PackedLinear; returns the model.
@@ -404,7 +476,10 @@ def quantize_model(model: nn.Module, bits=None, *, group_size: Optional[int] = N
     group_size: None (one scale per output channel) or 32, 64, 128 inputs per scale.
     skip: module names or fnmatch patterns (``"*.lm_head"``, ``"encoder.layers.0.*"``) to keep
       float, whatever ``bits`` says; a name also keeps every Linear inside that module.
-    fast, backend: passed to every PackedLinear. Other keywords go to
+    mode: every PackedLinear's compute mode, "exact" (default) or "int8act" (int8 activations,
+      one scale per row, error bound in PackedLinear's docstring); ``fast=True`` is the
+      deprecated spelling of mode="int8act" (FutureWarning; ValueError if it contradicts mode).
+    backend: passed to every PackedLinear. Other keywords go to
       :func:`pyeditor.quant.quantize_channelwise`.
     tied: a Linear whose weight (or bias) is shared with another module (the same Parameter,
       e.g. an lm_head tied to the token embedding, or overlapping memory) would be silently
@@ -412,7 +487,8 @@ def quantize_model(model: nn.Module, bits=None, *, group_size: Optional[int] = N
       raise ValueError; "untie": quantize it anyway (the other module keeps the float tensor).
       A Linear *module* registered under several names is quantized once and stays shared.
 
-    calibration: data for ``method="calibrated"`` (the default method when it is given): a
+    calibration: data for ``method="calibrated"`` (the default method when it is given) or
+      ``method="gptq"`` (error feedback, usually the better of the two): a
       callable ``fn(model)`` that runs the model, a Tensor / tuple of positional arguments / dict
       of keyword arguments for ``model(...)``, or a list of those (batches); see
       :mod:`pyeditor.calibration`. Forward hooks collect every chosen layer's inputs while it
@@ -452,12 +528,11 @@ def quantize_model(model: nn.Module, bits=None, *, group_size: Optional[int] = N
                         f"(name, linear) -> bits or None, got {type(bits).__name__}")
     if isinstance(bits, int) and bits not in _quant.WIDTHS:
         raise ValueError(f"bits must be one of {_quant.WIDTHS}, got {bits}")
-    group_size = _ref.check_group_size(group_size)
+    group_size = _validate.group_size(group_size)
     patterns = _skip_patterns(skip)
     if tied not in _TIED:
         raise ValueError(f"tied must be one of {_TIED}, got {tied!r}")
-    if not isinstance(fast, bool):
-        raise TypeError(f"fast must be a bool, got {type(fast).__name__}")
+    mode = _resolve_mode(mode, fast, "quantize_model")
 
     sites = _linear_sites(model)
     if isinstance(bits, Mapping):
@@ -500,7 +575,7 @@ def quantize_model(model: nn.Module, bits=None, *, group_size: Optional[int] = N
 
     def pack(linear: nn.Linear, names: List[str], b, **extra) -> Tuple[PackedLinear, List[str]]:
         try:
-            layer = PackedLinear.from_linear(linear, b, group_size, fast=fast, backend=backend, **quantize_kwargs,
+            layer = PackedLinear.from_linear(linear, b, group_size, mode=mode, backend=backend, **quantize_kwargs,
                                              **extra)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"quantize_model: layer {names[0]!r}: {exc}") from exc
@@ -531,16 +606,16 @@ def _check_calibration_args(calibration, rows, sequential, quantize_kwargs) -> N
     if calibration is None:
         if sequential:
             raise ValueError("sequential=True needs calibration= (it re-runs the calibration data layer by layer)")
-        if method == "calibrated" and quantize_kwargs.get("activations") is None:
-            raise ValueError("method='calibrated' needs calibration= (sample inputs for the model, or a callable "
+        if method in _CALIBRATED_METHODS and quantize_kwargs.get("activations") is None:
+            raise ValueError(f"method={method!r} needs calibration= (sample inputs for the model, or a callable "
                              "fn(model) that runs it) or activations= (one layer input shared by every layer)")
         return
     _calibration.check_calibration(calibration)
     if "activations" in quantize_kwargs:
         raise TypeError("pass calibration= (inputs of the model) or activations= (inputs of one layer), not both")
-    if method != "calibrated" and "method" in quantize_kwargs:
-        raise ValueError(f"calibration is only used by method='calibrated', got method={method!r}")
-    quantize_kwargs["method"] = "calibrated"
+    if method not in _CALIBRATED_METHODS and "method" in quantize_kwargs:
+        raise ValueError(f"calibration is only used by method in {_CALIBRATED_METHODS}, got method={method!r}")
+    quantize_kwargs.setdefault("method", "calibrated")
 
 
 def _check_called(layers: dict, acts: dict) -> None:
@@ -608,15 +683,16 @@ def _read_state_dict(src) -> dict:
     return sd
 
 
-def load_quantized(model: nn.Module, path_or_state_dict, *, strict: bool = True, fast: bool = False,
-                   backend: Optional[str] = None) -> nn.Module:
+def load_quantized(model: nn.Module, path_or_state_dict, *, strict: bool = True, mode: Optional[str] = None,
+                   fast: Optional[bool] = None, backend: Optional[str] = None) -> nn.Module:
     """Load a state_dict saved from a model after :func:`quantize_model` (``torch.save`` of its
     ``state_dict()``, or a ``.safetensors`` file) into ``model``, a freshly constructed float
     model of the same architecture; returns the model, changed in place.
 
     Every nn.Linear whose keys in the state_dict are packed (``data``, ``scale``, ``zero``,
     ``perm``, ``buckets``, ``bits`` and optionally ``group``) becomes a PackedLinear with the
-    saved widths and group size (``fast`` and ``backend`` are given to it); the others load as
+    saved widths and group size (``mode`` and ``backend`` are given to it: the mode is not part
+    of the saved state; ``fast`` is mode's deprecated spelling); the others load as
     float. The model may be built on the meta device (``with torch.device("meta"): model =
     Model()``): it is then materialized from the state_dict's tensors (on the CPU when read from
     a file) by ``load_state_dict(assign=True)``; parameters the meta model shared (the same
@@ -633,8 +709,7 @@ def load_quantized(model: nn.Module, path_or_state_dict, *, strict: bool = True,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(fast, bool):
-        raise TypeError(f"fast must be a bool, got {type(fast).__name__}")
+    mode = _resolve_mode(mode, fast, "load_quantized")
     sd = _read_state_dict(path_or_state_dict)
     modules = dict(model.named_modules(remove_duplicate=False))  # every name of a shared module
 
@@ -670,7 +745,7 @@ def load_quantized(model: nn.Module, path_or_state_dict, *, strict: bool = True,
                                  f"{name!r} declares out_features={m.out_features}")
             if not bias.is_meta:
                 bias = bias.to(packed.device)
-        layer = PackedLinear(packed, bias, fast=fast, backend=backend, dtype=m.weight.dtype)
+        layer = PackedLinear(packed, bias, mode=mode, backend=backend, dtype=m.weight.dtype)
         if layer.bias is not None:
             layer.bias.requires_grad_(m.bias.requires_grad)
         replaced[id(m)] = layer

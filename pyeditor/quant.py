@@ -3,7 +3,7 @@
 quantize_channelwise(W, bits) -> PackedWeight: the reference quantizer (asymmetric min-max per
 output channel, integer zero point), then channels grouped by width (a stable permutation),
 each bucket padded to 16-channel tiles and bit-packed along K in the kernels' layout
-(csrc/include/pyeditor/pack.h; 6 bits = a 4-bit and a 2-bit plane). dequantize() returns the
+(pyeditor.quant_format, the one description of it; 6 bits = a 4-bit and a 2-bit plane). dequantize() returns the
 float32 weight in the original channel order, bit-identical to reference.dequantize.
 packed_linear(x, packed, bias) = x @ dequantize(packed).T + bias, differentiable in x and bias.
 """
@@ -15,36 +15,24 @@ import torch
 from torch import Tensor
 
 from . import backends, ops, reference, validate
-
-TILE_N = 16  # channels per tile (pack.h kTileN)
-TILE_K = 16  # inputs per block (pack.h kTileK)
-WIDTHS = (2, 4, 6, 8)
-PERM_INT16_CHANNELS = 32767  # pack.h kPermInt16Channels
-
-
-def perm_dtype(out_features: int) -> torch.dtype:
-    """The permutation's dtype: int16 up to 32767 output channels (7 bytes of metadata per
-    channel instead of 9), int32 beyond."""
-    return torch.int16 if out_features <= PERM_INT16_CHANNELS else torch.int32
-
-
-def padded_k(k: int) -> int:
-    return -(-k // TILE_K) * TILE_K
+from .quant_format import BIT_WIDTHS as WIDTHS
+from .quant_format import (FIELD_INPUTS, PERM_INT16_CHANNELS, SIX_BIT_PLANES, TILE_K, TILE_N,  # noqa: F401
+                           QuantizedWeight, block_bytes, n_groups, padded_k, perm_dtype)
 
 
 # ---------------------------------------------------------------- the layout, in torch ops
 def _pack_plane(codes: Tensor, w: int) -> Tensor:
-    """[rows, Kp] codes < 2**w -> bytes [tiles, blocks, w/2, 16, 4] (pack.h: byte c*4+t of chunk j
-    holds input 4g+t of channel c at shift f*w, g = j*(8/w) + f)."""
+    """[rows, Kp] codes < 2**w -> bytes [tiles, blocks, w/2, TILE_N, FIELD_INPUTS] (quant_format:
+    byte c*4+t of chunk j holds input 4g+t of channel c at shift f*w, g = j*(8/w) + f)."""
     rows, kp = codes.shape
     per = 8 // w
-    v = codes.to(torch.int32).view(rows // TILE_N, TILE_N, kp // TILE_K, w // 2, per, 4)
+    v = codes.to(torch.int32).view(rows // TILE_N, TILE_N, kp // TILE_K, w // 2, per, FIELD_INPUTS)
     shifts = (torch.arange(per, dtype=torch.int32, device=codes.device) * w).view(per, 1)
     return (v << shifts).sum(4).permute(0, 2, 3, 1, 4).to(torch.uint8)
 
 
 def _unpack_plane(planes: Tensor, w: int) -> Tensor:
-    """Inverse of _pack_plane: [tiles, blocks, w/2, 16, 4] bytes -> [rows, Kp] codes."""
+    """Inverse of _pack_plane: [tiles, blocks, w/2, TILE_N, FIELD_INPUTS] bytes -> [rows, Kp] codes."""
     tiles, blocks = planes.shape[:2]
     per = 8 // w
     shifts = (torch.arange(per, dtype=torch.int32, device=planes.device) * w).view(per, 1)
@@ -53,17 +41,18 @@ def _unpack_plane(planes: Tensor, w: int) -> Tensor:
 
 
 def _pack_bucket(codes: Tensor, bits: int) -> Tensor:
-    if bits == 6:
-        lo, hi = _pack_plane(codes & 15, 4), _pack_plane(codes >> 4, 2)
+    if bits == 6:  # the low plane's chunks, then the high plane's
+        low, high = SIX_BIT_PLANES
+        lo, hi = _pack_plane(codes & ((1 << low) - 1), low), _pack_plane(codes >> low, high)
         return torch.cat([lo, hi], dim=2).flatten()
     return _pack_plane(codes, bits).flatten()
 
 
 def _unpack_bucket(data: Tensor, bits: int, rows: int, kp: int) -> Tensor:
-    shape = (rows // TILE_N, kp // TILE_K, bits // 2, TILE_N, 4)
+    shape = (rows // TILE_N, kp // TILE_K, bits // 2, TILE_N, FIELD_INPUTS)
     if bits == 6:
-        planes = data.view(shape)
-        return _unpack_plane(planes[:, :, :2], 4) | (_unpack_plane(planes[:, :, 2:], 2) << 4)
+        planes, (low, high) = data.view(shape), SIX_BIT_PLANES
+        return _unpack_plane(planes[:, :, :low // 2], low) | (_unpack_plane(planes[:, :, low // 2:], high) << low)
     return _unpack_plane(data.view(shape), bits)
 
 
@@ -85,7 +74,7 @@ class PackedWeight:
     def __init__(self, data: Tensor, scale: Tensor, zero: Tensor, perm: Tensor, buckets: Sequence[Sequence[int]],
                  bits: Tensor, in_features: int, out_features: int, group_size: Optional[int] = None) -> None:
         self.data, self.scale, self.zero, self.perm, self.bits = data, scale, zero, perm, bits
-        self.group_size = reference.check_group_size(group_size)
+        self.group_size = validate.group_size(group_size)
         self.buckets = tuple(tuple(int(v) for v in b) for b in buckets)
         self._flat_buckets = [v for b in self.buckets for v in b]  # the ops' int[] argument, built once
         self.in_features, self.out_features = int(in_features), int(out_features)
@@ -124,9 +113,9 @@ class PackedWeight:
         return PackedWeight(*(t.to(device) for t in self.tensors()), self.buckets, self.bits.to(device),
                             self.in_features, self.out_features, self.group_size)
 
-    def quantized(self) -> reference.QuantizedWeight:
+    def quantized(self) -> QuantizedWeight:
         """The codes, scales and zero points in original channel order (plain torch, from the
-        layout): the reference's QuantizedWeight of this weight."""
+        layout): the QuantizedWeight of this weight."""
         n = self.out_features
         keep = self.perm >= 0
         cols = self.perm[keep].long()
@@ -139,14 +128,14 @@ class PackedWeight:
         scale, zero = scale.T.contiguous(), zero.T.contiguous()
         if not self.group_size:
             scale, zero = scale[:, 0].contiguous(), zero[:, 0].contiguous()
-        return reference.QuantizedWeight(self.codes(), scale, zero, self.bits, self.group_size)
+        return QuantizedWeight(self.codes(), scale, zero, self.bits, self.group_size)
 
     def codes(self) -> Tensor:
         """uint8 [out, in] codes in original channel order (plain torch, from the layout)."""
         n, k, kp = self.out_features, self.in_features, padded_k(self.in_features)
         out = torch.zeros((n, k), dtype=torch.uint8, device=self.device)
         for bits, start, rows, offset in self.buckets:
-            size = rows // TILE_N * (kp // TILE_K) * bits * 32
+            size = rows // TILE_N * (kp // TILE_K) * block_bytes(bits)
             codes = _unpack_bucket(self.data[offset:offset + size], bits, rows, kp)[:, :k]
             p = self.perm[start:start + rows].long()
             keep = p >= 0
@@ -163,14 +152,14 @@ class PackedWeight:
                 f"{group}, bytes={self.nbytes})")
 
 
-def pack(qw: reference.QuantizedWeight, device=None) -> PackedWeight:
-    """Packs a reference QuantizedWeight (per channel or per group) into the kernels' layout,
+def pack(qw: QuantizedWeight, device=None) -> PackedWeight:
+    """Packs a QuantizedWeight (per channel or per group) into the kernels' layout,
     on ``device`` (default: the codes' device)."""
     codes, scale, zero, bits = (t.detach().cpu() for t in qw[:4])
-    group_size = reference.check_group_size(qw[4] if len(qw) > 4 else None)
+    group_size = validate.group_size(qw[4] if len(qw) > 4 else None)
     device = qw[0].device if device is None else device
     n, k = codes.shape
-    groups = reference.n_groups(k, group_size)
+    groups = n_groups(k, group_size)
     scale = scale.reshape(n, groups).to(torch.float32)  # [n, G] (G = 1 per channel)
     zero = zero.reshape(n, groups)
     kp = padded_k(k)
@@ -254,35 +243,46 @@ def packed_linear(x: Tensor, packed: PackedWeight, bias: Optional[Tensor] = None
     |y - y_exact| <= (max|x_row| / 254) * sum_k |W[n, k]| per output; the gradient is that of
     the exact layer. At most 65536 input features.
     """
-    # The checks written out (no helper calls, no kwargs dict, x.device read once): this wrapper
-    # runs on every layer of every token, and on the caches a GEMV has flushed each Python step
-    # counts. Its time over the bare op, interleaved: a cold 4096x4096 call 15-43 -> 7-27 us, a
-    # warm 16x64 one 3.9-4.7 -> 2.9-3.0 us.
-    p = packed
-    if not isinstance(p, PackedWeight):
-        raise TypeError(f"packed must be a pyeditor.quant.PackedWeight, got {type(p).__name__}")
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in validate.FLOAT_DTYPES:
-        raise TypeError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least 1 dimension [..., in]")
-    if x.size(-1) != p.in_features:
-        raise ValueError(f"x has {x.size(-1)} input features but the packed weight has {p.in_features} "
-                         f"(shape {p.shape})")
-    device = x.device
-    if device != p.data.device:
-        raise ValueError(f"x is on {device} but packed is on {p.data.device}")
-    if bias is not None:
-        validate.float_tensor(bias, "bias")
-        if bias.device != device:
-            raise ValueError(f"bias is on {bias.device} but packed is on {p.data.device}")
-        if bias.dim() != 1 or bias.shape[0] != p.out_features:
-            raise ValueError(f"bias must have shape [{p.out_features}], got {tuple(bias.shape)}")
-    if not isinstance(fast, bool):
-        raise TypeError(f"fast must be a bool, got {type(fast).__name__}")
+    p = _check_packed(packed)
+    device = validate.packed_linear_inputs(x, p, bias, fast)
     name = backends.resolve(backend, device)
     if name == "reference":
         return reference.packed_linear(x, p.quantized(), bias)
     return ops.quant_ops(name)[0](x, p.data, p.scale, p.zero, p.perm, p._flat_buckets, p.out_features, bias, fast,
                                   p.op_group_size)
+
+
+# ---------------------------------------------------------------- compute modes (PackedLinear's mode=)
+MODES = ("exact", "int8act")
+# named by issue 29 but without a kernel yet: refused, never run as another mode
+_NOT_IMPLEMENTED_MODES = {"bf16": "the bf16 dequantize-to-tile GEMM path does not exist yet"}
+
+
+def check_mode(mode) -> str:
+    """``mode`` checked against :data:`MODES` (TypeError / ValueError naming it; a planned mode
+    without a kernel, "bf16", is a NotImplementedError)."""
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a str, one of {MODES}, got {type(mode).__name__}")
+    if mode in _NOT_IMPLEMENTED_MODES:
+        raise NotImplementedError(f"mode={mode!r} is not implemented: {_NOT_IMPLEMENTED_MODES[mode]}; "
+                                  f"use one of {MODES}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def int8act_error_bound(x: Tensor, weight: Union[Tensor, PackedWeight]) -> Tensor:
+    """The int8act mode's bound on its activation rounding, per output: float64 [..., out]
+    ``(max_k |x[..., k]| / 254) * sum_k |W[n, k]|``, with W the dequantized weight (a
+    PackedWeight or the float [out, in] tensor). Each row of x is rounded to ``s * q``, q int8,
+    s = max|row| / 127, so every input moves by at most s / 2 = max|row| / 254 and output n by at
+    most that times sum_k |W[n, k]|. The float32 rounding of exact mode comes on top of it."""
+    w = dequantize(weight) if isinstance(weight, PackedWeight) else weight
+    if not isinstance(w, Tensor) or w.dim() != 2 or not w.is_floating_point():
+        raise TypeError(f"weight must be a PackedWeight or a float [out, in] tensor, got "
+                        f"{type(w).__name__ if not isinstance(w, Tensor) else f'{w.dtype} {tuple(w.shape)}'}")
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"x must be a float tensor [..., {w.shape[1]}], got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    amax = x.detach().double().abs().amax(-1, keepdim=True)
+    return amax / 254.0 * w.detach().double().abs().sum(1).to(amax.device)

@@ -1,5 +1,5 @@
 """Weight quantizers for CHORD's packed layers: every one returns a plain
-:class:`pyeditor.reference.QuantizedWeight` (codes, scale, integer zero point per output channel or
+:class:`pyeditor.quant_format.QuantizedWeight` (codes, scale, integer zero point per output channel or
 per group of 32/64/128 inputs), so the packing and the kernels are the same whichever made it.
 
 minmax(w, bits, group_size)
@@ -12,10 +12,11 @@ minmax(w, bits, group_size)
     widths, 1 thread, quiet moment on the 2-core dev host: reference 1.6 s, minmax 0.09 s per
     channel or with groups of 128, 0.15 s with groups of 32).
 search(w, bits, group_size)
-    No data. Per group, a grid of clipping ratios r (range [r*lo, r*hi]) plus least-squares
-    refits of the scale (s = <w, q - z> / |q - z|^2 for the chosen codes) and zero-point moves of
-    +-1; keeps the candidate with the least ||w - deq||^2 per group, min-max included, so no
-    group is ever worse than min-max (only a strictly smaller error replaces it).
+    No data. Per group, mild clipping ratios r (range [r*lo, r*hi], r = 0.96, 0.92: see
+    NO_DATA_RATIOS for why not deeper) plus least-squares refits of the scale
+    (s = <w, q - z> / |q - z|^2 for the chosen codes); keeps the candidate with the least
+    ||w - deq||^2 per group, min-max included, so no group is ever worse than min-max (only a
+    strictly smaller error replaces it).
 calibrated(w, bits, group_size, activations)
     Calibration activations X [n_samples, in] (or [..., in]), split into fit rows (3/4) and
     held-out rows (every 4th). Candidates, fitted on the fit rows: min-max, the same search with
@@ -29,6 +30,12 @@ calibrated(w, bits, group_size, activations)
     depends only on X (the split, H and its factorizations) is cached on the activation tensor,
     so layers reading the same input (q, k, v) or one layer at several widths share it. The
     result has no per-input scaling: the kernels see an ordinary quantized weight.
+gptq(w, bits, group_size, activations)
+    Error-feedback quantization (GPTQ, pyeditor/gptq.py): inputs quantized in order, each
+    one's error fed into the inputs not yet quantized through H = X^T X / n, per group a clip
+    search when the loop reaches it; a row keeps min-max unless GPTQ's output error on X is
+    smaller. Better than "calibrated" on both real models of the bench (all-MiniLM-L6-v2,
+    SmolLM2-135M) and cheaper: one Cholesky factor of H per activation tensor, float32 blocks.
 quantize(w, bits, group_size=None, method="minmax", activations=None)
     The dispatch, with errors that name the bad argument.
 """
@@ -40,9 +47,12 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import reference
+from . import gptq as _gptq_alg
+from . import validate
+from .quant_format import QuantizedWeight, group_of_column, n_groups
 
-METHODS = ("minmax", "search", "calibrated")
+METHODS = ("minmax", "search", "calibrated", "gptq")
+CALIBRATED_METHODS = ("calibrated", "gptq")  # the methods that need activations
 TINY = torch.finfo(torch.float32).tiny
 # rows of the float64 working block of minmax: about this many elements (2 MiB float64) per block,
 # so the block's in-place passes run from cache. 4096x4096 mixed widths, 1 thread, best of 5 on the
@@ -52,6 +62,11 @@ _BLOCK_ELEMS = 1 << 18
 # search: rows per block (float32 temporaries of about this many elements each)
 _SEARCH_ELEMS = 1 << 20
 CLIP_RATIOS = tuple(1.0 - 0.04 * i for i in range(1, 16))  # 0.96 ... 0.40
+# the data-free search clips at most 8% of a group's range: deeper clipping (the grid above) lowers
+# ||w - deq||^2 further but cuts the few largest weights of a group, and on the SmolLM2 decoder
+# (bench/cases_realmodel_lm.py, 4 bits, groups of 64) that raised the perplexity above min-max's
+# while this grid lowers it, and it also beats min-max's cosine on all-MiniLM-L6-v2
+NO_DATA_RATIOS = (0.96, 0.92)
 LS_STEPS = 2
 # inside GPTQ's column loop (one search per group, on the error-updated columns): a coarser grid
 LIGHT_RATIOS, LIGHT_LS_STEPS = CLIP_RATIOS[::3], 1
@@ -61,6 +76,9 @@ LIGHT_RATIOS, LIGHT_LS_STEPS = CLIP_RATIOS[::3], 1
 _MARGIN = 1e-6
 # calibrated's per-row choice compares float32 output errors: a candidate must win by this much
 _ROW_MARGIN = 1e-4
+# gptq's per-row choice: its objective comes from float32 running sums, min-max's from a float32
+# matmul; a row keeps min-max unless GPTQ wins by this much
+_GPTQ_MARGIN = 1e-3
 GPTQ_BLOCK = 32  # columns per lazy-update block (per group: at least the group)
 GPTQ_DAMP = 0.01
 VAL_EVERY = 4  # calibrated: every 4th activation row is held out to choose among the candidates
@@ -68,7 +86,9 @@ VAL_EVERY = 4  # calibrated: every 4th activation row is held out to choose amon
 
 # ------------------------------------------------------------------------------ argument checks
 def _check_weight(weight: object) -> Tensor:
-    reference._check_float("weight", weight, (2,))
+    validate.float_tensor(weight, "weight")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     return weight
 
 
@@ -91,7 +111,8 @@ def check_activations(activations: object, in_features: int) -> Tensor:
     if activations.dim() < 1 or activations.shape[-1] != in_features:
         raise ValueError(f"activations must have shape [n_samples, {in_features}] (or [..., {in_features}]: the "
                          f"weight's in_features last), got {tuple(activations.shape)}")
-    x = activations.detach().reshape(-1, in_features).to("cpu", torch.float32)
+    rows = activations.numel() // in_features if in_features else int(torch.Size(activations.shape[:-1]).numel())
+    x = activations.detach().reshape(rows, in_features).to("cpu", torch.float32)
     if x.shape[0] == 0:
         raise ValueError("activations must hold at least one sample, got 0")
     if not bool(torch.isfinite(x).all()):
@@ -103,7 +124,7 @@ def check_activations(activations: object, in_features: int) -> Tensor:
 def _group_minmax(w: Tensor, group_size: Optional[int]) -> Tuple[Tensor, Tensor]:
     """float32 [n, G] min and max of every channel (group); 0 for empty rows (in == 0)."""
     n, k = w.shape
-    groups = reference.n_groups(k, group_size)
+    groups = n_groups(k, group_size)
     if k == 0:
         z = torch.zeros(n, groups, dtype=torch.float32)
         return z, z.clone()
@@ -175,7 +196,7 @@ def _encode_exact(w: Tensor, scale: Tensor, zero: Tensor, q_max: Tensor, group_s
 
 
 def _column_group(k: int, group_size: Optional[int]) -> Tensor:
-    return reference._group_of_column(k, group_size)
+    return group_of_column(k, group_size)
 
 
 def _set_constant_groups(codes: Tensor, const: Tensor, const_code: Tensor, group_size: Optional[int]) -> None:
@@ -219,9 +240,9 @@ def _finite_or_raise(weight: Tensor, wmin: Tensor, wmax: Tensor) -> None:
 
 def _prepare(weight: object, bits, group_size):
     _check_weight(weight)
-    group_size = reference.check_group_size(group_size)
+    group_size = validate.group_size(group_size)
     n, k = weight.shape
-    b = reference._check_bits("bits", bits.detach().cpu() if isinstance(bits, Tensor) else bits, n)
+    b = validate.bit_widths(bits.detach().cpu() if isinstance(bits, Tensor) else bits, "bits", n)
     w = weight.detach().to("cpu", torch.float32).contiguous()
     return w, b, group_size
 
@@ -236,17 +257,17 @@ def _minmax_full(weight, bits, group_size):
     _keep_finite(codes, scale_enc, zero_enc, q_max, group_size)
     _set_constant_groups(codes, const, const_code, group_size)
     zero = zero.to(torch.int32)
-    qw = reference.QuantizedWeight(codes, scale, zero, b, group_size)
+    qw = QuantizedWeight(codes, scale, zero, b, group_size)
     return qw, w, const, q_max
 
 
-def _per_channel(qw: reference.QuantizedWeight) -> reference.QuantizedWeight:
+def _per_channel(qw: QuantizedWeight) -> QuantizedWeight:
     if qw.group_size is None and qw.scale.dim() == 2:
         return qw._replace(scale=qw.scale[:, 0].contiguous(), zero=qw.zero[:, 0].contiguous())
     return qw
 
 
-def minmax(weight: Tensor, bits: Union[int, Tensor], group_size: Optional[int] = None) -> reference.QuantizedWeight:
+def minmax(weight: Tensor, bits: Union[int, Tensor], group_size: Optional[int] = None) -> QuantizedWeight:
     """Bit-identical to :func:`pyeditor.reference.quantize_channelwise` (same arguments, same
     errors), computed on the CPU in cache-sized float64 blocks."""
     qw, _, _, _ = _minmax_full(weight, bits, group_size)
@@ -259,7 +280,7 @@ def _padded_groups(w: Tensor, group_size: Optional[int]) -> Tuple[Tensor, int]:
     it quantizes to the zero point exactly and the range always holds 0)."""
     n, k = w.shape
     gs = k if group_size is None else group_size
-    groups = reference.n_groups(k, group_size)
+    groups = n_groups(k, group_size)
     if groups * gs != k:
         w = torch.nn.functional.pad(w, (0, groups * gs - k))
     return w.reshape(n, groups, gs), gs
@@ -283,7 +304,7 @@ def _err(deq: Tensor, w3: Tensor, wt: Optional[Tensor]) -> Tensor:
 
 
 def _search_block(w3: Tensor, qmax: Tensor, wt: Optional[Tensor], s0: Tensor, z0: Tensor, e0: Tensor,
-                  lo: Tensor, hi: Tensor, light: bool = False):
+                  lo: Tensor, hi: Tensor, light: bool = False, ratios: Optional[Tuple[float, ...]] = None):
     """The best (scale, zero) per group of w3 [r, G, gs] over the clipping grid and refits,
     starting from (s0, z0) with error e0. Returns scale float32, zero float64, error, changed."""
     qmax3 = qmax.to(torch.float32)[:, :, None]
@@ -301,7 +322,7 @@ def _search_block(w3: Tensor, qmax: Tensor, wt: Optional[Tensor], s0: Tensor, z0
             best_e.copy_(torch.where(better, e, best_e))
             changed.logical_or_(better)
 
-    for r in (LIGHT_RATIOS if light else CLIP_RATIOS):
+    for r in (ratios if ratios is not None else LIGHT_RATIOS if light else CLIP_RATIOS):
         l, h = lo * r, hi * r
         s = ((h - l) / qmax).to(torch.float32).clamp_min(TINY)
         z = torch.round(-l / s.to(torch.float64)).clamp(min=0.0).minimum(qmax)
@@ -314,14 +335,17 @@ def _search_block(w3: Tensor, qmax: Tensor, wt: Optional[Tensor], s0: Tensor, z0
         ok = (den > 0) & (num > 0)
         s = torch.where(ok, num / den.clamp_min(1e-300), best_s.to(torch.float64)).to(torch.float32)
         consider(s, best_z)
-    for dz in (() if light else (-1.0, 1.0)):  # move the zero point one step, scale kept
+    # move the zero point one step, scale kept (not in the data-free search: a moved zero point
+    # clips one end of the range, what NO_DATA_RATIOS keeps from happening)
+    for dz in (() if light or ratios is not None else (-1.0, 1.0)):
         z = (best_z + dz).clamp(min=0.0).minimum(qmax)
         consider(best_s, z)
     return best_s, best_z, best_e, changed
 
 
-def _search(w: Tensor, qw: reference.QuantizedWeight, const: Tensor, q_max: Tensor,
-            col_weight: Optional[Tensor], light: bool = False) -> reference.QuantizedWeight:
+def _search(w: Tensor, qw: QuantizedWeight, const: Tensor, q_max: Tensor,
+            col_weight: Optional[Tensor], light: bool = False,
+            ratios: Optional[Tuple[float, ...]] = None) -> QuantizedWeight:
     """Clip-grid / refit search per group, starting from the min-max result qw (its scale and
     zero as [n, G]); col_weight: per-input error weights [in] (None: plain squared error)."""
     n, k = w.shape
@@ -350,7 +374,7 @@ def _search(w: Tensor, qw: reference.QuantizedWeight, const: Tensor, q_max: Tens
         e0 = _err(deq0, w3, wt)
         lo = w3.amin(2).to(torch.float64).clamp_max(0.0)
         hi = w3.amax(2).to(torch.float64).clamp_min(0.0)
-        bs, bz, _, changed = _search_block(w3, qmax, wt, s0, z0, e0, lo, hi, light)
+        bs, bz, _, changed = _search_block(w3, qmax, wt, s0, z0, e0, lo, hi, light, ratios)
         changed &= ~const[r0:r1]  # constant groups are exact already
         if not bool(changed.any()):
             continue
@@ -363,15 +387,15 @@ def _search(w: Tensor, qw: reference.QuantizedWeight, const: Tensor, q_max: Tens
     zero = zero.to(torch.int32)
     if group_size is None:
         scale, zero = scale[:, 0].contiguous(), zero[:, 0].contiguous()
-    return reference.QuantizedWeight(codes, scale, zero, qw.bits, group_size)
+    return QuantizedWeight(codes, scale, zero, qw.bits, group_size)
 
 
-def search(weight: Tensor, bits: Union[int, Tensor], group_size: Optional[int] = None) -> reference.QuantizedWeight:
+def search(weight: Tensor, bits: Union[int, Tensor], group_size: Optional[int] = None) -> QuantizedWeight:
     """Data-free error-minimizing quantization: per group the least ||w - deq||^2 over a grid of
     clipping ratios, least-squares scale refits and zero-point moves, min-max included (a group
     keeps min-max unless a candidate is strictly better)."""
     qw, w, const, q_max = _minmax_full(weight, bits, group_size)
-    return _search(w, qw, const, q_max, None)
+    return _search(w, qw, const, q_max, None, ratios=NO_DATA_RATIOS)
 
 
 # ------------------------------------------------------------------------------ calibrated
@@ -419,16 +443,25 @@ class _Calib:
         return ((e @ g).mul_(e)).sum(1, dtype=torch.float64)
 
 
-_CALIB_CACHE: dict = {}  # id(activations) -> (weakref to it, its _version, in_features, _Calib)
+class _Hessian:
+    """What gptq() derives from one activation tensor: GPTQ's factor (R, lambda) of
+    X^T X / n + lambda I over all its rows, or None when X is all zero (see pyeditor.gptq)."""
+
+    def __init__(self, x: Tensor):
+        self.factor = _gptq_alg.factor((x.T @ x).div_(x.shape[0]))
 
 
-def _calib_state(activations: object, in_features: int) -> _Calib:
-    hit = _CALIB_CACHE.get(id(activations))
+# (id(activations), state class) -> (weakref to it, its _version, in_features, state)
+_CALIB_CACHE: dict = {}
+
+
+def _calib_state(activations: object, in_features: int, kind=_Calib):
+    key = (id(activations), kind)
+    hit = _CALIB_CACHE.get(key)
     if (hit is not None and hit[0]() is activations and hit[1] == activations._version
             and hit[2] == in_features):
         return hit[3]
-    state = _Calib(check_activations(activations, in_features))
-    key = id(activations)
+    state = kind(check_activations(activations, in_features))
     try:
         ref = weakref.ref(activations, lambda _r, _k=key: _CALIB_CACHE.pop(_k, None))
     except TypeError:
@@ -455,14 +488,14 @@ def _inverse_hessian_factor(h: Tensor) -> Optional[Tensor]:
     return None
 
 
-def _gptq(w: Tensor, qw_init: reference.QuantizedWeight, q_max: Tensor, hinv: Tensor,
-          col_weight: Tensor) -> reference.QuantizedWeight:
+def _gptq(w: Tensor, qw_init: QuantizedWeight, q_max: Tensor, hinv: Tensor,
+          col_weight: Tensor) -> QuantizedWeight:
     """GPTQ with lazy block updates. Per channel: the scales / zeros of qw_init (the weighted
     search on the original rows); per group: chosen by the weighted search on the
     error-updated columns when the loop reaches the group."""
     n, k = w.shape
     group_size = qw_init.group_size
-    groups = reference.n_groups(k, group_size)
+    groups = n_groups(k, group_size)
     gs = k if group_size is None else group_size
     W = w.clone()
     codes = torch.empty(n, k, dtype=torch.float32)
@@ -503,11 +536,11 @@ def _gptq(w: Tensor, qw_init: reference.QuantizedWeight, q_max: Tensor, hinv: Te
     codes = codes.to(torch.uint8)
     zero = zero.to(torch.int32)
     if group_size is None:
-        return reference.QuantizedWeight(codes, scale[:, 0].contiguous(), zero[:, 0].contiguous(), qw_init.bits, None)
-    return reference.QuantizedWeight(codes, scale, zero, qw_init.bits, group_size)
+        return QuantizedWeight(codes, scale[:, 0].contiguous(), zero[:, 0].contiguous(), qw_init.bits, None)
+    return QuantizedWeight(codes, scale, zero, qw_init.bits, group_size)
 
 
-def _pick_rows(cands, val_errs, all_errs) -> reference.QuantizedWeight:
+def _pick_rows(cands, val_errs, all_errs) -> QuantizedWeight:
     """Row by row, the first candidate (min-max) unless a later one is better by the relative
     margin _ROW_MARGIN both on the validation rows and on all calibration rows."""
     best = cands[0]
@@ -522,7 +555,7 @@ def _pick_rows(cands, val_errs, all_errs) -> reference.QuantizedWeight:
         zero[better] = c.zero[better]
         best_v = torch.where(better, ev, best_v)
         best_a = torch.where(better, ea, best_a)
-    return reference.QuantizedWeight(codes, scale, zero, best.bits, best.group_size)
+    return QuantizedWeight(codes, scale, zero, best.bits, best.group_size)
 
 
 def _split(x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -536,7 +569,7 @@ def _split(x: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def calibrated(weight: Tensor, bits: Union[int, Tensor], group_size: Optional[int] = None, *,
-               activations: Tensor) -> reference.QuantizedWeight:
+               activations: Tensor) -> QuantizedWeight:
     """Activation-aware quantization from calibration activations X [n_samples, in] (or [..., in]).
 
     Candidates, fitted on 3/4 of the rows of X: min-max, the search with each input's error
@@ -566,22 +599,50 @@ def calibrated(weight: Tensor, bits: Union[int, Tensor], group_size: Optional[in
         codes = torch.empty_like(g.codes)
         codes[:, perm] = g.codes
         cands.append(g._replace(codes=codes))
-    errs = [st.errors(w - reference.dequantize(c)) for c in cands]
+    errs = [st.errors(w - c.dequantize()) for c in cands]
     return _pick_rows(cands, [e[0] for e in errs], [e[1] for e in errs])
+
+
+# ------------------------------------------------------------------------------ GPTQ
+def gptq(weight: Tensor, bits: Union[int, Tensor], group_size: Optional[int] = None, *,
+         activations: Tensor) -> QuantizedWeight:
+    """Error-feedback quantization (GPTQ, see :mod:`pyeditor.gptq`) from calibration activations
+    X [n_samples, in] (or [..., in]): inputs quantized in order, each one's error fed into the
+    inputs not yet quantized through H = X^T X / n (1% damping); per group the scale and zero
+    chosen by a clip search (errors weighted by H_ii) when the loop reaches the group. Each
+    output row keeps min-max instead unless GPTQ's output error on X is smaller (by a relative
+    1e-3), so no row is worse than min-max on the calibration data. The H factorization is
+    cached on the activation tensor (q, k and v, or one layer at several widths, share it).
+    A plain QuantizedWeight: no per-input scaling."""
+    _check_weight(weight)
+    st = _calib_state(activations, weight.shape[1], _Hessian)
+    qw, w, _, q_max = _minmax_full(weight, bits, group_size)
+    n, k = w.shape
+    if n == 0 or k == 0 or st.factor is None:  # silent inputs: any quantization has zero output error
+        return _per_channel(qw)
+    r, lam = st.factor
+    codes, scale, zero, obj = _gptq_alg.run(w, q_max[:, 0].to(torch.float32), group_size, r, lam)
+    mm_obj = _gptq_alg.objective(w - qw.dequantize(), r, lam)
+    better = obj < mm_obj * (1.0 - _GPTQ_MARGIN)
+    codes = torch.where(better[:, None], codes, qw.codes)
+    scale = torch.where(better[:, None], scale, qw.scale.reshape(n, -1))
+    zero = torch.where(better[:, None], zero.to(torch.int32), qw.zero.reshape(n, -1))
+    return _per_channel(QuantizedWeight(codes, scale, zero, qw.bits, group_size))
 
 
 # ------------------------------------------------------------------------------ dispatch
 def quantize(weight: Tensor, bits: Union[int, Tensor], group_size: Optional[int] = None,
-             method: str = "minmax", activations: Optional[Tensor] = None) -> reference.QuantizedWeight:
+             method: str = "minmax", activations: Optional[Tensor] = None) -> QuantizedWeight:
     """Quantize an [out, in] weight per output channel (or group) with ``method``: "minmax" (the
-    reference, bit for bit), "search" (data-free error minimization) or "calibrated" (needs
-    ``activations`` [n_samples, in])."""
+    reference, bit for bit), "search" (data-free error minimization), "calibrated" or "gptq"
+    (both need ``activations`` [n_samples, in])."""
     method = _check_method(method)
-    if method == "calibrated":
+    if method in CALIBRATED_METHODS:
         if activations is None:
-            raise ValueError("method='calibrated' needs activations= (calibration inputs [n_samples, in] "
+            raise ValueError(f"method={method!r} needs activations= (calibration inputs [n_samples, in] "
                              "of this layer)")
-        return calibrated(weight, bits, group_size, activations=activations)
+        fn = calibrated if method == "calibrated" else gptq
+        return fn(weight, bits, group_size, activations=activations)
     if activations is not None:
-        raise ValueError(f"activations is only used by method='calibrated', got method={method!r}")
+        raise ValueError(f"activations is only used by method in {CALIBRATED_METHODS}, got method={method!r}")
     return minmax(weight, bits, group_size) if method == "minmax" else search(weight, bits, group_size)

@@ -3,9 +3,10 @@ against pyeditor.reference, over a grid of shapes and dtypes (forward and gradie
 
 Pass rule per row: every element has abs(got - ref) <= atol + rtol * abs(ref) (torch.isclose; NaN
 exactly where the reference has NaN), with atol and rtol from pyeditor.testing's table (scaled by
-sqrt(K) for sums over K products); rows whose rule starts "idx=" also need indices or labels
-equal to the reference's. Progress goes to stderr, one line per op and backend; the table to stdout; exit 1
-on any failure.
+sqrt(K) for sums over K products; the packed_linear int8act rows add that mode's bound,
+(max|x_row| / 254) * sum_k |W[n, k]|, at its largest over the case); rows whose rule starts "idx="
+also need indices or labels equal to the reference's. Progress goes to stderr, one line per op
+and backend; the table to stdout; exit 1 on any failure.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from . import backends, reference
-from .api import apply_edit
+from .edit import apply_edit
 from .testing import errors, reduction_tolerance, tolerance
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -36,7 +37,9 @@ class Check:
     # (backend, device) -> (actual, expected) or (actual, expected, {name: equal?}) where the dict
     # holds results that must match exactly (indices, labels)
     run: Callable[[str, str], tuple]
-    tol: Optional[tuple] = None  # (atol, rtol) instead of the dtype's row, e.g. reduction_tolerance
+    # (atol, rtol) instead of the dtype's row, e.g. reduction_tolerance; or a function returning
+    # them, for a bound that depends on the case's data (the int8act mode's)
+    tol: Optional[tuple | Callable[[], tuple]] = None
 
 
 @dataclass
@@ -175,6 +178,21 @@ def _quant_checks(small: bool) -> Iterator[Check]:
                 return xa.grad.cpu(), xr.grad
 
             yield Check("packed_linear (grad x)", label, dtype, run_grad, reduction_tolerance(dtype, n))
+
+            if dtype != torch.float64:  # (float64 x computes exact mode)
+                def run_int8act(backend, device, setup=setup):
+                    p, qw, x, b = setup(device)
+                    got = quant.packed_linear(x.to(device), p.to(device), b.to(device), fast=True, backend=backend)
+                    return got.cpu(), reference.packed_linear(x, qw, b)
+
+                def int8act_tol(setup=setup, dtype=dtype, k=k):
+                    # exact mode's tolerance + the largest int8act bound of the case's outputs,
+                    # (max|x_row| / 254) * sum_k |W[n, k]| (pyeditor.quant.int8act_error_bound)
+                    _, qw, x, _ = setup("cpu")
+                    atol, rtol = reduction_tolerance(dtype, k)
+                    return atol + float(quant.int8act_error_bound(x, reference.dequantize(qw)).max()), rtol
+
+                yield Check("packed_linear (int8act)", label, dtype, run_int8act, int8act_tol)
 
         if dtype == torch.float32:
             def run_deq(backend, device):
@@ -415,7 +433,7 @@ def _targets(device: str | None = None) -> list[tuple[str, str]]:
 
 def _run_check(check: Check, backend: str, device: str, interpreted: bool) -> Row:
     note = "interpreter truncates bf16" if interpreted and check.dtype == torch.bfloat16 else ""
-    atol, rtol = check.tol or tolerance(check.dtype)
+    atol, rtol = (check.tol() if callable(check.tol) else check.tol) or tolerance(check.dtype)
     exact: dict = {}
     try:
         actual, expected, *rest = check.run(backend, device)
