@@ -464,7 +464,7 @@ def _models(config: str, with_bnb: bool, backend):
              f"{len(calibration_sentences())} other sentences, {n_cal} tokens per layer; quantize time (1 thread) "
              + ", ".join(f"{k} {v:.2f} s" for k, v in qtime.items()),
              "ours / ours-search / ours-calibrated / ours-gptq: the same packed kernels and bytes (min-max, "
-             "data-free search, calibrated, GPTQ); ours-fast: min-max weights with int8 activations (mode="int8act"); "
+             "data-free search, calibrated, GPTQ); ours-fast: min-max weights with int8 activations (mode=int8act); "
              "cos: against the fp32 model's L2-normalized embeddings of the eval sentences"]
     return models, quality, notes
 
