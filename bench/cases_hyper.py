@@ -15,9 +15,10 @@ Rows (default run, fp32, the issue's sizes):
                  torch (the segmented form per head)
   assign-layers  Persona Eq. 11-12 over every layer at the Persona example's shapes (B=192 test sessions,
                  editor width d=32, P=4, heads 32x32 and 32x6, per-layer embeddings), unclipped sum of
-                 squares: ours = assign_prototypes_layers (uncached, and cached: prototype_gram_layers kept
-                 while editors are frozen); own: the example's loop of edit_norms per layer + combination
-                 (uncached and with each layer's prototype_gram kept); peer: every layer's [P, B, n] edits
+                 squares: ours = assign_prototypes_layers, one call of the all-layer op (uncached, and
+                 cached: prototype_gram_layers kept while editors are frozen); own: the example's loop of
+                 edit_norms per layer + combination (uncached and with each layer's prototype_gram kept),
+                 and method='gram' (torch ops); peer: every layer's [P, B, n] edits
 --full adds the all-prototype hyper_matmul, an odd-shaped edited_linear and bf16 rows, and assign-layers
 with a shared embedding and with a threshold.
 """
@@ -300,7 +301,8 @@ def _make_assign_layers(B, d, P, shapes, dt, shared, threshold, ctx: Context) ->
         return norms, norms.argmin(1)
 
     fns = {OURS: lambda: ours().norms, "loop": lambda: loop().norms, "naive": lambda: naive()[0]}
-    notes = ["ours: assign_prototypes_layers(e [L, B, d], head_weight, head_bias, sizes=...), method='auto'",
+    notes = ["ours: assign_prototypes_layers(e [L, B, d], head_weight, head_bias, sizes=...), method='auto': "
+             "one call of the all-layer op pyeditor::edit_norms_layers (every layer, the rule, no per-layer [B, P])",
              "loop: the example's sum over layers of edit_norms(e[l], W_l, b_l)^2 (each 'auto'), sqrt, argmin",
              "naive: baddbmm into each layer's [P, B, n_l] edits, sum of squares, sqrt, argmin"]
     if threshold is None:
@@ -314,6 +316,9 @@ def _make_assign_layers(B, d, P, shapes, dt, shared, threshold, ctx: Context) ->
 
         fns["ours-cached"] = lambda: pyeditor.assign_prototypes_layers(e, w, b, sizes=sizes, gram=gram, **kw).norms
         fns["loop-cached"] = loop_cached
+        fns["ours-torch-gram"] = lambda: pyeditor.assign_prototypes_layers(e, w, b, sizes=sizes, method="gram",
+                                                                          **kw).norms
+        notes.append("ours-torch-gram: method='gram', the layers' Gram forms by torch ops (the path before the op)")
         notes.append("-cached: the Grams (prototype_gram_layers / per layer prototype_gram) computed once outside "
                      "the timed loop, as serving keeps them while editors are frozen")
     if not torch.equal(ours().chosen, loop().chosen):
@@ -368,7 +373,8 @@ def _heads(B, d, P, shapes, dt, full=False):
 def _assign_layers(B, d, P, shapes, dt, shared=False, threshold=None, full=False):
     shape = f"B{B}xd{d}-" + ",".join(f"{i}x{o}" for i, o in shapes) + f"-P{P}"
     kind = ("shared" if shared else "per-layer") + ("-threshold" if threshold is not None else "")
-    impls = (OURS, "ours-cached", "loop", "loop-cached", "naive") if threshold is None else (OURS, "loop", "naive")
+    impls = ((OURS, "ours-cached", "loop", "loop-cached", "ours-torch-gram", "naive") if threshold is None
+             else (OURS, "loop", "naive"))
     return Case(f"{FAMILY}/assign-layers-{kind}/{shape}/{dt}", f"assign_prototypes_layers ({kind}) {shape} {dt}",
                 FAMILY, impls, functools.partial(_make_assign_layers, B, d, P, shapes, dt, shared, threshold), full,
                 {"op": "assign_prototypes_layers", "embedding": "shared" if shared else "per-layer", "B": B, "d": d,

@@ -2,6 +2,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "layer_norms.h"
 #include "ops.h"
 #include "cpu/search_passes.h"
 #include "cpu/tile_gemm.h"
@@ -74,6 +75,9 @@ TORCH_LIBRARY(pyeditor, m) {
   m.def("hyper_matmul_heads(Tensor e, Tensor weight, int[] sizes, Tensor? bias=None, Tensor? index=None) -> Tensor");
   // gathered weight gradient, per prototype segment: [P, d, sum(sizes)]
   m.def("hyper_weight_grad(Tensor e, Tensor grad, int[] sizes, Tensor index, int protos) -> Tensor");
+  // Persona Eq. 11-12 over every layer (issue 27): e [L, B, d], weights L [P, d, n_l] -> [B, P] float64
+  m.def("edit_norms_layers(Tensor e, Tensor[] weights, Tensor?[] biases, Tensor? threshold=None, "
+        "str rule=\"sumsq\", float[]? layer_weights=None, Tensor? gram=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pyeditor, CPU, m) {
@@ -90,6 +94,7 @@ TORCH_LIBRARY_IMPL(pyeditor, CPU, m) {
   m.impl("edit_sumsq", &edit_sumsq_cpu);
   m.impl("hyper_matmul_heads", &hyper_matmul_heads_cpu);
   m.impl("hyper_weight_grad", &hyper_weight_grad_cpu);
+  m.impl("edit_norms_layers", &edit_norms_layers_cpu);
 }
 
 #ifdef PYEDITOR_WITH_CUDA
@@ -105,6 +110,7 @@ TORCH_LIBRARY_IMPL(pyeditor, CUDA, m) {
   m.impl("edit_sumsq", &edit_sumsq_cuda);
   m.impl("hyper_matmul_heads", &hyper_matmul_heads_cuda);
   m.impl("hyper_weight_grad", &hyper_weight_grad_cuda);
+  m.impl("edit_norms_layers", &edit_norms_layers_cuda);
 }
 #endif
 

@@ -4,7 +4,7 @@
 rule (the whole edit's Frobenius norm, the sum or the max of the layers' norms, or a weighted
 sum of squares), clipped or not, without forming any [P, B, n] edits: by the layers' Gram forms
 (:mod:`pyeditor.hyper`'s, block-diagonal over per-layer embeddings, summed into one for a shared
-embedding) or by the fused kernel per layer; :func:`pyeditor.hyper.norms_plan` picks.
+embedding) or by one call of the all-layer fused op; :func:`layers_plan` picks.
 ``assignment_agreement`` reports how often an assignment matches the k-means partition.
 Definitions in :mod:`pyeditor.reference` (``edit_norms_layers``, ``assign_prototypes_layers``).
 """
@@ -19,7 +19,7 @@ from torch import Tensor
 from . import backends, hyper, ops, reference, validate
 from .constants import LAYER_RULES
 from .hyper import (_CANCEL, Assignment, Number, PrototypeGram, _acc_of, _direct_sumsq, _dtype_device, _fill_gram,
-                    _forms, _quad_sumsq, _redo_nonfinite)
+                    _forms, _quad_sumsq)
 
 
 def _layer_generators(weights, biases, sizes) -> tuple:
@@ -196,11 +196,13 @@ def edit_norms_layers(e: Tensor, weights: Union[Tensor, Sequence[Tensor]],
     to one [P, d+1, d+1] form: one layer's evaluation for the whole model. Pass
     ``gram=prototype_gram_layers(...)`` to keep the Grams across calls. Accuracy as
     :func:`pyeditor.hyper.edit_norms`' Gram form (pairs that may have cancelled are recomputed in float64).
-    method "fused": the fused kernel once per layer (any threshold), or once over the whole
-    concatenated weight when the embedding is shared and the rule is "sumsq" (its sum of squares
-    runs over every layer's columns). Per-layer embeddings with a clip need one call per layer
-    (no grouped kernel yet).
-    method "auto": :func:`pyeditor.hyper.norms_plan` by shapes.
+    method "fused": one call of the all-layer op (``pyeditor::edit_norms_layers``, any threshold,
+    any rule, shared or per-layer embeddings): each (sample, prototype) pair's layers are
+    evaluated in turn and folded by the rule, so only the [B, P] result is written. A layer's
+    edit elements are formed in float64 (clipped layers always); on CPU an unclipped layer whose
+    Gram form is cheaper (csrc/include/pyeditor/layer_norms.h layer_prefers_gram) goes through it
+    (``gram`` if given, else formed in the call) with the same accuracy repair as method "gram".
+    method "auto": :func:`layers_plan` (:func:`pyeditor.hyper.norms_plan`'s cost model) by shapes.
     Not differentiable (assignment is an argmin).
     """
     ws, bs, source = _layer_generators(weights, biases, sizes)
@@ -211,37 +213,34 @@ def edit_norms_layers(e: Tensor, weights: Union[Tensor, Sequence[Tensor]],
     if gram is not None:
         _check_layer_gram(gram, es, ws, source)
     B = es.shape[-2]
-    t = None if threshold is None else validate.threshold(threshold, es)
+    t = None if threshold is None else _threshold64(threshold, es)
     if t is not None and t.dim() == 1 and t.shape[0] != B:
         raise ValueError(f"threshold has {t.shape[0]} values; expected one or {B}")
     name = backends.resolve(backend, es.device)
     keep = list(range(len(ws))) if lam is None else [l for l, x in enumerate(lam) if x > 0]
     lam_keep = None if lam is None else [lam[l] for l in keep]
     quadratic = kind in ("sumsq", "weighted")
-    if method == "auto":
-        P, d = ws[0].shape[:2]
-        method = hyper.norms_plan(B, d, [ws[l].shape[2] for l in keep], P, clipped=t is not None,
-                            cached=gram is not None, forms=1 if shared and quadratic else len(keep))
-    if method == "gram":
-        if t is not None:
-            raise ValueError("method='gram' needs threshold=None: the clip is not a quadratic form")
-        combined = shared and quadratic  # the blocks add up to one form
-        sel = slice(None) if len(keep) == len(ws) else keep
-        forms = None if gram is None else _cached_forms(gram, sel, _acc_of(ws[0]))
-        if forms is None and combined and kind == "sumsq" and isinstance(source[0], Tensor):
-            # the concatenated heads' Gram is the sum of the layers' Grams: one product forms it
-            g = es.new_zeros((1, ws[0].shape[0], es.shape[-1] + 1, es.shape[-1] + 1), dtype=torch.float64)
-            _fill_gram(g[0], source[0], source[1])
-            forms = _forms(g, g.abs(), _acc_of(ws[0]))
-        sq = _layers_gram_sumsq(es if shared else es[sel], shared, combined, [ws[l] for l in keep],
-                                [bs[l] for l in keep], lam_keep, forms)
-    elif name == "reference":
+    P, d = ws[0].shape[:2]
+    method = layers_plan(method, name, B, d, [ws[l].shape[2] for l in keep], P, clipped=t is not None,
+                         cached=gram is not None, forms=1 if shared and quadratic else len(keep))
+    if method == "reference":
         return reference.edit_norms_layers(e, weights, biases, threshold, rule, sizes)
-    else:
-        whole = shared and kind == "sumsq" and isinstance(source[0], Tensor)
-        combined = whole
-        sq = (_fused_sumsq(name, es, source[0], source[1], t).unsqueeze(0) if whole else
-              torch.stack([_fused_sumsq(name, es if shared else es[l], ws[l], bs[l], t) for l in keep]))
+    if method == "fused":
+        el = es.expand(len(ws), *es.shape) if shared else es
+        with torch.no_grad():
+            return ops.layer_norms_op(name)(el, ws, bs, t, kind, lam, None if gram is None else gram.gram)
+    if t is not None:
+        raise ValueError("method='gram' needs threshold=None: the clip is not a quadratic form")
+    combined = shared and quadratic  # the blocks add up to one form
+    sel = slice(None) if len(keep) == len(ws) else keep
+    forms = None if gram is None else _cached_forms(gram, sel, _acc_of(ws[0]))
+    if forms is None and combined and kind == "sumsq" and isinstance(source[0], Tensor):
+        # the concatenated heads' Gram is the sum of the layers' Grams: one product forms it
+        g = es.new_zeros((1, ws[0].shape[0], es.shape[-1] + 1, es.shape[-1] + 1), dtype=torch.float64)
+        _fill_gram(g[0], source[0], source[1])
+        forms = _forms(g, g.abs(), _acc_of(ws[0]))
+    sq = _layers_gram_sumsq(es if shared else es[sel], shared, combined, [ws[l] for l in keep],
+                            [bs[l] for l in keep], lam_keep, forms)
     # sq [K, B, P]: one row per kept layer, or one row already combined by the rule
     if quadratic:
         if not combined and lam_keep is not None:
@@ -251,11 +250,28 @@ def edit_norms_layers(e: Tensor, weights: Union[Tensor, Sequence[Tensor]],
     return norms.sum(0) if kind == "sum" else norms.amax(0)
 
 
-def _fused_sumsq(name: str, e: Tensor, weight: Tensor, bias: Optional[Tensor], t: Optional[Tensor]) -> Tensor:
-    """[B, P] float64 sums of squares of the clipped edits by the fused kernel (non-finite redone)."""
-    with torch.no_grad():
-        sq = ops.hyper_ops(name)[2](e, weight, bias, t)
-        return sq if validate.compiling() else _redo_nonfinite(sq, e, weight, bias, t)
+def layers_plan(method: str, backend: str, B: int, d: int, sizes: Sequence[int], P: int, *, clipped: bool,
+                cached: bool, forms: int) -> str:
+    """How :func:`edit_norms_layers` evaluates: "fused" (one call of the all-layer op on
+    ``backend``, which itself takes each unclipped layer's Gram form where that is cheaper),
+    "gram" (the layers' Gram forms by torch ops) or "reference" (the oracle). ``method`` "auto"
+    takes the op on every native backend; on backend "reference" it asks
+    :func:`pyeditor.hyper.norms_plan` whether the torch Gram form beats the oracle. ``sizes``
+    are the widths of the layers the rule reads."""
+    if method == "auto" and backend == "reference":
+        method = hyper.norms_plan(B, d, sizes, P, clipped=clipped, cached=cached, forms=forms)
+    if method == "gram":
+        return "gram"
+    return "reference" if backend == "reference" else "fused"
+
+
+_CPU_FLOAT64 = torch.empty(0, dtype=torch.float64)
+
+
+def _threshold64(threshold, es: Tensor) -> Tensor:
+    """T as float64 (0-d or [B]) on e's device: the all-layer op clips in double, as the reference."""
+    like = _CPU_FLOAT64 if es.device.type == "cpu" else es.new_empty(0, dtype=torch.float64)
+    return validate.threshold(threshold, like).to(torch.float64)
 
 
 def _layers_gram_sumsq(es: Tensor, shared: bool, combined: bool, ws: list, bs: list, lam: Optional[list],
@@ -295,7 +311,15 @@ def assign_prototypes_layers(e: Tensor, weights: Union[Tensor, Sequence[Tensor]]
     editor.head_weight, editor.head_bias, sizes=editor.head_sizes)``. Not differentiable."""
     norms = edit_norms_layers(e, weights, biases, threshold, rule=rule, sizes=sizes, backend=backend,
                               method=method, gram=gram)
-    return Assignment(norms, hyper.argmin_nan_last(norms))
+    return Assignment(norms, _argmin(norms))
+
+
+def _argmin(norms: Tensor) -> Tensor:
+    """hyper.argmin_nan_last (NaN after +inf, ties to the lowest index, all-NaN -> -1); without
+    NaN that is torch's argmin (first minimum), one op instead of several on small serving calls."""
+    if validate.compiling() or norms.shape[1] == 0 or bool(torch.isnan(norms).any()):
+        return hyper.argmin_nan_last(norms)
+    return norms.argmin(1)
 
 
 class Agreement(NamedTuple):

@@ -528,3 +528,43 @@ if HAS_CPP:
 if backends.triton_available():
     _register_hyper("edited_linear_triton", "hyper_matmul_triton", "edit_sumsq_triton", "apply_edit_backward_triton",
                     "hyper_matmul_heads_triton", "hyper_weight_grad_triton")
+
+
+# ==================================================================== all-layer edit norms (issue 27)
+# edit_norms_layers(e [L, B, d], weights L x [P, d, n_l], biases L x None / [P, n_l], threshold,
+# rule, layer_weights, gram) -> [B, P] float64: every layer's edit norm of every (sample,
+# prototype) pair combined by the rule in one op (C++ CPU / CUDA in csrc/{cpu,cuda}/layer_norms_*,
+# the Triton twin here; the CPU kernel evaluates cheap unclipped layers by their Gram form, the
+# given gram [L, P, d+1, d+1] or its own). Not differentiable: assignment is an argmin.
+if backends.triton_available():
+    from pyeditor.kernels import layer_norms as _layer_norms_kernels
+
+    @triton_op("pyeditor::edit_norms_layers_triton", mutates_args=())
+    def edit_norms_layers_triton(e: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]],
+                                 threshold: Optional[Tensor] = None, rule: str = "sumsq",
+                                 layer_weights: Optional[List[float]] = None, gram: Optional[Tensor] = None) -> Tensor:
+        code, kept, lam, thr = validate.layer_norms_args(e, weights, biases, threshold, rule, layer_weights, gram)
+        return _layer_norms_kernels.edit_norms_layers(e, weights, biases, thr, code, kept, lam)
+
+
+def _fake_edit_norms_layers(e, weights, biases, threshold=None, rule="sumsq", layer_weights=None, gram=None):
+    validate.layer_norms_args(e, weights, biases, threshold, rule, layer_weights, gram, values=False)
+    return e.new_empty((e.shape[1], weights[0].shape[0]), dtype=torch.float64)
+
+
+_LAYER_NORMS_OPS: dict = {}
+
+
+def layer_norms_op(backend: str):
+    """The edit_norms_layers op (an OpOverload) for a resolved backend other than reference."""
+    op = _LAYER_NORMS_OPS.get(backend)
+    if op is None:
+        name = "edit_norms_layers_triton" if backend == "triton" else "edit_norms_layers"
+        op = _LAYER_NORMS_OPS[backend] = _op(name).default
+    return op
+
+
+if HAS_CPP:
+    torch.library.register_fake("pyeditor::edit_norms_layers", _fake_edit_norms_layers)
+if backends.triton_available():
+    torch.library.register_fake("pyeditor::edit_norms_layers_triton", _fake_edit_norms_layers)

@@ -515,6 +515,75 @@ def sumsq_args(e: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Opt
     return _prepare_threshold(threshold, e, e.shape[0], values)
 
 
+LAYER_RULES = {"sumsq": 0, "sum": 1, "max": 2, "weighted": 3}  # csrc/include/pyeditor/layer_norms.h LayerRule
+
+
+def layer_norms_args(e: Tensor, weights, biases, threshold: Optional[Tensor], rule: str, layer_weights,
+                     gram: Optional[Tensor] = None, values: bool = True) -> tuple:
+    """csrc/layer_norms_args.cpp prepare_layer_norms: (rule code, kept layers, lambda per layer,
+    threshold float64 contiguous [1 or B] or None). gram is checked (the Triton kernel, like the
+    CUDA one, evaluates every layer directly)."""
+    if not e.dtype.is_floating_point:
+        _fail("e must be floating point, got ", e.dtype)
+    if e.dim() != 3:
+        _fail("e must be [L, B, d] (one embedding per layer), got ", _shape(e))
+    L = len(weights)
+    if L < 1:
+        _fail("weights must hold at least one layer")
+    if e.shape[0] != L:
+        _fail("e holds ", e.shape[0], " layer embeddings but weights has ", L, " layers")
+    if len(biases) != L:
+        _fail("biases has ", len(biases), " entries but weights has ", L, " layers")
+    P, d = (weights[0].shape[0] if weights[0].dim() == 3 else 0), e.shape[2]
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        for t, name in ((w, f"weights[{l}]"), (b, f"biases[{l}]")):
+            if t is None:
+                continue
+            if t.dtype != e.dtype:
+                _fail(name, " dtype ", t.dtype, " does not match e dtype ", e.dtype)
+            if t.device != e.device:
+                _fail(name, " is on ", t.device, " but e is on ", e.device)
+        if not (w.dim() == 3 and w.shape[0] == P and w.shape[1] == d):
+            _fail("weights[", l, "] must be [", P, ", ", d, ", n] (every layer: P of weights[0], d of e), got ",
+                  _shape(w))
+        if b is not None and not (b.dim() == 2 and b.shape[0] == P and b.shape[1] == w.shape[2]):
+            _fail("biases[", l, "] must be [", P, ", ", w.shape[2], "], got ", _shape(b))
+    code = LAYER_RULES.get(rule)
+    if code is None:
+        _fail("rule must be 'sumsq', 'sum', 'max' or 'weighted', got '", rule, "'")
+    if (rule == "weighted") != (layer_weights is not None):
+        _fail("layer_weights goes with rule 'weighted' and only with it")
+    lam = [1.0] * L
+    if layer_weights is not None:
+        if len(layer_weights) != L:
+            _fail("layer_weights has ", len(layer_weights), " values but weights has ", L, " layers")
+        for l, x in enumerate(layer_weights):
+            if not (math.isfinite(x) and x >= 0):
+                _fail("layer_weights[", l, "] = ", x, " must be finite and >= 0")
+        if not any(x > 0 for x in layer_weights):
+            _fail("layer_weights must not all be 0")
+        lam = [float(x) for x in layer_weights]
+    kept = [l for l in range(L) if lam[l] > 0]
+    if threshold is not None:
+        if threshold.dtype != torch.float64:
+            _fail("threshold must be float64 (the clip runs in double), got ", threshold.dtype)
+        if not (threshold.numel() == 1 or (threshold.dim() == 1 and threshold.shape[0] == e.shape[1])):
+            _fail("threshold must hold 1 or ", e.shape[1], " values, got shape ", _shape(threshold))
+        if threshold.device != e.device:
+            _fail("threshold is on ", threshold.device, " but e is on ", e.device)
+        threshold = threshold.reshape(threshold.numel()).contiguous()
+        if values:
+            check_threshold_values(threshold, host=True)
+    if gram is not None:
+        if gram.dtype != torch.float64:
+            _fail("gram must be float64, got ", gram.dtype)
+        if _shape(gram) != [L, P, d + 1, d + 1]:
+            _fail("gram must be [", L, ", ", P, ", ", d + 1, ", ", d + 1, "], got ", _shape(gram))
+        if gram.device != e.device:
+            _fail("gram is on ", gram.device, " but e is on ", e.device)
+    return code, kept, lam, threshold
+
+
 # ---------------------------------------------------------------- packed weights (quant_args.cpp)
 _TILE_N, _MAX_DIM = _qf.TILE_N, 1 << 40
 

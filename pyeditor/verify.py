@@ -411,7 +411,36 @@ def _generate_edit_checks(small: bool) -> Iterator[Check]:
                 yield Check(name, label, dtype, run, reduction_tolerance(dtype, d))
 
 
-CHECKS += [_assign_checks, _generate_edit_checks]
+def _assign_layers_checks(small: bool) -> Iterator[Check]:
+    """assign_prototypes_layers (Persona Eq. 11-12 over every layer, one call of the all-layer op):
+    chosen prototypes exactly, float64 norms, every rule, unclipped (a wide layer takes its Gram
+    form on CPU) and clipped, per-layer embeddings."""
+    from . import assign_layers
+
+    cases = [(9, 6, [130, 0, 7], 3), (12, 8, [64, 5], 4)]  # (B, d, layer widths, P)
+    if not small:
+        cases.append((192, 32, [1024, 192], 4))  # the Persona example's shapes
+    for dtype in DTYPES:
+        for B, d, sizes, P in cases:
+            for rule, thr in (("sumsq", None), ("sum", 0.4), ("max", "[B]"), ([0.5, 2.0] + [1.0] * (len(sizes) - 2), None)):
+                def run(backend, device, B=B, d=d, sizes=sizes, P=P, rule=rule, thr=thr, dtype=dtype):
+                    e = _rand((len(sizes), B, d), dtype, "cpu", seed=1)
+                    w = _rand((P, d, sum(sizes)), dtype, "cpu", d ** -0.5, seed=2)
+                    b = _rand((P, sum(sizes)), dtype, "cpu", seed=3)
+                    t = torch.linspace(0, 2, B) if thr == "[B]" else thr
+                    norms, chosen = assign_layers.assign_prototypes_layers(
+                        e.to(device), w.to(device), b.to(device), t.to(device) if isinstance(t, torch.Tensor) else t,
+                        rule=rule, sizes=sizes, backend=backend, method="fused")
+                    want_norms, want = reference.assign_prototypes_layers(e, w, b, t, rule, sizes)
+                    return norms.cpu(), want_norms, {"chosen": torch.equal(chosen.cpu(), want)}
+
+                name = "assign_prototypes_layers " + (rule if isinstance(rule, str) else "weighted") + \
+                    {None: "", "[B]": " T[B]"}.get(thr, f" T={thr}")
+                yield Check(name, f"e[{len(sizes)},{B},{d}] W[{P},{d},{sizes}]", dtype, run,
+                            reduction_tolerance(dtype, d * max(sizes)))
+
+
+CHECKS += [_assign_checks, _assign_layers_checks, _generate_edit_checks]
 
 
 def op_names() -> list[str]:

@@ -297,6 +297,12 @@ def test_auto_uses_the_plan(monkeypatch):
 
     monkeypatch.setattr(hyper, "norms_plan", spy)
     hyper.edit_norms(e[0], w, b)
+    assert len(seen) == 1
+    # every layer in one call of the all-layer op on a native backend (it picks each layer's form);
+    # the torch Gram form vs the oracle on backend "reference"
     al.edit_norms_layers(e, w, b, sizes=SIZES)
     al.edit_norms_layers(e, w, b, 0.3, sizes=SIZES)
+    assert len(seen) == 1
+    al.edit_norms_layers(e, w, b, sizes=SIZES, backend="reference")
+    al.edit_norms_layers(e, w, b, 0.3, sizes=SIZES, backend="reference")
     assert len(seen) == 3 and seen[2] == "fused"
