@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine with Python 3.11:
-#   make test    set up .venv (torch pinned, triton, the C++ build) and run every test
+#   make test    set up .venv (torch pinned, triton, the C++ build) and run the fast test tier
+#                (make test-slow: the rest; CI runs both)
 #   make bench   same set-up, then the benchmark suite (ARGS=--full for the long run)
 # Both are idempotent: a second run only rebuilds what changed.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -10,7 +11,7 @@ ARGS   ?=
 
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null) setup.py
 
-.PHONY: test bench verify setup clean
+.PHONY: test test-slow bench verify setup clean
 setup: $(VENV)/.built
 
 $(VENV)/.venv-ok:
@@ -28,8 +29,15 @@ $(VENV)/.built: $(VENV)/.deps-ok $(CSRC)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
+# make test: the fast tier, on every core (pytest-xdist, one torch thread per worker). The `slow`
+# tests (full sizes, long runs) are only worth the full run: make test-slow, which CI also runs.
+JOBS   ?= auto
+PYTEST := $(PY) -m pytest -q -n $(JOBS) --dist loadgroup --durations=15 tests
 test: setup
-	$(PY) -m pytest -q --durations=15 tests $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
+
+test-slow: setup
+	$(PYTEST) -m slow $(ARGS)
 
 # optional bench peers and the real model (requirements-bench.txt): a failed install leaves those
 # rows "unavailable", not the run broken

@@ -77,9 +77,7 @@ def test_edited_linear_strides_flat_and_edges(backend, device):
     assert torch.isnan(got[0]).any() and not torch.isnan(got[1:]).any()
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("case", ["proto-index", "shared-theta", "per-sample-theta"])
-def test_edited_linear_gradcheck(backend, device, case):
+def _gradcheck(backend, device, case, fast_mode):
     x, theta, delta, thr, bias, idx = linear_inputs(case, torch.float64, device)
     if backend == "triton":  # keep the interpreter's work tiny
         x, theta, delta = x[:, :2, :3], theta[..., :3, :4], delta[:, :3, :4].contiguous()
@@ -89,7 +87,26 @@ def test_edited_linear_gradcheck(backend, device, case):
     def fn(x, theta, delta, *b):
         return hyper.edited_linear(x, theta, delta, thr, b[0] if b else None, idx, backend=backend)
 
-    assert torch.autograd.gradcheck(fn, args, fast_mode=backend == "triton")
+    assert torch.autograd.gradcheck(fn, args, fast_mode=fast_mode)
+
+
+def _gradcheck_params():
+    """(backend, device, case); the exhaustive gradcheck of the largest case on the C++ kernels
+    (every entry of a ~10k-input Jacobian) is slow: its fast-mode twin below runs in make test."""
+    return [pytest.param(*b.values, case, id=f"{case}-{b.id}",
+                         marks=[*b.marks, *([pytest.mark.slow] if (case, b.id) == ("proto-index", "cpu") else [])])
+            for b in BACKENDS for case in ("proto-index", "shared-theta", "per-sample-theta")]
+
+
+@pytest.mark.parametrize("backend,device,case", _gradcheck_params())
+def test_edited_linear_gradcheck(backend, device, case):
+    _gradcheck(backend, device, case, fast_mode=backend == "triton")
+
+
+def test_edited_linear_gradcheck_fast_mode_cpu():
+    """The largest case at full size on the C++ kernels in gradcheck's fast mode (random
+    projections of the Jacobian)."""
+    _gradcheck("cpu", "cpu", "proto-index", fast_mode=True)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

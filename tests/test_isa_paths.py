@@ -44,8 +44,19 @@ def _describe(info):
     return " ".join(f"{f}={info.get(f)}" for f in FAMILIES)
 
 
-@pytest.mark.parametrize("level", [lv for lv in LEVELS if LEVELS.index(lv) < LEVELS.index(HOST)])
-def test_op_tests_under_lower_isa(level):
+LOWER = [lv for lv in LEVELS if LEVELS.index(lv) < LEVELS.index(HOST)]
+# The rerun is split between the tiers: make test reruns every test but opcheck, torch.compile,
+# float64 gradcheck and the slow ones; make test-slow reruns those (together: every test). opcheck
+# and torch.compile check registration and tracing, not the kernel path, and the three are most of
+# the rerun's time; the fp32 gradient-vs-reference tests keep the backward kernels in the fast rerun.
+NOT_KERNEL_PATH = "slow or opcheck or compile or gradcheck"
+TIERS = [pytest.param(f"not ({NOT_KERNEL_PATH})", id="fast"),
+         pytest.param(NOT_KERNEL_PATH, id="slow", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("level", LOWER)
+def test_op_tests_under_lower_isa(level, tier):
     info = _run(_info_cmd(), level, 120)
     assert info.returncode == 0, info.stderr[-3000:]
     import json
@@ -53,11 +64,12 @@ def test_op_tests_under_lower_isa(level):
     assert os.path.samefile(got["file"], pyeditor.__file__), got["file"]
     print(f"PYEDITOR_CPU_ISA={level}: {_describe(got)}")
     assert _paths(got) == EXPECT[level]
-    run = _run(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not triton and not cuda", *TESTS],
-               level, 1500)
+    run = _run(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", f"not triton and not cuda and ({tier})",
+                *TESTS], level, 1500)
     tail = (run.stdout + run.stderr)[-4000:]
     assert run.returncode == 0, tail
-    print(f"PYEDITOR_CPU_ISA={level}: {' '.join(TESTS)} (not triton, not cuda): {tail.strip().splitlines()[-1]}")
+    print(f"PYEDITOR_CPU_ISA={level}: {' '.join(TESTS)} ({tier}, not triton, not cuda): "
+          f"{tail.strip().splitlines()[-1]}")
 
 
 def test_host_level_is_the_default():

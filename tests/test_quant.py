@@ -95,7 +95,13 @@ def test_packed_size_and_metadata():
     assert small.metadata_bytes / small.nbytes < 0.02
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+def _slow_on_triton(params):
+    """The same params, the Triton one also `slow` (the interpreter runs one program per tile)."""
+    return [pytest.param(*p.values, id=p.id, marks=[*p.marks, *([pytest.mark.slow] if p.id == "triton" else [])])
+            for p in params]
+
+
+@pytest.mark.parametrize("backend,device", _slow_on_triton(backend_params()))
 def test_int32_permutation_past_int16(backend, device):
     """More than 32767 output channels: int32 permutation entries, same results."""
     n = quant.PERM_INT16_CHANNELS + 1
@@ -108,6 +114,24 @@ def test_int32_permutation_past_int16(backend, device):
     check_close(quant.packed_linear(x.to(device), p.to(device), backend=backend).cpu(), ref.packed_linear(x, qw),
                 tol=reduction_tolerance(torch.float32, 20))
     assert torch.equal(p.to(device).dequantize(backend=backend).cpu(), ref.dequantize(qw))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.id == "triton"])
+def test_triton_kernels_read_int32_permutation_entries(backend, device):
+    """The Triton kernels on int32 permutation entries at a small size (the fast tier's twin of
+    the case above: the kernels read perm the same way whatever the channel count)."""
+    from pyeditor.kernels import quant as kernels
+    n, k = 37, 50
+    p, qw = both(rand((n, k), seed=5), rand_bits(n, seed=6))
+    p = p.to(device)
+    perm = p.perm.to(torch.int32)
+    x = rand((3, k)).to(device)
+    y = torch.zeros((3, n), device=device)
+    kernels.linear(x, p.data, p.scale, p.zero, perm, p.flat_buckets, n, None, y)
+    check_close(y.cpu(), ref.packed_linear(x.cpu(), qw), tol=reduction_tolerance(torch.float32, k))
+    w = torch.zeros((n, k), device=device)
+    kernels.dequantize(p.data, p.scale, p.zero, perm, p.flat_buckets, k, n, w)
+    assert torch.equal(w.cpu(), ref.dequantize(qw))
 
 
 # ---------------------------------------------------------------- packed_linear
