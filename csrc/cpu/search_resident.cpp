@@ -54,6 +54,12 @@ template <int W, class I> inline __attribute__((always_inline)) I min_lanes(I v)
   else return v;
 }
 
+// every lane = the sum of v's lanes, by butterflies W, W / 2, ..., 1
+template <int W, class V> inline __attribute__((always_inline)) V lane_sum(V v) {
+  if constexpr (W >= 1) return lane_sum<W / 2>(v + swap_lanes<W>(v));
+  else return v;
+}
+
 // The smallest key, the second smallest (equal to the first on a tie) and the lowest lane
 // holding the smallest, over NV vectors of keys (lane h * L + l of the query's row). Keys are
 // NaN only where float32 overflowed; the acceptance bound rejects those queries whatever the
@@ -103,20 +109,30 @@ inline __attribute__((always_inline)) float load_query(const float* x, const flo
                                                        float* xb, int r) {
   constexpr int L = sizeof(V) / sizeof(float);
   V acc{};
-  for (int64_t i = 0; i < dpad; i += L) {
-    V v{};
-    if (i + L <= d) {
-      v = loadu<V>(x + i);
-      if (shift) v -= loadu<V>(shift + i);
-    } else {
-      for (int64_t l = 0; l < L && i + l < d; ++l) v[l] = shift ? x[i + l] - shift[i + l] : x[i + l];
+  float* dst = xb + r * kLanes;
+  const int64_t whole = d / kLanes * kLanes;
+  // whole 16-feature chunks: no per-vector tests or index arithmetic in the copy
+  for (int64_t c = 0; c < whole; c += kLanes, dst += Q * kLanes) {
+#pragma GCC unroll 4
+    for (int h = 0; h < kLanes / L; ++h) {
+      V v = loadu<V>(x + c + h * L);
+      if (shift) v -= loadu<V>(shift + c + h * L);
+      storeu(dst + h * L, v);
+      acc += v * v;
     }
-    storeu(xb + (i / kLanes) * Q * kLanes + r * kLanes + i % kLanes, v);
-    acc += v * v;
   }
-  float s = 0.f;
-  for (int l = 0; l < L; ++l) s += acc[l];
-  return s;
+  for (int64_t c = whole; c < dpad; c += kLanes, dst += Q * kLanes) {  // a partial chunk, zero past d
+    for (int h = 0; h < kLanes / L; ++h) {
+      V v{};
+      for (int l = 0; l < L; ++l) {
+        const int64_t i = c + h * L + l;
+        if (i < d) v[l] = shift ? x[i] - shift[i] : x[i];
+      }
+      storeu(dst + h * L, v);
+      acc += v * v;
+    }
+  }
+  return lane_sum<L / 2>(acc)[0];
 }
 
 // keys = bias - scale * x'_q . p' for the Q centred queries of xb (chunked) against every
