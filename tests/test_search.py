@@ -173,6 +173,32 @@ def test_cpu_passes_at_panel_edges(n, scale, batch):
                     check_close(dist, want_d)
 
 
+@pytest.mark.parametrize("n", [2, 5, 9, 16, 24, 32])
+def test_cpu_resident_pass(n):
+    # k = 1 with at most 32 prototypes and a batch of at least 32 takes the resident pass
+    # (search_plan.h): query groups ending mid-group (batch 203), d off the 16-dim chunks, ties
+    # from duplicate prototypes and queries on a prototype, a NaN prototype (dropped from the
+    # packed lanes) and NaN / inf queries, far from the origin where the float32 keys cannot
+    # decide alone.
+    for d, offset, seed in ((1, 0.0, 1), (17, 0.0, 2), (64, 300.0, 3), (100, 1e4, 4)):
+        x, p = clustered(203, n, d, offset, seed=seed + n)
+        p[n - 1] = p[0]
+        x[5] = p[n // 2]
+        x[7, 0] = math.nan
+        x[8, -1] = math.inf
+        variants = [p]
+        if n > 2:
+            bad = p.clone()
+            bad[1, -1] = math.nan
+            variants.append(bad)
+        for protos in variants:
+            for metric in METRICS:
+                dist, idx = pyeditor.nearest_prototype(x, protos, 1, metric, backend="cpu")
+                want_d, want_i = ref.nearest_prototype(x, protos, 1, metric)
+                assert torch.equal(idx, want_i), (n, d, offset, metric)
+                check_close(dist, want_d)
+
+
 def test_deterministic_across_threads():
     x, p = clustered(3000, 100, 33, 300.0, seed=7)
     old = torch.get_num_threads()

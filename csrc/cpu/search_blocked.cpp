@@ -320,37 +320,6 @@ inline __attribute__((always_inline)) void tile16(const float* tile, int64_t dpa
 // ps::accept_fast for k = 1 on 16 queries at once (float64 lanes, two halves): a query's
 // winner is accepted when its centred norm is finite, its key is below kHuge and the second
 // key's lower bound lies above the winner's upper bound. All-ones lanes are accepted.
-// k = 1, l2: a finite query the blocked pass could not settle (a near-tie under its bound,
-// which scales with ||x'|| + max ||p'||). Float32 direct-difference keys err by at most
-// uf + rel * key (relative, plus underflow), so prototype j can only win if
-// key_j (1 - rel) - uf <= min key (1 + rel) + uf; only those few get float64 keys. Falls back to
-// the full float64 scan when no key is finite or the bound is not.
-inline __attribute__((always_inline)) void refine_l2_top1(const float* x, const float* P, int64_t N, int64_t d,
-                                                          float* dist, int64_t* idx) {
-  static thread_local std::vector<float> keys;
-  keys.resize((N + kLanes - 1) / kLanes * kLanes);
-  v16f lo = v16f{} + INFINITY;
-  for (int64_t j0 = 0; j0 < N; j0 += kLanes) {
-    const v16f s = group_sums_l2_any(x, P + j0 * d, std::min<int64_t>(kLanes, N - j0), d);
-    *reinterpret_cast<v16fu*>(keys.data() + j0) = s;
-    lo = vmin(lo, s == s ? s : lo);  // NaN (a NaN prototype) never wins
-  }
-  const double best = spread_min(lo)[0];
-  const double rel = ps::rel_of(ps::gamma32(d + 3)), uf = ps::underflow_err(d);
-  if (!(best < ps::kHuge) || !(rel < 1.0)) return ps::exact_query<2>(x, P, d, N, d, 1, ps::kL2, dist, idx);
-  const double cut = best * (1.0 + rel) + 2.0 * uf;
-  double be = INFINITY;
-  int64_t bj = -1;
-  for (int64_t j = 0; j < N; ++j) {
-    if (!(keys[j] * (1.0 - rel) <= cut)) continue;  // NaN keys too
-    const double e = exact_key_f32(x, P + j * d, d, ps::kL2, 0.0);
-    if (e == e && (bj < 0 || ps::before(e, j, be, bj))) be = e, bj = j;
-  }
-  if (bj < 0) return ps::exact_query<2>(x, P, d, N, d, 1, ps::kL2, dist, idx);
-  dist[0] = static_cast<float>(be);
-  idx[0] = bj;
-}
-
 template <int H> inline __attribute__((always_inline)) v8d half_f64(v16f v) {
   return __builtin_convertvector(__builtin_shufflevector(v, v, 8 * H, 8 * H + 1, 8 * H + 2, 8 * H + 3, 8 * H + 4,
                                                          8 * H + 5, 8 * H + 6, 8 * H + 7),
@@ -418,22 +387,7 @@ inline __attribute__((always_inline)) void blocked_rows_top1(const BlockJob& job
     alignas(64) int32_t ok[kMR2], i1[kMR2];
     *reinterpret_cast<v16i*>(ok) = accept_top1(best, *reinterpret_cast<const v16f*>(n2), job);
     *reinterpret_cast<v16i*>(i1) = best.i1;
-    for (int64_t r = 0; r < nr; ++r) {
-      const int64_t q = q0 + r;
-      const float* xr = job.x + q * d;
-      if (ok[r]) {
-        const int64_t j = pk.orig[i1[r]];
-        const double xn = job.metric == ps::kCosine ? ps::norm64(xr, d) : 0.0;
-        const double e = exact_key_f32(xr, job.P + j * d, d, job.metric, xn);
-        if (e == e) {  // NaN: the pair is not eligible after all
-          job.dist[q] = static_cast<float>(ps::key_to_distance(e, job.metric));
-          job.idx[q] = j;
-          continue;
-        }
-      }
-      if (job.metric == ps::kL2 && n2[r] < INFINITY) refine_l2_top1(xr, job.P, job.N, d, job.dist + q, job.idx + q);
-      else ps::exact_query<2>(xr, job.P, d, job.N, d, 1, job.metric, job.dist + q, job.idx + q);
-    }
+    for (int64_t r = 0; r < nr; ++r) settle_top1(job, q0 + r, ok[r] != 0, i1[r], n2[r]);
   }
 }
 

@@ -1,5 +1,8 @@
-// CPU nearest-prototype search: argument checks, then one of three exact paths (see
-// search_math.h for the acceptance rule that makes the float32 passes exact):
+// CPU nearest-prototype search: argument checks, then one of four exact paths, as the plan
+// (search_plan.h) says (see search_math.h for the acceptance rule that makes the float32
+// passes exact):
+//  * resident (search_resident.cpp): k = 1 and few prototypes, all kept in L1 while the
+//    queries stream past, the best two of each query reduced in registers.
 //  * blocked (search_blocked.cpp): packed prototypes, a register-tiled float32 micro-kernel
 //    with the top-k in its epilogue; the B x N distance matrix is never written. Large batches.
 //  * direct (search_direct.cpp): float32 (x - p)^2 / x.p per pair on the raw rows; small
@@ -13,6 +16,7 @@
 
 #include "../ops.h"
 #include "pyeditor/search_math.h"
+#include "pyeditor/search_plan.h"
 #include "search_passes.h"
 
 namespace pyeditor {
@@ -22,8 +26,6 @@ namespace ps = pe::search;
 using search_cpu::BlockJob;
 using search_cpu::kMC;
 using search_cpu::Packed;
-
-constexpr int64_t kDirectMaxBatch = 32;  // below this the packing would cost more than it saves
 
 int parse_metric(c10::string_view m) {
   if (m == "l2") return ps::kL2;
@@ -75,15 +77,15 @@ void exact_all(const T* x, const T* P, int64_t B, int64_t N, int64_t d, int k, i
   });
 }
 
-void fast_all(const float* x, const float* P, int64_t B, int64_t N, int64_t d, int k, int metric, float* dist,
-              int64_t* idx) {
+void fast_all(const ps::SearchPlan& plan, const float* x, const float* P, int64_t B, int64_t N, int64_t d, int k,
+              int metric, float* dist, int64_t* idx) {
   const int cap = capacity_for(k);
   auto direct = [&] {
     at::parallel_for(0, B, grain_for(N, d), [&](int64_t q0, int64_t q1) {
       search_cpu::direct_job(x, P, N, d, k, metric, q0, q1, dist, idx, cap);
     });
   };
-  if (B < kDirectMaxBatch || d == 0) return direct();
+  if (plan.path == ps::SearchPath::kDirect) return direct();
   std::vector<int64_t> valid;
   bool has_inf = false;
   for (int64_t j = 0; j < N; ++j) {
@@ -93,6 +95,14 @@ void fast_all(const float* x, const float* P, int64_t B, int64_t N, int64_t d, i
   // inf prototypes can still win (at distance inf): the direct pass keeps every row
   if (has_inf || valid.empty()) return direct();
   const Packed pk = search_cpu::pack_prototypes(P, N, d, metric, valid);
+  if (plan.path == ps::SearchPath::kResident) {
+    const int vectors = static_cast<int>((pk.count + plan.lanes - 1) / plan.lanes);  // (NaN rows dropped)
+    at::parallel_for(0, B, grain_for(N, d), [&](int64_t q0, int64_t q1) {
+      BlockJob job{x, P, &pk, N, d, q0, q1 - q0, B, k, metric, dist, idx};
+      search_cpu::resident_job(job, vectors);
+    });
+    return;
+  }
   const int64_t blocks = (B + kMC - 1) / kMC;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -121,7 +131,10 @@ std::tuple<at::Tensor, at::Tensor> nearest_prototype_cpu(const at::Tensor& x, co
   const bool wide = x.scalar_type() == at::kDouble || prototypes.scalar_type() == at::kDouble;
   if (B == 0) return {at::empty({0, k}, x.options()), idx};
   const int kk = static_cast<int>(k);
-  if (wide) {
+  ps::SearchCall call;
+  call.batch = B, call.count = N, call.dim = d, call.k = k, call.wide = wide, call.level = pe::cpu::vector_level();
+  const ps::SearchPlan plan = ps::plan_search(call);
+  if (wide) {  // (the plan's kExact: float64 keys on float64 copies)
     at::Tensor xd = x.to(at::kDouble).contiguous(), pd = prototypes.to(at::kDouble).contiguous();
     at::Tensor dist = at::empty({B, k}, x.options().dtype(at::kDouble));
     exact_all(xd.const_data_ptr<double>(), pd.const_data_ptr<double>(), B, N, d, kk, metric,
@@ -136,10 +149,10 @@ std::tuple<at::Tensor, at::Tensor> nearest_prototype_cpu(const at::Tensor& x, co
   at::Tensor dist = at::empty({B, k}, x.options().dtype(at::kFloat));
   const float* xp = xf.const_data_ptr<float>();
   const float* pp = pf.const_data_ptr<float>();
-  if (k > ps::kMaxK) {
+  if (plan.path == ps::SearchPath::kExact) {
     exact_all(xp, pp, B, N, d, kk, metric, dist.mutable_data_ptr<float>(), idx.mutable_data_ptr<int64_t>());
   } else {
-    fast_all(xp, pp, B, N, d, kk, metric, dist.mutable_data_ptr<float>(), idx.mutable_data_ptr<int64_t>());
+    fast_all(plan, xp, pp, B, N, d, kk, metric, dist.mutable_data_ptr<float>(), idx.mutable_data_ptr<int64_t>());
   }
   if (x.scalar_type() == at::kFloat) return {dist, idx};
   return {dist.to(x.scalar_type()), idx};

@@ -41,6 +41,10 @@ Packed pack_prototypes(const float* P, int64_t N, int64_t d, int metric, const s
 // least two packed prototypes: the 16-query transposed tile).
 void blocked_job(const BlockJob& job, int cap);
 
+// Resident pass (k = 1, few prototypes: search_plan.h) over job.rows queries, `vectors`
+// vectors of the level's width per query (the packed prototypes rounded up).
+void resident_job(const BlockJob& job, int vectors);
+
 // Direct pass over queries [q0, q1) against the raw prototypes (small batches).
 void direct_job(const float* x, const float* P, int64_t N, int64_t d, int k, int metric, int64_t q0, int64_t q1,
                 float* dist, int64_t* idx, int cap);

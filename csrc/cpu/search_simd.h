@@ -10,6 +10,7 @@
 
 #include "pyeditor/cpu_isa.h"
 #include "pyeditor/search_math.h"
+#include "search_passes.h"
 
 namespace pyeditor::search_cpu {
 
@@ -268,6 +269,58 @@ inline __attribute__((always_inline)) v16f group_sums_l2(const float* x, const f
 
 inline __attribute__((always_inline)) v16f group_sums_l2_any(const float* x, const float* g, int64_t live, int64_t d) {
   return kOneRegisterV16 ? group_sums_l2<v16f>(x, g, live, d) : group_sums_l2<v8f>(x, g, live, d);
+}
+
+// k = 1, l2: a finite query the blocked pass could not settle (a near-tie under its bound,
+// which scales with ||x'|| + max ||p'||). Float32 direct-difference keys err by at most
+// uf + rel * key (relative, plus underflow), so prototype j can only win if
+// key_j (1 - rel) - uf <= min key (1 + rel) + uf; only those few get float64 keys. Falls back to
+// the full float64 scan when no key is finite or the bound is not.
+inline __attribute__((always_inline)) void refine_l2_top1(const float* x, const float* P, int64_t N, int64_t d,
+                                                          float* dist, int64_t* idx) {
+  static thread_local std::vector<float> keys;
+  keys.resize((N + kLanes - 1) / kLanes * kLanes);
+  v16f lo = v16f{} + INFINITY;
+  for (int64_t j0 = 0; j0 < N; j0 += kLanes) {
+    const v16f s = group_sums_l2_any(x, P + j0 * d, std::min<int64_t>(kLanes, N - j0), d);
+    *reinterpret_cast<v16fu*>(keys.data() + j0) = s;
+    lo = vmin(lo, s == s ? s : lo);  // NaN (a NaN prototype) never wins
+  }
+  const double best = spread_min(lo)[0];
+  const double rel = ps::rel_of(ps::gamma32(d + 3)), uf = ps::underflow_err(d);
+  if (!(best < ps::kHuge) || !(rel < 1.0)) return ps::exact_query<2>(x, P, d, N, d, 1, ps::kL2, dist, idx);
+  const double cut = best * (1.0 + rel) + 2.0 * uf;
+  double be = INFINITY;
+  int64_t bj = -1;
+  for (int64_t j = 0; j < N; ++j) {
+    if (!(keys[j] * (1.0 - rel) <= cut)) continue;  // NaN keys too
+    const double e = exact_key_f32(x, P + j * d, d, ps::kL2, 0.0);
+    if (e == e && (bj < 0 || ps::before(e, j, be, bj))) be = e, bj = j;
+  }
+  if (bj < 0) return ps::exact_query<2>(x, P, d, N, d, 1, ps::kL2, dist, idx);
+  dist[0] = static_cast<float>(be);
+  idx[0] = bj;
+}
+
+// The result of query q for k = 1: when the fast pass accepted packed lane `lane` as its winner,
+// that prototype with its float64 key; else (or when the pair turns out not to be eligible)
+// the l2 refinement for a finite centred norm n2, or the float64 scan.
+inline __attribute__((always_inline)) void settle_top1(const BlockJob& job, int64_t q, bool ok, int32_t lane,
+                                                       float n2) {
+  const int64_t d = job.d;
+  const float* xr = job.x + q * d;
+  if (ok) {
+    const int64_t j = job.pk->orig[lane];
+    const double xn = job.metric == ps::kCosine ? ps::norm64(xr, d) : 0.0;
+    const double e = exact_key_f32(xr, job.P + j * d, d, job.metric, xn);
+    if (e == e) {  // NaN: the pair is not eligible after all
+      job.dist[q] = static_cast<float>(ps::key_to_distance(e, job.metric));
+      job.idx[q] = j;
+      return;
+    }
+  }
+  if (job.metric == ps::kL2 && n2 < INFINITY) refine_l2_top1(xr, job.P, job.N, d, job.dist + q, job.idx + q);
+  else ps::exact_query<2>(xr, job.P, d, job.N, d, 1, job.metric, job.dist + q, job.idx + q);
 }
 
 }  // namespace pyeditor::search_cpu
