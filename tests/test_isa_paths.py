@@ -1,5 +1,5 @@
-"""Every CPU kernel path this host can run, not only its best: the packed-weight, edit, hyper and
-search op tests again in a subprocess under each lower PYEDITOR_CPU_ISA cap (the default run
+"""Every CPU kernel path this host can run, not only its best: the packed-weight, edit, hyper,
+all-layer assignment and search op tests again in a subprocess under each lower PYEDITOR_CPU_ISA cap (the default run
 above takes the host's own level). Each run says which paths it took (build_info)."""
 import os
 import subprocess
@@ -21,7 +21,8 @@ FAMILIES = ("quant_cpu", "tile_gemm", "edit_cpu", "search_cpu")
 EXPECT = {"portable": ("scalar", "portable", "portable", "portable"), "avx2": ("avx2", "avx2", "avx2", "avx2"),
           "avx512": ("avx512-vnni", "avx512", "avx512", "avx512"),
           "amx": ("avx512-vnni+amx", "avx512", "avx512", "avx512")}
-TESTS = ["test_quant.py", "test_quant_group.py", "test_hyper.py", "test_apply_edit.py", "test_search.py"]
+TESTS = ["test_quant.py", "test_quant_group.py", "test_hyper.py", "test_apply_edit.py", "test_search.py",
+         "test_layer_norms_op.py", "test_assign_layers.py"]
 
 
 def _run(code_or_args, level, timeout):
