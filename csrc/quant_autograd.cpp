@@ -1,5 +1,5 @@
 // Autograd of pyeditor::quant_linear in C++ (one registration for every device): the Python
-// register_autograd wrapper cost ~8 us per call, a tenth of a DRAM-bound 4096x4096 GEMV.
+// register_autograd wrapper costs a noticeable share of a DRAM-bound GEMV (bench: packed_linear M=1).
 // grad_x = grad_y @ W with W from pyeditor::quant_dequantize; grad_bias = grad_y summed over rows.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -1,7 +1,7 @@
 // Memory-bandwidth probes for the benchmark suite's rooflines, reading (and writing) several
-// concurrent streams per thread. On the VMs measured here one sequential stream per core (what
-// torch's .sum() and copy_ do) reached about 15-20 GB/s while four to eight streams per core
-// reached 21-27, so rooflines from the torch ops alone understated what the machine can move.
+// concurrent streams per thread: one sequential stream per core (what torch's .sum() and copy_ do)
+// moves less than several streams per core, so rooflines from the torch ops alone understate what
+// the machine can move (the bench prints both at the start of a run).
 // read_probe: the largest int32 word of a buffer (exact: the max does not depend on the order).
 // copy_probe: dst = src, bytewise.
 #include "pyeditor/cpu_isa.h"
@@ -37,8 +37,8 @@ int32_t max_tail(const int32_t* w, int64_t begin, int64_t end, int32_t m) {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// AVX-512: one piece is four vectors; the plain loop below does not vectorize well (measured
-// 6 GB/s, a third of one stream's bandwidth)
+// AVX-512: one piece is four vectors; the plain loop below does not vectorize well (it
+// reads far below one stream's bandwidth)
 __attribute__((target("avx512f"))) int32_t max_streams_avx512(const int32_t* w, int64_t begin, int64_t end,
                                                                 int64_t streams) {
   const Streams st(begin, end, streams);

@@ -236,10 +236,9 @@ constexpr int kAhead = 2, kRing = 4;
 
 // n channel tiles, two at a time, under one tile configuration (loading it costs about as much
 // as a 16-channel x 1024-input pair of tiles). While one pair is multiplied, the next pair's
-// codes at the same K position are prefetched into L2: on the VM measured, one or two
-// sequential streams per core read 15-20 GB/s and four about 20-27 (bench/cases_quant.py,
-// read-sum against read-streams); interleaved A/B at M = 1, 4096 x 4096 from DRAM: 10-25%
-// faster (mix 868 -> 778 us, 8-bit 1815 -> 1423 us).
+// codes at the same K position are prefetched into L2: a few sequential streams per core read
+// more than one or two (bench/cases_quant.py, read-sum against read-streams), and the packed_linear
+// dram M=1 rows measure the gain.
 PE_AMX void dot_digits(const uint8_t* const* all_tiles, const int* all_bits, int64_t n_all, int64_t blocks,
                        const int8_t* digits, int64_t rows, int32_t* all_out) {
   TileConfig cfg;

@@ -58,8 +58,7 @@ namespace pe::quant::cpu {
 // M = 1, 4096 x 4096 from DRAM on the AVX-512 paths (1 KiB: about half that; 4-16 KiB alike).
 // A prefetch past the end of the buffer is harmless: prefetches never fault. The kernels that
 // walk several tiles together (one stream each; the last group may hold one) ask for less: 2 KiB
-// ahead there measured 3-6% faster than 4 KiB (fast 2-bit 221 vs 235 us, exact 6-bit 750 vs 778;
-// 8 KiB slower, 1 KiB alike).
+// ahead there measured faster than 4 KiB or 8 KiB (bench: the packed_linear dram M=1 rows).
 constexpr int64_t kStreamAhead = 4096, kStreamAheadMulti = 2048;
 inline void stream_ahead(const uint8_t* block, int bytes, int64_t ahead = kStreamAhead) {
   for (int l = 0; l < bytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(block + ahead + l), _MM_HINT_T0);

@@ -92,7 +92,7 @@ __attribute__((target("avx512f"))) void tile_gemm_avx512(const float* a, int64_t
 // summed in chunks of kSumChunk steps of k like the AVX-512 kernel: 2R accumulators, 2 tile
 // vectors and a broadcast fit the 16 ymm registers. (3 rows x 32 columns needed 12 + 4 + 1
 // registers, so every FMA re-read its tile vector, and it broadcast a value per 4 FMAs instead
-// of per 2: Zen 3, assign_prototypes B=256 d=128 n=65536 P=8, 368 -> 338 ms a call.)
+// of per 2; bench: the assign_prototypes rows.)
 template <int R>
 __attribute__((target("avx2,fma"))) inline void block_avx2(const float* a, int64_t kc, const float* tile,
                                                            float* acc) {
