@@ -9,15 +9,19 @@ exactly the packed bytes: read-sum (torch ``.sum()``, one stream per thread) and
 (``pyeditor::read_probe``: eight concurrent streams per thread, CPU builds only). The faster of
 the two is the weight-read roofline of the row: on the Intel VM of 2026-12-03 one stream per
 core read ~15 GB/s and eight ~20 GB/s, so a roofline from ``.sum()`` alone flattered every kernel.
+GEMM rows (M > 1) add issue 29's peers: bf16 (torch ``F.linear`` with weight and x in bf16, a
+model cast to bf16), bnb-nf4 (bitsandbytes NF4, block 64) and bnb-w8a8 (bitsandbytes
+Linear8bitLt, int8 weight and activations); the 4-bit GEMV rows add bnb-nf4 (bench/peers_bnb.py:
+an optional bench extra; without it these impls record why, and their targets read "not measured").
 
 GEMV rows ("dram") cycle over distinct copies of the layer, for every impl, so each one's
 working set is >= 4x the last-level cache (this machine's L3 as the OS reports it, at least the
 issue's 32 MiB) and weights stream from DRAM like one token through a real model; "cache" rows
 call one layer repeatedly. Widths: 2, 4, 6, 8 uniform and the CHORD mix
 (beta = 12.5%: 12.5% 8-bit, 12.5% 4-bit, 75% 2-bit).
-Default run (~40 s a row under load, 5 rows): 4096x4096 GEMV (dram) at 2 and 4 bits and the mix,
-cache-resident GEMV and GEMM M=256 for the mix; --full adds the rest of the grid (6- and 8-bit
-GEMV, 4-bit cache, M=16, the other widths at M=256, 384x1536).
+Default run: 4096x4096 GEMV (dram) at 2 and 4 bits and the mix, GEMM M=16 and M=256 for the mix;
+--full adds the rest of the grid (6- and 8-bit GEMV, cache-resident GEMV, the other widths at M=16
+and M=256, 384x1536).
 "module" rows (default run): one M = 1 call of the drop-in PackedLinear (4-bit, groups of 64) at
 SmolLM2-135M's 576x576 and 1536x576, module against nn.Linear fp32 and against the bare op, from
 DRAM: the per-call cost a decoder pays per layer and token (see _make_module).
@@ -40,6 +44,20 @@ WIDTHS = ("2", "4", "6", "8", "mix")
 READS = ("read-sum", "read-streams")
 IMPLS = (OURS, "ours-fast", "fp32", "int8pack", "int4pack") + READS
 GEMV_IMPLS = IMPLS[:2] + ("ours-bf16x",) + IMPLS[2:]
+GEMM_PEERS = ("bf16", "bnb-nf4", "bnb-w8a8")  # issue 29's peers of the batched (M > 1) rows
+PEERS = ("fp32", "int8pack", "int4pack") + GEMM_PEERS
+# seconds of samples per impl on GEMM rows, whatever the run's budget (as the real-model batch rows
+# do): there each impl's calls are long, min_reps still bounds every impl from below, and ten impls
+# at the run's budget would make each GEMM row cost the default run several GEMV rows
+GEMM_BUDGET_S = 0.4
+
+
+def _impls(m: int, width: str) -> tuple[str, ...]:
+    """A row's impls: GEMM rows add the bf16 and bitsandbytes peers; the 4-bit GEMV rows add NF4,
+    the one bitsandbytes format of the same width."""
+    if m > 1:
+        return IMPLS[:-len(READS)] + GEMM_PEERS + READS
+    return GEMV_IMPLS[:-len(READS)] + (("bnb-nf4",) if width == "4" else ()) + READS
 
 
 def _bits(width: str, n: int) -> torch.Tensor:
@@ -72,8 +90,10 @@ def _quantized(n: int, k: int, width: str):
 
 def _make(n: int, k: int, m: int, width: str, dram: bool, ctx: Context) -> Prepared:
     import pyeditor
+    from bench import peers_bnb  # here, not at the top: it imports this module's _cycle
     from pyeditor import quant
 
+    impls = _impls(m, width)
     gen = torch.Generator().manual_seed(1)  # not the weight's seed: x must not equal a weight row
     x = torch.randn(m, k, generator=gen)
     packed = _quantized(n, k, width)
@@ -105,6 +125,20 @@ def _make(n: int, k: int, m: int, width: str, dram: bool, ctx: Context) -> Prepa
     else:
         int4 = f"K={k} is not a multiple of the int4 group size 128"
 
+    # the peers of a user who casts the model to bf16 or quantizes it with bitsandbytes; built only
+    # where the row has them (NF4 quantization of a 4096x4096 layer takes a while)
+    peers, peer_notes = {}, []
+    if "bf16" in impls:
+        wb = dense.bfloat16()
+        wbs = [wb] + [wb.clone() for _ in range(_copies(wb.nbytes, dram) - 1)]
+        peers["bf16"] = _cycle([functools.partial(torch.nn.functional.linear, xb, t) for t in wbs])
+        peer_notes.append("bf16: torch F.linear with the dequantized weight and x cast to bf16 (a model cast to bf16)")
+    if "bnb-nf4" in impls:
+        peers["bnb-nf4"] = peers_bnb.nf4(dense, x, _copies(peers_bnb.nf4_bytes(n, k), dram))
+    if "bnb-w8a8" in impls:
+        peers["bnb-w8a8"] = peers_bnb.w8a8(dense, x, _copies(peers_bnb.w8a8_bytes(n, k), dram))
+    peer_notes += [peers_bnb.describe(p) for p in impls if p.startswith("bnb-")]
+
     reads = [torch.zeros(packed.nbytes // 4) for _ in copies]
     read_sum = _cycle([r.sum for r in reads])
     read_streams = (_cycle([functools.partial(torch.ops.pyeditor.read_probe, r, STREAMS) for r in reads])
@@ -124,7 +158,7 @@ def _make(n: int, k: int, m: int, width: str, dram: bool, ctx: Context) -> Prepa
                 continue
             if "weight-read" in t:
                 out[f"read_roofline_pct{tag}"] = 100.0 * t["weight-read"] / t[name]
-            for peer in ("fp32", "int8pack", "int4pack"):
+            for peer in PEERS:
                 if peer in t:
                     out[f"vs_{peer}{tag}"] = t[peer] / t[name]
         if "weight-read" in t:
@@ -135,14 +169,15 @@ def _make(n: int, k: int, m: int, width: str, dram: bool, ctx: Context) -> Prepa
     widths = {b: int((packed.bits == b).sum()) for b in (2, 4, 6, 8)}
     return Prepared(
         fns={OURS: ours, "ours-fast": fast, "ours-bf16x": ours_bf16x, "fp32": fp32, "int8pack": int8,
-             "int4pack": int4, "read-sum": read_sum, "read-streams": read_streams},
-        bytes_moved=packed.nbytes, derive=derive,
+             "int4pack": int4, "read-sum": read_sum, "read-streams": read_streams, **peers},
+        bytes_moved=packed.nbytes, derive=derive, timing={"budget_s": GEMM_BUDGET_S} if m > 1 else {},
         notes=[f"packed {packed.nbytes} B ({packed.metadata_bytes} B metadata = "
                f"{100 * packed.metadata_bytes / packed.nbytes:.2f}%); channels per width {widths}; "
                f"{len(copies)} copies of ours, {len(ws)} of fp32, {len(w8s)} of int8pack per cycle",
                f"ours-fast (int8 activations) max|err| vs exact = {err:.3g} (max|y| = {ref:.3g})",
                "weight-read roofline: the faster of read-sum (torch .sum()) and read-streams (8 streams per "
-               f"thread) over buffers of exactly the packed bytes; working set {WORKING_SET >> 20} MiB per impl"],
+               f"thread) over buffers of exactly the packed bytes; working set {WORKING_SET >> 20} MiB per impl",
+               *peer_notes],
     )
 
 
@@ -150,7 +185,7 @@ def _case(n, k, m, width, dram, full):
     regime = "dram" if dram else "cache"
     shape = f"{n}x{k}"
     return Case(f"{FAMILY}/{regime}/M{m}/{shape}/{width}", f"packed_linear {regime} M={m} {shape} {width}-bit",
-                FAMILY, GEMV_IMPLS if m == 1 else IMPLS, functools.partial(_make, n, k, m, width, dram), full,
+                FAMILY, _impls(m, width), functools.partial(_make, n, k, m, width, dram), full,
                 {"out": n, "in": k, "M": m, "bits": width, "regime": regime})
 
 
@@ -216,7 +251,7 @@ def _cases() -> list:
     cases += [_case(4096, 4096, 1, "mix", False, True), _case(4096, 4096, 1, "4", False, True)]
     for m in (256, 16):
         for width in WIDTHS:
-            cases.append(_case(4096, 4096, m, width, False, width != "mix" or m == 16))
+            cases.append(_case(4096, 4096, m, width, False, width != "mix"))
     for m in (1, 16, 256):
         for width in WIDTHS:
             cases.append(_case(384, 1536, m, width, m == 1, True))

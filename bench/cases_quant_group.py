@@ -4,7 +4,7 @@
 
 - ours-channel: the same codes with one scale per channel (the group-wise cost: target <= 1.1x)
 - int4pack: aten ``_weight_int4pack_mm_for_cpu`` with bf16 x, group 128 (target: ours >= 1.3x at g128)
-- bnb-nf4: bitsandbytes' CPU NF4 kernel, blocksize 64 (optional bench extra, requirements-bench.txt;
+- bnb-nf4: bitsandbytes' NF4 matmul, blocksize 64 (bench/peers_bnb.py, an optional bench extra;
   target: ours at g64 at least as fast)
 - read-streams: a read of exactly the packed bytes (the roofline)
 ours-fast is the int8-activation mode on the same grouped weight.
@@ -15,6 +15,7 @@ import functools
 
 import torch
 
+from bench import peers_bnb
 from bench.cases_quant import WORKING_SET, _copies, _cycle
 from bench.registry import OURS, Case, Context, Prepared
 from bench.roofline import STREAMS
@@ -26,21 +27,6 @@ IMPLS = (OURS, "ours-fast", "ours-channel", "int4pack", "bnb-nf4", "read-streams
 @functools.lru_cache(maxsize=1)
 def _weight(n: int, k: int) -> torch.Tensor:
     return torch.randn(n, k, generator=torch.Generator().manual_seed(0))
-
-
-def _bnb(w: torch.Tensor, x: torch.Tensor, copies: int):
-    try:
-        import bitsandbytes as bnb
-        import bitsandbytes.functional as bf
-    except Exception as exc:  # noqa: BLE001  (any import failure: the peer is unavailable)
-        return f"bitsandbytes unavailable ({type(exc).__name__}); pip install -r requirements-bench.txt"
-    try:
-        packs = [bf.quantize_4bit(w.clone(), blocksize=64, quant_type="nf4") for _ in range(copies)]
-        fns = [functools.partial(bnb.matmul_4bit, x, q.t(), quant_state=s) for q, s in packs]
-        fns[0]()
-    except Exception as exc:  # noqa: BLE001
-        return f"bitsandbytes NF4 failed on this host: {exc}"
-    return _cycle(fns)
 
 
 def _make(n: int, k: int, group: int, ctx: Context) -> Prepared:
@@ -71,7 +57,7 @@ def _make(n: int, k: int, group: int, ctx: Context) -> Prepared:
     w4s = [w4] + [w4.clone() for _ in range(_copies(w4.nbytes + sz.nbytes, True) - 1)]
     fns["int4pack"] = _cycle([functools.partial(torch.ops.aten._weight_int4pack_mm_for_cpu, xb, t, 128, sz)
                               for t in w4s])
-    fns["bnb-nf4"] = _bnb(w, x, _copies(n * k // 2 + n * k // 64 * 4, True))
+    fns["bnb-nf4"] = peers_bnb.nf4(w, x, _copies(peers_bnb.nf4_bytes(n, k), True))
     reads = [torch.zeros(grouped.nbytes // 4) for _ in gs]
     fns["read-streams"] = (_cycle([functools.partial(torch.ops.pyeditor.read_probe, r, STREAMS) for r in reads])
                            if hasattr(torch.ops.pyeditor, "read_probe") else "read_probe needs the C++ extension")
