@@ -120,8 +120,8 @@ def run(argv: list[str]) -> int:
     from bench.registry import Context, default_backend
     from bench.report import format_report
     from bench.results import document, write_run
-    from bench.roofline import BandwidthProbe, best_of
-    from bench.runner import add_roofline, run_case
+    from bench.roofline import BandwidthProbe, ComputeProbe, best_of
+    from bench.runner import add_compute_roofline, add_roofline, run_case
 
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -141,6 +141,8 @@ def run(argv: list[str]) -> int:
         return 2
     probe = BandwidthProbe(args.device, nbytes=args.probe_mib << 20, sync=ctx.sync)
     bw_start = probe.measure()
+    compute = ComputeProbe(threads) if args.device == "cpu" else None
+    peak_start = compute.measure() if compute is not None else None
     machine = machine_info(args.device)
     machine["load_at_start"] = load
     machine["ours_backend"] = ctx.backend if ctx.backend is not None else "auto"
@@ -160,6 +162,11 @@ def run(argv: list[str]) -> int:
     progress("measuring memory bandwidth again ...")
     machine["bandwidth"] = best_of(bw_start, probe.measure())
     del probe
+    if peak_start is not None and peak_start["fp32_gflops"]:
+        runs = [peak_start["fp32_gflops"], compute.gflops()]
+        machine["compute"] = {**peak_start, "fp32_gflops": max(runs), "fp32_gflops_runs": runs}
+        for row in rows:  # the best of the run's start and end, as for the memory rooflines
+            add_compute_roofline(row, machine["compute"]["fp32_gflops"])
 
     machine["wall_s"] = time.perf_counter() - start
     print(format_report(machine, rows), flush=True)

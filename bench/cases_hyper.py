@@ -255,7 +255,7 @@ def _make_heads(B, d, P, shapes, dt, ctx: Context) -> Prepared:
             raise AssertionError(f"{name}: max|err| {errs[name]:.2e} above {TOL[dt]}")
     return Prepared(
         fns={OURS: ours, "loop": loop, "torch": plain},
-        bytes_moved=w.nbytes + b.nbytes + e.nbytes + B * N * e.element_size(),
+        bytes_moved=w.nbytes + b.nbytes + e.nbytes + B * N * e.element_size(), flops=2 * B * d * N,
         notes=["ours: one hyper_matmul_heads launch over a (head, prototype, column tiles) work table",
                "loop: pyeditor.hyper_matmul once per head (L launches; per-head weight tensors)",
                "torch: per head, sort by index, addmm per prototype into a slice, index_copy_ back",

@@ -171,6 +171,7 @@ def _make(n: int, k: int, m: int, width: str, dram: bool, ctx: Context) -> Prepa
         fns={OURS: ours, "ours-fast": fast, "ours-bf16x": ours_bf16x, "fp32": fp32, "int8pack": int8,
              "int4pack": int4, "read-sum": read_sum, "read-streams": read_streams, **peers},
         bytes_moved=packed.nbytes, derive=derive, timing={"budget_s": GEMM_BUDGET_S} if m > 1 else {},
+        flops=2 * m * n * k if m > 1 else None,  # GEMM rows are compute-bound: their roofline is the FMA peak
         notes=[f"packed {packed.nbytes} B ({packed.metadata_bytes} B metadata = "
                f"{100 * packed.metadata_bytes / packed.nbytes:.2f}%); channels per width {widths}; "
                f"{len(copies)} copies of ours, {len(ws)} of fp32, {len(w8s)} of int8pack per cycle",

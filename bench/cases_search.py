@@ -83,8 +83,9 @@ def _make_search(B, N, d, metric, offset, clustered, ctx: Context) -> Prepared:
             if callable(fn):
                 got = fn() if name not in convert else convert[name](fn())
                 notes.append(f"{name}: {int((got.cpu() != want).sum())} of {B} indices wrong")
-    return Prepared(fns=fns, bytes_moved=(B + N) * d * 4 + B * 8, reference=reference, tol=0.0, notes=notes,
-                    convert=convert)
+    # the distance products (x . p for every pair); norms and the selection are lower order
+    return Prepared(fns=fns, bytes_moved=(B + N) * d * 4 + B * 8, flops=2 * B * N * d, reference=reference, tol=0.0,
+                    notes=notes, convert=convert)
 
 
 def _make_kmeans(B, d, K, iters, ctx: Context) -> Prepared:
@@ -121,7 +122,8 @@ def _make_kmeans(B, d, K, iters, ctx: Context) -> Prepared:
             out["summary"] = f"inertia ours/faiss = {out['inertia_ratio_ours_over_faiss']:.4f}"
         return out
 
-    return Prepared(fns=fns, bytes_moved=B * d * 4 * iters, derive=derive,
+    # per iteration: the assignment's distance products and the centroid sums
+    return Prepared(fns=fns, bytes_moved=B * d * 4 * iters, flops=iters * (2 * B * K * d + B * d), derive=derive,
                     notes=["inertia of each impl's centroids, computed exactly (float64 recheck) by "
                            "nearest_prototype; both use random init and the same iteration count"])
 

@@ -70,12 +70,16 @@ def _impl_entries(row: dict[str, Any], role: str) -> list[str]:
 
 
 def _roofline(row: dict[str, Any]) -> str:
-    pct = (row.get("impls") or {}).get(OURS, {}).get("roofline_pct")
-    if pct is None:
-        return "-"
-    gbps = (row.get("impls") or {}).get(OURS, {}).get("gbps")
-    text = f"{pct:.0f}%" + (f" ({gbps:.1f} GB/s)" if gbps else "")
-    return text + " †" if pct > 100 else text
+    ours = (row.get("impls") or {}).get(OURS, {})
+    parts = []
+    pct = ours.get("roofline_pct")
+    if pct is not None:
+        gbps = ours.get("gbps")
+        text = f"{pct:.0f}%" + (f" ({gbps:.1f} GB/s)" if gbps else "")
+        parts.append(text + " †" if pct > 100 else text)
+    if ours.get("compute_pct") is not None:
+        parts.append(f"{ours['compute_pct']:.0f}% compute ({ours['gflops']:.0f} GFLOP/s)")
+    return "<br>".join(parts) or "-"
 
 
 def outcome_text(o: Outcome) -> str:
@@ -125,6 +129,11 @@ def _run_line(doc: dict[str, Any]) -> str:
             f"torch {m.get('torch', '?')}")
 
 
+def _compute_text(m: dict[str, Any]) -> str:
+    peak = (m.get("compute") or {}).get("fp32_gflops")
+    return f"; fp32 FMA peak {peak:.0f} GFLOP/s (fma_probe, all threads)" if peak else ""
+
+
 def _host_block(entries: list[tuple[dict[str, Any], dict[str, Any]]], targets: list[Target]) -> list[str]:
     """entries: (doc, row) pairs of one host, newest row per case already chosen."""
     newest = max((doc for doc, _ in entries), key=lambda d: d["machine"].get("date") or "")
@@ -133,7 +142,8 @@ def _host_block(entries: list[tuple[dict[str, Any], dict[str, Any]]], targets: l
     lines = [f"## {host_title(m)}", "",
              f"ISA: {isa(m)}; last-level cache {llc(m)}; {m.get('cores_usable', '?')} usable cores; "
              f"memory bandwidth copy {bw.get('copy_gbps', float('nan')):.1f} GB/s, read "
-             f"{bw.get('read_gbps', float('nan')):.1f} GB/s (best of the newest run's start and end)", ""]
+             f"{bw.get('read_gbps', float('nan')):.1f} GB/s (best of the newest run's start and end)"
+             + _compute_text(m), ""]
     families: dict[str, list[tuple[dict, dict]]] = {}
     for doc, row in entries:
         families.setdefault(row.get("family") or row["name"].split("/")[0], []).append((doc, row))
@@ -174,7 +184,10 @@ def render(docs: list[dict[str, Any]], command: str, targets: Optional[list[Targ
              "pyeditor's other modes (ours-fast = int8 activations, ...) are shown as a fraction of ours' time "
              "and are not counted as peers. % roofline = the bytes the op must move / the copy bandwidth "
              "measured around the case, over ours' time; cache-resident rows have none; † marks rows above "
-             "100% (data partly in cache, so the DRAM roofline does not bound them). ⚠ = measured while other "
+             "100% (data partly in cache, so the DRAM roofline does not bound them). Rows that declare their "
+             "floating-point work also show % compute = their GFLOP/s over the host's fp32 FMA peak (a "
+             "multiply-add counts 2; the peak is pyeditor's fma_probe on every thread, the best of the run's "
+             "start and end). ⚠ = measured while other "
              "processes used the CPU. Targets are the figures issues set (bench/targets.py).", ""]
     for entries in by_host(docs).values():
         lines += _host_block(entries, targets)

@@ -37,6 +37,7 @@ class Prepared:
 
     fns: dict[str, Impl]
     bytes_moved: Optional[int] = None  # bytes that must move; the roofline's numerator
+    flops: Optional[int] = None  # floating-point operations the op must do (a multiply-add is 2)
     reference: Optional[Callable[[], torch.Tensor]] = None  # oracle output for max|err|
     tol: Optional[float] = None  # max|err| above this is flagged
     notes: list[str] = field(default_factory=list)

@@ -48,7 +48,9 @@ def header(machine: dict[str, Any]) -> str:
         f"torch's op and the multi-stream probe; at start copy {_methods(bw.get('copy_gbps_by_method'))}, read "
         f"{_methods(bw.get('read_gbps_by_method'))}); each case's roofline = bytes / copy bandwidth measured around "
         "that case",
-    ])
+    ] + ([f"compute: fp32 FMA peak {'/'.join(_num(x, '.0f') for x in machine['compute']['fp32_gflops_runs'])} "
+          f"GFLOP/s start/end ({machine['compute']['method']}); a case with flops gets % of the best"]
+         if (machine.get("compute") or {}).get("fp32_gflops_runs") else []))
 
 
 def _case_block(i: int, row: dict[str, Any]) -> list[str]:
@@ -89,7 +91,8 @@ def _case_block(i: int, row: dict[str, Any]) -> list[str]:
         rel = "-" if not ours or name == "ours" else f"{e['median_s'] / ours:.2f}"
         lines.append(f"    {name:<16}{role:<6}{_ms(e['median_s']):>10}{_num(e.get('gbps'), '.1f'):>8}"
                      f"{_pct(e.get('roofline_pct')):>8}{rel:>8}"
-                     f"{err_s:>10}{str(e['reps']) + ('!' if e.get('contended_reps') else ''):>6}  {100 * e['iqr_s'] / e['median_s']:.1f}%")
+                     f"{err_s:>10}{str(e['reps']) + ('!' if e.get('contended_reps') else ''):>6}  {100 * e['iqr_s'] / e['median_s']:.1f}%"
+                     + (f"  {e['gflops']:.0f} GFLOP/s = {e['compute_pct']:.0f}% of peak" if "compute_pct" in e else ""))
         if "check_error" in e:
             lines.append(f"      check: {e['check_error'][:200]}")
     extra = row.get("extra") or {}

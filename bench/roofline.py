@@ -104,3 +104,30 @@ def roofline_s(nbytes: Optional[int], copy_gbps: float) -> Optional[float]:
     if not nbytes:
         return None
     return nbytes / (copy_gbps * 1e9)
+
+
+class ComputeProbe:
+    """The fp32 FMA peak of this host's threads at the vector level the CPU kernels run:
+    pyeditor's fma_probe (csrc/cpu/compute_probe.cpp) keeps a block of independent FMA chains in
+    registers per thread, so its time is the FMA pipes' and nothing else. CPU only (None elsewhere
+    or without the C++ extension)."""
+
+    ROUNDS = 20_000  # FMAs per element per call: a call of a few milliseconds
+
+    def __init__(self, threads: int) -> None:
+        ops = getattr(torch.ops, "pyeditor", None)
+        self.op = getattr(ops, "fma_probe", None) if ops is not None else None
+        # 8 blocks of 768 floats per thread: each thread gets whole blocks, the pool stays busy
+        self.x = torch.rand(8 * 768 * max(1, threads)) * 0.5
+
+    def gflops(self, reps: int = 5) -> Optional[float]:
+        if self.op is None:
+            return None
+        r = measure(lambda: self.op(self.x, 0.5, 1.0, self.ROUNDS), min_reps=reps, max_reps=reps, budget_s=0.0,
+                    min_warmup=1, warmup_s=0.0, drop_contended=False)
+        return 2 * self.x.numel() * self.ROUNDS / r.min_s / 1e9
+
+    def measure(self, reps: int = 5) -> dict[str, Any]:
+        peak = self.gflops(reps)
+        return {"fp32_gflops": peak, "method": f"pyeditor fma_probe: {self.ROUNDS} fused multiply-adds on each of "
+                                               f"{self.x.numel()} floats held in registers, best of {reps}"}

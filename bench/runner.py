@@ -61,6 +61,8 @@ def _run_case(case: Case, ctx: Context, timing_kw: Optional[dict]) -> dict[str, 
         row["wall_s"] = time.perf_counter() - start
         return row
     row.update(bytes=prep.bytes_moved, tol=prep.tol, notes=list(prep.notes))
+    if prep.flops:
+        row["flops"] = prep.flops
 
     fns = {n: prep.fns.get(n, "not provided by the case") for n in case.impls}
     runnable = {n: f for n, f in fns.items() if not isinstance(f, str)}
@@ -117,6 +119,23 @@ def _run_case(case: Case, ctx: Context, timing_kw: Optional[dict]) -> dict[str, 
 def cache_resident(params: dict[str, Any]) -> bool:
     """Whether the case says its data stays in cache (a --shape case keeps its base case's params)."""
     return (params.get("regime") or (params.get("base_params") or {}).get("regime")) == "cache"
+
+
+def add_compute_roofline(row: dict[str, Any], peak_gflops: float) -> None:
+    """GFLOP/s and % of the host's fp32 FMA peak (bench.roofline.ComputeProbe) for every timed
+    impl of a row that declares its flops: the bound of the compute-heavy rows, which the memory
+    roofline does not bound."""
+    flops = row.get("flops")
+    if not flops or not peak_gflops:
+        return
+    row["peak_gflops"] = peak_gflops
+    for e in row.get("impls", {}).values():
+        if "median_s" in e:
+            e["gflops"] = flops / e["median_s"] / 1e9
+            e["compute_pct"] = 100.0 * e["gflops"] / peak_gflops
+    ours = row.get("impls", {}).get(OURS, {})
+    if "compute_pct" in ours:
+        row["compute_pct"] = ours["compute_pct"]
 
 
 def add_roofline(row: dict[str, Any], copy_gbps: float) -> None:

@@ -19,6 +19,9 @@ at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& data, const a
 // benchmarks: bandwidth probes for the rooflines (cpu/bandwidth_probe.cpp)
 at::Tensor read_probe_cpu(const at::Tensor& data, int64_t streams);
 void copy_probe_cpu(const at::Tensor& src, at::Tensor dst, int64_t streams);
+// benchmarks: fp32 FMA probe for the compute roofline (cpu/compute_probe.cpp)
+at::Tensor fma_probe_cpu(const at::Tensor& x, double a, double b, int64_t rounds);
+const char* compute_probe_level();
 
 // nearest-prototype search (issue 5)
 std::tuple<at::Tensor, at::Tensor> nearest_prototype_cpu(const at::Tensor& x, const at::Tensor& prototypes, int64_t k,

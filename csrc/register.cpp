@@ -42,6 +42,8 @@ std::string build_info() {
   if (pe::quant::cpu::amx_enabled()) info += "+amx";
   info += ";tile_gemm=";
   info += pyeditor::cpu::tile_gemm_level();
+  info += ";fma_probe=";
+  info += pyeditor::compute_probe_level();
 #ifdef PYEDITOR_WITH_CUDA
   info += ";cuda=1";
 #else
@@ -65,6 +67,9 @@ TORCH_LIBRARY(pyeditor, m) {
   // concurrent streams per thread. read_probe: max int32 word of data; copy_probe: dst = src.
   m.def("read_probe(Tensor data, int streams=4) -> Tensor");
   m.def("copy_probe(Tensor src, Tensor(a!) dst, int streams=4) -> ()");
+  // benchmarks only (bench/roofline.py): y = x after `rounds` steps of v = fma(v, a, b), with a
+  // and b rounded to float32; its time gives the fp32 FMA peak (the compute roofline)
+  m.def("fma_probe(Tensor x, float a, float b, int rounds) -> Tensor");
   // nearest-prototype search (issue 5)
   m.def("nearest_prototype(Tensor x, Tensor prototypes, int k=1, str metric=\"l2\") -> (Tensor, Tensor)");
   // Persona serving: edited linear, hypernetwork matmuls, fused edit norms (issue 4)
@@ -88,6 +93,7 @@ TORCH_LIBRARY_IMPL(pyeditor, CPU, m) {
   m.impl("quant_linear", &quant_linear_cpu);
   m.impl("read_probe", &read_probe_cpu);
   m.impl("copy_probe", &copy_probe_cpu);
+  m.impl("fma_probe", &fma_probe_cpu);
   m.impl("nearest_prototype", &nearest_prototype_cpu);  // issue 5
   m.impl("edited_linear", &edited_linear_cpu);
   m.impl("hyper_matmul", &hyper_matmul_cpu);

@@ -250,6 +250,7 @@ if backends.triton_available():
 if HAS_CPP:  # the benchmarks' bandwidth probes (csrc/cpu/bandwidth_probe.cpp); reference.read_probe
     torch.library.register_fake("pyeditor::read_probe", lambda data, streams=4: data.new_empty((), dtype=torch.int32))
     torch.library.register_fake("pyeditor::copy_probe", lambda src, dst, streams=4: None)
+    torch.library.register_fake("pyeditor::fma_probe", lambda x, a, b, rounds: x.new_empty(x.shape))
 
 # ---------------------------------------------------------------- nearest-prototype search (issue 5)
 # The Triton op's host algorithm (float32 passes, error-bound acceptance, float64 rescans) is

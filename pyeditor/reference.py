@@ -987,6 +987,18 @@ def copy_probe(src: Tensor, dst: Tensor, streams: int = 4) -> None:
     dst.reshape(-1).view(torch.uint8).copy_(src.reshape(-1).view(torch.uint8))
 
 
+def fma_probe(x: Tensor, a: float, b: float, rounds: int) -> Tensor:
+    """The benchmarks' compute probe: x (float32) after `rounds` steps of v = fma(v, a, b), one
+    rounding per step, with a and b rounded to float32. The float64 steps are exact fused
+    multiply-adds when v * a + b is exact in float64 (a a power of two, say), as the tests pick."""
+    a32 = float(torch.tensor(a, dtype=torch.float32))
+    b32 = float(torch.tensor(b, dtype=torch.float32))
+    v = x.to(torch.float32)
+    for _ in range(rounds):
+        v = (v.double() * a32 + b32).to(torch.float32)
+    return v.clone()
+
+
 # --------------------------------------------------------------------------------------
 # Persona Eq. 11-12 over every edited layer at once
 # --------------------------------------------------------------------------------------
