@@ -41,7 +41,8 @@ template <class S> struct LayerJob {
   double* out;  // [B, P] contiguous
 };
 
-template <class S> PE_HD void run_blocks(const LayerJob<S>& job, int64_t begin, int64_t end) {
+// Blocks [begin, end) of samples, prototypes [p0, p1).
+template <class S> PE_HD void run_blocks(const LayerJob<S>& job, int64_t begin, int64_t end, int64_t p0, int64_t p1) {
   double t[pe::kLayerRows] = {}, sq[pe::kLayerRows], bound[pe::kLayerRows], state[pe::kLayerRows];
   const bool clipped = job.thr != nullptr;
   const int64_t d1 = job.dim + 1, n_layers = static_cast<int64_t>(job.layers.size());
@@ -54,7 +55,7 @@ template <class S> PE_HD void run_blocks(const LayerJob<S>& job, int64_t begin, 
       for (int64_t r = 0; r < rows; ++r) t[r] = job.thr[(b0 + r) * job.thr_stride];
     for (int64_t i = 0; i < n_layers; ++i)
       if (job.gram[i]) pe::gram_samples(job.layers[i], job.dim, b0, rows, samples.data() + i * d1 * pe::kLayerRows);
-    for (int64_t p = 0; p < job.protos; ++p) {
+    for (int64_t p = p0; p < p1; ++p) {
       for (int64_t r = 0; r < rows; ++r) state[r] = 0.0;
       for (int64_t i = 0; i < n_layers; ++i) {
         const pe::LayerOperands<S>& l = job.layers[i];
@@ -187,21 +188,24 @@ template <class S, bool kDot> PE_HD void gram_tasks(const GramJob<S>& job, int64
   }
 }
 
-template <class S> using BlocksFn = void (*)(const LayerJob<S>&, int64_t, int64_t);
+template <class S> using BlocksFn = void (*)(const LayerJob<S>&, int64_t, int64_t, int64_t, int64_t);
 template <class S> using GramsFn = void (*)(const GramJob<S>&, int64_t, int64_t);
 
-template <class S> void blocks_portable(const LayerJob<S>& job, int64_t begin, int64_t end) {
-  run_blocks(job, begin, end);
+template <class S>
+void blocks_portable(const LayerJob<S>& job, int64_t begin, int64_t end, int64_t p0, int64_t p1) {
+  run_blocks(job, begin, end, p0, p1);
 }
 template <class S> void grams_portable(const GramJob<S>& job, int64_t begin, int64_t end) {
   gram_tasks<S, false>(job, begin, end);
 }
 #if PE_ISA_VARIANTS
-template <class S> PE_TARGET_AVX2 void blocks_avx2(const LayerJob<S>& job, int64_t begin, int64_t end) {
-  run_blocks(job, begin, end);
+template <class S>
+PE_TARGET_AVX2 void blocks_avx2(const LayerJob<S>& job, int64_t begin, int64_t end, int64_t p0, int64_t p1) {
+  run_blocks(job, begin, end, p0, p1);
 }
-template <class S> PE_TARGET_AVX512 void blocks_avx512(const LayerJob<S>& job, int64_t begin, int64_t end) {
-  run_blocks(job, begin, end);
+template <class S>
+PE_TARGET_AVX512 void blocks_avx512(const LayerJob<S>& job, int64_t begin, int64_t end, int64_t p0, int64_t p1) {
+  run_blocks(job, begin, end, p0, p1);
 }
 template <class S> PE_TARGET_AVX2 void grams_avx2(const GramJob<S>& job, int64_t begin, int64_t end) {
   gram_tasks<S, std::is_same<pe::acc_t<S>, float>::value>(job, begin, end);
@@ -264,14 +268,8 @@ void layer_norms_kernel(const LayerNormsArgs& a, const at::Tensor& e, at::Tensor
   }
   const int64_t n_gram = static_cast<int64_t>(grams.layers.size());
   std::vector<double> half(n_gram * gram_size), frob(n_gram * a.protos);
-  if (n_gram) {
-    grams.half = half.data();
-    grams.frob = frob.data();
-    const int64_t tasks = n_gram * a.protos;
-    const int64_t grain = std::max<int64_t>(1, kTaskMacs * n_gram / std::max<int64_t>(1, gram_macs));
-    static const GramsFn<S> form = pick_grams<S>();
-    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) { form(grams, begin, end); });
-  }
+  grams.half = half.data();
+  grams.frob = frob.data();
   for (int64_t s : slot) {
     job.gram.push_back(s >= 0 ? half.data() + s * gram_size : nullptr);
     job.gram_frob.push_back(s >= 0 ? frob.data() + s * a.protos : nullptr);
@@ -280,11 +278,27 @@ void layer_norms_kernel(const LayerNormsArgs& a, const at::Tensor& e, at::Tensor
     job.thr = a.threshold.const_data_ptr<double>();
     job.thr_stride = a.threshold.numel() > 1 ? 1 : 0;
   }
+  static const GramsFn<S> form = pick_grams<S>();
+  static const BlocksFn<S> run = pick_blocks<S>();
   const int64_t blocks = pe::ceil_div(a.batch, pe::kLayerRows);
+  const int64_t threads = at::get_num_threads();
+  if (n_gram && a.protos % threads == 0) {
+    // the prototypes share out evenly: each thread forms its prototypes' Grams and evaluates
+    // them over every sample, one parallel region instead of two (the Gram tasks are
+    // prototype-major, so prototypes [p0, p1) are tasks [p0 n_gram, p1 n_gram))
+    at::parallel_for(0, a.protos, 1, [&](int64_t p0, int64_t p1) {
+      form(grams, p0 * n_gram, p1 * n_gram);
+      run(job, 0, blocks, p0, p1);
+    });
+    return;
+  }
+  if (n_gram) {
+    const int64_t grain = std::max<int64_t>(1, kTaskMacs * n_gram / std::max<int64_t>(1, gram_macs));
+    at::parallel_for(0, n_gram * a.protos, grain, [&](int64_t begin, int64_t end) { form(grams, begin, end); });
+  }
   const int64_t block_macs = std::max<int64_t>(1, pe::kLayerRows * a.protos * macs);
   const int64_t grain = std::max<int64_t>(1, kTaskMacs / block_macs);
-  static const BlocksFn<S> run = pick_blocks<S>();
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) { run(job, begin, end); });
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) { run(job, begin, end, 0, a.protos); });
 }
 
 }  // namespace
