@@ -6,7 +6,9 @@
 // read from the Grams given, laid out for the evaluation (gram_half). Second pass, work item
 // kLayerRows samples: for each prototype the kept layers run in order and fold into the pair's
 // state, a Gram layer as one small product across the samples with the pairs it cannot trust
-// redone directly, every other layer directly (layer_norms.h). Both passes are built once per
+// redone directly, every other layer directly (layer_norms.h). When the prototypes share out
+// evenly over the threads, each thread runs both passes for its own prototypes (one parallel
+// region); otherwise the Grams, then the sample blocks, are shared out. Both passes are built once per
 // vector level (portable / AVX2 / AVX-512) from the same inlined bodies, picked at load; at AVX2
 // and above the Grams of float32 and 16-bit editors run on an AVX2 register block (gram_dot).
 #include <ATen/ATen.h>
@@ -152,7 +154,8 @@ __attribute__((target("avx2,fma"))) void gram_dot(const pe::LayerOperands<S>& l,
     }
     for (int64_t i0 = 0; i0 < count; i0 += 3) {
       const float* x[3];
-      for (int r = 0; r < 3; ++r) x[r] = row[std::min(i0 + r, count - 1)];  // past the last row: a repeat, not read back
+      // past the last row: a repeat of it, whose sums land in the padding and are not read back
+      for (int r = 0; r < 3; ++r) x[r] = row[std::min(i0 + r, count - 1)];
       for (int64_t c0 = i0 / 4 * 4; c0 < count; c0 += 4) {
         const float* y[4];
         for (int q = 0; q < 4; ++q) y[q] = row[std::min(c0 + q, count - 1)];
