@@ -37,7 +37,7 @@ def _layer_generators(weights, biases, sizes) -> tuple:
             raise TypeError(f"sizes must be one int >= 0 per layer, got {sizes!r}")
         if sum(sizes) != weights.shape[2]:
             raise ValueError(f"sizes sum to {sum(sizes)} but weights has {weights.shape[2]} columns")
-        ws = list(weights.split(sizes, dim=2))
+        ws = list(weights.split_with_sizes(sizes, 2))
         if biases is None:
             return ws, [None] * len(ws), (weights, None, tuple(sizes))
         if not isinstance(biases, Tensor):
@@ -47,7 +47,7 @@ def _layer_generators(weights, biases, sizes) -> tuple:
         if tuple(biases.shape) != (weights.shape[0], weights.shape[2]):
             raise ValueError(f"biases must have shape [{weights.shape[0]}, {weights.shape[2]}], "
                              f"got {tuple(biases.shape)}")
-        return ws, list(biases.split(sizes, dim=1)), (weights, biases, tuple(sizes))
+        return ws, list(biases.split_with_sizes(sizes, 1)), (weights, biases, tuple(sizes))
     if not isinstance(weights, (list, tuple)):
         raise TypeError(f"weights must be a list of [P, d, n_l] tensors or one [P, d, N] tensor with sizes, "
                         f"got {type(weights).__name__}")
@@ -80,8 +80,12 @@ def _check_layers(e: Tensor, ws: list, bs: list) -> Tuple[Tensor, bool]:
     if e.dim() not in (2, 3):
         raise ValueError(f"e must be [B, d] (shared by every layer) or [L, B, d] (one per layer), "
                          f"got shape {tuple(e.shape)}")
+    dtype, device = e.dtype, e.device
     for l, (w, b) in enumerate(zip(ws, bs)):
-        _dtype_device(e, "e", **{f"weights[{l}]": w, f"biases[{l}]": b})
+        # names are spelled out only when something is wrong (a serving call checks every layer)
+        if not (isinstance(w, Tensor) and w.dtype == dtype and w.device == device and
+                (b is None or (isinstance(b, Tensor) and b.dtype == dtype and b.device == device))):
+            _dtype_device(e, "e", **{f"weights[{l}]": w, f"biases[{l}]": b})
         if w.dim() != 3:
             raise ValueError(f"weights[{l}] must be [P, d, n], got shape {tuple(w.shape)}")
         if w.shape[:2] != ws[0].shape[:2]:
@@ -316,8 +320,9 @@ def assign_prototypes_layers(e: Tensor, weights: Union[Tensor, Sequence[Tensor]]
 
 def _argmin(norms: Tensor) -> Tensor:
     """hyper.argmin_nan_last (NaN after +inf, ties to the lowest index, all-NaN -> -1); without
-    NaN that is torch's argmin (first minimum), one op instead of several on small serving calls."""
-    if validate.compiling() or norms.shape[1] == 0 or bool(torch.isnan(norms).any()):
+    NaN that is torch's argmin (first minimum), one op instead of several on small serving calls.
+    Norms are >= 0, +inf or NaN, so their sum is NaN exactly when one of them is."""
+    if validate.compiling() or norms.shape[1] == 0 or math.isnan(norms.sum().item()):
         return hyper.argmin_nan_last(norms)
     return norms.argmin(1)
 

@@ -97,6 +97,26 @@ def test_op_odd_and_empty_shapes(backend, device):
     assert op(e, ws, [None, None]).shape == (B, 0)
 
 
+@pytest.mark.parametrize("protos", [3, 4])
+def test_cpu_op_same_for_any_thread_count(protos):
+    """The CPU kernel forms the Grams and evaluates them in one parallel region when the
+    prototypes share out evenly over the threads, else in two passes: same values either way."""
+    if not ops.HAS_CPP:
+        pytest.skip("needs the compiled CPU kernels")
+    op = ops.layer_norms_op("cpu")
+    e, ws, bs = inputs((150, 40, 3), batch=37, protos=protos, dim=5)  # 3 blocks of samples, Gram and direct layers
+    before = torch.get_num_threads()
+    try:
+        got = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            got.append(op(e, ws, bs))
+    finally:
+        torch.set_num_threads(before)
+    check_close(got[0], want(e, ws, bs, None, "sumsq"), tol=GRAM)
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_op_strides(backend, device):
     op = ops.layer_norms_op(backend)

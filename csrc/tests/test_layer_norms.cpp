@@ -1,6 +1,6 @@
 // Framework-free checks of layer_norms.h: the double edit element, the clipped square (NaN kept,
 // inf clipped), the blocked CPU rows against the scalar per-pair definition (strided, clipped,
-// bf16), the Gram form (values, bound, the trust test, which layers take it) and every
+// bf16), the Gram form (its formation, values, bound, the trust test, which layers take it) and every
 // combination rule, NaN included.
 #include <cmath>
 #include <cstdio>
@@ -89,7 +89,7 @@ int main() {
 
   // Gram form: a G a^T equals the direct sum of squares; the bound covers the terms' magnitudes
   {
-    const int64_t Bg = 6, d = 3, n = 11;
+    const int64_t Bg = 21, d = 4, n = 11;  // a full and a partial block of samples
     unsigned s = 99u;
     std::vector<float> e(Bg * d), w(d * n), bias(n);
     for (auto& x : e) x = next(s);
@@ -104,10 +104,14 @@ int main() {
     double frob = 0.0;
     for (double x : g) frob += x * x;
     frob = std::sqrt(frob);
+    std::vector<double> h((d + 1) * (d + 1));
+    EXPECT(close(pe::gram_half(g.data(), d + 1, h.data()), frob));
     for (int64_t b0 = 0; b0 < Bg; b0 += pe::kLayerRows) {
       const int64_t rows = Bg - b0 < pe::kLayerRows ? Bg - b0 : pe::kLayerRows;
       double value[pe::kLayerRows], bound[pe::kLayerRows];
-      pe::gram_rows(l, d, b0, rows, g.data(), frob, value, bound);
+      std::vector<double> a((d + 1) * pe::kLayerRows);
+      pe::gram_samples(l, d, b0, rows, a.data());
+      pe::gram_rows(a.data(), d, rows, h.data(), frob, value, bound);
       for (int64_t r = 0; r < rows; ++r) {
         const double direct = pe::layer_sumsq(l, d, b0 + r, 0, false, 0.0);
         EXPECT(close(value[r], direct));
@@ -122,6 +126,35 @@ int main() {
       }
     }
   }
+  // the Gram formed from the operands (several column chunks, strided W, with and without bias)
+  // matches the double sums to float32 rounding; both triangles are filled
+  for (bool with_bias : {false, true})
+    for (int64_t n : {int64_t(0), int64_t(5), pe::kGramChunk + 37}) {
+      const int64_t d = 7, P = 2, d1 = d + 1;
+      unsigned s = 5u + static_cast<unsigned>(n);
+      std::vector<float> w(P * n * d), bias(P * n);
+      for (auto& x : w) x = next(s);
+      for (auto& x : bias) x = next(s);
+      // W stored [P, n, d] (column stride d)
+      pe::LayerOperands<float> l{nullptr, 0, 0, w.data(), n * d, 1, d, with_bias ? bias.data() : nullptr, n, 1, n, 1.0};
+      std::vector<float> pack(d1 * pe::kGramChunk);
+      std::vector<double> g(d1 * d1, -1.0);
+      for (int64_t p = 0; p < P; ++p) {
+        pe::layer_gram(l, d, p, pack.data(), g.data());
+        for (int64_t i = 0; i < d1; ++i)
+          for (int64_t k = 0; k < d1; ++k) {
+            double want = 0.0, mag = 0.0;
+            for (int64_t j = 0; j < n; ++j) {
+              const double x = i < d ? w[p * n * d + j * d + i] : (with_bias ? bias[p * n + j] : 0.0);
+              const double y = k < d ? w[p * n * d + j * d + k] : (with_bias ? bias[p * n + j] : 0.0);
+              want += x * y;
+              mag += std::fabs(x * y);
+            }
+            EXPECT(std::fabs(g[i * d1 + k] - want) <= 1e-6 * (1.0 + mag));
+            EXPECT(g[i * d1 + k] == g[k * d1 + i]);
+          }
+      }
+    }
   // trusted only when finite and not small next to the bound
   EXPECT(!pe::gram_value_ok(1e-6, 1.0, 0x1p-10));
   EXPECT(!pe::gram_value_ok(nan_, 1.0, 0x1p-10));

@@ -72,8 +72,9 @@ PE_HD double finish_layers(double state, int rule) {
 }
 
 // CPU blocking: kLayerRows samples of one prototype at a time, kLayerCols columns per pass, so
-// each row of W_p is read once for all the rows (and vectorizes along the columns when unit-strided).
-constexpr int64_t kLayerRows = 4;
+// each row of W_p is read once for all the rows (and vectorizes along the columns when unit-strided);
+// the Gram form runs across the kLayerRows samples.
+constexpr int64_t kLayerRows = 16;
 constexpr int64_t kLayerCols = 64;
 
 // out[r] = the layer's sum of squares of samples b0 + r (r < rows <= kLayerRows) for prototype p;
@@ -125,41 +126,160 @@ PE_HD bool layer_prefers_gram(int64_t batch, int64_t dim, int64_t width, bool gi
   return gram < static_cast<double>(batch) * static_cast<double>(dim) * static_cast<double>(width);
 }
 
-// Gram-form values of `rows` samples b0 + r for one prototype: value[r] = a_r G a_r^T with
-// a_r = [e_r, 1] (G row-major (d+1) x (d+1), symmetric) and bound[r] = ||G||_F ||a_r||^2, which is
-// at least |a_r| |G| |a_r|^T, the sum of the form's terms' magnitudes. Y = A G is accumulated row
-// of G by row (vectorizes along G's rows), then value = sum_j a_j y_j.
+// Widest embedding the Gram form takes (the caller sends wider layers to the direct path).
+constexpr int64_t kGramMaxDim = 255;
+
+// Columns of [W_p; b_p] one Gram partial sum covers: products and their sums in acc_t<S>
+// (float for float32 and 16-bit operands, whose products float holds exactly; double for
+// double), each chunk's sums then added in double, so float error grows with the chunk, not n.
+constexpr int64_t kGramChunk = 128;
+
+// Rows of A = [W_p; b_p] (d+1 rows, the last zero without a bias), columns [j0, j0 + nc) of the
+// layer, as acc_t<S>: out[i * kGramChunk + j], zero past nc (nc <= kGramChunk).
 template <class S>
-PE_HD void gram_rows(const LayerOperands<S>& l, int64_t dim, int64_t b0, int64_t rows, const double* g,
-                     double g_frob, double* value, double* bound) {
-  constexpr int64_t kMaxD1 = 256;  // the caller sends wider layers to the direct path
-  const int64_t d1 = dim + 1;
-  double a[kLayerRows][kMaxD1], y[kLayerRows][kMaxD1];
-  for (int64_t r = 0; r < rows; ++r) {
-    const S* e = l.e + (b0 + r) * l.e_b;
-    for (int64_t i = 0; i < dim; ++i) a[r][i] = static_cast<double>(load(e + i * l.e_k));
-    a[r][dim] = 1.0;
-    for (int64_t j = 0; j < d1; ++j) y[r][j] = 0.0;
-  }
-  for (int64_t i = 0; i < d1; ++i) {
-    const double* gi = g + i * d1;
-    for (int64_t r = 0; r < rows; ++r) {
-      const double ai = a[r][i];
-      double* yr = y[r];
-      for (int64_t j = 0; j < d1; ++j) yr[j] += ai * gi[j];
+PE_HD void pack_gram_rows(const LayerOperands<S>& l, int64_t dim, int64_t p, int64_t j0, int64_t nc,
+                          acc_t<S>* out) {
+  using T = acc_t<S>;
+  for (int64_t i = 0; i <= dim; ++i) {
+    T* o = out + i * kGramChunk;
+    const bool weight = i < dim;
+    if (weight || l.bias) {
+      const S* x = weight ? l.w + p * l.w_p + i * l.w_k + j0 * l.w_j : l.bias + p * l.b_p + j0 * l.b_j;
+      const int64_t step = weight ? l.w_j : l.b_j;
+      if (step == 1) {  // the usual layout: a plain (vectorized) copy
+        for (int64_t j = 0; j < nc; ++j) o[j] = static_cast<T>(load(x + j));
+      } else {
+        for (int64_t j = 0; j < nc; ++j) o[j] = static_cast<T>(load(x + j * step));
+      }
+    } else {
+      for (int64_t j = 0; j < nc; ++j) o[j] = T(0);
     }
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    double v = 0.0, n2 = 0.0;
-    for (int64_t j = 0; j < d1; ++j) {
-      v += a[r][j] * y[r][j];
-      n2 += a[r][j] * a[r][j];
-    }
-    value[r] = v;
-    bound[r] = g_frob * n2;
+    for (int64_t j = nc; j < kGramChunk; ++j) o[j] = T(0);
   }
 }
-constexpr int64_t kGramMaxDim = 255;
+
+// Mirrors the upper triangle of g [n, n] (row-major) onto the lower.
+PE_HD void mirror_upper(double* g, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < i; ++j) g[i * n + j] = g[j * n + i];
+}
+
+// The Gram G = A A^T [d+1, d+1] (row-major, symmetric, overwritten) of prototype p's
+// A = [W_p; b_p], summed as kGramChunk describes; `pack` holds (d+1) * kGramChunk values.
+// Each entry's chunk sum runs in 8 interleaved partial sums (so it vectorizes, the same order
+// at every vector width).
+template <class S>
+PE_HD void layer_gram(const LayerOperands<S>& l, int64_t dim, int64_t p, acc_t<S>* pack, double* g) {
+  using T = acc_t<S>;
+  const int64_t d1 = dim + 1, rows = l.bias ? d1 : dim;  // without a bias the last row is zero
+  for (int64_t i = 0; i < d1 * d1; ++i) g[i] = 0.0;
+  for (int64_t j0 = 0; j0 < l.width; j0 += kGramChunk) {
+    const int64_t nc = l.width - j0 < kGramChunk ? l.width - j0 : kGramChunk;
+    pack_gram_rows(l, dim, p, j0, nc, pack);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t m = i; m < rows; ++m) {
+        const T* x = pack + i * kGramChunk;
+        const T* y = pack + m * kGramChunk;
+        T s[8] = {};
+        for (int64_t k = 0; k < nc; k += 8)
+          for (int v = 0; v < 8; ++v) s[v] += x[k + v] * y[k + v];
+        g[i * d1 + m] += static_cast<double>(((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])));
+      }
+  }
+  mirror_upper(g, d1);
+}
+
+// gram_rows' operand from a Gram g [d1, d1] (row-major, symmetric): h[j][i] = G_jj for i = j and
+// 2 G_ji for i < j (the rest is not read), so a G a^T = sum_j a_j sum_{i<=j} h[j][i] a_i at
+// about half the multiply-adds. Returns ||G||_F, the scale of gram_rows' bound.
+PE_HD double gram_half(const double* g, int64_t d1, double* h) {
+  double f = 0.0;
+  for (int64_t j = 0; j < d1; ++j)
+    for (int64_t i = 0; i < d1; ++i) {
+      const double x = g[j * d1 + i];
+      f += x * x;
+      if (i <= j) h[j * d1 + i] = i == j ? x : 2.0 * x;
+    }
+  return sqrt(f);
+}
+
+// The samples b0 + r (r < rows <= kLayerRows) of one layer as gram_rows reads them, side by
+// side: a[i * kLayerRows + r] = e_{b0 + r, i} (i < dim), a[dim * kLayerRows + r] = 1, zero for
+// r >= rows. Formed once per block of samples, read for every prototype.
+template <class S>
+PE_HD void gram_samples(const LayerOperands<S>& l, int64_t dim, int64_t b0, int64_t rows, double* a) {
+  for (int64_t r = 0; r < kLayerRows; ++r) {
+    const S* e = l.e + (b0 + r) * l.e_b;
+    if (r < rows) {
+      for (int64_t i = 0; i < dim; ++i) a[i * kLayerRows + r] = static_cast<double>(load(e + i * l.e_k));
+    } else {
+      for (int64_t i = 0; i < dim; ++i) a[i * kLayerRows + r] = 0.0;
+    }
+    a[dim * kLayerRows + r] = 1.0;
+  }
+}
+
+#if !defined(__CUDACC__)  // the CPU's Gram form (the CUDA kernel evaluates every layer directly)
+// Gram-form values of `rows` samples (a from gram_samples) for one prototype: value[r] =
+// a_r G a_r^T with a_r = [e_r, 1], from h = gram_half(G), and bound[r] = ||G||_F ||a_r||^2,
+// which is at least |a_r| |G| |a_r|^T, the sum of the form's terms' magnitudes. Every
+// multiply-add runs across the kLayerRows samples at once: z_j = sum_{i<=j} h[j][i] a_i, value
+// = sum_j a_j z_j, with the samples' lanes held in registers (GCC / Clang vector types: left to
+// itself the compiler vectorized across i instead, transposing a at every step).
+PE_HD void gram_rows(const double* a, int64_t dim, int64_t rows, const double* h, double g_frob, double* value,
+                     double* bound) {
+  const int64_t d1 = dim + 1;
+#if defined(__GNUC__)
+  typedef double V4 __attribute__((vector_size(4 * sizeof(double)), aligned(sizeof(double))));
+  static_assert(kLayerRows == 16, "four vectors of four samples");
+  V4 v[4] = {}, n[4] = {};
+  for (int64_t j = 0; j < d1; ++j) {
+    const double* hj = h + j * d1;
+    V4 z0 = {}, z1 = {}, z2 = {}, z3 = {};
+    for (int64_t i = 0; i <= j; ++i) {
+      const V4* ai = reinterpret_cast<const V4*>(a + i * kLayerRows);
+      const double c = hj[i];
+      z0 += c * ai[0];
+      z1 += c * ai[1];
+      z2 += c * ai[2];
+      z3 += c * ai[3];
+    }
+    const V4* aj = reinterpret_cast<const V4*>(a + j * kLayerRows);
+    v[0] += aj[0] * z0;
+    v[1] += aj[1] * z1;
+    v[2] += aj[2] * z2;
+    v[3] += aj[3] * z3;
+    for (int q = 0; q < 4; ++q) n[q] += aj[q] * aj[q];
+  }
+  double vr[kLayerRows], nr[kLayerRows];
+  for (int q = 0; q < 4; ++q)
+    for (int k = 0; k < 4; ++k) {
+      vr[4 * q + k] = v[q][k];
+      nr[4 * q + k] = n[q][k];
+    }
+  for (int64_t r = 0; r < rows; ++r) {
+    value[r] = vr[r];
+    bound[r] = g_frob * nr[r];
+  }
+#else
+  double v[kLayerRows] = {}, n[kLayerRows] = {};
+  for (int64_t j = 0; j < d1; ++j) {
+    const double* hj = h + j * d1;
+    double z[kLayerRows] = {};
+    for (int64_t i = 0; i <= j; ++i)
+      for (int64_t r = 0; r < kLayerRows; ++r) z[r] += hj[i] * a[i * kLayerRows + r];
+    for (int64_t r = 0; r < kLayerRows; ++r) {
+      v[r] += a[j * kLayerRows + r] * z[r];
+      n[r] += a[j * kLayerRows + r] * a[j * kLayerRows + r];
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    value[r] = v[r];
+    bound[r] = g_frob * n[r];
+  }
+#endif
+}
+#endif
 
 // Whether a Gram-form value is trusted: finite, and not small next to its bound (eps: the
 // Gram's relative accuracy margin, 2^-10 for float32 products, 2^-40 for float64).
