@@ -82,6 +82,12 @@ template <class S> BlocksFn<S> pick_blocks() {
 #endif
 }
 
+}  // namespace
+
+const char* layer_norms_level() { return pe::cpu::level_name(pe::cpu::vector_level()); }
+
+namespace {
+
 // Multiply-adds one parallel task should carry at least (waking a thread costs about that much).
 constexpr int64_t kTaskMacs = 1 << 16;
 
