@@ -1,10 +1,11 @@
-// Eager fast path for one device's CPU search: Python calls nearest_prototype_cpu directly,
-// skipping the Python-side checks and the dispatcher's argument boxing (a large share of a
-// one-query call; bench: nearest_prototype B=1). It takes only valid calls on plain CPU tensors (dense, strided, no
-// nested / zero / conjugate / subclass / functorch / functional wrapper) with no dispatch or
-// torch-function mode active; for anything else it returns None and the caller takes the
-// checked path to the registered op torch.ops.pyeditor.nearest_prototype (which also raises the
-// errors for bad input).
+// Eager fast path for one device's CPU search: Python calls the CPU kernel directly, skipping
+// the Python-side checks and the dispatcher's argument boxing (a large share of a one-query
+// call; bench: nearest_prototype B=1). It takes only calls on plain CPU tensors (dense, strided,
+// no nested / zero / conjugate / subclass / functorch / functional wrapper, a dtype the public
+// API takes) with no dispatch or torch-function mode active that pass the registered op's own
+// argument checks (search_problem, search_args.h: the one checking layer, run once); for
+// anything else it returns None and the caller takes the checked path to the registered op
+// torch.ops.pyeditor.nearest_prototype (whose Python checks raise the errors naming arguments).
 #include <Python.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/record_function.h>
@@ -12,9 +13,8 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
-#include <cstring>
-
 #include "ops.h"
+#include "search_args.h"
 
 namespace pyeditor {
 namespace {
@@ -28,10 +28,10 @@ const c10::DispatchKeySet& plain_cpu_keys() {
   return keys;
 }
 
-bool plain_float_matrix(const at::Tensor& t) {
+bool plain_cpu_float(const at::Tensor& t) {
   // (operator- keeps backend bits, so test the subset relation with &)
   if (!t.defined() || (t.key_set() & plain_cpu_keys()) != t.key_set() || !t.device().is_cpu() ||
-      t.layout() != at::kStrided || !t.has_storage() || t.dim() != 2)
+      t.layout() != at::kStrided || !t.has_storage())
     return false;
   const auto s = t.scalar_type();
   return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
@@ -63,23 +63,25 @@ PyObject* search_cpu_eager(PyObject* /*self*/, PyObject* args) {
     PyErr_Clear();
     Py_RETURN_NONE;
   }
-  const char* metric = PyUnicode_AsUTF8(mo);
-  if (metric == nullptr) return nullptr;
+  Py_ssize_t metric_size = 0;
+  const char* metric_chars = PyUnicode_AsUTF8AndSize(mo, &metric_size);
+  if (metric_chars == nullptr) return nullptr;
+  const c10::string_view metric(metric_chars, static_cast<size_t>(metric_size));  // (an embedded NUL stays)
   const at::Tensor& x = THPVariable_Unpack(xo);
   const at::Tensor& p = THPVariable_Unpack(po);
-  const bool metric_ok = !std::strcmp(metric, "l2") || !std::strcmp(metric, "ip") || !std::strcmp(metric, "cosine");
-  if (!metric_ok || !plain_float_matrix(x) || !plain_float_matrix(p) || x.size(1) != p.size(1) || k < 1 ||
-      k > p.size(0) || !no_modes())
+  SearchArgs checked;
+  if (!plain_cpu_float(x) || !plain_cpu_float(p) || !no_modes() || !search_problem(x, p, k, metric, checked).empty())
     Py_RETURN_NONE;
   // the profiler still sees the call under the op's name (a flag test when it is off)
   RECORD_FUNCTION("pyeditor::nearest_prototype", std::vector<c10::IValue>({x, p}));
   std::tuple<at::Tensor, at::Tensor> out;
-  const double work = static_cast<double>(x.size(0)) * static_cast<double>(p.size(0)) * static_cast<double>(p.size(1));
+  const double work = static_cast<double>(checked.batch) * static_cast<double>(checked.count) *
+                      static_cast<double>(checked.dim);
   if (work < static_cast<double>(1 << 20)) {
-    out = nearest_prototype_cpu(x, p, k, metric);
+    out = nearest_prototype_cpu_checked(x, p, checked);
   } else {  // long searches let other Python threads run
     NoGil released;
-    out = nearest_prototype_cpu(x, p, k, metric);
+    out = nearest_prototype_cpu_checked(x, p, checked);
   }
   return Py_BuildValue("(NN)", THPVariable_Wrap(std::move(std::get<0>(out))),
                        THPVariable_Wrap(std::move(std::get<1>(out))));

@@ -17,4 +17,7 @@ PE_DECLARE_LAYER_NORMS(cuda)
 #endif
 #undef PE_DECLARE_LAYER_NORMS
 
+// The build_info name of the CPU kernel's variant: "avx512", "avx2" or "portable".
+const char* layer_norms_level();
+
 }  // namespace pyeditor

@@ -23,9 +23,13 @@ void copy_probe_cpu(const at::Tensor& src, at::Tensor dst, int64_t streams);
 at::Tensor fma_probe_cpu(const at::Tensor& x, double a, double b, int64_t rounds);
 const char* compute_probe_level();
 
-// nearest-prototype search (issue 5)
+// nearest-prototype search (issue 5); _checked: the CPU search after check_search / search_problem
+// (search_args.h) passed, for the eager fast path (eager_call.cpp)
+struct SearchArgs;
 std::tuple<at::Tensor, at::Tensor> nearest_prototype_cpu(const at::Tensor& x, const at::Tensor& prototypes, int64_t k,
                                                         c10::string_view metric);
+std::tuple<at::Tensor, at::Tensor> nearest_prototype_cpu_checked(const at::Tensor& x, const at::Tensor& prototypes,
+                                                                const SearchArgs& args);
 
 #ifdef PYEDITOR_WITH_CUDA
 at::Tensor apply_edit_cuda(const at::Tensor& theta, const at::Tensor& delta, const at::Tensor& threshold,

@@ -37,6 +37,8 @@ std::string build_info() {
   info += pe::cpu::edit_level();
   info += ";search_cpu=";
   info += pyeditor::search_cpu::search_level();
+  info += ";layer_norms_cpu=";
+  info += pyeditor::layer_norms_level();
   info += ";quant_cpu=";
   info += pe::quant::cpu::quant_simd_level();
   if (pe::quant::cpu::amx_enabled()) info += "+amx";

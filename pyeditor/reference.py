@@ -534,7 +534,7 @@ def lloyd(x: Tensor, n_clusters: int, n_iter: int, init: str, seed: int, metric:
           assign, on_iteration=None) -> tuple:
     """The k-means algorithm of :func:`kmeans` on validated arguments, with the assignment
     step given: ``assign(points, centroids, metric) -> (labels, loss float64 >= 0)``. The
-    kernels' k-means (pyeditor.search) runs this same loop with its own assignment;
+    production k-means (pyeditor.lloyd) is written separately and tested against this one;
     ``on_iteration(i, inertia)`` is called after each update round."""
     B = x.shape[0]
     acc = _acc_dtype(x.dtype)
@@ -605,17 +605,16 @@ def kmeans_predict(x: Tensor, centroids: Tensor, metric: str = "l2") -> Tensor:
 def _check_bits(name: str, bits: object, length: Optional[int] = None) -> Tensor:
     """Bit widths as int64 [C], each in {2, 4, 6, 8}. A Python int is broadcast to length."""
     if isinstance(bits, int) and not isinstance(bits, bool) and length is not None:
-        bits = torch.full((length,), bits, dtype=torch.int64)
+        return _check_bits(name, torch.full((length,), bits), length)
     if not isinstance(bits, Tensor) or bits.dtype == torch.bool or bits.is_complex():
-        got = bits.dtype if isinstance(bits, Tensor) else type(bits).__name__
-        raise TypeError(f"{name} must be an integer (or integral float) tensor, got {got}")
-    if bits.dim() != 1 or (length is not None and bits.shape[0] != length):
-        want = f"[{length}]" if length is not None else "1-D"
-        raise ValueError(f"{name} must have shape {want}, got {tuple(bits.shape)}")
-    allowed = torch.tensor(_BIT_WIDTHS, dtype=bits.dtype)
-    if not bool(torch.isin(bits, allowed).all()):
-        bad = bits[~torch.isin(bits, allowed)][0].item()
-        raise ValueError(f"{name} must be in {{2, 4, 6, 8}}, got {bad}")
+        raise TypeError(f"{name} must be an integer (or integral float) tensor, got {bits!r:.60}")
+    one_per_channel = bits.dim() == 1 and length in (None, bits.shape[0])
+    if not one_per_channel:
+        raise ValueError(f"{name} must have shape {'1-D' if length is None else [length]} (one width per channel), "
+                         f"got {tuple(bits.shape)}")
+    outside = [v for v in bits.tolist() if v not in _BIT_WIDTHS]
+    if outside:
+        raise ValueError(f"{name} must be in {{2, 4, 6, 8}}, got {outside[0]}")
     return bits.to(torch.int64)
 
 

@@ -17,11 +17,11 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pyeditor.__file__
 LEVELS = _ext.ISA_LEVELS
 HOST = _ext.host_isa()
 # the kernel families build_info names, and what each reports under each cap
-FAMILIES = ("quant_cpu", "tile_gemm", "edit_cpu", "search_cpu", "fma_probe")
-EXPECT = {"portable": ("scalar", "portable", "portable", "portable", "portable"),
-          "avx2": ("avx2", "avx2", "avx2", "avx2", "avx2"),
-          "avx512": ("avx512-vnni", "avx512", "avx512", "avx512", "avx512"),
-          "amx": ("avx512-vnni+amx", "avx512", "avx512", "avx512", "avx512")}
+FAMILIES = ("quant_cpu", "tile_gemm", "edit_cpu", "search_cpu", "fma_probe", "layer_norms_cpu")
+EXPECT = {"portable": ("scalar", "portable", "portable", "portable", "portable", "portable"),
+          "avx2": ("avx2", "avx2", "avx2", "avx2", "avx2", "avx2"),
+          "avx512": ("avx512-vnni", "avx512", "avx512", "avx512", "avx512", "avx512"),
+          "amx": ("avx512-vnni+amx", "avx512", "avx512", "avx512", "avx512", "avx512")}
 TESTS = ["test_quant.py", "test_quant_group.py", "test_hyper.py", "test_apply_edit.py", "test_search.py",
          "test_layer_norms_op.py", "test_assign_layers.py", "test_compute_probe.py"]
 

@@ -313,6 +313,7 @@ def test_eager_cpu_call_and_its_fallbacks():
     nested = torch.nested.nested_tensor([torch.randn(8), torch.randn(8)])
     ragged = torch.nested.nested_tensor([torch.randn(8), torch.randn(5)])
     for args in [(x, p, 0, "l2"), (x, p, 21, "l2"), (x, p, True, "l2"), (x, p, 1, "l1"), (x, p, 1, None),
+                 (x, p, 1, "l2\0"), (x, p, 1, "cosine "),
                  (x[0], p, 1, "l2"), (x[:, :3], p, 1, "l2"), (x.int(), p, 1, "l2"), (x, p.to("meta"), 1, "l2"),
                  (x.to(torch.float8_e4m3fn), p, 1, "l2"), (nested, p, 1, "l2"), (ragged, p, 1, "l2"),
                  (torch._efficientzerotensor(3, 8), p, 1, "l2")]:

@@ -235,6 +235,11 @@ template <class S> GramsFn<S> pick_grams() {
   return grams_portable<S>;
 #endif
 }
+}  // namespace
+
+const char* layer_norms_level() { return pe::cpu::level_name(pe::cpu::vector_level()); }
+
+namespace {
 
 // Multiply-adds one parallel task should carry at least (waking a thread costs about that much).
 constexpr int64_t kTaskMacs = 1 << 16;

@@ -1,4 +1,4 @@
-// CPU nearest-prototype search: argument checks, then one of four exact paths, as the plan
+// CPU nearest-prototype search: argument checks (search_args.h), then one of four exact paths, as the plan
 // (search_plan.h) says (see search_math.h for the acceptance rule that makes the float32
 // passes exact):
 //  * resident (search_resident.cpp): k = 1 and few prototypes, all kept in L1 while the
@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "../search_args.h"
 #include "pyeditor/search_math.h"
 #include "pyeditor/search_plan.h"
 #include "search_passes.h"
@@ -26,13 +27,6 @@ namespace ps = pe::search;
 using search_cpu::BlockJob;
 using search_cpu::kMC;
 using search_cpu::Packed;
-
-int parse_metric(c10::string_view m) {
-  if (m == "l2") return ps::kL2;
-  if (m == "ip") return ps::kIP;
-  if (m == "cosine") return ps::kCosine;
-  TORCH_CHECK(false, "pyeditor: metric must be 'l2', 'ip' or 'cosine', got '", std::string(m), "'");
-}
 
 // Exact scan for any k (k > kMaxK): float64 keys of every prototype, partial sort.
 template <class T, class O>
@@ -116,17 +110,15 @@ void fast_all(const ps::SearchPlan& plan, const float* x, const float* P, int64_
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> nearest_prototype_cpu(const at::Tensor& x, const at::Tensor& prototypes, int64_t k,
-                                                        c10::string_view metric_name) {
+                                                        c10::string_view metric) {
   TORCH_CHECK(x.device().is_cpu() && prototypes.device().is_cpu(), "pyeditor: x and prototypes must be CPU tensors");
-  TORCH_CHECK(x.dim() == 2, "pyeditor: x must be [B, d], got shape ", x.sizes());
-  TORCH_CHECK(prototypes.dim() == 2, "pyeditor: prototypes must be [N, d], got shape ", prototypes.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()) && at::isFloatingType(prototypes.scalar_type()),
-              "pyeditor: x and prototypes must be floating, got ", x.scalar_type(), " and ", prototypes.scalar_type());
-  TORCH_CHECK(x.size(1) == prototypes.size(1), "pyeditor: x has ", x.size(1), " features but prototypes have ",
-              prototypes.size(1));
-  const int64_t B = x.size(0), N = prototypes.size(0), d = x.size(1);
-  TORCH_CHECK(k >= 1 && k <= N, "pyeditor: k must be in [1, N = ", N, "], got ", k);
-  const int metric = parse_metric(metric_name);
+  return nearest_prototype_cpu_checked(x, prototypes, check_search(x, prototypes, k, metric));
+}
+
+std::tuple<at::Tensor, at::Tensor> nearest_prototype_cpu_checked(const at::Tensor& x, const at::Tensor& prototypes,
+                                                                const SearchArgs& args) {
+  const int64_t B = args.batch, N = args.count, d = args.dim, k = args.k;
+  const int metric = args.metric;
   at::Tensor idx = at::empty({B, k}, x.options().dtype(at::kLong));
   const bool wide = x.scalar_type() == at::kDouble || prototypes.scalar_type() == at::kDouble;
   if (B == 0) return {at::empty({0, k}, x.options()), idx};

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "../ops.h"
+#include "../search_args.h"
 #include "pyeditor/search_math.h"
 
 namespace pyeditor {
@@ -39,13 +40,6 @@ __global__ void search_exact_kernel(const double* x, const double* P, int64_t B,
   ps::exact_query<CAP>(x + q * d, P, d, N, d, k, metric, dist + q * k, idx + q * k);
 }
 
-int parse_metric(c10::string_view m) {
-  if (m == "l2") return ps::kL2;
-  if (m == "ip") return ps::kIP;
-  if (m == "cosine") return ps::kCosine;
-  TORCH_CHECK(false, "pyeditor: metric must be 'l2', 'ip' or 'cosine', got '", std::string(m), "'");
-}
-
 template <int CAP>
 void launch(const at::Tensor& x, const at::Tensor& P, int k, int metric, at::Tensor& dist, at::Tensor& idx,
             bool wide) {
@@ -69,15 +63,10 @@ void launch(const at::Tensor& x, const at::Tensor& P, int k, int metric, at::Ten
 std::tuple<at::Tensor, at::Tensor> nearest_prototype_cuda(const at::Tensor& x, const at::Tensor& prototypes, int64_t k,
                                                          c10::string_view metric_name) {
   TORCH_CHECK(x.is_cuda() && prototypes.device() == x.device(), "pyeditor: x and prototypes must be on one GPU");
-  TORCH_CHECK(x.dim() == 2 && prototypes.dim() == 2, "pyeditor: x must be [B, d] and prototypes [N, d]");
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()) && at::isFloatingType(prototypes.scalar_type()),
-              "pyeditor: x and prototypes must be floating");
-  TORCH_CHECK(x.size(1) == prototypes.size(1), "pyeditor: x has ", x.size(1), " features but prototypes have ",
-              prototypes.size(1));
-  const int64_t B = x.size(0), N = prototypes.size(0);
-  TORCH_CHECK(k >= 1 && k <= N, "pyeditor: k must be in [1, N = ", N, "], got ", k);
+  const SearchArgs args = check_search(x, prototypes, k, metric_name);
   TORCH_CHECK(k <= ps::kMaxK, "pyeditor: the cuda backend supports k <= ", ps::kMaxK, ", got ", k);
-  const int metric = parse_metric(metric_name);
+  const int64_t B = args.batch;
+  const int metric = args.metric;
   const c10::cuda::CUDAGuard guard(x.device());
   const bool wide = x.scalar_type() == at::kDouble || prototypes.scalar_type() == at::kDouble;
   const auto t = wide ? at::kDouble : at::kFloat;
