@@ -129,8 +129,9 @@ def add_compute_roofline(row: dict[str, Any], peak_gflops: float) -> None:
     if not flops or not peak_gflops:
         return
     row["peak_gflops"] = peak_gflops
-    for e in row.get("impls", {}).values():
-        if "median_s" in e:
+    roles = row.get("roles") or {}
+    for name, e in row.get("impls", {}).items():
+        if "median_s" in e and roles.get(name) != "bound":  # memory reads do none of the flops
             e["gflops"] = flops / e["median_s"] / 1e9
             e["compute_pct"] = 100.0 * e["gflops"] / peak_gflops
     ours = row.get("impls", {}).get(OURS, {})

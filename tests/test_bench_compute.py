@@ -16,8 +16,11 @@ def _timing(median):
 
 
 def test_rows_with_flops_get_percent_of_peak():
-    row = {"flops": 2e9, "impls": {"ours": _timing(0.02), "faiss": _timing(0.04), "broken": {"error": "x"}}}
+    row = {"flops": 2e9, "impls": {"ours": _timing(0.02), "faiss": _timing(0.04), "broken": {"error": "x"},
+                                   "read-sum": _timing(0.001)},
+           "roles": {"ours": "ours", "faiss": "peer", "read-sum": "bound"}}
     add_compute_roofline(row, 200.0)
+    assert "compute_pct" not in row["impls"]["read-sum"]  # a memory read is not a compute impl
     assert row["impls"]["ours"]["gflops"] == pytest.approx(100.0)
     assert row["impls"]["ours"]["compute_pct"] == pytest.approx(50.0)
     assert row["impls"]["faiss"]["compute_pct"] == pytest.approx(25.0)
