@@ -1,88 +1,40 @@
-// Autograd of pyeditor::quant_linear in C++ (one registration for every device): the Python
-// register_autograd wrapper costs a noticeable share of a DRAM-bound GEMV (bench: packed_linear M=1).
-// grad_x = grad_y @ W with W from pyeditor::quant_dequantize; grad_bias = grad_y summed over rows.
+// The Autograd kernel of pyeditor::quant_linear: a router, not a formula. Without a gradient to
+// record (inference, the serving path) it calls the kernel directly, so a decode-sized call pays
+// no Python autograd wrapper (bench: packed_linear M=1). With one, it calls
+// pyeditor::quant_linear_autograd, the op that carries the one backward formula of both
+// quant_linear ops (pyeditor/ops.py, registered with torch.library.register_autograd).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 namespace pyeditor {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
+using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, at::IntArrayRef, int64_t, const c10::optional<at::Tensor>&, bool,
+                            int64_t);
 
-at::Tensor call_linear(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale, const at::Tensor& zero,
-                       const at::Tensor& perm, at::IntArrayRef buckets, int64_t n,
-                       const c10::optional<at::Tensor>& bias, bool fast, int64_t group_size) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("pyeditor::quant_linear", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, at::IntArrayRef, int64_t,
-                                         const c10::optional<at::Tensor>&, bool, int64_t)>();
-  return op.call(x, data, scale, zero, perm, buckets, n, bias, fast, group_size);
+c10::TypedOperatorHandle<LinearFn> linear_op(const char* name) {
+  const auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
+  TORCH_CHECK(handle.has_value(), "pyeditor: ", name,
+              " is not registered: import pyeditor (its Python package registers the backward)");
+  return handle->typed<LinearFn>();
 }
-
-at::Tensor call_dequantize(const at::Tensor& data, const at::Tensor& scale, const at::Tensor& zero,
-                           const at::Tensor& perm, at::IntArrayRef buckets, int64_t k, int64_t n,
-                           int64_t group_size) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("pyeditor::quant_dequantize", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         at::IntArrayRef, int64_t, int64_t, int64_t)>();
-  return op.call(data, scale, zero, perm, buckets, k, n, group_size);
-}
-
-struct QuantLinear : public torch::autograd::Function<QuantLinear> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& data,
-                            const at::Tensor& scale, const at::Tensor& zero, const at::Tensor& perm,
-                            std::vector<int64_t> buckets, int64_t n, const c10::optional<at::Tensor>& bias,
-                            bool fast, int64_t group_size) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({data, scale, zero, perm});
-    ctx->saved_data["buckets"] = buckets;
-    ctx->saved_data["k"] = x.dim() ? x.size(-1) : 0;
-    ctx->saved_data["n"] = n;
-    ctx->saved_data["group_size"] = group_size;
-    ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
-    const bool has_bias = bias.has_value() && bias->defined();
-    ctx->saved_data["bias_dtype"] = has_bias ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
-    return call_linear(x, data, scale, zero, perm, buckets, n, bias, fast, group_size);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const auto buckets = ctx->saved_data["buckets"].toIntVector();
-    const int64_t k = ctx->saved_data["k"].toInt(), n = ctx->saved_data["n"].toInt();
-    const int64_t group_size = ctx->saved_data["group_size"].toInt();
-    const auto x_dtype = static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt());
-    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
-    const at::Tensor& grad = grads[0];
-    const auto acc = x_dtype == at::kDouble ? at::kDouble : at::kFloat;
-    at::Tensor grad_x, grad_bias;
-    if (ctx->needs_input_grad(0)) {
-      const at::Tensor w = call_dequantize(saved[0], saved[1], saved[2], saved[3], buckets, k, n, group_size);
-      grad_x = at::matmul(grad.to(acc), w.to(acc)).to(x_dtype);
-    }
-    if (bias_dtype >= 0 && ctx->needs_input_grad(5))  // over tensor inputs: x, data, scale, zero, perm, bias
-      grad_bias = grad.reshape({-1, n}).to(acc).sum(0).to(static_cast<at::ScalarType>(bias_dtype));
-    return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), grad_bias,
-            at::Tensor(), at::Tensor()};
-  }
-};
 
 at::Tensor quant_linear_autograd(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
                                  const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
                                  int64_t out_features, const c10::optional<at::Tensor>& bias, bool fast,
                                  int64_t group_size) {
-  // inference (nothing needs a gradient): straight to the kernel, without the autograd node and
-  // its saved state (string-keyed saved_data alone showed up in per-call profiles)
   const bool bias_grad = bias.has_value() && bias->defined() && bias->requires_grad();
   if (!at::GradMode::is_enabled() || !(x.requires_grad() || bias_grad)) {
+    static const auto kernel = linear_op("pyeditor::quant_linear");
     at::AutoDispatchBelowADInplaceOrView guard;
-    return call_linear(x, data, scale, zero, perm, buckets, out_features, bias, fast, group_size);
+    return kernel.call(x, data, scale, zero, perm, buckets, out_features, bias, fast, group_size);
   }
-  return QuantLinear::apply(x, data, scale, zero, perm, buckets.vec(), out_features, bias, fast, group_size);
+  // looked up on every differentiable call (a hash lookup): the Python package may register it
+  // after this library loads
+  return linear_op("pyeditor::quant_linear_autograd")
+      .call(x, data, scale, zero, perm, buckets, out_features, bias, fast, group_size);
 }
 
 }  // namespace

@@ -242,8 +242,21 @@ def _register_quant(linear: str, dequantize: str, autograd: bool) -> None:
                                         setup_context=_quant_setup_context)
 
 
-if HAS_CPP:  # the C++ op's autograd is registered in C++ (csrc/quant_autograd.cpp), same formula
+if HAS_CPP:
     _register_quant("quant_linear", "quant_dequantize", autograd=False)
+
+    # The C++ op's Autograd kernel (csrc/quant_autograd.cpp) calls the kernel directly when no
+    # gradient is recorded, and this op when one is: the same kernel, with the one backward above.
+    @torch.library.custom_op("pyeditor::quant_linear_autograd", mutates_args=())
+    def quant_linear_autograd(x: Tensor, data: Tensor, scale: Tensor, zero: Tensor, perm: Tensor,
+                              buckets: list[int], out_features: int, bias: Optional[Tensor] = None,
+                              fast: bool = False, group_size: int = 0) -> Tensor:
+        # runs below autograd: this reaches the device kernel, not the router again
+        return _op("quant_linear")(x, data, scale, zero, perm, buckets, out_features, bias, fast, group_size)
+
+    torch.library.register_fake("pyeditor::quant_linear_autograd", _fake_quant_linear)
+    torch.library.register_autograd("pyeditor::quant_linear_autograd", _make_quant_backward(_op("quant_dequantize")),
+                                    setup_context=_quant_setup_context)
 if backends.triton_available():
     _register_quant("quant_linear_triton", "quant_dequantize_triton", autograd=True)
 

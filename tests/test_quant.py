@@ -481,6 +481,22 @@ def test_grad_only_where_asked(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_one_backward_formula(backend, device):
+    """Both quant_linear ops record the node of the one Python backward: the Triton op directly,
+    the C++ op through its router (csrc/quant_autograd.cpp), which skips it without a gradient."""
+    p, _ = both(rand((9, 21), seed=1), rand_bits(9, seed=2))
+    x = rand((4, 21), seed=3).to(device).requires_grad_()
+    y = quant.packed_linear(x, p.to(device), backend=backend)
+    want = "quant_linear_triton" if backend == "triton" else "quant_linear_autograd"
+    assert want in y.grad_fn.name()
+    if backend != "triton":
+        args = _op_args(p.to(device), x) + (0,)
+        with torch.no_grad():
+            assert torch.ops.pyeditor.quant_linear(*args).grad_fn is None
+        assert "quant_linear_autograd" in torch.ops.pyeditor.quant_linear(*args).grad_fn.name()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_grad_matches_reference_fp32(backend, device):
     p, qw = both(rand((9, 21), seed=1), rand_bits(9, seed=2))
     x = rand((4, 21), seed=3).to(device).requires_grad_()
@@ -511,6 +527,9 @@ def test_opcheck(backend, device):
     torch.library.opcheck(linear, _op_args(p, x.clone().requires_grad_(), b.clone().requires_grad_()),
                           test_utils=tests)
     torch.library.opcheck(linear, _op_args(p, x[:1], None, True), test_utils=tests)
+    if backend != "triton":  # the op behind the C++ router, which carries the backward
+        torch.library.opcheck(torch.ops.pyeditor.quant_linear_autograd,
+                              _op_args(p, x.clone().requires_grad_(), b.clone().requires_grad_()), test_utils=tests)
 
 
 @pytest.mark.parametrize("backend,device", [pytest.param("cpu", "cpu", id="cpu"),
