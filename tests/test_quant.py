@@ -497,6 +497,23 @@ def test_one_backward_formula(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("layout", ["empty", "transposed", "stride0", "3d"])
+def test_grad_through_odd_layouts(backend, device, layout):
+    """The gradient of the one backward matches the reference's for empty, transposed, stride-0
+    and 3-d inputs (the router hands them to quant_linear_autograd as they come)."""
+    p, qw = both(rand((9, 21), seed=1), rand_bits(9, seed=2))
+    base = {"empty": rand((0, 21), seed=3), "transposed": rand((21, 5), seed=3).t(),
+            "stride0": rand((1, 21), seed=3).expand(4, 21), "3d": rand((2, 3, 21), seed=3)}[layout]
+    x = base.to(device).requires_grad_()
+    y = quant.packed_linear(x, p.to(device), backend=backend)
+    g = rand(tuple(y.shape), seed=4).to(device)
+    (y * g).sum().backward()
+    xr = base.detach().clone().requires_grad_()
+    (ref.packed_linear(xr, qw) * g.cpu()).sum().backward()
+    check_close(x.grad.cpu(), xr.grad, tol=reduction_tolerance(torch.float32, 9))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_grad_matches_reference_fp32(backend, device):
     p, qw = both(rand((9, 21), seed=1), rand_bits(9, seed=2))
     x = rand((4, 21), seed=3).to(device).requires_grad_()
