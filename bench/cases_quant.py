@@ -219,7 +219,8 @@ def _make_module(n: int, k: int, ctx: Context) -> Prepared:
         lin.weight.copy_(dense)
         fp32.append(lin)
     op = torch.ops.pyeditor.quant_linear.default if hasattr(torch.ops.pyeditor, "quant_linear") else None
-    floor = (_cycle([functools.partial(op, x, *p.tensors(), p.flat_buckets, n, None, False, p.op_group_size)
+    floor = (_cycle([functools.partial(op, x, *p.tensors(), p.flat_buckets, k, n, None, False,
+                                       p.op_group_size)
                      for p in (m.packed for m in ours)])
              if op is not None and ctx.backend in (None, "cpu", "cuda") else "the C++ op (cpu/cuda backend) only")
 

@@ -15,20 +15,28 @@ _why_not = ""
 ISA_LEVELS = ("portable", "avx2", "avx512", "amx")
 
 
+def isa_of_flags(flags) -> str:
+    """The highest ISA_LEVELS entry a CPU with these /proc/cpuinfo flags runs. Underscores are
+    dropped before comparing: Linux writes "avx512_vnni" and "amx_tile", the compilers'
+    target names (csrc) "avx512vnni" and "amx-tile"."""
+    have = {f.replace("_", "") for f in flags}
+    if {"avx512f", "avx512bw", "avx512vnni", "amxtile", "amxint8", "amxbf16"} <= have:
+        return "amx"
+    if {"avx512f", "avx512bw", "avx512vnni"} <= have:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= have else "portable"
+
+
 def host_isa() -> str:
     """The highest ISA_LEVELS entry this CPU runs (from /proc/cpuinfo; "portable" elsewhere)."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return "portable"
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return "portable"
-    if {"avx512f", "avx512bw", "avx512vnni", "amx_tile", "amx_int8", "amx_bf16"} <= flags:
-        return "amx"
-    if {"avx512f", "avx512bw", "avx512vnni"} <= flags:
-        return "avx512"
-    return "avx2" if {"avx2", "fma"} <= flags else "portable"
+    return isa_of_flags(flags)
 
 
 def requested_isa() -> str | None:

@@ -193,7 +193,8 @@ class PackedLinear(nn.Module):
         if name == "reference":
             return _quant.packed_linear(x, self.packed, bias, fast=self._fast, backend=name)
         return _ops.quant_ops(name)[0](x, data, buffers["scale"], buffers["zero"], buffers["perm"],
-                                       self._flat_buckets, self.out_features, bias, self._fast, self._op_group_size)
+                                       self._flat_buckets, self.in_features, self.out_features, bias, self._fast,
+                                       self._op_group_size)
 
     def dequantize(self) -> Tensor:
         return self.packed.dequantize(backend=self.backend)

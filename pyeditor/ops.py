@@ -155,7 +155,7 @@ if backends.triton_available():
 
 
 # ================================================================ packed low-bit weights (quant)
-# Ops: quant_linear(x, data, scale, zero, perm, buckets, out_features, bias, fast, group_size) and
+# Ops: quant_linear(x, data, scale, zero, perm, buckets, in_features, out_features, bias, fast, group_size) and
 # quant_dequantize(data, scale, zero, perm, buckets, in_features, out_features, group_size)
 # (group_size 0: scale/zero [rows] per channel; 32/64/128: [G, rows] per group); C++ on
 # CPU/CUDA (csrc/cpu/quant_*.cpp, csrc/cuda/quant_linear_cuda.cu), triton_op twins here.
@@ -174,11 +174,11 @@ if backends.triton_available():
 
     @triton_op("pyeditor::quant_linear_triton", mutates_args=())
     def quant_linear_triton(x: Tensor, data: Tensor, scale: Tensor, zero: Tensor, perm: Tensor, buckets: list[int],
-                            out_features: int, bias: Optional[Tensor] = None, fast: bool = False,
+                            in_features: int, out_features: int, bias: Optional[Tensor] = None, fast: bool = False,
                             group_size: int = 0) -> Tensor:
-        k = x.shape[-1] if x.dim() else 0
-        validate.packed_args(data, scale, zero, perm, buckets, k, out_features, group_size)
-        validate.packed_linear_args(x, out_features, bias, data)
+        validate.packed_args(data, scale, zero, perm, buckets, in_features, out_features, group_size)
+        validate.packed_linear_args(x, in_features, out_features, bias, data)
+        k = in_features
         if bias is not None:
             bias = bias.contiguous()  # the kernel reads bias[col] densely
         if x.dtype == torch.float64:  # exact float32 weight in a float64 matmul (gradcheck)
@@ -204,7 +204,8 @@ def quant_ops(backend: str):
     return found
 
 
-def _fake_quant_linear(x, data, scale, zero, perm, buckets, out_features, bias=None, fast=False, group_size=0):
+def _fake_quant_linear(x, data, scale, zero, perm, buckets, in_features, out_features, bias=None, fast=False,
+                       group_size=0):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -213,9 +214,9 @@ def _fake_quant_dequantize(data, scale, zero, perm, buckets, in_features, out_fe
 
 
 def _quant_setup_context(ctx, inputs, output):
-    x, data, scale, zero, perm, buckets, out_features, bias, fast, group_size = inputs
+    x, data, scale, zero, perm, buckets, in_features, out_features, bias, fast, group_size = inputs
     ctx.save_for_backward(data, scale, zero, perm)
-    ctx.meta = (list(buckets), x.shape[-1], out_features, x.dtype, None if bias is None else bias.dtype, group_size)
+    ctx.meta = (list(buckets), in_features, out_features, x.dtype, None if bias is None else bias.dtype, group_size)
 
 
 def _make_quant_backward(dequantize_op):
@@ -227,9 +228,9 @@ def _make_quant_backward(dequantize_op):
         if ctx.needs_input_grad[0]:
             w = dequantize_op(data, scale, zero, perm, buckets, k, n, group_size)
             grad_x = (grad.to(acc) @ w.to(acc)).to(x_dtype)
-        if bias_dtype is not None and ctx.needs_input_grad[7]:
+        if bias_dtype is not None and ctx.needs_input_grad[8]:
             grad_bias = grad.reshape(-1, n).to(acc).sum(0).to(bias_dtype)
-        return grad_x, None, None, None, None, None, None, grad_bias, None, None
+        return grad_x, None, None, None, None, None, None, None, grad_bias, None, None
 
     return backward
 
@@ -249,10 +250,11 @@ if HAS_CPP:
     # gradient is recorded, and this op when one is: the same kernel, with the one backward above.
     @torch.library.custom_op("pyeditor::quant_linear_autograd", mutates_args=())
     def quant_linear_autograd(x: Tensor, data: Tensor, scale: Tensor, zero: Tensor, perm: Tensor,
-                              buckets: list[int], out_features: int, bias: Optional[Tensor] = None,
-                              fast: bool = False, group_size: int = 0) -> Tensor:
+                              buckets: list[int], in_features: int, out_features: int,
+                              bias: Optional[Tensor] = None, fast: bool = False, group_size: int = 0) -> Tensor:
         # runs below autograd: this reaches the device kernel, not the router again
-        return _op("quant_linear")(x, data, scale, zero, perm, buckets, out_features, bias, fast, group_size)
+        return _op("quant_linear")(x, data, scale, zero, perm, buckets, in_features, out_features, bias, fast,
+                                   group_size)
 
     torch.library.register_fake("pyeditor::quant_linear_autograd", _fake_quant_linear)
     torch.library.register_autograd("pyeditor::quant_linear_autograd", _make_quant_backward(_op("quant_dequantize")),

@@ -248,8 +248,8 @@ def packed_linear(x: Tensor, packed: PackedWeight, bias: Optional[Tensor] = None
     name = backends.resolve(backend, device)
     if name == "reference":
         return reference.packed_linear(x, p.quantized(), bias)
-    return ops.quant_ops(name)[0](x, p.data, p.scale, p.zero, p.perm, p._flat_buckets, p.out_features, bias, fast,
-                                  p.op_group_size)
+    return ops.quant_ops(name)[0](x, p.data, p.scale, p.zero, p.perm, p._flat_buckets, p.in_features, p.out_features,
+                                  bias, fast, p.op_group_size)
 
 
 # ---------------------------------------------------------------- compute modes (PackedLinear's mode=)

@@ -652,12 +652,12 @@ def check_perm_values(perm: Tensor, n: int) -> None:
         _fail("packed perm covers ", int((hits == 1).sum()), " of ", n, " channels")
 
 
-def packed_linear_args(x: Tensor, out_features: int, bias: Optional[Tensor], data: Tensor) -> None:
-    """csrc/quant_args.cpp check_linear_inputs (in_features is x's last dimension)."""
+def packed_linear_args(x: Tensor, in_features: int, out_features: int, bias: Optional[Tensor], data: Tensor) -> None:
+    """csrc/quant_args.cpp check_linear_inputs."""
     if x.dtype not in FLOAT_DTYPES:
         _fail("x must be float32, float64, float16 or bfloat16, got ", x.dtype)
-    if x.dim() < 1:
-        _fail("x has 0 input features but the packed weight has more")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        _fail("x has ", x.shape[-1] if x.dim() else 0, " input features but the packed weight has ", in_features)
     if x.device != data.device:
         _fail("x is on ", x.device, " but the packed weight is on ", data.device)
     if bias is not None:

@@ -120,9 +120,9 @@ def cases(sfx):
     lin, deq = op("quant_linear"), op("quant_dequantize")
     bq = rnd(40)[::2]
     yield "quant_linear-strided-bias", None, lambda: close(
-        lin(xq, data, scale, zero, perm, bk, 20, bq, False, 0), ref.packed_linear(xq, p.quantized(), bq))
+        lin(xq, data, scale, zero, perm, bk, 40, 20, bq, False, 0), ref.packed_linear(xq, p.quantized(), bq))
     yield "quant_linear-truncated-data", "packed data holds", lambda: lin(
-        xq, data[:-64], scale, zero, perm, bk, 20, None, False, 0)
+        xq, data[:-64], scale, zero, perm, bk, 40, 20, None, False, 0)
     yield "quant_dequantize-truncated-data", "packed data holds", lambda: deq(
         data[:-64], scale, zero, perm, bk, 40, 20, 0)
     yield "quant_dequantize-bad-bits", "bucket bits", lambda: deq(data, scale, zero, perm, [3] + bk[1:], 40, 20, 0)
@@ -150,14 +150,19 @@ def cases(sfx):
     pg = packed(32)
     gd, gsc, gz, gp = pg.tensors()
     yield "quant_linear-grouped-scale-flat", "packed scale must be", lambda: lin(
-        xq, gd, gsc[0], gz, gp, pg.flat_buckets, 20, None, False, 32)
+        xq, gd, gsc[0], gz, gp, pg.flat_buckets, 40, 20, None, False, 32)
     yield "quant_linear-grouped-zero-shape", "packed zero must be", lambda: lin(
-        xq, gd, gsc, gz[:1], gp, pg.flat_buckets, 20, None, False, 32)
+        xq, gd, gsc, gz[:1], gp, pg.flat_buckets, 40, 20, None, False, 32)
     yield "quant_linear-bias-shape", "bias must be a floating", lambda: lin(
-        xq, data, scale, zero, perm, bk, 20, rnd(19), False, 0)
-    yield "quant_linear-x-features", "packed data holds", lambda: lin(  # 50 inputs need 4 blocks, not 3
-        rnd(3, 50), data, scale, zero, perm, bk, 20, None, False, 0)
-    yield "quant_linear-x-dtype", "x must be float32", lambda: lin(xq.int(), data, scale, zero, perm, bk, 20, None, False, 0)
+        xq, data, scale, zero, perm, bk, 40, 20, rnd(19), False, 0)
+    yield "quant_linear-x-features", "x has 50 input features", lambda: lin(
+        rnd(3, 50), data, scale, zero, perm, bk, 40, 20, None, False, 0)
+    # 41 inputs fit the 40-wide weight's padded blocks: only in_features tells them apart
+    yield "quant_linear-x-features-in-padding", "x has 41 input features", lambda: lin(
+        rnd(3, 41), data, scale, zero, perm, bk, 40, 20, None, False, 0)
+    yield "quant_linear-in-features-padding", "x has 40 input features", lambda: lin(
+        xq, data, scale, zero, perm, bk, 41, 20, None, False, 0)
+    yield "quant_linear-x-dtype", "x must be float32", lambda: lin(xq.int(), data, scale, zero, perm, bk, 40, 20, None, False, 0)
     xs, ps = rnd(5, 3), rnd(4, 3)
     yield "nearest_prototype-k-too-large", "k must be in", lambda: op("nearest_prototype")(xs, ps, 5, "l2")
     yield "nearest_prototype-k-zero", "k must be in", lambda: op("nearest_prototype")(xs, ps, 0, "l2")

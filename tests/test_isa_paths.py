@@ -94,3 +94,19 @@ def test_bad_request_is_refused(bad, match):
     run = _run(["-c", "import pyeditor"], bad, 120)
     assert run.returncode != 0 and "PYEDITOR_CPU_ISA" in run.stderr and match in run.stderr, run.stderr[-2000:]
     assert torch.__version__  # (torch itself imports fine under any value)
+
+
+# /proc/cpuinfo flags as Linux writes them (underscores) on the hosts this project has run on
+ZEN3 = "fpu sse2 avx fma avx2 bmi2 sha_ni".split()
+AVX512_VNNI = ZEN3 + "avx512f avx512dq avx512cd avx512bw avx512vl avx512_vnni avx512_bitalg".split()
+SPR = AVX512_VNNI + "avx512_bf16 amx_bf16 amx_tile amx_int8".split()
+
+
+@pytest.mark.parametrize("flags,want", [(ZEN3, "avx2"), (AVX512_VNNI, "avx512"), (SPR, "amx"),
+                                        ("fpu sse2 avx".split(), "portable"),
+                                        ([f for f in AVX512_VNNI if f != "avx512_vnni"], "avx2"),
+                                        ([f for f in SPR if f != "amx_int8"], "avx512")])
+def test_isa_of_linux_flags(flags, want):
+    """The host level from Linux's flag names: an AVX-512 VNNI host read as AVX2 would refuse
+    PYEDITOR_CPU_ISA=avx512 and skip the AVX2 rerun."""
+    assert _ext.isa_of_flags(flags) == want

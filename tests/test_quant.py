@@ -525,7 +525,7 @@ def test_grad_matches_reference_fp32(backend, device):
 
 
 def _op_args(p, x, bias=None, fast=False):
-    return (x, *p.tensors(), p.flat_buckets, p.out_features, bias, fast)
+    return (x, *p.tensors(), p.flat_buckets, p.in_features, p.out_features, bias, fast)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

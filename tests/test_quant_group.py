@@ -209,8 +209,8 @@ def test_opcheck(backend, device):
     if backend == "triton" and device == "cpu":
         tests = tests[:3]  # no inductor on the interpreter
     torch.library.opcheck(dequant, (*p.tensors(), p.flat_buckets, 80, 7, 32), test_utils=tests)
-    torch.library.opcheck(linear, (x, *p.tensors(), p.flat_buckets, 7, b, False, 32), test_utils=tests)
-    torch.library.opcheck(linear, (x.clone().requires_grad_(), *p.tensors(), p.flat_buckets, 7, b, False, 32),
+    torch.library.opcheck(linear, (x, *p.tensors(), p.flat_buckets, 80, 7, b, False, 32), test_utils=tests)
+    torch.library.opcheck(linear, (x.clone().requires_grad_(), *p.tensors(), p.flat_buckets, 80, 7, b, False, 32),
                           test_utils=tests)
 
 
@@ -238,7 +238,7 @@ def test_op_refuses_mismatched_scales(backend, device):
     p, _ = both(rand((16, 100), seed=1), 4, 32)  # 4 groups
     p = p.to(device)
     x = rand((2, 100), seed=2).to(device)
-    args = lambda scale, zero, gs: (x, p.data, scale, zero, p.perm, p.flat_buckets, 16, None, False, gs)  # noqa: E731
+    args = lambda scale, zero, gs: (x, p.data, scale, zero, p.perm, p.flat_buckets, 100, 16, None, False, gs)  # noqa: E731
     with pytest.raises(RuntimeError, match="group_size"):
         linear(*args(p.scale, p.zero, 48))
     with pytest.raises(RuntimeError, match="scale"):

@@ -595,11 +595,11 @@ void redo_nonfinite_rows(const at::Tensor& x2, at::Tensor& out, const at::Tensor
 
 at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
                             const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
-                            int64_t out_features, const c10::optional<at::Tensor>& bias, bool fast,
+                            int64_t in_features, int64_t out_features, const c10::optional<at::Tensor>& bias,
+                            bool fast,
                             int64_t group_size) {
   check_cpu(x, "x");
   check_cpu(data, "packed data");
-  const int64_t in_features = x.dim() ? x.size(-1) : 0;
   const PackedArgs a = check_packed(data, scale, zero, perm, buckets, in_features, out_features, group_size);
   check_linear_inputs(a, x, bias, data);
   check_perm_values(perm, a.n);

@@ -107,10 +107,10 @@ at::Tensor quant_dequantize_cuda(const at::Tensor& data, const at::Tensor& scale
 
 at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
                              const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
-                             int64_t out_features, const c10::optional<at::Tensor>& bias, bool fast,
+                             int64_t in_features, int64_t out_features, const c10::optional<at::Tensor>& bias,
+                             bool fast,
                              int64_t group_size) {
   (void)fast;
-  const int64_t in_features = x.dim() ? x.size(-1) : 0;
   const PackedArgs a = check_packed(data, scale, zero, perm, buckets, in_features, out_features, group_size);
   check_linear_inputs(a, x, bias, data);
   c10::cuda::CUDAGuard guard(x.device());

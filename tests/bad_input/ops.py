@@ -125,12 +125,13 @@ def direct_op_cases(bk):
         elif form == "group_size":
             gs, names = d.pick([16, 48, -1]), "group_size"
         elif form == "x-features":
-            x, names = d.rnd(2, k + 16 * d.int(1, 3)), "data|features"
+            # any other width, also one the padded data would hold (k + 1 within a block)
+            x, names = d.rnd(2, k + d.pick([1, 16 * d.int(1, 3)])), "features"
         else:
             perm, names = perm.to(torch.int64), "perm"
         qw = p.quantized()
         if d.int(0, 1) or valid:
-            return Case(lambda: op("quant_linear")(x, data, scale, zero, perm, bk_, n_out, bias, False, gs),
+            return Case(lambda: op("quant_linear")(x, data, scale, zero, perm, bk_, k_in, n_out, bias, False, gs),
                         lambda: ref.packed_linear(x, qw, bias), names, valid=valid, tol=reduction_tolerance(x.dtype, k))
         return Case(lambda: op("quant_dequantize")(data, scale, zero, perm, bk_, k_in, n_out, gs),
                     lambda: ref.dequantize(qw), names, valid=valid)
