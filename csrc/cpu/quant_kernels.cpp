@@ -174,6 +174,85 @@ PE_AVX512 void dot_f32_gemm(const uint8_t* tile, int64_t blocks, const float* x,
   for (; r < m; ++r) rows_f32<1>(w, kp, x + r * ldx, ldx, out + r * ldo, ldo);
 }
 
+// Several tiles, many rows (tiles_gemm_f32): K in chunks of kGemmChunkBlocks blocks; each
+// tile's chunk is decoded once and every panel of kGemmPanelRows rows (packed once per call, see
+// pack_gemm_panels) runs over all the tiles' chunks. One tile at a time (dot_f32_gemm) re-reads
+// every x row per 16 channels from beyond L2; two tiles side by side (24 accumulators) need 14
+// loads per 24 FMAs instead of 9 per 8. Each output is still one FMA chain over k in order (sums
+// carried between chunks in out): dot_f32_gemm's sums, bit for bit.
+constexpr int kPanelRows = kGemmPanelRows;
+
+// o_t[r * 16 + c] (+)= sum_k xp[k * kPanelRows + r] * w_t[k * 16 + c] for R rows and T tiles
+template <int R, int T>
+PE_AVX512 void panel_rows(const float* xp, int64_t kc, const float* w0, const float* w1, float* o0, float* o1,
+                          bool first) {
+  __m512 acc[T][R];
+  float* o[2] = {o0, o1};
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o[t] + r * 16);
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 a = _mm512_loadu_ps(w0 + k * 16);
+    const __m512 b = T == 2 ? _mm512_loadu_ps(w1 + k * 16) : a;
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_set1_ps(xp[k * kPanelRows + r]);
+      acc[0][r] = _mm512_fmadd_ps(xv, a, acc[0][r]);
+      if constexpr (T == 2) acc[1][r] = _mm512_fmadd_ps(xv, b, acc[1][r]);
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(o[t] + r * 16, acc[t][r]);
+}
+
+// one or two tiles' chunks (w1 null: one) against every panel: the chunks stay in L1 while the
+// panels stream from L2
+template <int T>
+PE_AVX512 void tiles_panels(const float* panels, int64_t panel_stride, int64_t m, int64_t kc, const float* w0,
+                            const float* w1, float* o0, float* o1, bool first) {
+  int64_t r0 = 0;
+  for (; r0 + kPanelRows <= m; r0 += kPanelRows)
+    panel_rows<kPanelRows, T>(panels + (r0 / kPanelRows) * panel_stride, kc, w0, w1, o0 + r0 * kTileN,
+                              o1 ? o1 + r0 * kTileN : nullptr, first);
+  if (r0 == m) return;
+  const float* xp = panels + (r0 / kPanelRows) * panel_stride;
+  float* p0 = o0 + r0 * kTileN;
+  float* p1 = o1 ? o1 + r0 * kTileN : nullptr;
+  switch (m - r0) {
+    case 1: return panel_rows<1, T>(xp, kc, w0, w1, p0, p1, first);
+    case 2: return panel_rows<2, T>(xp, kc, w0, w1, p0, p1, first);
+    case 3: return panel_rows<3, T>(xp, kc, w0, w1, p0, p1, first);
+    case 4: return panel_rows<4, T>(xp, kc, w0, w1, p0, p1, first);
+    case 5: return panel_rows<5, T>(xp, kc, w0, w1, p0, p1, first);
+    case 6: return panel_rows<6, T>(xp, kc, w0, w1, p0, p1, first);
+    case 7: return panel_rows<7, T>(xp, kc, w0, w1, p0, p1, first);
+    case 8: return panel_rows<8, T>(xp, kc, w0, w1, p0, p1, first);
+    case 9: return panel_rows<9, T>(xp, kc, w0, w1, p0, p1, first);
+    case 10: return panel_rows<10, T>(xp, kc, w0, w1, p0, p1, first);
+    default: return panel_rows<11, T>(xp, kc, w0, w1, p0, p1, first);
+  }
+}
+
+template <int BITS>
+PE_AVX512 void decode_chunk(const uint8_t* tile, int64_t b0, int64_t nb, float* w) {
+  decode_tile<BITS>(tile + b0 * BITS * 32, nb, w);
+}
+
+PE_AVX512 void gemm_tiles_avx512(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks,
+                                 const float* panels, int64_t m, float* out, float* wbuf) {
+  const int64_t kp = blocks * kTileK;
+  for (int64_t b0 = 0; b0 < blocks; b0 += kGemmChunkBlocks) {
+    const int64_t nb = blocks - b0 < kGemmChunkBlocks ? blocks - b0 : kGemmChunkBlocks, kc = nb * kTileK;
+    for (int u = 0; u < n; ++u)
+      PE_BITS_SWITCH(bits[u], decode_chunk, tiles[u], b0, nb, wbuf + u * kGemmChunkBlocks * kTileK * kTileN)
+    const float* xp = panels + b0 * kTileK * kPanelRows;
+    const int64_t wstride = kGemmChunkBlocks * kTileK * kTileN, ostride = m * kTileN, pstride = kp * kPanelRows;
+    int u = 0;
+    for (; u + 2 <= n; u += 2)
+      tiles_panels<2>(xp, pstride, m, kc, wbuf + u * wstride, wbuf + (u + 1) * wstride, out + u * ostride,
+                      out + (u + 1) * ostride, b0 == 0);
+    if (u < n) tiles_panels<1>(xp, pstride, m, kc, wbuf + u * wstride, nullptr, out + u * ostride, nullptr, b0 == 0);
+  }
+}
+
 // int8 activations: one vpdpbusd per field feeds 16 channels x 4 inputs. G accumulators per
 // row break the dependency chain when there are few rows. `ahead`: this pass is the first over
 // the tile (the one that streams it from memory), so it prefetches.
@@ -524,6 +603,30 @@ void tile_dot_f32(const uint8_t* tile, int bits, int64_t blocks, const float* x,
   dot_f32_scalar(tile, bits, blocks, x, ldx, m, out, ldo);
 }
 
+void pack_gemm_panels(const float* x, int64_t ldx, int64_t m, int64_t kp, int64_t p0, int64_t p1, float* panels) {
+  for (int64_t p = p0; p < p1; ++p) {
+    float* dst = panels + p * kp * kGemmPanelRows;
+    const int64_t rows = m - p * kGemmPanelRows < kGemmPanelRows ? m - p * kGemmPanelRows : kGemmPanelRows;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* src = x + (p * kGemmPanelRows + r) * ldx;
+      for (int64_t k = 0; k < kp; ++k) dst[k * kGemmPanelRows + r] = src[k];
+    }
+  }
+}
+
+bool tiles_gemm_f32(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const float* panels,
+                    int64_t m, float* out, float* wbuf) {
+  if (n < 1 || n > kGemmTiles) std::abort();  // callers group at most kGemmTiles tiles
+#ifdef PE_QUANT_X86
+  if (kVnni) {
+    gemm_tiles_avx512(tiles, bits, n, blocks, panels, m, out, wbuf);
+    return true;
+  }
+#endif
+  (void)tiles, (void)bits, (void)blocks, (void)panels, (void)m, (void)out, (void)wbuf;
+  return false;
+}
+
 int64_t lut_floats(int bits, int64_t kp) { return kVnni && bits == 2 ? kp * 8 : 0; }
 
 void build_lut(int bits, const float* x, int64_t kp, float* lut) {
@@ -627,7 +730,8 @@ CpuCaps cpu_caps() {
   caps.amx = amx_enabled();
   caps.digits = digits_enabled();
   caps.grouped_gemm = grouped_gemm_f32();
-  caps.grouped_row = kAvx2;  // quant_group_avx2.cpp, where the AVX2 kernels are this CPU's
+  caps.grouped_row = grouped_gemm_f32();  // quant_group_avx2.cpp: AVX2 + FMA, also on AVX-512 CPUs
+  caps.tile_gemm = kVnni;                  // tiles_gemm_f32's AVX-512 kernel
   return caps;
 }
 

@@ -394,6 +394,14 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
     });
     return nonfinite.load();
   }
+  // many exact rows (plan.tile_gemm): the rows packed once into the GEMM's panels
+  std::vector<float> panels;
+  if (plan.tile_gemm) {
+    panels.resize(q::cpu::gemm_panel_floats(m, kp));
+    at::parallel_for(0, q::cpu::gemm_panels(m), 1, [&](int64_t p0, int64_t p1) {
+      q::cpu::pack_gemm_panels(act.xrows, kp, m, kp, p0, p1, panels.data());
+    });
+  }
   // Work items of equal cost: bytes of codes for few rows (a 2-bit tile streams a quarter of an
   // 8-bit one), tiles for many rows (the multiply-adds dominate).
   const std::vector<int64_t> starts = balanced_chunks(tiles, a.k, m < 4 || tiles_a ? kChunksPerThread : 0);
@@ -407,7 +415,8 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
     // read): a fresh zeroed 256 KiB decode buffer per work item cost a quarter of a 2-bit GEMV
     static thread_local std::vector<float> accf, wbuf;
     static thread_local std::vector<int32_t> acci;
-    if (!fast && accf.size() < static_cast<size_t>(kLutGroup * m * q::kTileN)) accf.resize(kLutGroup * m * q::kTileN);
+    const int64_t acc_tiles = std::max<int64_t>(kLutGroup, plan.tile_gemm ? q::cpu::kGemmTiles : 0);
+    if (!fast && accf.size() < static_cast<size_t>(acc_tiles * m * q::kTileN)) accf.resize(acc_tiles * m * q::kTileN);
     if (!fast && wbuf.size() < static_cast<size_t>(kp * q::kTileN)) wbuf.resize(kp * q::kTileN);
     if (fast && acci.size() < static_cast<size_t>(m * q::kTileN)) acci.resize(m * q::kTileN);
     // end of the run of at most `cap` tiles from t that share t's width (walked together below)
@@ -500,8 +509,27 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
         for (int64_t t = begin; t < end;) t = row_kernel(t, end);
       return;
     }
+    // many exact rows: up to kGemmTiles tiles of any widths, K chunk by chunk (cpu_quant.h)
+    auto gemm_group = [&](int64_t t, int64_t t_end) {
+      static thread_local std::vector<float> chunks;
+      const int64_t need = q::cpu::kGemmTiles * q::cpu::kGemmChunkBlocks * q::kTileK * q::kTileN;
+      if (chunks.size() < static_cast<size_t>(need)) chunks.resize(need);
+      const int64_t g_end = std::min<int64_t>(t_end, t + q::cpu::kGemmTiles);
+      const uint8_t* ptrs[q::cpu::kGemmTiles];
+      int widths[q::cpu::kGemmTiles];
+      for (int64_t u = t; u < g_end; ++u) ptrs[u - t] = tiles[u].ptr, widths[u - t] = tiles[u].bits;
+      if (!q::cpu::tiles_gemm_f32(ptrs, widths, static_cast<int>(g_end - t), blocks, panels.data(), m, accf.data(),
+                                  chunks.data()))
+        std::abort();  // the plan has tile_gemm only where the kernel exists
+      for (int64_t u = t; u < g_end; ++u) epilogue(tiles[u], accf.data() + (u - t) * m * q::kTileN, nullptr);
+      return g_end;
+    };
     for (int64_t t = begin; t < end;) {
       const Tile& tile = tiles[t];
+      if (plan.tile_gemm) {
+        t = gemm_group(t, end);
+        continue;
+      }
       if (!fast && !lut[tile.bits].empty()) {
         t = lut_group(t, end);
         continue;

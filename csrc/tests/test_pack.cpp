@@ -158,6 +158,38 @@ int main() {
       }
     }
   }
+  // many rows against 1..kGemmTiles tiles of mixed widths at once (37 blocks: two whole K chunks
+  // and a partial one; row counts around the 12-row panel): tile_dot_f32's sums bit for bit, on
+  // arbitrary floats, where this CPU has the kernel
+  {
+    const int64_t blocks = 37, k = blocks * q::kTileK;
+    const RandomTiles rt = random_tiles(rng, q::cpu::kGemmTiles, k, [&](int64_t u) { return widths[(u * 3) % 4]; });
+    std::vector<const uint8_t*> ptrs(q::cpu::kGemmTiles);
+    for (int u = 0; u < q::cpu::kGemmTiles; ++u) ptrs[u] = rt.tiles[u].data();
+    std::vector<float> chunks(q::cpu::kGemmTiles * q::cpu::kGemmChunkBlocks * q::kTileK * q::kTileN);
+    std::vector<float> wbuf(k * q::kTileN);
+    bool ran = false;
+    for (int64_t m : {4, 5, 12, 13, 25}) {
+      std::vector<float> x(m * k);
+      for (auto& v : x) v = static_cast<float>(rng()) / 4294967296.0f * 8.0f - 4.0f;
+      std::vector<float> panels(q::cpu::gemm_panel_floats(m, k), NAN);  // packed in two calls
+      q::cpu::pack_gemm_panels(x.data(), k, m, k, 0, 1, panels.data());
+      q::cpu::pack_gemm_panels(x.data(), k, m, k, 1, q::cpu::gemm_panels(m), panels.data());
+      for (int n = 1; n <= q::cpu::kGemmTiles; ++n) {
+        std::vector<float> got(n * m * q::kTileN, NAN), want(m * q::kTileN);
+        if (!q::cpu::tiles_gemm_f32(ptrs.data(), rt.bits.data(), n, blocks, panels.data(), m, got.data(), chunks.data()))
+          break;
+        ran = true;
+        for (int u = 0; u < n; ++u) {
+          q::cpu::tile_dot_f32(ptrs[u], rt.bits[u], blocks, x.data(), k, m, want.data(), q::kTileN, wbuf.data());
+          for (int64_t i = 0; i < m * q::kTileN; ++i)
+            EXPECT(got[u * m * q::kTileN + i] == want[i], "gemm tiles n=%d u=%d m=%ld i=%ld got %g want %g", n, u,
+                   long(m), long(i), got[u * m * q::kTileN + i], want[i]);
+        }
+      }
+    }
+    std::printf("multi-tile GEMM on this CPU: %s\n", ran ? "checked" : "none");
+  }
   // one row against 1..kRowTiles tiles of one width at once (float and int8 rows; 37 blocks: two
   // whole float chunks and a partial one); x in multiples of 1/8 so the float sums are exact
   for (int bits : widths) {

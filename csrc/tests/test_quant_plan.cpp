@@ -8,7 +8,9 @@
 using namespace pe::quant;
 
 int main() {
-  const CpuCaps avx2{false, false, true, true}, vnni{false, true, true}, amx{true, true, true}, portable{};
+  // fields: amx, digits, grouped_gemm, grouped_row, tile_gemm
+  const CpuCaps avx2{false, false, true, true, false}, vnni{false, true, true, true, true},
+      amx{true, true, true, true, true}, portable{};
   auto call = [](int64_t m, bool fast = false, int64_t group = 0, bool wide = true, int64_t k = 4096) {
     LinearCall c;
     c.m = m, c.k = k, c.fast = fast, c.group_size = group, c.wide_tiles = wide;
@@ -24,10 +26,13 @@ int main() {
   EXPECT(!plan_linear(avx2, call(256, true, 64)).dequant_gemm);  // int8 rows: per-group integer sums
   EXPECT(!plan_linear(portable, call(256, false, 64)).dequant_gemm);
   EXPECT(plan_linear(avx2, call(1, false, 128)).in_place_row && !plan_linear(avx2, call(1, true, 128)).in_place_row);
-  // grouped, one row: the group-aware row kernels in both modes where the CPU runs the AVX2 kernels
-  EXPECT(plan_linear(avx2, call(1, false, 64)).grouped_row && plan_linear(avx2, call(1, true, 32)).grouped_row);
-  EXPECT(!plan_linear(avx2, call(2, false, 64)).grouped_row && !plan_linear(avx2, call(2, true, 64)).grouped_row);
-  for (const CpuCaps& cpu : {vnni, amx, portable}) EXPECT(!plan_linear(cpu, call(1, false, 64)).grouped_row);
+  // grouped, one row: the group-aware row kernels in both modes where the CPU has AVX2 (AVX-512
+  // CPUs too: the AVX2 kernels run there)
+  for (const CpuCaps& cpu : {avx2, vnni, amx}) {
+    EXPECT(plan_linear(cpu, call(1, false, 64)).grouped_row && plan_linear(cpu, call(1, true, 32)).grouped_row);
+    EXPECT(!plan_linear(cpu, call(2, false, 64)).grouped_row && !plan_linear(cpu, call(2, true, 64)).grouped_row);
+  }
+  EXPECT(!plan_linear(portable, call(1, false, 64)).grouped_row);
   EXPECT(!plan_linear(avx2, call(1)).grouped_row);  // one scale per channel: the tile paths
   // AVX2: tiles, never digits or AMX; tables and in-place reads for one exact row
   LinearPlan p = plan_linear(avx2, call(1));
@@ -43,10 +48,16 @@ int main() {
   EXPECT(!plan_linear(vnni, call(2)).digits);  // digits are for one row without AMX
   EXPECT(!plan_linear(vnni, call(1, false, 0, true, 65537)).digits);  // int32 digit sums would not be exact
   EXPECT(plan_linear(vnni, call(256)).path == LinearPath::kTiles);
+  // many exact rows on AVX-512: the multi-tile GEMM (not for int8 rows, few rows, or without it)
+  EXPECT(plan_linear(vnni, call(kTileGemmRows)).tile_gemm && plan_linear(vnni, call(256)).tile_gemm);
+  EXPECT(plan_linear(vnni, call(256, false, 0, true, 65537)).tile_gemm);
+  EXPECT(!plan_linear(vnni, call(kTileGemmRows - 1)).tile_gemm && !plan_linear(vnni, call(256, true)).tile_gemm);
+  EXPECT(!plan_linear(avx2, call(256)).tile_gemm && !plan_linear(portable, call(256)).tile_gemm);
+  EXPECT(!plan_linear(vnni, call(256, false, 64)).tile_gemm);  // group-wise: its own path
   // AMX: digit GEMV up to kDigitGemvRows rows, the bf16 GEMM above; fast mode's A tiles from 2 rows
   for (int64_t m = 1; m <= kDigitGemvRows; ++m) {
     p = plan_linear(amx, call(m));
-    EXPECT(p.path == LinearPath::kTiles && p.digits && !p.digit_float_row);
+    EXPECT(p.path == LinearPath::kTiles && p.digits && !p.digit_float_row && !p.tile_gemm);
   }
   EXPECT(plan_linear(amx, call(kDigitGemvRows + 1)).path == LinearPath::kAmxGemm);
   EXPECT(plan_linear(amx, call(kDigitGemvRows + 1, true)).path == LinearPath::kTiles);  // fast: int8 tiles

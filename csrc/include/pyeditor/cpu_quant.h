@@ -17,6 +17,22 @@ CpuCaps cpu_caps();
 void tile_dot_f32(const uint8_t* tile, int bits, int64_t blocks, const float* x, int64_t ldx, int64_t m,
                   float* out, int64_t ldo, float* wbuf);
 
+// Many rows, several tiles of any widths at once (where the plan has tile_gemm): tile u's sums
+// land in out + u * m * 16 as [m][16], those of tile_dot_f32 bit for bit, with K walked in
+// chunks of kGemmChunkBlocks blocks so that each activation panel serves every tile. The rows
+// come packed once per call: pack_gemm_panels writes panels [p0, p1) of kGemmPanelRows rows
+// each, k-major (panels[(p * kp + k) * kGemmPanelRows + r] = x[(p * kGemmPanelRows + r) * ldx + k];
+// gemm_panel_floats(m, kp) floats in all). wbuf: kGemmTiles * kGemmChunkBlocks * 256 floats.
+// false where this CPU has no such kernel (then tile_dot_f32 per tile).
+constexpr int kGemmTiles = 16;
+constexpr int64_t kGemmChunkBlocks = 16;  // 256 inputs: a tile's decoded chunk is 16 KiB
+constexpr int64_t kGemmPanelRows = 12;    // 12 rows x 2 tiles: 24 accumulators
+inline int64_t gemm_panels(int64_t m) { return (m + kGemmPanelRows - 1) / kGemmPanelRows; }
+inline int64_t gemm_panel_floats(int64_t m, int64_t kp) { return gemm_panels(m) * kGemmPanelRows * kp; }
+void pack_gemm_panels(const float* x, int64_t ldx, int64_t m, int64_t kp, int64_t p0, int64_t p1, float* panels);
+bool tiles_gemm_f32(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const float* panels,
+                    int64_t m, float* out, float* wbuf);
+
 // Group-wise scales, many rows: the tile dequantized once into wbuf (256 * blocks floats) as
 // w[k][c] = (q - z[g][c]) * s[g][c], with s, z at the tile's first row of [groups][srows] arrays and
 // g = block / group_blocks, then out[r * ldo + c] = sum_k x[r, k] w[k][c] for m rows: the

@@ -13,7 +13,8 @@ struct CpuCaps {
   bool amx = false;     // AMX-INT8 and AMX-BF16 with the OS's tile state
   bool digits = false;  // AVX-512 F/BW/DQ/VL/VNNI: fixed-point digit GEMV
   bool grouped_gemm = false;  // the dequantized-tile GEMM for group-wise scales (AVX2 + FMA)
-  bool grouped_row = false;   // the group-aware one-row kernels (where the AVX2 kernels are the CPU's)
+  bool grouped_row = false;   // the group-aware one-row kernels (AVX2 + FMA)
+  bool tile_gemm = false;     // the multi-tile float GEMM over K chunks (AVX-512)
 };
 
 struct LinearCall {
@@ -45,6 +46,8 @@ struct LinearPlan {
   bool grouped_row = false;   // grouped, one row, both modes: group sums kept in registers, each
                               // group's scale applied there (else, and for other row counts, the
                               // float / int8 tile kernels per group with an epilogue per group)
+  bool tile_gemm = false;     // exact, many rows, float kernels: several tiles a call, K chunk by
+                              // chunk (cpu_quant.h tiles_gemm_f32), else tile_dot_f32 a tile at a time
   int threads = 1;            // threads to wake (see plan_threads)
 };
 
@@ -52,6 +55,7 @@ constexpr int64_t kDigitGemvRows = 8;  // AMX digit GEMV up to this many rows, t
 constexpr int64_t kFastTileRows = 2;   // the fast mode's AMX tiles from this many rows
 constexpr int64_t kMaxDigitK = 65536;  // int32 digit sums stay exact up to this many inputs
 constexpr int64_t kLutRows = 4;        // lookup tables below this many rows
+constexpr int64_t kTileGemmRows = 4;   // the multi-tile GEMM from this many rows
 constexpr int64_t kDequantGemmRows = 4; // grouped: the dequantized-tile GEMM from this many rows
 
 // Few rows stream the codes once: a thread that gets less than this to read costs more to wake
@@ -87,6 +91,7 @@ inline LinearPlan plan_linear(const CpuCaps& cpu, const LinearCall& c) {
   p.fast_tiles = cpu.amx && c.fast && c.m >= kFastTileRows;
   p.lut = !c.fast && c.m < kLutRows;
   p.in_place_row = !c.fast && c.m == 1;
+  p.tile_gemm = !c.fast && !p.digits && c.m >= kTileGemmRows && cpu.tile_gemm;
   return p;
 }
 
