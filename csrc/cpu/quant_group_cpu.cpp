@@ -28,6 +28,7 @@
 #include "pyeditor/cpu_isa.h"
 #include "pyeditor/cpu_quant.h"
 #include "pyeditor/pack.h"
+#include "quant_avx2.h"
 #include "quant_group_avx2.h"
 #include "quant_tiles.h"
 
@@ -151,15 +152,22 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
   std::vector<float> in_place[9];
   qc::InPlaceRead read[9];
   float unscale[9];
+  // The group-aware row kernels are AVX2 ones on every CPU that has them: their in-place reads
+  // (quant_avx2.h) come with them, also where AVX-512 runs the per-channel kernels.
+  const bool avx2_row = plan.grouped_row;
+  auto scale_row = [&](int bits, qc::InPlaceRead r) {
+    return avx2_row ? qc::avx2::scale_row(bits, act.x, kp, r, in_place[bits].data(), &unscale[bits])
+                    : qc::in_place_row(bits, act.x, kp, r, in_place[bits].data(), &unscale[bits]);
+  };
   if (plan.in_place_row) {
     for (const auto& b : a.buckets) {
       const int bits = static_cast<int>(b.bits);
-      if (b.rows == 0 || !in_place[bits].empty() || !qc::one_row_f32_tiles(bits)) continue;
+      if (b.rows == 0 || !in_place[bits].empty() || !(avx2_row || qc::one_row_f32_tiles(bits))) continue;
       in_place[bits].resize(kp);
-      read[bits] = qc::in_place_read();
-      if (qc::in_place_row(bits, act.x, kp, read[bits], in_place[bits].data(), &unscale[bits])) continue;
+      read[bits] = avx2_row ? qc::avx2::preferred_read() : qc::in_place_read();
+      if (scale_row(bits, read[bits])) continue;
       read[bits] = qc::InPlaceRead::kConvert;  // x out of the denormal read's range: try converting
-      if (qc::in_place_row(bits, act.x, kp, read[bits], in_place[bits].data(), &unscale[bits])) continue;
+      if (scale_row(bits, read[bits])) continue;
       in_place[bits].clear();
     }
   }
