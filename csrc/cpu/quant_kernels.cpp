@@ -253,6 +253,92 @@ PE_AVX512 void gemm_tiles_avx512(const uint8_t* const* tiles, const int* bits, i
   }
 }
 
+// The same for int8 rows (tiles_gemm_i8): a tile's chunk decoded once to one code a byte (the
+// 64-byte field vectors of load_block, 16 channels x 4 inputs each), every panel of rows packed
+// as 4-input words, one vpdpbusd per row and tile per 4 inputs. Integer sums: exact in any order.
+template <int R, int T>
+PE_AVX512 void panel_rows_i8(const int32_t* xp, int64_t words, const uint8_t* w0, const uint8_t* w1, int32_t* o0,
+                             int32_t* o1, bool first) {
+  __m512i acc[T][R];
+  int32_t* o[2] = {o0, o1};
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = first ? _mm512_setzero_si512() : _mm512_loadu_si512(o[t] + r * 16);
+  for (int64_t j = 0; j < words; ++j) {
+    const __m512i a = _mm512_loadu_si512(w0 + j * 64);
+    const __m512i b = T == 2 ? _mm512_loadu_si512(w1 + j * 64) : a;
+    for (int r = 0; r < R; ++r) {
+      const __m512i xv = _mm512_set1_epi32(xp[j * kPanelRows + r]);
+      acc[0][r] = _mm512_dpbusd_epi32(acc[0][r], a, xv);
+      if constexpr (T == 2) acc[1][r] = _mm512_dpbusd_epi32(acc[1][r], b, xv);
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) _mm512_storeu_si512(o[t] + r * 16, acc[t][r]);
+}
+
+template <int T>
+PE_AVX512 void tiles_panels_i8(const int32_t* panels, int64_t panel_stride, int64_t m, int64_t words,
+                               const uint8_t* w0, const uint8_t* w1, int32_t* o0, int32_t* o1, bool first) {
+  // a panel as two halves: 12 accumulators each (GCC spills vpdpbusd's accumulators beyond that)
+  constexpr int H = kPanelRows / 2;
+  int64_t r0 = 0;
+  for (; r0 + kPanelRows <= m; r0 += kPanelRows)
+    for (int h = 0; h < 2; ++h)
+      panel_rows_i8<H, T>(panels + (r0 / kPanelRows) * panel_stride + h * H, words, w0, w1,
+                          o0 + (r0 + h * H) * kTileN, o1 ? o1 + (r0 + h * H) * kTileN : nullptr, first);
+  if (r0 == m) return;
+  const int32_t* xp = panels + (r0 / kPanelRows) * panel_stride;
+  int32_t* p0 = o0 + r0 * kTileN;
+  int32_t* p1 = o1 ? o1 + r0 * kTileN : nullptr;
+  switch (m - r0) {
+    case 1: return panel_rows_i8<1, T>(xp, words, w0, w1, p0, p1, first);
+    case 2: return panel_rows_i8<2, T>(xp, words, w0, w1, p0, p1, first);
+    case 3: return panel_rows_i8<3, T>(xp, words, w0, w1, p0, p1, first);
+    case 4: return panel_rows_i8<4, T>(xp, words, w0, w1, p0, p1, first);
+    case 5: return panel_rows_i8<5, T>(xp, words, w0, w1, p0, p1, first);
+    case 6: return panel_rows_i8<6, T>(xp, words, w0, w1, p0, p1, first);
+    default: {  // 7 to 11: the first half, then the rest
+      panel_rows_i8<H, T>(xp, words, w0, w1, p0, p1, first);
+      const int64_t rest = m - r0 - H;
+      int32_t* q0 = p0 + H * kTileN;
+      int32_t* q1 = p1 ? p1 + H * kTileN : nullptr;
+      switch (rest) {
+        case 1: return panel_rows_i8<1, T>(xp + H, words, w0, w1, q0, q1, first);
+        case 2: return panel_rows_i8<2, T>(xp + H, words, w0, w1, q0, q1, first);
+        case 3: return panel_rows_i8<3, T>(xp + H, words, w0, w1, q0, q1, first);
+        case 4: return panel_rows_i8<4, T>(xp + H, words, w0, w1, q0, q1, first);
+        default: return panel_rows_i8<5, T>(xp + H, words, w0, w1, q0, q1, first);
+      }
+    }
+  }
+}
+
+template <int BITS>
+PE_AVX512 void decode_chunk_u8(const uint8_t* tile, int64_t b0, int64_t nb, uint8_t* w) {
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i v[4];
+    load_block<BITS>(tile + (b0 + b) * BITS * 32, v);
+    for (int g = 0; g < 4; ++g) _mm512_storeu_si512(w + (4 * b + g) * 64, v[g]);
+  }
+}
+
+PE_AVX512 void gemm_tiles_i8_avx512(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks,
+                                    const int32_t* panels, int64_t m, int32_t* out, uint8_t* wbuf) {
+  const int64_t words_all = blocks * (kTileK / 4), wstride = kGemmChunkBlocksI8 * kTileK * kTileN;
+  for (int64_t b0 = 0; b0 < blocks; b0 += kGemmChunkBlocksI8) {
+    const int64_t nb = blocks - b0 < kGemmChunkBlocksI8 ? blocks - b0 : kGemmChunkBlocksI8;
+    for (int u = 0; u < n; ++u) PE_BITS_SWITCH(bits[u], decode_chunk_u8, tiles[u], b0, nb, wbuf + u * wstride)
+    const int32_t* xp = panels + b0 * (kTileK / 4) * kPanelRows;
+    const int64_t ostride = m * kTileN, pstride = words_all * kPanelRows, words = nb * (kTileK / 4);
+    int u = 0;
+    for (; u + 2 <= n; u += 2)
+      tiles_panels_i8<2>(xp, pstride, m, words, wbuf + u * wstride, wbuf + (u + 1) * wstride, out + u * ostride,
+                         out + (u + 1) * ostride, b0 == 0);
+    if (u < n)
+      tiles_panels_i8<1>(xp, pstride, m, words, wbuf + u * wstride, nullptr, out + u * ostride, nullptr, b0 == 0);
+  }
+}
+
 // int8 activations: one vpdpbusd per field feeds 16 channels x 4 inputs. G accumulators per
 // row break the dependency chain when there are few rows. `ahead`: this pass is the first over
 // the tile (the one that streams it from memory), so it prefetches.
@@ -612,6 +698,32 @@ void pack_gemm_panels(const float* x, int64_t ldx, int64_t m, int64_t kp, int64_
       for (int64_t k = 0; k < kp; ++k) dst[k * kGemmPanelRows + r] = src[k];
     }
   }
+}
+
+void pack_gemm_panels_i8(const int8_t* x, int64_t ldx, int64_t m, int64_t kp, int64_t p0, int64_t p1,
+                         int32_t* panels) {
+  const int64_t words = kp / 4;
+  for (int64_t p = p0; p < p1; ++p) {
+    int32_t* dst = panels + p * words * kGemmPanelRows;
+    const int64_t rows = m - p * kGemmPanelRows < kGemmPanelRows ? m - p * kGemmPanelRows : kGemmPanelRows;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int8_t* src = x + (p * kGemmPanelRows + r) * ldx;
+      for (int64_t j = 0; j < words; ++j) std::memcpy(dst + j * kGemmPanelRows + r, src + 4 * j, 4);
+    }
+  }
+}
+
+bool tiles_gemm_i8(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const int32_t* panels,
+                   int64_t m, int32_t* out, uint8_t* wbuf) {
+  if (n < 1 || n > kGemmTiles) std::abort();  // callers group at most kGemmTiles tiles
+#ifdef PE_QUANT_X86
+  if (kVnni) {
+    gemm_tiles_i8_avx512(tiles, bits, n, blocks, panels, m, out, wbuf);
+    return true;
+  }
+#endif
+  (void)tiles, (void)bits, (void)blocks, (void)panels, (void)m, (void)out, (void)wbuf;
+  return false;
 }
 
 bool tiles_gemm_f32(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const float* panels,

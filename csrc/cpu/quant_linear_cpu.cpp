@@ -394,12 +394,15 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
     });
     return nonfinite.load();
   }
-  // many exact rows (plan.tile_gemm): the rows packed once into the GEMM's panels
+  // many rows (plan.tile_gemm): the rows packed once into the GEMM's panels
   std::vector<float> panels;
+  std::vector<int32_t> panels_i8;
   if (plan.tile_gemm) {
-    panels.resize(q::cpu::gemm_panel_floats(m, kp));
+    if (fast) panels_i8.resize(q::cpu::gemm_panel_floats(m, kp) / 4);
+    else panels.resize(q::cpu::gemm_panel_floats(m, kp));
     at::parallel_for(0, q::cpu::gemm_panels(m), 1, [&](int64_t p0, int64_t p1) {
-      q::cpu::pack_gemm_panels(act.xrows, kp, m, kp, p0, p1, panels.data());
+      if (fast) q::cpu::pack_gemm_panels_i8(act.xq.data(), kp, m, kp, p0, p1, panels_i8.data());
+      else q::cpu::pack_gemm_panels(act.xrows, kp, m, kp, p0, p1, panels.data());
     });
   }
   // Work items of equal cost: bytes of codes for few rows (a 2-bit tile streams a quarter of an
@@ -509,19 +512,32 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
         for (int64_t t = begin; t < end;) t = row_kernel(t, end);
       return;
     }
-    // many exact rows: up to kGemmTiles tiles of any widths, K chunk by chunk (cpu_quant.h)
+    // many rows: up to kGemmTiles tiles of any widths, K chunk by chunk (cpu_quant.h)
     auto gemm_group = [&](int64_t t, int64_t t_end) {
       static thread_local std::vector<float> chunks;
-      const int64_t need = q::cpu::kGemmTiles * q::cpu::kGemmChunkBlocks * q::kTileK * q::kTileN;
-      if (chunks.size() < static_cast<size_t>(need)) chunks.resize(need);
-      const int64_t g_end = std::min<int64_t>(t_end, t + q::cpu::kGemmTiles);
+      static thread_local std::vector<uint8_t> chunks_i8;
+      const int64_t g_end = std::min<int64_t>(t_end, t + q::cpu::kGemmTiles), nt = g_end - t;
       const uint8_t* ptrs[q::cpu::kGemmTiles];
       int widths[q::cpu::kGemmTiles];
       for (int64_t u = t; u < g_end; ++u) ptrs[u - t] = tiles[u].ptr, widths[u - t] = tiles[u].bits;
-      if (!q::cpu::tiles_gemm_f32(ptrs, widths, static_cast<int>(g_end - t), blocks, panels.data(), m, accf.data(),
-                                  chunks.data()))
-        std::abort();  // the plan has tile_gemm only where the kernel exists
-      for (int64_t u = t; u < g_end; ++u) epilogue(tiles[u], accf.data() + (u - t) * m * q::kTileN, nullptr);
+      bool ran;
+      if (fast) {
+        const int64_t need = q::cpu::kGemmTiles * q::cpu::kGemmChunkBlocksI8 * q::kTileK * q::kTileN;
+        if (chunks_i8.size() < static_cast<size_t>(need)) chunks_i8.resize(need);
+        if (acci.size() < static_cast<size_t>(nt * m * q::kTileN)) acci.resize(nt * m * q::kTileN);
+        ran = q::cpu::tiles_gemm_i8(ptrs, widths, static_cast<int>(nt), blocks, panels_i8.data(), m, acci.data(),
+                                    chunks_i8.data());
+      } else {
+        const int64_t need = q::cpu::kGemmTiles * q::cpu::kGemmChunkBlocks * q::kTileK * q::kTileN;
+        if (chunks.size() < static_cast<size_t>(need)) chunks.resize(need);
+        ran = q::cpu::tiles_gemm_f32(ptrs, widths, static_cast<int>(nt), blocks, panels.data(), m, accf.data(),
+                                     chunks.data());
+      }
+      if (!ran) std::abort();  // the plan has tile_gemm only where the kernels exist
+      for (int64_t u = t; u < g_end; ++u) {
+        const int64_t off = (u - t) * m * q::kTileN;
+        epilogue(tiles[u], fast ? nullptr : accf.data() + off, fast ? acci.data() + off : nullptr);
+      }
       return g_end;
     };
     for (int64_t t = begin; t < end;) {

@@ -188,6 +188,28 @@ int main() {
         }
       }
     }
+    // int8 rows: 70 blocks (one whole int8 chunk and a partial one), exact int32 sums
+    const int64_t blocks8 = 70, k8 = blocks8 * q::kTileK;
+    const RandomTiles r8 = random_tiles(rng, q::cpu::kGemmTiles, k8, [&](int64_t u) { return widths[(u * 5) % 4]; });
+    std::vector<const uint8_t*> p8(q::cpu::kGemmTiles);
+    for (int u = 0; u < q::cpu::kGemmTiles; ++u) p8[u] = r8.tiles[u].data();
+    std::vector<uint8_t> chunks8(q::cpu::kGemmTiles * q::cpu::kGemmChunkBlocksI8 * q::kTileK * q::kTileN);
+    for (int64_t m : {4, 13, 25}) {
+      std::vector<int8_t> xq(m * k8);
+      for (auto& v : xq) v = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+      std::vector<int32_t> panels(q::cpu::gemm_panel_floats(m, k8) / 4, -1);
+      q::cpu::pack_gemm_panels_i8(xq.data(), k8, m, k8, 0, q::cpu::gemm_panels(m), panels.data());
+      for (int n : {1, 2, 5, q::cpu::kGemmTiles}) {
+        std::vector<int32_t> got(n * m * q::kTileN, -1), want(m * q::kTileN);
+        if (!q::cpu::tiles_gemm_i8(p8.data(), r8.bits.data(), n, blocks8, panels.data(), m, got.data(), chunks8.data()))
+          break;
+        for (int u = 0; u < n; ++u) {
+          q::cpu::tile_dot_i8(p8[u], r8.bits[u], blocks8, xq.data(), k8, m, want.data(), q::kTileN);
+          for (int64_t i = 0; i < m * q::kTileN; ++i)
+            EXPECT(got[u * m * q::kTileN + i] == want[i], "gemm i8 tiles n=%d u=%d m=%ld i=%ld", n, u, long(m), long(i));
+        }
+      }
+    }
     std::printf("multi-tile GEMM on this CPU: %s\n", ran ? "checked" : "none");
   }
   // one row against 1..kRowTiles tiles of one width at once (float and int8 rows; 37 blocks: two

@@ -48,10 +48,11 @@ int main() {
   EXPECT(!plan_linear(vnni, call(2)).digits);  // digits are for one row without AMX
   EXPECT(!plan_linear(vnni, call(1, false, 0, true, 65537)).digits);  // int32 digit sums would not be exact
   EXPECT(plan_linear(vnni, call(256)).path == LinearPath::kTiles);
-  // many exact rows on AVX-512: the multi-tile GEMM (not for int8 rows, few rows, or without it)
+  // many rows on AVX-512, float or int8: the multi-tile GEMM (not for few rows, or without it)
   EXPECT(plan_linear(vnni, call(kTileGemmRows)).tile_gemm && plan_linear(vnni, call(256)).tile_gemm);
   EXPECT(plan_linear(vnni, call(256, false, 0, true, 65537)).tile_gemm);
-  EXPECT(!plan_linear(vnni, call(kTileGemmRows - 1)).tile_gemm && !plan_linear(vnni, call(256, true)).tile_gemm);
+  EXPECT(!plan_linear(vnni, call(kTileGemmRows - 1)).tile_gemm && plan_linear(vnni, call(256, true)).tile_gemm);
+  EXPECT(!plan_linear(amx, call(256, true)).tile_gemm);  // int8 rows as AMX tiles there
   EXPECT(!plan_linear(avx2, call(256)).tile_gemm && !plan_linear(portable, call(256)).tile_gemm);
   EXPECT(!plan_linear(vnni, call(256, false, 64)).tile_gemm);  // group-wise: its own path
   // AMX: digit GEMV up to kDigitGemvRows rows, the bf16 GEMM above; fast mode's A tiles from 2 rows

@@ -32,6 +32,15 @@ inline int64_t gemm_panel_floats(int64_t m, int64_t kp) { return gemm_panels(m) 
 void pack_gemm_panels(const float* x, int64_t ldx, int64_t m, int64_t kp, int64_t p0, int64_t p1, float* panels);
 bool tiles_gemm_f32(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const float* panels,
                     int64_t m, float* out, float* wbuf);
+// The same for int8 rows (fast mode): int32 sums, those of tile_dot_i8 (exact). Panels of
+// 4-input words (pack_gemm_panels_i8: panels[(p * kp / 4 + j) * kGemmPanelRows + r] holds x row
+// p * kGemmPanelRows + r, inputs 4j..4j+3; gemm_panel_floats(m, kp) / 4 words in all); wbuf:
+// kGemmTiles * kGemmChunkBlocksI8 * 256 bytes.
+constexpr int64_t kGemmChunkBlocksI8 = 64;  // 1024 inputs: a tile's decoded chunk is 16 KiB
+void pack_gemm_panels_i8(const int8_t* x, int64_t ldx, int64_t m, int64_t kp, int64_t p0, int64_t p1,
+                         int32_t* panels);
+bool tiles_gemm_i8(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const int32_t* panels,
+                   int64_t m, int32_t* out, uint8_t* wbuf);
 
 // Group-wise scales, many rows: the tile dequantized once into wbuf (256 * blocks floats) as
 // w[k][c] = (q - z[g][c]) * s[g][c], with s, z at the tile's first row of [groups][srows] arrays and

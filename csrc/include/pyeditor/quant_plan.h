@@ -14,7 +14,7 @@ struct CpuCaps {
   bool digits = false;  // AVX-512 F/BW/DQ/VL/VNNI: fixed-point digit GEMV
   bool grouped_gemm = false;  // the dequantized-tile GEMM for group-wise scales (AVX2 + FMA)
   bool grouped_row = false;   // the group-aware one-row kernels (AVX2 + FMA)
-  bool tile_gemm = false;     // the multi-tile float GEMM over K chunks (AVX-512)
+  bool tile_gemm = false;     // the multi-tile float and int8 GEMMs over K chunks (AVX-512)
 };
 
 struct LinearCall {
@@ -46,8 +46,8 @@ struct LinearPlan {
   bool grouped_row = false;   // grouped, one row, both modes: group sums kept in registers, each
                               // group's scale applied there (else, and for other row counts, the
                               // float / int8 tile kernels per group with an epilogue per group)
-  bool tile_gemm = false;     // exact, many rows, float kernels: several tiles a call, K chunk by
-                              // chunk (cpu_quant.h tiles_gemm_f32), else tile_dot_f32 a tile at a time
+  bool tile_gemm = false;     // many rows, float or int8 kernels: several tiles a call, K chunk by
+                              // chunk (cpu_quant.h tiles_gemm_f32 / _i8), else a tile at a time
   int threads = 1;            // threads to wake (see plan_threads)
 };
 
@@ -91,7 +91,7 @@ inline LinearPlan plan_linear(const CpuCaps& cpu, const LinearCall& c) {
   p.fast_tiles = cpu.amx && c.fast && c.m >= kFastTileRows;
   p.lut = !c.fast && c.m < kLutRows;
   p.in_place_row = !c.fast && c.m == 1;
-  p.tile_gemm = !c.fast && !p.digits && c.m >= kTileGemmRows && cpu.tile_gemm;
+  p.tile_gemm = !p.digits && !p.fast_tiles && c.m >= kTileGemmRows && cpu.tile_gemm;
   return p;
 }
 
