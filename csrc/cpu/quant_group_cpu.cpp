@@ -173,7 +173,10 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
   }
   // Work items: one row walks up to kRowTiles same-width tiles together (as many streams from
   // memory, as the per-channel GEMV does); more rows take one tile each.
-  const int64_t cap = m == 1 && !plan.dequant_gemm ? qc::kRowTiles : 1;
+  // (the multi-tile GEMM: at most kGemmTiles a call, fewer where that would leave a thread idle)
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size()), threads = std::max(1, plan.threads);
+  const int64_t cap = plan.tile_gemm ? std::clamp<int64_t>((n_tiles + threads - 1) / threads, 1, qc::kGemmTiles)
+                      : m == 1 && !plan.dequant_gemm ? qc::kRowTiles : 1;
   std::vector<int64_t> starts{0};
   for (int64_t t = 0; t < static_cast<int64_t>(tiles.size());) {
     int64_t e = t + 1;
@@ -226,6 +229,12 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
     });
     return nonfinite.load();
   }
+  // many exact rows through the multi-tile GEMM: the rows packed once into its panels
+  std::vector<float> panels(plan.tile_gemm ? qc::gemm_panel_floats(m, kp) : 0);
+  if (plan.tile_gemm)
+    at::parallel_for(0, qc::gemm_panels(m), 1, [&](int64_t p0, int64_t p1) {
+      qc::pack_gemm_panels(act.x, kp, m, kp, p0, p1, panels.data());
+    });
   at::parallel_for(0, items, per_thread, [&](int64_t ib, int64_t ie) {
     // per-thread scratch, grown when needed (the kernels write before they read)
     static thread_local std::vector<float> accf, wbuf;
@@ -235,13 +244,27 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
     if (accf.size() < per_item) accf.resize(per_item);
     if (acci.size() < per_item) acci.resize(per_item);
     if (tot.size() < per_item) tot.resize(per_item);
-    const int64_t wfloats = 256 * (plan.dequant_gemm ? blocks : group_blocks);
+    const int64_t wfloats = plan.tile_gemm ? qc::kGemmTiles * qc::kGemmChunkBlocks * 256
+                                           : 256 * (plan.dequant_gemm ? blocks : group_blocks);
     if (wbuf.size() < static_cast<size_t>(wfloats)) wbuf.resize(wfloats);
     for (int64_t item = ib; item < ie; ++item) {
       const int64_t t0 = starts[item], nt = starts[item + 1] - t0;
       const int bits = tiles[t0].bits;
       std::fill(tot.begin(), tot.begin() + nt * m * q::kTileN, 0.0);
-      if (plan.dequant_gemm) {  // (one tile: nt == 1) the reference's weights, one GEMM
+      if (plan.tile_gemm) {  // up to kGemmTiles tiles, the reference's weights, one GEMM
+        const uint8_t* ptrs[qc::kGemmTiles];
+        const float* sp[qc::kGemmTiles];
+        const uint8_t* zp[qc::kGemmTiles];
+        int widths[qc::kGemmTiles];
+        for (int64_t u = 0; u < nt; ++u) {
+          const QuantTile& tile = tiles[t0 + u];
+          ptrs[u] = tile.ptr, sp[u] = s + tile.row, zp[u] = z + tile.row, widths[u] = tile.bits;
+        }
+        if (!qc::tiles_gemm_grouped_f32(ptrs, widths, static_cast<int>(nt), blocks, sp, zp, a.rows, group_blocks,
+                                        panels.data(), m, accf.data(), wbuf.data()))
+          std::abort();  // the plan has tile_gemm only where the kernel exists
+        for (int64_t i = 0; i < nt * m * q::kTileN; ++i) tot[i] = accf[i];
+      } else if (plan.dequant_gemm) {  // (one tile: nt == 1) the reference's weights, one GEMM
         const int64_t row0 = tiles[t0].row;
         qc::tile_gemm_grouped_f32(tiles[t0].ptr, bits, blocks, s + row0, z + row0, a.rows, group_blocks, act.x, kp,
                                   m, accf.data(), q::kTileN, wbuf.data());
@@ -277,18 +300,25 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
           }
         }
       }
+      // the item's output columns and biases once, then y row by row (a column walk missed per row)
+      static_assert(qc::kRowTiles <= qc::kGemmTiles, "an item holds at most kGemmTiles tiles");
+      int32_t cols[qc::kGemmTiles * q::kTileN];
+      float bv[qc::kGemmTiles * q::kTileN];
+      for (int64_t i = 0; i < nt * q::kTileN; ++i) {
+        cols[i] = p[tiles[t0 + i / q::kTileN].row + i % q::kTileN];  // -1: a padding row
+        bv[i] = bias && cols[i] >= 0 ? bias[cols[i]] : 0.0f;
+      }
       bool any = false;
-      for (int64_t u = 0; u < nt; ++u)
-        for (int c = 0; c < q::kTileN; ++c) {
-          const int32_t col = p[tiles[t0 + u].row + c];
-          if (col < 0) continue;  // padding row
-          const float b = bias ? bias[col] : 0.0f;
-          for (int64_t r = 0; r < m; ++r) {
-            const T v = static_cast<T>(static_cast<float>(tot[(u * m + r) * q::kTileN + c]) + b);
-            y[r * n + col] = v;
-            any |= !(std::fabs(static_cast<float>(v)) <= FLT_MAX);
-          }
+      const double* sums = tot.data();
+      for (int64_t r = 0; r < m; ++r) {
+        T* yr = y + r * n;
+        for (int64_t i = 0; i < nt * q::kTileN; ++i) {
+          if (cols[i] < 0) continue;
+          const T v = static_cast<T>(static_cast<float>(sums[((i / q::kTileN) * m + r) * q::kTileN + i % q::kTileN]) + bv[i]);
+          yr[cols[i]] = v;
+          any |= !(std::fabs(static_cast<float>(v)) <= FLT_MAX);
         }
+      }
       if (any) nonfinite.store(true, std::memory_order_relaxed);
     }
   });

@@ -231,18 +231,37 @@ PE_AVX512 void tiles_panels(const float* panels, int64_t panel_stride, int64_t m
   }
 }
 
+// Group-wise scales (gs non-null): each block's weights as the reference's, (q - z) * s with its
+// group's s and z (the AVX2 dequant_tile's formula, so the same floats).
+struct ChunkScales {
+  const float* s;    // the tile's group-0 scales, group g at + g * srows
+  const uint8_t* z;  // its zero points, likewise
+  int64_t srows, group_blocks;
+};
+
 template <int BITS>
-PE_AVX512 void decode_chunk(const uint8_t* tile, int64_t b0, int64_t nb, float* w) {
+PE_AVX512 void decode_chunk(const uint8_t* tile, int64_t b0, int64_t nb, float* w, const ChunkScales* gs) {
   decode_tile<BITS>(tile + b0 * BITS * 32, nb, w);
+  if (!gs) return;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t g = (b0 + b) / gs->group_blocks;
+    const __m512 sv = _mm512_loadu_ps(gs->s + g * gs->srows);
+    const __m512 zv = _mm512_cvtepi32_ps(
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gs->z + g * gs->srows))));
+    float* wb = w + b * kTileK * kTileN;
+    for (int kk = 0; kk < kTileK; ++kk)
+      _mm512_storeu_ps(wb + kk * kTileN, _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(wb + kk * kTileN), zv), sv));
+  }
 }
 
 PE_AVX512 void gemm_tiles_avx512(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks,
-                                 const float* panels, int64_t m, float* out, float* wbuf) {
+                                 const ChunkScales* gs, const float* panels, int64_t m, float* out, float* wbuf) {
   const int64_t kp = blocks * kTileK;
   for (int64_t b0 = 0; b0 < blocks; b0 += kGemmChunkBlocks) {
     const int64_t nb = blocks - b0 < kGemmChunkBlocks ? blocks - b0 : kGemmChunkBlocks, kc = nb * kTileK;
     for (int u = 0; u < n; ++u)
-      PE_BITS_SWITCH(bits[u], decode_chunk, tiles[u], b0, nb, wbuf + u * kGemmChunkBlocks * kTileK * kTileN)
+      PE_BITS_SWITCH(bits[u], decode_chunk, tiles[u], b0, nb, wbuf + u * kGemmChunkBlocks * kTileK * kTileN,
+                     gs ? gs + u : nullptr)
     const float* xp = panels + b0 * kTileK * kPanelRows;
     const int64_t wstride = kGemmChunkBlocks * kTileK * kTileN, ostride = m * kTileN, pstride = kp * kPanelRows;
     int u = 0;
@@ -731,11 +750,27 @@ bool tiles_gemm_f32(const uint8_t* const* tiles, const int* bits, int n, int64_t
   if (n < 1 || n > kGemmTiles) std::abort();  // callers group at most kGemmTiles tiles
 #ifdef PE_QUANT_X86
   if (kVnni) {
-    gemm_tiles_avx512(tiles, bits, n, blocks, panels, m, out, wbuf);
+    gemm_tiles_avx512(tiles, bits, n, blocks, nullptr, panels, m, out, wbuf);
     return true;
   }
 #endif
   (void)tiles, (void)bits, (void)blocks, (void)panels, (void)m, (void)out, (void)wbuf;
+  return false;
+}
+
+bool tiles_gemm_grouped_f32(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks,
+                            const float* const* s, const uint8_t* const* z, int64_t srows, int64_t group_blocks,
+                            const float* panels, int64_t m, float* out, float* wbuf) {
+  if (n < 1 || n > kGemmTiles || group_blocks < 1) std::abort();
+#ifdef PE_QUANT_X86
+  if (kVnni) {
+    ChunkScales gs[kGemmTiles];
+    for (int u = 0; u < n; ++u) gs[u] = {s[u], z[u], srows, group_blocks};
+    gemm_tiles_avx512(tiles, bits, n, blocks, gs, panels, m, out, wbuf);
+    return true;
+  }
+#endif
+  (void)tiles, (void)bits, (void)blocks, (void)s, (void)z, (void)srows, (void)panels, (void)m, (void)out, (void)wbuf;
   return false;
 }
 

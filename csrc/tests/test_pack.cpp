@@ -188,6 +188,41 @@ int main() {
         }
       }
     }
+    // group-wise scales (groups of 2 blocks, the last ragged): the sums of (q - z) * s against x,
+    // exact here (s in {1, 1/2}, x in multiples of 1/8 within +-2: every partial sum fits float32)
+    {
+      const int64_t group_blocks = 2, groups = (blocks + group_blocks - 1) / group_blocks;
+      const int64_t srows = q::cpu::kGemmTiles * q::kTileN, m = 13;
+      std::vector<float> sc(groups * srows);
+      std::vector<uint8_t> zc(groups * srows);
+      for (auto& v : sc) v = (rng() & 1) ? 1.0f : 0.5f;
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t c = 0; c < srows; ++c) zc[g * srows + c] = static_cast<uint8_t>(rng() & ((1u << rt.bits[c / q::kTileN]) - 1));
+      std::vector<float> x(m * k);
+      for (auto& v : x) v = static_cast<float>(static_cast<int>(rng() % 33) - 16) / 8.0f;
+      std::vector<float> panels(q::cpu::gemm_panel_floats(m, k));
+      q::cpu::pack_gemm_panels(x.data(), k, m, k, 0, q::cpu::gemm_panels(m), panels.data());
+      std::vector<const float*> sp(q::cpu::kGemmTiles);
+      std::vector<const uint8_t*> zp(q::cpu::kGemmTiles);
+      for (int u = 0; u < q::cpu::kGemmTiles; ++u) sp[u] = sc.data() + u * q::kTileN, zp[u] = zc.data() + u * q::kTileN;
+      const int n = q::cpu::kGemmTiles - 3;
+      std::vector<float> got(n * m * q::kTileN, NAN);
+      if (q::cpu::tiles_gemm_grouped_f32(ptrs.data(), rt.bits.data(), n, blocks, sp.data(), zp.data(), srows,
+                                         group_blocks, panels.data(), m, got.data(), chunks.data())) {
+        for (int u = 0; u < n; ++u)
+          for (int64_t r = 0; r < m; ++r)
+            for (int c = 0; c < q::kTileN; ++c) {
+              const int64_t ch = u * q::kTileN + c;
+              double want = 0;
+              for (int64_t i = 0; i < k; ++i) {
+                const int64_t g = i / (group_blocks * q::kTileK);
+                want += (double(rt.codes[ch * k + i]) - zc[g * srows + ch]) * sc[g * srows + ch] * x[r * k + i];
+              }
+              EXPECT(got[(u * m + r) * q::kTileN + c] == static_cast<float>(want), "grouped gemm u=%d r=%ld c=%d", u,
+                     long(r), c);
+            }
+      }
+    }
     // int8 rows: 70 blocks (one whole int8 chunk and a partial one), exact int32 sums
     const int64_t blocks8 = 70, k8 = blocks8 * q::kTileK;
     const RandomTiles r8 = random_tiles(rng, q::cpu::kGemmTiles, k8, [&](int64_t u) { return widths[(u * 5) % 4]; });
@@ -349,8 +384,10 @@ int main() {
       std::vector<float> x(k);
       for (auto& v : x)
         v = std::ldexp(static_cast<float>(static_cast<int>(rng() % 2000001) - 1000000), static_cast<int>(rng() % 40) - 40);
+      // the largest |x| among the entries kept (x[0], x[1] are overwritten below: were it one of
+      // them, the row's exponent would move and X would not be 128)
       float mx = 0.0f;
-      for (float v : x) mx = std::max(mx, std::fabs(v));
+      for (size_t i = 2; i < x.size(); ++i) mx = std::max(mx, std::fabs(x[i]));
       // X = 128 (= 1 * 256 - 128) and X = -128: the lowest digit at -128 both ways
       x[0] = std::ldexp(1.0f, std::ilogb(mx) - 38);
       if (k > 1) x[1] = -x[0];

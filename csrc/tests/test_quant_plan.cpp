@@ -54,7 +54,10 @@ int main() {
   EXPECT(!plan_linear(vnni, call(kTileGemmRows - 1)).tile_gemm && plan_linear(vnni, call(256, true)).tile_gemm);
   EXPECT(!plan_linear(amx, call(256, true)).tile_gemm);  // int8 rows as AMX tiles there
   EXPECT(!plan_linear(avx2, call(256)).tile_gemm && !plan_linear(portable, call(256)).tile_gemm);
-  EXPECT(!plan_linear(vnni, call(256, false, 64)).tile_gemm);  // group-wise: its own path
+  // group-wise, many exact rows: the dequantized tiles through the same GEMM where it exists
+  EXPECT(plan_linear(vnni, call(256, false, 64)).tile_gemm && plan_linear(vnni, call(256, false, 64)).dequant_gemm);
+  EXPECT(!plan_linear(vnni, call(256, true, 64)).tile_gemm && !plan_linear(avx2, call(256, false, 64)).tile_gemm);
+  EXPECT(!plan_linear(vnni, call(kDequantGemmRows - 1, false, 64)).tile_gemm);
   // AMX: digit GEMV up to kDigitGemvRows rows, the bf16 GEMM above; fast mode's A tiles from 2 rows
   for (int64_t m = 1; m <= kDigitGemvRows; ++m) {
     p = plan_linear(amx, call(m));

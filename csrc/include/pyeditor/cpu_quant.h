@@ -32,6 +32,12 @@ inline int64_t gemm_panel_floats(int64_t m, int64_t kp) { return gemm_panels(m) 
 void pack_gemm_panels(const float* x, int64_t ldx, int64_t m, int64_t kp, int64_t p0, int64_t p1, float* panels);
 bool tiles_gemm_f32(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const float* panels,
                     int64_t m, float* out, float* wbuf);
+// ... with group-wise scales: the tiles' weights dequantized per chunk as (q - z) * s (tile u's
+// scales and zero points of group 0 at s[u], z[u], group g at + g * srows), so out holds the
+// finished sums sum_k x[r, k] w[k][c], tile_gemm_grouped_f32's weights in the same GEMM.
+bool tiles_gemm_grouped_f32(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks,
+                            const float* const* s, const uint8_t* const* z, int64_t srows, int64_t group_blocks,
+                            const float* panels, int64_t m, float* out, float* wbuf);
 // The same for int8 rows (fast mode): int32 sums, those of tile_dot_i8 (exact). Panels of
 // 4-input words (pack_gemm_panels_i8: panels[(p * kp / 4 + j) * kGemmPanelRows + r] holds x row
 // p * kGemmPanelRows + r, inputs 4j..4j+3; gemm_panel_floats(m, kp) / 4 words in all); wbuf:

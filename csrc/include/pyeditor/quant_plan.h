@@ -76,6 +76,7 @@ inline LinearPlan plan_linear(const CpuCaps& cpu, const LinearCall& c) {
   if (c.group_size > 0) {
     p.path = LinearPath::kGrouped;
     p.dequant_gemm = !c.fast && c.m >= kDequantGemmRows && cpu.grouped_gemm;
+    p.tile_gemm = p.dequant_gemm && cpu.tile_gemm;  // ... those tiles through the multi-tile GEMM
     p.in_place_row = !c.fast && c.m == 1;
     p.grouped_row = c.m == 1 && cpu.grouped_row;
     return p;
