@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "pyeditor/cpu_quant.h"
 #include "pyeditor/pack.h"
@@ -203,32 +204,32 @@ PE_AVX512 void panel_rows(const float* xp, int64_t kc, const float* w0, const fl
     for (int r = 0; r < R; ++r) _mm512_storeu_ps(o[t] + r * 16, acc[t][r]);
 }
 
+// f(std::integral_constant<int, R>{}, xp, r0) for every run of R rows [r0, r0 + R) of m, S at a
+// time (the last run shorter): xp is row r0's place in its panel (S divides kPanelRows, so a run
+// may start inside a panel). The float and int8 GEMMs walk their panels with it.
+template <class F, int... Rs>
+inline void with_rows(int rows, F& f, std::integer_sequence<int, Rs...>) {
+  ((rows == Rs + 1 ? f(std::integral_constant<int, Rs + 1>{}) : void()), ...);
+}
+
+template <int S, class X, class F>
+inline void walk_panels(const X* panels, int64_t panel_stride, int64_t m, F&& f) {
+  static_assert(kPanelRows % S == 0, "a run never straddles two panels");
+  for (int64_t r0 = 0; r0 < m; r0 += S) {
+    const X* xp = panels + (r0 / kPanelRows) * panel_stride + r0 % kPanelRows;
+    auto run = [&](auto rows) { f(rows, xp, r0); };
+    with_rows(static_cast<int>(m - r0 < S ? m - r0 : S), run, std::make_integer_sequence<int, S>{});
+  }
+}
+
 // one or two tiles' chunks (w1 null: one) against every panel: the chunks stay in L1 while the
 // panels stream from L2
 template <int T>
-PE_AVX512 void tiles_panels(const float* panels, int64_t panel_stride, int64_t m, int64_t kc, const float* w0,
-                            const float* w1, float* o0, float* o1, bool first) {
-  int64_t r0 = 0;
-  for (; r0 + kPanelRows <= m; r0 += kPanelRows)
-    panel_rows<kPanelRows, T>(panels + (r0 / kPanelRows) * panel_stride, kc, w0, w1, o0 + r0 * kTileN,
-                              o1 ? o1 + r0 * kTileN : nullptr, first);
-  if (r0 == m) return;
-  const float* xp = panels + (r0 / kPanelRows) * panel_stride;
-  float* p0 = o0 + r0 * kTileN;
-  float* p1 = o1 ? o1 + r0 * kTileN : nullptr;
-  switch (m - r0) {
-    case 1: return panel_rows<1, T>(xp, kc, w0, w1, p0, p1, first);
-    case 2: return panel_rows<2, T>(xp, kc, w0, w1, p0, p1, first);
-    case 3: return panel_rows<3, T>(xp, kc, w0, w1, p0, p1, first);
-    case 4: return panel_rows<4, T>(xp, kc, w0, w1, p0, p1, first);
-    case 5: return panel_rows<5, T>(xp, kc, w0, w1, p0, p1, first);
-    case 6: return panel_rows<6, T>(xp, kc, w0, w1, p0, p1, first);
-    case 7: return panel_rows<7, T>(xp, kc, w0, w1, p0, p1, first);
-    case 8: return panel_rows<8, T>(xp, kc, w0, w1, p0, p1, first);
-    case 9: return panel_rows<9, T>(xp, kc, w0, w1, p0, p1, first);
-    case 10: return panel_rows<10, T>(xp, kc, w0, w1, p0, p1, first);
-    default: return panel_rows<11, T>(xp, kc, w0, w1, p0, p1, first);
-  }
+void tiles_panels(const float* panels, int64_t panel_stride, int64_t m, int64_t kc, const float* w0, const float* w1,
+                  float* o0, float* o1, bool first) {
+  walk_panels<kPanelRows>(panels, panel_stride, m, [&](auto rows, const float* xp, int64_t r0) {
+    panel_rows<decltype(rows)::value, T>(xp, kc, w0, w1, o0 + r0 * kTileN, o1 ? o1 + r0 * kTileN : nullptr, first);
+  });
 }
 
 // Group-wise scales (gs non-null): each block's weights as the reference's, (q - z) * s with its
@@ -295,41 +296,15 @@ PE_AVX512 void panel_rows_i8(const int32_t* xp, int64_t words, const uint8_t* w0
     for (int r = 0; r < R; ++r) _mm512_storeu_si512(o[t] + r * 16, acc[t][r]);
 }
 
+// int8: runs of at most half a panel, 12 accumulators a call (GCC spills vpdpbusd's
+// accumulators beyond that)
 template <int T>
-PE_AVX512 void tiles_panels_i8(const int32_t* panels, int64_t panel_stride, int64_t m, int64_t words,
-                               const uint8_t* w0, const uint8_t* w1, int32_t* o0, int32_t* o1, bool first) {
-  // a panel as two halves: 12 accumulators each (GCC spills vpdpbusd's accumulators beyond that)
-  constexpr int H = kPanelRows / 2;
-  int64_t r0 = 0;
-  for (; r0 + kPanelRows <= m; r0 += kPanelRows)
-    for (int h = 0; h < 2; ++h)
-      panel_rows_i8<H, T>(panels + (r0 / kPanelRows) * panel_stride + h * H, words, w0, w1,
-                          o0 + (r0 + h * H) * kTileN, o1 ? o1 + (r0 + h * H) * kTileN : nullptr, first);
-  if (r0 == m) return;
-  const int32_t* xp = panels + (r0 / kPanelRows) * panel_stride;
-  int32_t* p0 = o0 + r0 * kTileN;
-  int32_t* p1 = o1 ? o1 + r0 * kTileN : nullptr;
-  switch (m - r0) {
-    case 1: return panel_rows_i8<1, T>(xp, words, w0, w1, p0, p1, first);
-    case 2: return panel_rows_i8<2, T>(xp, words, w0, w1, p0, p1, first);
-    case 3: return panel_rows_i8<3, T>(xp, words, w0, w1, p0, p1, first);
-    case 4: return panel_rows_i8<4, T>(xp, words, w0, w1, p0, p1, first);
-    case 5: return panel_rows_i8<5, T>(xp, words, w0, w1, p0, p1, first);
-    case 6: return panel_rows_i8<6, T>(xp, words, w0, w1, p0, p1, first);
-    default: {  // 7 to 11: the first half, then the rest
-      panel_rows_i8<H, T>(xp, words, w0, w1, p0, p1, first);
-      const int64_t rest = m - r0 - H;
-      int32_t* q0 = p0 + H * kTileN;
-      int32_t* q1 = p1 ? p1 + H * kTileN : nullptr;
-      switch (rest) {
-        case 1: return panel_rows_i8<1, T>(xp + H, words, w0, w1, q0, q1, first);
-        case 2: return panel_rows_i8<2, T>(xp + H, words, w0, w1, q0, q1, first);
-        case 3: return panel_rows_i8<3, T>(xp + H, words, w0, w1, q0, q1, first);
-        case 4: return panel_rows_i8<4, T>(xp + H, words, w0, w1, q0, q1, first);
-        default: return panel_rows_i8<5, T>(xp + H, words, w0, w1, q0, q1, first);
-      }
-    }
-  }
+void tiles_panels_i8(const int32_t* panels, int64_t panel_stride, int64_t m, int64_t words, const uint8_t* w0,
+                     const uint8_t* w1, int32_t* o0, int32_t* o1, bool first) {
+  walk_panels<kPanelRows / 2>(panels, panel_stride, m, [&](auto rows, const int32_t* xp, int64_t r0) {
+    panel_rows_i8<decltype(rows)::value, T>(xp, words, w0, w1, o0 + r0 * kTileN, o1 ? o1 + r0 * kTileN : nullptr,
+                                            first);
+  });
 }
 
 template <int BITS>
