@@ -51,6 +51,8 @@ inline int64_t quantize_tail(const float* x, int64_t i, int64_t n, float inv, in
 namespace pe::quant::cpu {
 
 #define PE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
+// the digit kernels also convert float64 <-> int64 in vectors
+#define PE_DIGITS __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
 
 // GEMV kernels stream a tile once; the hardware prefetchers alone leave most of each DRAM
 // miss exposed. Asking for the line kStreamAhead bytes ahead of each block read (the codes are

@@ -10,13 +10,7 @@
 
 namespace pe::quant::cpu::avx2 {
 
-// One tile of a one-row call: its codes and its group-0 scales and zero points (group g at
-// + g * srows).
-struct GroupedTile {
-  const uint8_t* codes;
-  const float* s;
-  const uint8_t* z;
-};
+// GroupedTile: cpu_quant.h
 
 // Float32 row: out[u * 16 + c] for n <= kRowTiles same-width tiles, float32 sums and epilogue.
 // x: the row (zero-padded to 16 * blocks) when read == nullptr, else the row scaled by

@@ -155,6 +155,24 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
   // The group-aware row kernels are AVX2 ones on every CPU that has them: their in-place reads
   // (quant_avx2.h) come with them, also where AVX-512 runs the per-channel kernels.
   const bool avx2_row = plan.grouped_row;
+  // One exact row as fixed-point digits where the plan has grouped_digits (AVX-512 VNNI): its
+  // 4-, 6- and 8-bit tiles take them (2-bit ones, 4 codes a byte, the float row kernels); a row
+  // with inf or NaN cannot (the float row kernels then).
+  std::vector<int8_t> digits;
+  std::vector<int64_t> group_sx;
+  int digits_used = qc::kDigits;
+  double pow2 = 0.0;
+  if (plan.grouped_digits) {
+    digits.assign(qc::digit_bytes(1, a.k), 0);
+    group_sx.assign(groups, 0);
+    int64_t sx = 0;
+    int e = 0;
+    if (qc::split_digits(act.x, a.k, 0, 1, digits.data(), &e, &sx, &digits_used, a.group_size, group_sx.data()))
+      pow2 = std::ldexp(1.0, e - 45);
+    else
+      digits.clear();
+  }
+  auto takes_digits = [&](int bits) { return !digits.empty() && bits != 2; };
   auto scale_row = [&](int bits, qc::InPlaceRead r) {
     return avx2_row ? qc::avx2::scale_row(bits, act.x, kp, r, in_place[bits].data(), &unscale[bits])
                     : qc::in_place_row(bits, act.x, kp, r, in_place[bits].data(), &unscale[bits]);
@@ -162,7 +180,8 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
   if (plan.in_place_row) {
     for (const auto& b : a.buckets) {
       const int bits = static_cast<int>(b.bits);
-      if (b.rows == 0 || !in_place[bits].empty() || !(avx2_row || qc::one_row_f32_tiles(bits))) continue;
+      if (b.rows == 0 || !in_place[bits].empty() || takes_digits(bits) || !(avx2_row || qc::one_row_f32_tiles(bits)))
+        continue;
       in_place[bits].resize(kp);
       read[bits] = avx2_row ? qc::avx2::preferred_read() : qc::in_place_read();
       if (scale_row(bits, read[bits])) continue;
@@ -202,10 +221,13 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
       for (int64_t item = ib; item < ie; ++item) {
         const int64_t t0 = starts[item];
         const int nt = static_cast<int>(starts[item + 1] - t0), bits = tiles[t0].bits;
-        qc::avx2::GroupedTile run[qc::kRowTiles];
+        qc::GroupedTile run[qc::kRowTiles];
         for (int u = 0; u < nt; ++u) run[u] = {tiles[t0 + u].ptr, s + tiles[t0 + u].row, z + tiles[t0 + u].row};
         float sums[qc::kRowTiles * q::kTileN];
-        if (fast) {
+        if (takes_digits(bits)) {
+          qc::tiles_grouped_digits_row(run, nt, bits, blocks, group_blocks, a.rows, digits.data(), digits_used,
+                                       group_sx.data(), pow2, sums);
+        } else if (fast) {
           qc::avx2::grouped_i8_row(run, nt, bits, blocks, group_blocks, a.rows, act.xq.data(), xsum_i.data(),
                                    act.xscale[0], sums);
         } else if (!in_place[bits].empty()) {

@@ -442,12 +442,10 @@ PE_AVX512 void row_f32_tiles(const uint8_t* const* tiles, int64_t blocks, const 
   for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + t * 16, total[t]);
 }
 
-#define PE_DIGITS __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
-
 // Row r of m as kDigits signed base-256 digits of X = round(x * 2^(45 - e)), e = ilogb(max |x|)
 // (|X| < 2^46), in A-tile order (cpu_quant.h).
 PE_DIGITS bool digits_row(const float* x, int64_t k, int64_t r, int64_t m, int64_t steps, int8_t* digits,
-                          int* e_out, int64_t* sx, int* used) {
+                          int* e_out, int64_t* sx, int* used, int64_t group_size, int64_t* group_sx) {
   __m512 amax = _mm512_setzero_ps();
   __mmask16 bad = 0;
   for (int64_t i = 0; i < k; i += 16) {
@@ -465,11 +463,18 @@ PE_DIGITS bool digits_row(const float* x, int64_t k, int64_t r, int64_t m, int64
   // byte d of (X + C) ^ C is digit d as an int8 (no carries to propagate digit by digit)
   static_assert(kDigits == 6, "C has six digit bytes");
   const __m512i C = _mm512_set1_epi64(0x808080808080LL);
-  __m512i total = _mm512_setzero_si512(), any = _mm512_setzero_si512();
+  __m512i total = _mm512_setzero_si512(), any = _mm512_setzero_si512(), in_group = _mm512_setzero_si512();
   for (int64_t i = 0; i < steps * 64; i += 8) {
     const __mmask8 live = i >= k ? __mmask8(0) : (k - i >= 8 ? __mmask8(0xFF) : __mmask8((1u << (k - i)) - 1u));
     const __m512i X = _mm512_cvtpd_epi64(_mm512_mul_pd(_mm512_cvtps_pd(_mm256_maskz_loadu_ps(live, x + i)), scale));
     total = _mm512_add_epi64(total, X);
+    if (group_sx && i < k) {  // a group is a multiple of 16 inputs: it ends at an 8-input step
+      in_group = _mm512_add_epi64(in_group, X);
+      if ((i + 8) % group_size == 0 || i + 8 >= k) {
+        group_sx[i / group_size] = _mm512_reduce_add_epi64(in_group);
+        in_group = _mm512_setzero_si512();
+      }
+    }
     const __m512i Z = _mm512_xor_si512(_mm512_add_epi64(X, C), C);
     any = _mm512_or_si512(any, Z);
     int8_t* dst = digits + (i / 64) * rows * 64 + r * kDigits * 64 + i % 64;
@@ -859,12 +864,15 @@ CpuCaps cpu_caps() {
 
 int64_t digit_bytes(int64_t m, int64_t k) { return (k + 63) / 64 * 64 * m * kDigits; }
 
-bool split_digits(const float* x, int64_t k, int64_t r, int64_t m, int8_t* digits, int* e, int64_t* sx, int* used) {
+bool split_digits(const float* x, int64_t k, int64_t r, int64_t m, int8_t* digits, int* e, int64_t* sx, int* used,
+                  int64_t group_size, int64_t* group_sx) {
 #ifdef PE_QUANT_X86
   int ignored = 0;
-  if (kDigitsSimd) return digits_row(x, k, r, m, (k + 63) / 64, digits, e, sx, used ? used : &ignored);
+  if (group_sx && (group_size < kTileK || group_size % kTileK != 0)) std::abort();
+  if (kDigitsSimd)
+    return digits_row(x, k, r, m, (k + 63) / 64, digits, e, sx, used ? used : &ignored, group_size, group_sx);
 #endif
-  (void)x, (void)k, (void)r, (void)m, (void)digits, (void)e, (void)sx, (void)used;
+  (void)x, (void)k, (void)r, (void)m, (void)digits, (void)e, (void)sx, (void)used, (void)group_size, (void)group_sx;
   std::abort();  // callers check digits_enabled() first
 }
 

@@ -52,6 +52,82 @@ RandomTiles random_tiles(std::mt19937& rng, int64_t n, int64_t k, Width width_of
   return t;
 }
 
+// Group-wise digit row (tiles_grouped_digits_row): split_digits' group sums are those of the
+// fixed-point row, and every output is the exact group-wise sum rounded (float64 inside the kernel:
+// a few 2^-53 of the terms' magnitudes, then the float32 rounding), for groups of 32, 64 and 128
+// inputs, a ragged last group and a ragged last block, 1..kRowTiles tiles, every width, scales
+// and zero points at a stride of more than the tiles' rows; with the low digits zero, the
+// kernel told so writes the same bits.
+void check_grouped_digits(std::mt19937& rng, const int* widths, int n_widths) {
+  for (int64_t blocks : {int64_t(1), int64_t(7), int64_t(12)})
+    for (int64_t group_blocks : {int64_t(2), int64_t(4), int64_t(8)}) {
+      const int64_t kp = blocks * q::kTileK, k = kp - 5, gs = group_blocks * q::kTileK;
+      const int64_t groups = (k + gs - 1) / gs;
+      for (int low_zero : {0, 3}) {  // low_zero digits of every X zero
+        std::vector<float> x(k);
+        for (auto& v : x)
+          v = std::ldexp(static_cast<float>(static_cast<int>(rng() % 2000001) - 1000000), static_cast<int>(rng() % 20) - 20);
+        if (low_zero) {  // x = integers below 2^20 times 2^(24 - 45): digits 3..5 zero once e = 0
+          for (auto& v : x) v = std::ldexp(static_cast<float>(static_cast<int>(rng() % (1u << 20)) - (1 << 19)), -21);
+          x[0] = 1.0f;
+        }
+        std::vector<int8_t> digits(q::cpu::digit_bytes(1, k), 0);
+        std::vector<int64_t> gsx(groups, -1);
+        int e = 0, used = 0;
+        int64_t sx = 0;
+        EXPECT(q::cpu::split_digits(x.data(), k, 0, 1, digits.data(), &e, &sx, &used, gs, gsx.data()), "digit row");
+        EXPECT(!low_zero || used == q::cpu::kDigits - low_zero, "digits in use %d", used);
+        std::vector<int64_t> X(kp, 0);
+        for (int64_t i = 0; i < k; ++i) {
+          X[i] = std::llrint(std::ldexp(double(x[i]), 45 - e));
+          EXPECT(gsx[i / gs] != -1, "group %ld sum", long(i / gs));
+        }
+        for (int64_t g = 0; g < groups; ++g) {
+          int64_t want = 0;
+          for (int64_t i = g * gs; i < std::min(k, (g + 1) * gs); ++i) want += X[i];
+          EXPECT(gsx[g] == want, "group sum %ld: %lld, want %lld", long(g), (long long)gsx[g], (long long)want);
+        }
+        const double pow2 = std::ldexp(1.0, e - 45);
+        for (int wi = 0; wi < n_widths; ++wi)
+          for (int n = 1; n <= q::cpu::kRowTiles; n += (n < 5 ? 1 : 3)) {
+            const int bits = widths[wi];
+            const RandomTiles rt = random_tiles(rng, n, kp, [&](int64_t) { return bits; });
+            const int64_t srows = n * q::kTileN + 32;
+            std::vector<float> s(groups * srows);
+            std::vector<uint8_t> z(groups * srows);
+            for (auto& v : s) v = std::ldexp(static_cast<float>(rng() % 100000 + 1), -20);
+            for (auto& v : z) v = static_cast<uint8_t>(rng() & ((1u << bits) - 1u));
+            std::vector<q::cpu::GroupedTile> tiles(n);
+            for (int u = 0; u < n; ++u) tiles[u] = {rt.tiles[u].data(), s.data() + u * q::kTileN, z.data() + u * q::kTileN};
+            std::vector<float> out(n * q::kTileN), all(n * q::kTileN);
+            q::cpu::tiles_grouped_digits_row(tiles.data(), n, bits, blocks, group_blocks, srows, digits.data(), used,
+                                             gsx.data(), pow2, out.data());
+            q::cpu::tiles_grouped_digits_row(tiles.data(), n, bits, blocks, group_blocks, srows, digits.data(),
+                                             q::cpu::kDigits, gsx.data(), pow2, all.data());
+            EXPECT(out == all, "grouped digit row with %d digits in use: bits=%d n=%d", used, bits, n);
+            for (int u = 0; u < n; ++u)
+              for (int c = 0; c < q::kTileN; ++c) {
+                long double want = 0.0L, mag = 0.0L;
+                for (int64_t g = 0; g < groups; ++g) {
+                  int64_t v = 0;
+                  for (int64_t i = g * gs; i < std::min(k, (g + 1) * gs); ++i)
+                    v += int64_t(rt.codes[(u * q::kTileN + c) * kp + i]) * X[i];
+                  const int64_t zg = z[g * srows + u * q::kTileN + c];
+                  const long double sg = s[g * srows + u * q::kTileN + c];
+                  want += sg * static_cast<long double>(v - zg * gsx[g]);
+                  mag += sg * (std::fabs(static_cast<long double>(v)) + std::fabs(static_cast<long double>(zg * gsx[g])));
+                }
+                want *= pow2, mag *= pow2;
+                const float got = out[u * q::kTileN + c], w = static_cast<float>(want);
+                const double tol = std::ldexp(std::fabs(double(w)), -23) + std::ldexp(double(mag), -48);
+                EXPECT(std::fabs(double(got) - double(want)) <= tol, "grouped digit row bits=%d n=%d blocks=%ld g=%ld "
+                       "tile=%d c=%d: %.9g, want %.9g", bits, n, long(blocks), long(gs), u, c, double(got), double(w));
+              }
+          }
+      }
+    }
+}
+
 int main() {
   std::mt19937 rng(7);
   const int widths[] = {2, 4, 6, 8};
@@ -454,6 +530,7 @@ int main() {
       }
     }
   }
+  if (q::cpu::digits_enabled()) check_grouped_digits(rng, widths, 4);
   std::printf("digit GEMV row kernel on this CPU: %s\n", q::cpu::digits_enabled() ? "yes (checked)" : "no");
   // the vector epilogues against the scalar formulas of quant_linear_cpu.cpp, bit for bit; digit
   // sums from small to int32-extreme, so some rows leave the int64 path (return false)

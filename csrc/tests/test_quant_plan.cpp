@@ -58,6 +58,14 @@ int main() {
   EXPECT(plan_linear(vnni, call(256, false, 64)).tile_gemm && plan_linear(vnni, call(256, false, 64)).dequant_gemm);
   EXPECT(!plan_linear(vnni, call(256, true, 64)).tile_gemm && !plan_linear(avx2, call(256, false, 64)).tile_gemm);
   EXPECT(!plan_linear(vnni, call(kDequantGemmRows - 1, false, 64)).tile_gemm);
+  // group-wise, one exact row: the digits on VNNI for groups up to kMaxDigitGroup, else (and in
+  // the fast mode, and without VNNI) the float / int8 group-aware row kernels
+  for (int64_t g : {32, 64, 128}) {
+    EXPECT(plan_linear(vnni, call(1, false, g)).grouped_digits && plan_linear(vnni, call(1, false, g)).grouped_row);
+    EXPECT(!plan_linear(vnni, call(1, true, g)).grouped_digits && !plan_linear(avx2, call(1, false, g)).grouped_digits);
+    EXPECT(!plan_linear(vnni, call(2, false, g)).grouped_digits && !plan_linear(portable, call(1, false, g)).grouped_row);
+  }
+  EXPECT(!plan_linear(vnni, call(1, false, 2 * kMaxDigitGroup)).grouped_digits);
   // AMX: digit GEMV up to kDigitGemvRows rows, the bf16 GEMM above; fast mode's A tiles from 2 rows
   for (int64_t m = 1; m <= kDigitGemvRows; ++m) {
     p = plan_linear(amx, call(m));
@@ -73,8 +81,9 @@ int main() {
     c.code_bytes = bytes, c.threads = threads;
     return plan_linear(avx2, c).threads;
   };
-  EXPECT(sized(1, 576 * 576 / 2, 2) == 1 && sized(1, 576 * 576 / 2, 2, 64) == 1);  // a small LM layer
-  EXPECT(sized(1, 4096 * 4096 / 2, 2) == 2 && sized(1, 4096 * 4096 / 2, 64) == 32);
+  EXPECT(sized(1, 192 * 576 / 2, 2) == 1 && sized(1, 192 * 576 / 2, 2, 64) == 1);  // a small LM layer
+  EXPECT(sized(1, 576 * 576 / 2, 2) == 2 && sized(1, 576 * 576 / 2, 8, 64) == 2);
+  EXPECT(sized(1, 4096 * 4096 / 2, 2) == 2 && sized(1, 4096 * 4096 / 2, 64) == 64);
   EXPECT(sized(1, 2 * kMinBytesPerThread - 1, 8) == 1 && sized(1, 2 * kMinBytesPerThread, 8) == 2);
   EXPECT(sized(kLutRows - 1, 0, 4) == 1 && sized(kLutRows, 0, 4) == 4 && sized(256, 1, 16) == 16);
   EXPECT(sized(1, 4096 * 4096, 0) == 1);  // threads unset: one

@@ -125,11 +125,27 @@ constexpr int kDigitRowTiles = 4;  // 6 accumulators each: 24 of the 32 vector r
 bool digits_enabled();
 int64_t digit_bytes(int64_t m, int64_t k);
 bool split_digits(const float* x, int64_t k, int64_t r, int64_t m, int8_t* digits, int* e, int64_t* sx,
-                  int* used = nullptr);
+                  int* used = nullptr, int64_t group_size = 0, int64_t* group_sx = nullptr);
 void tiles_dot_digits(const uint8_t* const* tiles, const int* bits, int64_t n, int64_t blocks, const int8_t* a,
                       int64_t rows, int32_t* out);
 void tiles_dot_digits_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const int8_t* digits,
                           int32_t* out, int used = kDigits);
+
+// Group-wise scales (scales and zero points [groups][srows], a group a whole number of blocks, the
+// last one ragged), one exact row on the digits (digits_enabled()): split_digits with group_size
+// also writes group_sx[g] = sum of X over group g's inputs. For n <= kRowTiles same-width tiles,
+//   out[u * 16 + c] = float(2^(e - 45) * sum_g s_g[c] * (sum_{k in g} q_u[c, k] X_k - z_g[c] group_sx[g]))
+// with exact int32 digit sums per group and the rest in float64 (one rounding per group, of
+// about 2^-53 of its sum, then one to float32): the per-channel digit row's numerics, a group
+// at a time. `used` as for tiles_dot_digits_row.
+struct GroupedTile {  // a tile's codes and its group-0 scales and zero points (group g at + g * srows)
+  const uint8_t* codes;
+  const float* s;
+  const uint8_t* z;
+};
+void tiles_grouped_digits_row(const GroupedTile* tiles, int n, int bits, int64_t blocks, int64_t group_blocks,
+                              int64_t srows, const int8_t* digits, int used, const int64_t* group_sx, double pow2,
+                              float* out);
 
 // Epilogues of one activation row of one tile, 16 channels at a time, with the same operations
 // in the same precisions as the scalar epilogue in quant_linear_cpu.cpp (so the same bits);

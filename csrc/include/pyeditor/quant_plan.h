@@ -46,6 +46,8 @@ struct LinearPlan {
   bool grouped_row = false;   // grouped, one row, both modes: group sums kept in registers, each
                               // group's scale applied there (else, and for other row counts, the
                               // float / int8 tile kernels per group with an epilogue per group)
+  bool grouped_digits = false; // ... and the exact row as fixed-point digits, group sums exact (AVX-512
+                               // VNNI, groups of at most kMaxDigitGroup inputs)
   bool tile_gemm = false;     // many rows, float or int8 kernels: several tiles a call, K chunk by
                               // chunk (cpu_quant.h tiles_gemm_f32 / _i8), else a tile at a time
   int threads = 1;            // threads to wake (see plan_threads)
@@ -57,11 +59,13 @@ constexpr int64_t kMaxDigitK = 65536;  // int32 digit sums stay exact up to this
 constexpr int64_t kLutRows = 4;        // lookup tables below this many rows
 constexpr int64_t kTileGemmRows = 4;   // the multi-tile GEMM from this many rows
 constexpr int64_t kDequantGemmRows = 4; // grouped: the dequantized-tile GEMM from this many rows
+constexpr int64_t kMaxDigitGroup = 128;  // grouped digit sums pair two digits in int32 up to this size
 
 // Few rows stream the codes once: a thread that gets less than this to read costs more to wake
-// (a parallel region's start) than it saves, as the small layers of a decoder LM showed (the
-// packed_linear/module rows of bench/cases_quant.py). Many rows are compute: every thread.
-constexpr int64_t kMinBytesPerThread = int64_t(256) << 10;
+// (a parallel region's start) than it saves. Set from a decoder LM's layers read in turn, as a
+// decode step reads them (from the last-level cache or DRAM, not from a core's L2 as one layer
+// called in a loop is): the realmodel generate row and the packed_linear/module rows of the bench.
+constexpr int64_t kMinBytesPerThread = int64_t(64) << 10;
 
 inline int plan_threads(const LinearCall& c) {
   const int avail = c.threads < 1 ? 1 : c.threads;
@@ -79,6 +83,7 @@ inline LinearPlan plan_linear(const CpuCaps& cpu, const LinearCall& c) {
     p.tile_gemm = p.dequant_gemm && cpu.tile_gemm;  // ... those tiles through the multi-tile GEMM
     p.in_place_row = !c.fast && c.m == 1;
     p.grouped_row = c.m == 1 && cpu.grouped_row;
+    p.grouped_digits = p.grouped_row && !c.fast && cpu.digits && c.group_size <= kMaxDigitGroup && c.k <= kMaxDigitK;
     return p;
   }
   if (!c.fast && c.m > kDigitGemvRows && cpu.amx) {
