@@ -54,29 +54,36 @@ RandomTiles random_tiles(std::mt19937& rng, int64_t n, int64_t k, Width width_of
 
 // Group-wise digit row (tiles_grouped_digits_row): split_digits' group sums are those of the
 // fixed-point row, and every output is the exact group-wise sum rounded (float64 inside the kernel:
-// a few 2^-53 of the terms' magnitudes, then the float32 rounding), for groups of 32, 64 and 128
-// inputs, a ragged last group and a ragged last block, 1..kRowTiles tiles, every width, scales
-// and zero points at a stride of more than the tiles' rows; with the low digits zero, the
-// kernel told so writes the same bits.
+// a few roundings of 2^-53 of the terms' magnitudes, then the float32 one), for groups of 32, 64
+// and 128 inputs, a ragged last group and a ragged last block, 1..kRowTiles tiles, every width,
+// scales and zero points at a stride of more than the tiles' rows. Rows:
+// - low_zero < 0: x[0] = 1 against codes 0 and zero points 0, the other x near 2^-30 (X below
+//   2^16): every output comes from the three low digits alone, far above its float32 rounding;
+// - low_zero = L >= 0: x of a few bits above 2^(8L - 45) and x[0] = 1 (L = 0: any x), so the low
+//   L digits are zero; the kernel told only 6 - L digits are in use writes the same bits.
 void check_grouped_digits(std::mt19937& rng, const int* widths, int n_widths) {
   for (int64_t blocks : {int64_t(1), int64_t(7), int64_t(12)})
     for (int64_t group_blocks : {int64_t(2), int64_t(4), int64_t(8)}) {
       const int64_t kp = blocks * q::kTileK, k = kp - 5, gs = group_blocks * q::kTileK;
       const int64_t groups = (k + gs - 1) / gs;
-      for (int low_zero : {0, 3}) {  // low_zero digits of every X zero
+      for (int low_zero : {-1, 0, 3, 4, 5}) {
         std::vector<float> x(k);
         for (auto& v : x)
           v = std::ldexp(static_cast<float>(static_cast<int>(rng() % 2000001) - 1000000), static_cast<int>(rng() % 20) - 20);
-        if (low_zero) {  // x = integers below 2^20 times 2^(24 - 45): digits 3..5 zero once e = 0
-          for (auto& v : x) v = std::ldexp(static_cast<float>(static_cast<int>(rng() % (1u << 20)) - (1 << 19)), -21);
-          x[0] = 1.0f;
+        if (low_zero < 0) {
+          for (auto& v : x) v = std::ldexp(static_cast<float>(static_cast<int>(rng() % 65535) - 32767), -45);
+        } else if (low_zero > 0) {
+          const int abits = std::min(20, 45 - 8 * low_zero);
+          for (auto& v : x)
+            v = std::ldexp(static_cast<float>(static_cast<int>(rng() % (1u << abits)) - (1 << (abits - 1))), 8 * low_zero - 45);
         }
+        if (low_zero != 0) x[0] = 1.0f;
         std::vector<int8_t> digits(q::cpu::digit_bytes(1, k), 0);
         std::vector<int64_t> gsx(groups, -1);
         int e = 0, used = 0;
         int64_t sx = 0;
         EXPECT(q::cpu::split_digits(x.data(), k, 0, 1, digits.data(), &e, &sx, &used, gs, gsx.data()), "digit row");
-        EXPECT(!low_zero || used == q::cpu::kDigits - low_zero, "digits in use %d", used);
+        EXPECT(low_zero <= 0 || used == q::cpu::kDigits - low_zero, "digits in use %d", used);
         std::vector<int64_t> X(kp, 0);
         for (int64_t i = 0; i < k; ++i) {
           X[i] = std::llrint(std::ldexp(double(x[i]), 45 - e));
@@ -91,12 +98,23 @@ void check_grouped_digits(std::mt19937& rng, const int* widths, int n_widths) {
         for (int wi = 0; wi < n_widths; ++wi)
           for (int n = 1; n <= q::cpu::kRowTiles; n += (n < 5 ? 1 : 3)) {
             const int bits = widths[wi];
-            const RandomTiles rt = random_tiles(rng, n, kp, [&](int64_t) { return bits; });
+            RandomTiles rt = random_tiles(rng, n, kp, [&](int64_t) { return bits; });
             const int64_t srows = n * q::kTileN + 32;
             std::vector<float> s(groups * srows);
             std::vector<uint8_t> z(groups * srows);
             for (auto& v : s) v = std::ldexp(static_cast<float>(rng() % 100000 + 1), -20);
-            for (auto& v : z) v = static_cast<uint8_t>(rng() & ((1u << bits) - 1u));
+            for (auto& v : z) v = low_zero < 0 ? 0 : static_cast<uint8_t>(rng() & ((1u << bits) - 1u));
+            if (low_zero < 0)  // input 0 (x = 1) meets only codes 0: the tiles packed again
+              for (int u = 0; u < n; ++u) {
+                std::fill(rt.tiles[u].begin(), rt.tiles[u].end(), uint8_t(0));
+                for (int c = 0; c < q::kTileN; ++c)
+                  for (int64_t i = 0; i < kp; ++i) {
+                    unsigned& code = rt.codes[(u * q::kTileN + c) * kp + i];
+                    if (i == 0) code = 0;
+                    q::put_code(rt.tiles[u].data() + (i / q::kTileK) * q::block_bytes(bits), bits, c,
+                                static_cast<int>(i % q::kTileK), code);
+                  }
+              }
             std::vector<q::cpu::GroupedTile> tiles(n);
             for (int u = 0; u < n; ++u) tiles[u] = {rt.tiles[u].data(), s.data() + u * q::kTileN, z.data() + u * q::kTileN};
             std::vector<float> out(n * q::kTileN), all(n * q::kTileN);
@@ -119,7 +137,7 @@ void check_grouped_digits(std::mt19937& rng, const int* widths, int n_widths) {
                 }
                 want *= pow2, mag *= pow2;
                 const float got = out[u * q::kTileN + c], w = static_cast<float>(want);
-                const double tol = std::ldexp(std::fabs(double(w)), -23) + std::ldexp(double(mag), -48);
+                const double tol = std::ldexp(std::fabs(double(w)), -24) + std::ldexp(double(mag), -49);
                 EXPECT(std::fabs(double(got) - double(want)) <= tol, "grouped digit row bits=%d n=%d blocks=%ld g=%ld "
                        "tile=%d c=%d: %.9g, want %.9g", bits, n, long(blocks), long(gs), u, c, double(got), double(w));
               }

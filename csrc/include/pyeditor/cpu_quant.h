@@ -135,9 +135,8 @@ void tiles_dot_digits_row(const uint8_t* const* tiles, int n, int bits, int64_t 
 // last one ragged), one exact row on the digits (digits_enabled()): split_digits with group_size
 // also writes group_sx[g] = sum of X over group g's inputs. For n <= kRowTiles same-width tiles,
 //   out[u * 16 + c] = float(2^(e - 45) * sum_g s_g[c] * (sum_{k in g} q_u[c, k] X_k - z_g[c] group_sx[g]))
-// with exact int32 digit sums per group and the rest in float64 (one rounding per group, of
-// about 2^-53 of its sum, then one to float32): the per-channel digit row's numerics, a group
-// at a time. `used` as for tiles_dot_digits_row.
+// with exact int32 digit sums per group and the rest in float64 (a few roundings of about 2^-53 of
+// the group's terms, then one to float32). `used` as for tiles_dot_digits_row.
 struct GroupedTile {  // a tile's codes and its group-0 scales and zero points (group g at + g * srows)
   const uint8_t* codes;
   const float* s;
