@@ -134,7 +134,7 @@ def _fast_bound(x, qw):
 @pytest.mark.parametrize("group", GROUPS)
 def test_cpu_one_row_group_kernels(group):
     """One row takes the group-aware row kernels: the fixed-point digits on AVX-512 VNNI
-    (quant_group_digits.cpp; 2-bit tiles and rows with inf / NaN take the float ones there), the
+    (quant_group_digits.cpp, every width; rows with inf / NaN take the float ones there), the
     AVX2 float kernels (quant_group_avx2.cpp) under the AVX2 cap, the per-group path on the
     portable one (test_isa_paths reruns this file under each cap): 4-bit runs of 8 tiles and a partial one
     beside every other width, K = 1000 (a ragged last group), a bias; rows scaled far down and up

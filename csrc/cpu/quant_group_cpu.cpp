@@ -155,9 +155,11 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
   // The group-aware row kernels are AVX2 ones on every CPU that has them: their in-place reads
   // (quant_avx2.h) come with them, also where AVX-512 runs the per-channel kernels.
   const bool avx2_row = plan.grouped_row;
-  // One exact row as fixed-point digits where the plan has grouped_digits (AVX-512 VNNI): its
-  // 4-, 6- and 8-bit tiles take them (2-bit ones, 4 codes a byte, the float row kernels); a row
-  // with inf or NaN cannot (the float row kernels then).
+  // One exact row as fixed-point digits where the plan has grouped_digits (AVX-512 VNNI), tiles
+  // of every width (2-bit ones too: unlike the per-channel row, whose 2-bit tiles have the
+  // lookup tables, the float group rows were slower there); a row with inf or NaN cannot (the
+  // float row kernels then). The digit sums also keep a code equal to its zero point from
+  // cancelling against a huge input in float32 (sum q x - z sum x), which the float rows do not.
   std::vector<int8_t> digits;
   std::vector<int64_t> group_sx;
   int digits_used = qc::kDigits;
@@ -172,7 +174,6 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
     else
       digits.clear();
   }
-  auto takes_digits = [&](int bits) { return !digits.empty() && bits != 2; };
   auto scale_row = [&](int bits, qc::InPlaceRead r) {
     return avx2_row ? qc::avx2::scale_row(bits, act.x, kp, r, in_place[bits].data(), &unscale[bits])
                     : qc::in_place_row(bits, act.x, kp, r, in_place[bits].data(), &unscale[bits]);
@@ -180,7 +181,7 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
   if (plan.in_place_row) {
     for (const auto& b : a.buckets) {
       const int bits = static_cast<int>(b.bits);
-      if (b.rows == 0 || !in_place[bits].empty() || takes_digits(bits) || !(avx2_row || qc::one_row_f32_tiles(bits)))
+      if (b.rows == 0 || !in_place[bits].empty() || !digits.empty() || !(avx2_row || qc::one_row_f32_tiles(bits)))
         continue;
       in_place[bits].resize(kp);
       read[bits] = avx2_row ? qc::avx2::preferred_read() : qc::in_place_read();
@@ -224,7 +225,7 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
         qc::GroupedTile run[qc::kRowTiles];
         for (int u = 0; u < nt; ++u) run[u] = {tiles[t0 + u].ptr, s + tiles[t0 + u].row, z + tiles[t0 + u].row};
         float sums[qc::kRowTiles * q::kTileN];
-        if (takes_digits(bits)) {
+        if (!digits.empty()) {
           qc::tiles_grouped_digits_row(run, nt, bits, blocks, group_blocks, a.rows, digits.data(), digits_used,
                                        group_sx.data(), pow2, sums);
         } else if (fast) {
