@@ -116,6 +116,35 @@ def test_cpu_large_inputs_against_zero_weight_do_not_cancel():
                 tol=reduction_tolerance(torch.float32, 128))
 
 
+
+def _cpu_quant_level() -> str:
+    from pyeditor import _ext
+
+    return _ext.build_info().get("quant_cpu", "")
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_cpu_huge_input_against_zero_point_code_does_not_cancel(m):
+    """An input 10^6 times the rest of its row against codes equal to their zero point (weight 0):
+    the paths that never form sum q x - z sum x in float32 stay within the float32 reduction
+    tolerance of the reference (x @ W.T, where those products are 0), relative to sum |x| |W|: one row on the digits (AVX-512 VNNI), and
+    4+ rows through the dequantized tiles (AVX2 and up). The other paths' looser bound is stated
+    in PackedLinear's docstring."""
+    level = _cpu_quant_level()
+    if (m == 1 and level != "avx512-vnni") or (m > 1 and level not in ("avx512-vnni", "avx2")):
+        pytest.skip(f"the {level or 'portable'} kernels take the float32 factored form here")
+    k = 256
+    for bits in (2, 4, 8, rand_bits(64, seed=5)):
+        p, qw = both(rand((64, k), seed=3), bits, 64)
+        x = rand((m, k), seed=4)
+        x[:, 7] = 1e6  # against column 7's codes, several equal to their group's zero point
+        w = ref.dequantize(qw).double()
+        got = quant.packed_linear(x, p, backend="cpu").double()
+        want = x.double() @ w.T
+        mag = x.double().abs() @ w.abs().T
+        rtol = reduction_tolerance(torch.float32, k)[1]  # the factored form misses it by 10^3-10^4
+        assert bool(((got - want).abs() <= rtol * mag).all()), float(((got - want).abs() / mag).max())
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_non_finite_inputs(backend, device):
     p, qw = both(rand((16, 96), seed=1), rand_bits(16, seed=1), 32)
