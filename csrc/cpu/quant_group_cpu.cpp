@@ -28,6 +28,7 @@
 #include "pyeditor/cpu_isa.h"
 #include "pyeditor/cpu_quant.h"
 #include "pyeditor/pack.h"
+#include "parallel_claim.h"
 #include "quant_avx2.h"
 #include "quant_group_avx2.h"
 #include "quant_tiles.h"
@@ -193,9 +194,10 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
   }
   // Work items: one row walks up to kRowTiles same-width tiles together (as many streams from
   // memory, as the per-channel GEMV does); more rows take one tile each.
-  // (the multi-tile GEMM: at most kGemmTiles a call, fewer where that would leave a thread idle)
+  // (the multi-tile GEMM: at most kGemmTiles a call, fewer where a thread would get under two runs;
+  // threads claim the items as they finish, see parallel_claim.h)
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()), threads = std::max(1, plan.threads);
-  const int64_t cap = plan.tile_gemm ? std::clamp<int64_t>((n_tiles + threads - 1) / threads, 1, qc::kGemmTiles)
+  const int64_t cap = plan.tile_gemm ? std::clamp<int64_t>((n_tiles + 2 * threads - 1) / (2 * threads), 1, qc::kGemmTiles)
                       : m == 1 && !plan.dequant_gemm ? qc::kRowTiles : 1;
   std::vector<int64_t> starts{0};
   for (int64_t t = 0; t < static_cast<int64_t>(tiles.size());) {
@@ -205,7 +207,6 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
   }
   const int64_t items = static_cast<int64_t>(starts.size()) - 1;
   // at most plan.threads threads wake (quant_plan.h: one for the few rows of a small layer)
-  const int64_t per_thread = std::max<int64_t>(1, (items + plan.threads - 1) / plan.threads);
   const float* s = scale.const_data_ptr<float>();
   const uint8_t* z = zero.const_data_ptr<uint8_t>();
   const q::PermView p = perm_view(perm);
@@ -218,7 +219,7 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
       if (fast) xsum_i[g] = static_cast<int32_t>(act.gsum[g]);
       else xsum[g] = static_cast<float>(act.gsum[g]);
     }
-    at::parallel_for(0, items, per_thread, [&](int64_t ib, int64_t ie) {
+    parallel_claim(items, plan.threads, [&](int64_t ib, int64_t ie) {
       for (int64_t item = ib; item < ie; ++item) {
         const int64_t t0 = starts[item];
         const int nt = static_cast<int>(starts[item + 1] - t0), bits = tiles[t0].bits;
@@ -258,7 +259,7 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
     at::parallel_for(0, qc::gemm_panels(m), 1, [&](int64_t p0, int64_t p1) {
       qc::pack_gemm_panels(act.x, kp, m, kp, p0, p1, panels.data());
     });
-  at::parallel_for(0, items, per_thread, [&](int64_t ib, int64_t ie) {
+  parallel_claim(items, plan.threads, [&](int64_t ib, int64_t ie) {
     // per-thread scratch, grown when needed (the kernels write before they read)
     static thread_local std::vector<float> accf, wbuf;
     static thread_local std::vector<int32_t> acci;

@@ -19,6 +19,7 @@
 #include "pyeditor/cpu_quant.h"
 #include "pyeditor/pack.h"
 #include "pyeditor/quant_plan.h"
+#include "parallel_claim.h"
 #include "quant_group_cpu.h"
 #include "quant_tiles.h"
 
@@ -48,18 +49,6 @@ std::vector<int64_t> balanced_chunks(const std::vector<Tile>& tiles, int64_t k, 
   }
   starts.push_back(n);
   return starts;
-}
-
-// fn(i, i + 1) for every i < items, each thread claiming the next item when it is done: where
-// the hypervisor takes a vCPU away for a while, a static split would leave the whole call
-// waiting for the slowed thread's fixed half. (Kept although no difference was measurable: it
-// cannot be slower by more than an atomic per item.)
-template <class F>
-void parallel_claim(int64_t items, int threads, const F& fn) {
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(items, threads), 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) fn(i, i + 1);
-  });
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
@@ -407,7 +396,13 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   }
   // Work items of equal cost: bytes of codes for few rows (a 2-bit tile streams a quarter of an
   // 8-bit one), tiles for many rows (the multiply-adds dominate).
-  const std::vector<int64_t> starts = balanced_chunks(tiles, a.k, m < 4 || tiles_a ? kChunksPerThread : 0);
+  std::vector<int64_t> starts = balanced_chunks(tiles, a.k, m < 4 || tiles_a ? kChunksPerThread : 0);
+  if (plan.tile_gemm && starts.empty()) {  // runs of up to kGemmTiles tiles, at least two a thread
+    const int64_t n_tiles = static_cast<int64_t>(tiles.size()), threads = std::max(1, plan.threads);
+    const int64_t run = std::clamp<int64_t>((n_tiles + 2 * threads - 1) / (2 * threads), 1, q::cpu::kGemmTiles);
+    for (int64_t t = 0; t < n_tiles; t += run) starts.push_back(t);
+    starts.push_back(n_tiles);
+  }
   const int64_t work = std::max<int64_t>(1, kp * q::kTileN * std::max<int64_t>(m, 1));
   const int64_t grain = starts.empty() ? std::max<int64_t>(1, (int64_t(1) << 16) / work) : 1;
   const int64_t items = starts.empty() ? static_cast<int64_t>(tiles.size()) : static_cast<int64_t>(starts.size()) - 1;
@@ -564,7 +559,7 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
     }
   };
   if (starts.empty()) at::parallel_for(0, items, std::max(grain, (items + plan.threads - 1) / plan.threads), body);
-  else parallel_claim(items, plan.threads, body);  // byte-balanced GEMV chunks
+  else parallel_claim(items, plan.threads, body);  // byte-balanced GEMV chunks, or GEMM tile runs
   return nonfinite.load();
 }
 
