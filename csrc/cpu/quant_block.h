@@ -4,6 +4,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "pyeditor/pack.h"
 
@@ -95,6 +96,21 @@ PE_AVX512 inline void load_block(const uint8_t* b, __m512i v[4]) {
       v[3] = _mm512_or_si512(v[3], _mm512_and_si512(_mm512_srli_epi32(h, 2), m30));
     }
   }
+}
+
+// One block of a tile against one row's ND fixed-point digits (cpu_quant.h split_digits: xb the
+// block's 16 inputs of digit 0, digit d at + d * 64): acc[d] += the block's u8 codes x digit d,
+// one vpdpbusd per digit per 4 inputs. The inner step of the per-channel and group-wise digit rows.
+template <int BITS, int ND>
+PE_DIGITS __attribute__((always_inline)) inline void block_digits(const uint8_t* blk, const int8_t* xb, __m512i* acc) {
+  __m512i v[4];
+  load_block<BITS>(blk, v);
+  for (int q4 = 0; q4 < 4; ++q4)
+    for (int d = 0; d < ND; ++d) {
+      int32_t x4;
+      std::memcpy(&x4, xb + d * 64 + 4 * q4, 4);
+      acc[d] = _mm512_dpbusd_epi32(acc[d], v[q4], _mm512_set1_epi32(x4));
+    }
 }
 
 // byte t of every lane as 16 floats

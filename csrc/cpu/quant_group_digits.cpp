@@ -71,14 +71,7 @@ PE_DIGITS void grouped_tiles(const GroupedTile* t, int64_t blocks, int64_t group
       for (int u = 0; u < NT; ++u) {
         const uint8_t* blk = t[u].codes + b * BITS * 32;
         stream_ahead(blk, BITS * 32, kGroupAhead);
-        __m512i v[4];
-        load_block<BITS>(blk, v);
-        for (int q4 = 0; q4 < 4; ++q4)
-          for (int d = 0; d < ND; ++d) {
-            int32_t x4;
-            std::memcpy(&x4, xb + d * 64 + 4 * q4, 4);
-            acc[u][d] = _mm512_dpbusd_epi32(acc[u][d], v[q4], _mm512_set1_epi32(x4));
-          }
+        block_digits<BITS, ND>(blk, xb, acc[u]);
       }
     }
     const __m512d xs = _mm512_set1_pd(static_cast<double>(group_sx[g]));

@@ -508,14 +508,7 @@ PE_DIGITS void row_digits_tiles(const uint8_t* const* tiles, int64_t blocks, con
     for (int t = 0; t < NT; ++t) {
       const uint8_t* blk = tiles[t] + b * BITS * 32;
       stream_ahead(blk, BITS * 32, kStreamAheadMulti);
-      __m512i v[4];
-      load_block<BITS>(blk, v);
-      for (int g = 0; g < 4; ++g)
-        for (int d = 0; d < ND; ++d) {
-          int32_t x4;
-          std::memcpy(&x4, xb + d * 64 + 4 * g, 4);
-          acc[t][d] = _mm512_dpbusd_epi32(acc[t][d], v[g], _mm512_set1_epi32(x4));
-        }
+      block_digits<BITS, ND>(blk, xb, acc[t]);
     }
   }
   for (int t = 0; t < NT; ++t) {
