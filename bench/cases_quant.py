@@ -9,7 +9,8 @@ exactly the packed bytes: read-sum (torch ``.sum()``, one stream per thread) and
 (``pyeditor::read_probe``: eight concurrent streams per thread, CPU builds only). The faster of
 the two is the weight-read roofline of the row: on the Intel VM of 2026-12-03 one stream per
 core read ~15 GB/s and eight ~20 GB/s, so a roofline from ``.sum()`` alone flattered every kernel.
-GEMM rows (M > 1) add issue 29's peers: bf16 (torch ``F.linear`` with weight and x in bf16, a
+GEMM rows (M > 1) add ours-bf16 (PackedLinear's mode="bf16": the fp32 x rounded to bf16 inside
+the call) and issue 29's peers: bf16 (torch ``F.linear`` with weight and x in bf16, a
 model cast to bf16), bnb-nf4 (bitsandbytes NF4, block 64) and bnb-w8a8 (bitsandbytes
 Linear8bitLt, int8 weight and activations); the 4-bit GEMV rows add bnb-nf4 (bench/peers_bnb.py:
 an optional bench extra; without it these impls record why, and their targets read "not measured").
@@ -55,8 +56,8 @@ GEMM_BUDGET_S = 0.4
 def _impls(m: int, width: str) -> tuple[str, ...]:
     """A row's impls: GEMM rows add the bf16 and bitsandbytes peers; the 4-bit GEMV rows add NF4,
     the one bitsandbytes format of the same width."""
-    if m > 1:
-        return IMPLS[:-len(READS)] + GEMM_PEERS + READS
+    if m > 1:  # + the bf16 mode (activations rounded to bf16), a mode for batched calls
+        return IMPLS[:2] + ("ours-bf16",) + IMPLS[2:-len(READS)] + GEMM_PEERS + READS
     return GEMV_IMPLS[:-len(READS)] + (("bnb-nf4",) if width == "4" else ()) + READS
 
 
@@ -104,6 +105,7 @@ def _make(n: int, k: int, m: int, width: str, dram: bool, ctx: Context) -> Prepa
     fast = _cycle([functools.partial(pyeditor.packed_linear, x, p, fast=True, **kw) for p in copies])
     xb = x.bfloat16()
     ours_bf16x = _cycle([functools.partial(pyeditor.packed_linear, xb, p, **kw) for p in copies])
+    ours_bf16 = _cycle([functools.partial(pyeditor.packed_linear, x, p, mode="bf16", **kw) for p in copies])
 
     dense = packed.dequantize()
     ws = [dense] + [dense.clone() for _ in range(_copies(dense.nbytes, dram) - 1)]
@@ -153,7 +155,7 @@ def _make(n: int, k: int, m: int, width: str, dram: bool, ctx: Context) -> Prepa
         if read is not None:
             t["weight-read"] = read
         out = {}
-        for name, tag in ((OURS, ""), ("ours-fast", "_fast"), ("ours-bf16x", "_bf16x")):
+        for name, tag in ((OURS, ""), ("ours-fast", "_fast"), ("ours-bf16x", "_bf16x"), ("ours-bf16", "_bf16")):
             if name not in t:
                 continue
             if "weight-read" in t:
@@ -168,7 +170,8 @@ def _make(n: int, k: int, m: int, width: str, dram: bool, ctx: Context) -> Prepa
 
     widths = {b: int((packed.bits == b).sum()) for b in (2, 4, 6, 8)}
     return Prepared(
-        fns={OURS: ours, "ours-fast": fast, "ours-bf16x": ours_bf16x, "fp32": fp32, "int8pack": int8,
+        fns={OURS: ours, "ours-fast": fast, "ours-bf16x": ours_bf16x, "ours-bf16": ours_bf16, "fp32": fp32,
+             "int8pack": int8,
              "int4pack": int4, "read-sum": read_sum, "read-streams": read_streams, **peers},
         bytes_moved=packed.nbytes, derive=derive, timing={"budget_s": GEMM_BUDGET_S} if m > 1 else {},
         flops=2 * m * n * k if m > 1 else None,  # GEMM rows are compute-bound: their roofline is the FMA peak

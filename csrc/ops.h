@@ -15,8 +15,7 @@ at::Tensor quant_dequantize_cpu(const at::Tensor& data, const at::Tensor& scale,
 at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
                             const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
                             int64_t in_features, int64_t out_features, const c10::optional<at::Tensor>& bias,
-                            bool fast,
-                            int64_t group_size);
+                            bool fast, int64_t group_size, bool bf16);
 // benchmarks: bandwidth probes for the rooflines (cpu/bandwidth_probe.cpp)
 at::Tensor read_probe_cpu(const at::Tensor& data, int64_t streams);
 void copy_probe_cpu(const at::Tensor& src, at::Tensor dst, int64_t streams);
@@ -44,8 +43,7 @@ at::Tensor quant_dequantize_cuda(const at::Tensor& data, const at::Tensor& scale
 at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
                              const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
                              int64_t in_features, int64_t out_features, const c10::optional<at::Tensor>& bias,
-                             bool fast,
-                            int64_t group_size);
+                             bool fast, int64_t group_size, bool bf16);
 std::tuple<at::Tensor, at::Tensor> nearest_prototype_cuda(const at::Tensor& x, const at::Tensor& prototypes, int64_t k,
                                                          c10::string_view metric);  // issue 5
 #endif

@@ -129,6 +129,13 @@ void check_linear_inputs(const PackedArgs& args, const at::Tensor& x, const c10:
   }
 }
 
+at::Tensor mode_activations(const at::Tensor& x, bool fast, bool bf16) {
+  TORCH_CHECK(!(fast && bf16), "pyeditor: fast (int8 activations) and bf16 (bfloat16 activations) exclude each "
+              "other: pass at most one");
+  if (!bf16 || x.scalar_type() == at::kBFloat16) return x;
+  return x.to(at::kBFloat16).to(x.scalar_type());
+}
+
 std::vector<int64_t> linear_out_shape(const at::Tensor& x, int64_t n) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;

@@ -36,6 +36,11 @@ void check_perm_values(const at::Tensor& perm_cpu, int64_t n);
 void check_linear_inputs(const PackedArgs& args, const at::Tensor& x, const c10::optional<at::Tensor>& bias,
                          const at::Tensor& data);
 
+// The mode flags exclude each other (fast: int8 activations; bf16: activations rounded to
+// bfloat16); returns the activations the kernels then multiply exactly: x, or with bf16 x rounded
+// to bfloat16 (round to nearest even) and back to its own dtype.
+at::Tensor mode_activations(const at::Tensor& x, bool fast, bool bf16);
+
 // Output shape [..., n] of x [..., k].
 std::vector<int64_t> linear_out_shape(const at::Tensor& x, int64_t n);
 

@@ -65,8 +65,10 @@ TORCH_LIBRARY(pyeditor, m) {
         "int out_features, int group_size=0) -> Tensor");
   // in_features is the layer's own (x's last dimension must equal it): the padded data alone
   // cannot tell a 21-wide weight from a 17- to 32-wide x
+  // fast: int8 activations (CPU); bf16: activations rounded to bfloat16 first (exclusive with fast)
   m.def("quant_linear(Tensor x, Tensor data, Tensor scale, Tensor zero, Tensor perm, int[] buckets, "
-        "int in_features, int out_features, Tensor? bias=None, bool fast=False, int group_size=0) -> Tensor");
+        "int in_features, int out_features, Tensor? bias=None, bool fast=False, int group_size=0, "
+        "bool bf16=False) -> Tensor");
   // benchmarks only (bench/roofline.py, bench/cases_quant.py): memory moved as `streams`
   // concurrent streams per thread. read_probe: max int32 word of data; copy_probe: dst = src.
   m.def("read_probe(Tensor data, int streams=4) -> Tensor");

@@ -5,8 +5,9 @@ tile and BLOCK_M activation rows; it walks K in blocks of 16 inputs, decodes the
 with one gather, shift and mask per plane, and accumulates sum_k q x_k and sum_k x_k in fp32;
 scale and zero point are applied once at the end: y = s * (acc - z * sum x) + bias, stored in
 the channel's original column. GEMV (M small): a multiply-and-reduce; GEMM: tl.dot in exact
-fp32 (input_precision="ieee"). Offsets are int64. A tile whose factored result is not finite
-(an inf input) is recomputed in the reference's order.
+fp32 (input_precision="ieee"), or in bf16 / fp16 for such activations (the same exact
+products, on tensor cores). The bf16 mode rounds x to bf16 as it loads it. Offsets are int64.
+A tile whose factored result is not finite (an inf input) is recomputed in the reference's order.
 
 Group-wise scales (group_size 32, 64, 128; GROUP_BLOCKS = group_size / 16 blocks, 0 for one scale
 per channel): scale and zero are [G, rows] group-major (entry g of packed row r at g * rows + r);
@@ -19,13 +20,14 @@ first of each under the interpreter). Arguments arrive checked (pyeditor.validat
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
 from pyeditor import quant_format as fmt
 
-from .configs import Tuned, config
+from .configs import Tuned, config, interpreting
 
 TILE_N, TILE_K = fmt.TILE_N, fmt.TILE_K
 # the same numbers as constexprs, which a jit function may read as globals
@@ -59,22 +61,49 @@ def _block_codes(data_ptr, base, c, kk, BITS: tl.constexpr):
 
 
 @triton.jit
+def _round_bf16(x):
+    """float32 x rounded to the nearest bfloat16 (ties to even; NaN kept), as float32: integer
+    steps on the bits, which the interpreter runs as a GPU does (its float casts to bf16 do not
+    round to nearest)."""
+    b = x.to(tl.uint32, bitcast=True)
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, r)
+
+
+@triton.jit
+def _load_x(x_ptr, m, k, M, K, sx_m, sx_k, ROUND_BF16: tl.constexpr):
+    """Activations [BLOCK_M, TILE_K] of block inputs k, in x's dtype (bf16 mode: float32 holding
+    x rounded to bf16)."""
+    x = tl.load(x_ptr + m[:, None] * sx_m + k[None, :] * sx_k, mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
+    if ROUND_BF16:
+        x = _round_bf16(x.to(tl.float32))
+    return x
+
+
+@triton.jit
 def _block_sums(x_ptr, data_ptr, tile_base, blk0, blk1, m, c, kk, M, K, sx_m, sx_k,
-                BITS: tl.constexpr, BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr):
-    """sum_k q x_k [BLOCK_M, TILE_N] and sum_k x_k [BLOCK_M] over blocks [blk0, blk1) of one tile."""
+                BITS: tl.constexpr, BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, ROUND_BF16: tl.constexpr,
+                HALF_DOT: tl.constexpr):
+    """sum_k q x_k [BLOCK_M, TILE_N] and sum_k x_k [BLOCK_M] over blocks [blk0, blk1) of one tile.
+    HALF_DOT 1 / 2 (x values exact in bf16 / fp16): tl.dot in that type with fp32 accumulation,
+    the same exact products as the fp32 dot (codes 0..255 are exact in both, and a product of
+    two such values is exact in fp32), on the tensor cores."""
     block_bytes = BITS * _BYTES_PER_BIT
     acc = tl.zeros([BLOCK_M, _TN], dtype=tl.float32)
     xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for blk in range(blk0, blk1):
-        q = _block_codes(data_ptr, tile_base + blk * block_bytes, c, kk, BITS).to(tl.float32)  # [c, kk]
+        q = _block_codes(data_ptr, tile_base + blk * block_bytes, c, kk, BITS)  # [c, kk] int32
         k = blk * _TK + kk.to(tl.int64)
-        x = tl.load(x_ptr + m[:, None] * sx_m + k[None, :] * sx_k,
-                    mask=(m[:, None] < M) & (k[None, :] < K), other=0.0).to(tl.float32)
-        if USE_DOT:
-            acc += tl.dot(x, tl.trans(q), input_precision="ieee")
+        x = _load_x(x_ptr, m, k, M, K, sx_m, sx_k, ROUND_BF16)
+        if USE_DOT and HALF_DOT == 1:
+            acc += tl.dot(x.to(tl.bfloat16), tl.trans(q.to(tl.bfloat16)), out_dtype=tl.float32)
+        elif USE_DOT and HALF_DOT == 2:
+            acc += tl.dot(x.to(tl.float16), tl.trans(q.to(tl.float16)), out_dtype=tl.float32)
+        elif USE_DOT:
+            acc += tl.dot(x.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision="ieee")
         else:
-            acc += tl.sum(x[:, None, :] * q[None, :, :], axis=2)
-        xsum += tl.sum(x, axis=1)
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * q.to(tl.float32)[None, :, :], axis=2)
+        xsum += tl.sum(x.to(tl.float32), axis=1)
     return acc, xsum
 
 
@@ -84,7 +113,7 @@ def _linear_tile(
     M, K, N, row_start, byte_offset, blocks, srows,
     sx_m, sx_k, sy_m,
     BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr,
-    GROUP_BLOCKS: tl.constexpr,
+    GROUP_BLOCKS: tl.constexpr, ROUND_BF16: tl.constexpr, HALF_DOT: tl.constexpr,
 ):
     tile = tl.program_id(0).to(tl.int64)
     m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -95,7 +124,7 @@ def _linear_tile(
     rows = row_start + tile * _TN + c.to(tl.int64)
     if GROUP_BLOCKS == 0:
         acc, xsum = _block_sums(x_ptr, data_ptr, tile_base, 0, blocks, m, c, kk, M, K, sx_m, sx_k,
-                                BITS, BLOCK_M, USE_DOT)
+                                BITS, BLOCK_M, USE_DOT, ROUND_BF16, HALF_DOT)
         s = tl.load(scale_ptr + rows)
         z = tl.load(zero_ptr + rows).to(tl.float32)
         y = s[None, :] * (acc - z[None, :] * xsum[:, None])
@@ -106,7 +135,7 @@ def _linear_tile(
         for g in range(0, tl.cdiv(blocks, GROUP_BLOCKS)):
             acc, xsum = _block_sums(x_ptr, data_ptr, tile_base, g * GROUP_BLOCKS,
                                     tl.minimum(g * GROUP_BLOCKS + GROUP_BLOCKS, blocks), m, c, kk, M, K, sx_m, sx_k,
-                                    BITS, BLOCK_M, USE_DOT)
+                                    BITS, BLOCK_M, USE_DOT, ROUND_BF16, HALF_DOT)
             gs = tl.cast(g, tl.int64) * srows + rows
             s_g = tl.load(scale_ptr + gs)
             z_g = tl.load(zero_ptr + gs).to(tl.float32)
@@ -127,8 +156,7 @@ def _linear_tile(
                 gs = tl.cast(blk // GROUP_BLOCKS, tl.int64) * srows + rows
                 w = (q - tl.load(zero_ptr + gs).to(tl.float32)[:, None]) * tl.load(scale_ptr + gs)[:, None]
             k = blk * _TK + kk.to(tl.int64)
-            x = tl.load(x_ptr + m[:, None] * sx_m + k[None, :] * sx_k,
-                        mask=(m[:, None] < M) & (k[None, :] < K), other=0.0).to(tl.float32)
+            x = _load_x(x_ptr, m, k, M, K, sx_m, sx_k, ROUND_BF16).to(tl.float32)
             ref += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
         y = tl.where(finite, y, ref)
     if HAS_BIAS:
@@ -162,6 +190,17 @@ def _dequant_tile(data_ptr, scale_ptr, zero_ptr, perm_ptr, w_ptr, K, N, row_star
     tl.store(w_ptr + tl.where(ok, col[:, None] * K + k[None, :], 0), w, mask=ok)
 
 
+def _half_dot(x2, bf16: bool) -> int:
+    """The GEMM's dot type: 1 bf16 (bf16 x or the bf16 mode), 2 fp16 (fp16 x), 0 fp32. The
+    interpreter multiplies bf16 dots wrongly (NumPy has no bf16): there the bf16 case takes the
+    fp32 dot of the same values, which sums the same exact products."""
+    if x2.dtype == torch.float16 and not bf16:
+        return 2
+    if (bf16 or x2.dtype == torch.bfloat16) and not interpreting(x2):
+        return 1
+    return 0
+
+
 def _buckets(flat):
     return [tuple(flat[i:i + 4]) for i in range(0, len(flat), 4)]
 
@@ -181,15 +220,16 @@ LINEAR_GEMM_CONFIGS = (
 )
 LINEAR_GEMV_CONFIGS = (config(num_warps=4), config(num_warps=1), config(num_warps=2))
 DEQUANT_CONFIGS = (config(num_warps=4), config(num_warps=1), config(num_warps=2))
-_KEY = ["M", "K", "N", "BITS", "GROUP_BLOCKS"]
+_KEY = ["M", "K", "N", "BITS", "GROUP_BLOCKS", "ROUND_BF16", "HALF_DOT"]
 _GEMM = Tuned(_linear_tile, LINEAR_GEMM_CONFIGS, LINEAR_GEMM_CONFIGS[0], key=_KEY)
 _GEMV = Tuned(_linear_tile, LINEAR_GEMV_CONFIGS, LINEAR_GEMV_CONFIGS[0], key=_KEY)
 _DEQUANT = Tuned(_dequant_tile, DEQUANT_CONFIGS, DEQUANT_CONFIGS[0], key=["K", "N", "BITS", "GROUP_BLOCKS"])
 
 
-def linear(x2, data, scale, zero, perm, buckets, n, bias, y, group_size=0) -> None:
+def linear(x2, data, scale, zero, perm, buckets, n, bias, y, group_size=0, bf16=False) -> None:
     """y[M, n] = x2[M, K] @ W.T (+ bias) for the packed W; y preallocated (zeros not needed).
-    group_size 0: scale/zero [rows]; 32, 64, 128: [G, rows] group-major."""
+    group_size 0: scale/zero [rows]; 32, 64, 128: [G, rows] group-major. bf16: x rounded to
+    bfloat16 as it is loaded (the bf16 mode)."""
     m, k = x2.shape
     group_blocks = _group_blocks(group_size)
     blocks = fmt.padded_k(k) // TILE_K
@@ -207,7 +247,8 @@ def linear(x2, data, scale, zero, perm, buckets, n, bias, y, group_size=0) -> No
         wrap_triton(kernel)[grid](
             x2, data, scale, zero, perm, bias if bias is not None else scale, y,
             m, k, n, row_start, offset, blocks, scale.shape[-1], x2.stride(0), x2.stride(1), y.stride(0),
-            BITS=bits, HAS_BIAS=bias is not None, USE_DOT=use_dot, GROUP_BLOCKS=group_blocks, **gemv_rows,
+            BITS=bits, HAS_BIAS=bias is not None, USE_DOT=use_dot, GROUP_BLOCKS=group_blocks,
+            ROUND_BF16=bf16, HALF_DOT=_half_dot(x2, bf16), **gemv_rows,
         )
 
 

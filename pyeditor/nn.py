@@ -72,7 +72,19 @@ class PackedLinear(nn.Module):
       of the exact layer. It is a kernel of the C++ CPU backend (in_features <= 65536); float64
       x, rows holding inf or NaN, and the other backends (reference, Triton, CUDA) get exact
       mode's result, which meets the same bound.
-    * ``"bf16"`` (bf16 weight tiles) is not implemented: NotImplementedError.
+    * ``"bf16"``: x is rounded to bfloat16 (to nearest even; a bfloat16 x as it is), then
+      multiplied as in exact mode: the codes are exact in bfloat16, so the products are exact
+      and summed in float32, and only the activations' rounding is added:
+
+          |y[n] - (x @ W.T)[n]| <= sum_k (2^-8 |x[k]| + 2^-134) |W[n, k]|
+
+      (:func:`pyeditor.quant.bf16_error_bound`) plus exact mode's float32 rounding (and its
+      caveat). The output keeps x's dtype; gradients are those of the exact layer. Every
+      backend rounds the same way. Speed: the Triton GEMM (16+ rows) multiplies in bf16 on the
+      tensor cores; the C++ CPU and CUDA kernels run exact mode's kernels on the rounded x (no
+      faster than exact on CPUs without bf16 instructions, the only ones measured so far). A
+      bfloat16 or float16 x in exact mode also takes the Triton tensor-core dot, with exact
+      mode's numerics.
     """
 
     _KEYS = ("data", "scale", "zero", "perm", "buckets", "bits")  # required in a state_dict
@@ -131,13 +143,13 @@ class PackedLinear(nn.Module):
 
     @property
     def mode(self) -> str:
-        """"exact" or "int8act" (see the class docstring); settable."""
+        """"exact", "int8act" or "bf16" (see the class docstring); settable."""
         return self._mode
 
     @mode.setter
     def mode(self, value: str) -> None:
         self._mode = _quant.check_mode(value)
-        self._fast = value == "int8act"  # the op's flag, read by forward
+        self._fast, self._bf16 = _quant.mode_flags(value)  # the op's flags, read by forward
 
     @property
     def fast(self) -> bool:
@@ -199,10 +211,10 @@ class PackedLinear(nn.Module):
             plan = self._backend_plan = (device, choice, _backends.resolve(self.backend, device))
         name = plan[2]
         if name == "reference":
-            return _quant.packed_linear(x, self.packed, bias, fast=self._fast, backend=name)
+            return _quant.packed_linear(x, self.packed, bias, mode=self._mode, backend=name)
         return _ops.quant_ops(name)[0](x, data, buffers["scale"], buffers["zero"], buffers["perm"],
                                        self._flat_buckets, self.in_features, self.out_features, bias, self._fast,
-                                       self._op_group_size)
+                                       self._op_group_size, self._bf16)
 
     def dequantize(self) -> Tensor:
         return self.packed.dequantize(backend=self.backend)
@@ -212,6 +224,8 @@ class PackedLinear(nn.Module):
         super().__setstate__(state)
         if "_mode" not in self.__dict__:  # pickled before mode=: its fast flag
             self.mode = "int8act" if self.__dict__.pop("fast", False) else "exact"
+        if "_bf16" not in self.__dict__:  # pickled before the bf16 mode
+            self.mode = self._mode
         if "_flat_buckets" not in self.__dict__:
             self._flat_buckets = [v for b in self._bucket_list for v in b]
             self._op_group_size = self.group_size or 0
@@ -485,8 +499,9 @@ def quantize_model(model: nn.Module, bits=None, *, group_size: Optional[int] = N
     group_size: None (one scale per output channel) or 32, 64, 128 inputs per scale.
     skip: module names or fnmatch patterns (``"*.lm_head"``, ``"encoder.layers.0.*"``) to keep
       float, whatever ``bits`` says; a name also keeps every Linear inside that module.
-    mode: every PackedLinear's compute mode, "exact" (default) or "int8act" (int8 activations,
-      one scale per row, error bound in PackedLinear's docstring); ``fast=True`` is the
+    mode: every PackedLinear's compute mode, "exact" (default), "int8act" (int8 activations,
+      one scale per row) or "bf16" (activations rounded to bfloat16); the error bounds are in
+      PackedLinear's docstring. ``fast=True`` is the
       deprecated spelling of mode="int8act" (FutureWarning; ValueError if it contradicts mode).
     backend: passed to every PackedLinear. Other keywords go to
       :func:`pyeditor.quant.quantize_channelwise`.

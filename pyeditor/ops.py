@@ -155,7 +155,8 @@ if backends.triton_available():
 
 
 # ================================================================ packed low-bit weights (quant)
-# Ops: quant_linear(x, data, scale, zero, perm, buckets, in_features, out_features, bias, fast, group_size) and
+# Ops: quant_linear(x, data, scale, zero, perm, buckets, in_features, out_features, bias, fast, group_size,
+# bf16) and
 # quant_dequantize(data, scale, zero, perm, buckets, in_features, out_features, group_size)
 # (group_size 0: scale/zero [rows] per channel; 32/64/128: [G, rows] per group); C++ on
 # CPU/CUDA (csrc/cpu/quant_*.cpp, csrc/cuda/quant_linear_cuda.cu), triton_op twins here.
@@ -175,19 +176,22 @@ if backends.triton_available():
     @triton_op("pyeditor::quant_linear_triton", mutates_args=())
     def quant_linear_triton(x: Tensor, data: Tensor, scale: Tensor, zero: Tensor, perm: Tensor, buckets: list[int],
                             in_features: int, out_features: int, bias: Optional[Tensor] = None, fast: bool = False,
-                            group_size: int = 0) -> Tensor:
+                            group_size: int = 0, bf16: bool = False) -> Tensor:
         validate.packed_args(data, scale, zero, perm, buckets, in_features, out_features, group_size)
         validate.packed_linear_args(x, in_features, out_features, bias, data)
+        validate.packed_mode_flags(fast, bf16)
         k = in_features
         if bias is not None:
             bias = bias.contiguous()  # the kernel reads bias[col] densely
+        if bf16 and x.dtype == torch.float64:  # the kernel rounds float32 x itself
+            x = x.to(torch.bfloat16).to(x.dtype)
         if x.dtype == torch.float64:  # exact float32 weight in a float64 matmul (gradcheck)
             w = quant_dequantize_triton(data, scale, zero, perm, buckets, k, out_features, group_size)
             y = x @ w.to(torch.float64).T
             return y + bias.to(torch.float64) if bias is not None else y
         x2 = x.reshape(math.prod(x.shape[:-1]), k)
         y = torch.zeros((x2.shape[0], out_features), dtype=x.dtype, device=x.device)
-        _quant_kernels.linear(x2, data, scale, zero, perm, buckets, out_features, bias, y, group_size)
+        _quant_kernels.linear(x2, data, scale, zero, perm, buckets, out_features, bias, y, group_size, bf16)
         return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -205,7 +209,7 @@ def quant_ops(backend: str):
 
 
 def _fake_quant_linear(x, data, scale, zero, perm, buckets, in_features, out_features, bias=None, fast=False,
-                       group_size=0):
+                       group_size=0, bf16=False):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -214,7 +218,7 @@ def _fake_quant_dequantize(data, scale, zero, perm, buckets, in_features, out_fe
 
 
 def _quant_setup_context(ctx, inputs, output):
-    x, data, scale, zero, perm, buckets, in_features, out_features, bias, fast, group_size = inputs
+    x, data, scale, zero, perm, buckets, in_features, out_features, bias, fast, group_size, bf16 = inputs
     ctx.save_for_backward(data, scale, zero, perm)
     ctx.meta = (list(buckets), in_features, out_features, x.dtype, None if bias is None else bias.dtype, group_size)
 
@@ -230,7 +234,7 @@ def _make_quant_backward(dequantize_op):
             grad_x = (grad.to(acc) @ w.to(acc)).to(x_dtype)
         if bias_dtype is not None and ctx.needs_input_grad[8]:
             grad_bias = grad.reshape(-1, n).to(acc).sum(0).to(bias_dtype)
-        return grad_x, None, None, None, None, None, None, None, grad_bias, None, None
+        return grad_x, None, None, None, None, None, None, None, grad_bias, None, None, None
 
     return backward
 
@@ -251,10 +255,11 @@ if HAS_CPP:
     @torch.library.custom_op("pyeditor::quant_linear_autograd", mutates_args=())
     def quant_linear_autograd(x: Tensor, data: Tensor, scale: Tensor, zero: Tensor, perm: Tensor,
                               buckets: list[int], in_features: int, out_features: int,
-                              bias: Optional[Tensor] = None, fast: bool = False, group_size: int = 0) -> Tensor:
+                              bias: Optional[Tensor] = None, fast: bool = False, group_size: int = 0,
+                              bf16: bool = False) -> Tensor:
         # runs below autograd: this reaches the device kernel, not the router again
         return _op("quant_linear")(x, data, scale, zero, perm, buckets, in_features, out_features, bias, fast,
-                                   group_size)
+                                   group_size, bf16)
 
     torch.library.register_fake("pyeditor::quant_linear_autograd", _fake_quant_linear)
     torch.library.register_autograd("pyeditor::quant_linear_autograd", _make_quant_backward(_op("quant_dequantize")),

@@ -233,42 +233,98 @@ def dequantize(packed: PackedWeight, *, backend: Optional[str] = None) -> Tensor
 
 
 def packed_linear(x: Tensor, packed: PackedWeight, bias: Optional[Tensor] = None, *, fast: bool = False,
-                  backend: Optional[str] = None) -> Tensor:
+                  mode: Optional[str] = None, backend: Optional[str] = None) -> Tensor:
     """``x @ W.T + bias`` for the packed W (float32 accumulation, float64 for float64 x), in x's
-    dtype, shape [..., out]. Differentiable in x and bias.
+    dtype, shape [..., out]. Differentiable in x and bias (the gradient is the exact layer's in
+    every mode). ``mode`` is one of :data:`MODES` (default "exact"; the numerics of each are
+    stated on :class:`pyeditor.nn.PackedLinear`); ``fast=True`` is mode="int8act".
 
-    fast=True (C++ CPU backend only; ignored elsewhere): activations are quantized to int8 per
+    mode="int8act" (C++ CPU backend only; exact elsewhere): activations are quantized to int8 per
     row (x ~= round(x / s) * s, s = max|x_row| / 127) and multiplied with exact integer dot
     products (AVX-512 VNNI). Each activation then carries an error of at most s / 2, so
-    |y - y_exact| <= (max|x_row| / 254) * sum_k |W[n, k]| per output; the gradient is that of
-    the exact layer. At most 65536 input features.
+    |y - y_exact| <= (max|x_row| / 254) * sum_k |W[n, k]| per output. At most 65536 input features.
+
+    mode="bf16" (every backend): x is rounded to bfloat16 (to nearest even), then multiplied as
+    in exact mode; the output keeps x's dtype. |y - y_exact| <= 2^-8 * sum_k |x_k| |W[n, k]|
+    (:func:`bf16_error_bound`) plus exact mode's float32 rounding.
     """
     p = _check_packed(packed)
     device = validate.packed_linear_inputs(x, p, bias, fast)
+    fast, bf16 = _mode_flags(mode, fast)
     name = backends.resolve(backend, device)
     if name == "reference":
-        return reference.packed_linear(x, p.quantized(), bias)
+        return reference.packed_linear(_RoundBF16.apply(x) if bf16 else x, p.quantized(), bias)
     return ops.quant_ops(name)[0](x, p.data, p.scale, p.zero, p.perm, p._flat_buckets, p.in_features, p.out_features,
-                                  bias, fast, p.op_group_size)
+                                  bias, fast, p.op_group_size, bf16)
+
+
+class _RoundBF16(torch.autograd.Function):
+    """x rounded to bfloat16 in its own dtype, with the kernels' straight-through gradient (a
+    cast's backward would round the gradient to bfloat16 too)."""
+
+    @staticmethod
+    def forward(x):
+        return x.to(torch.bfloat16).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
 
 
 # ---------------------------------------------------------------- compute modes (PackedLinear's mode=)
-MODES = ("exact", "int8act")
-# named by issue 29 but without a kernel yet: refused, never run as another mode
-_NOT_IMPLEMENTED_MODES = {"bf16": "the bf16 dequantize-to-tile GEMM path does not exist yet"}
+MODES = ("exact", "int8act", "bf16")
 
 
 def check_mode(mode) -> str:
-    """``mode`` checked against :data:`MODES` (TypeError / ValueError naming it; a planned mode
-    without a kernel, "bf16", is a NotImplementedError)."""
+    """``mode`` checked against :data:`MODES` (TypeError / ValueError naming it)."""
     if not isinstance(mode, str):
         raise TypeError(f"mode must be a str, one of {MODES}, got {type(mode).__name__}")
-    if mode in _NOT_IMPLEMENTED_MODES:
-        raise NotImplementedError(f"mode={mode!r} is not implemented: {_NOT_IMPLEMENTED_MODES[mode]}; "
-                                  f"use one of {MODES}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     return mode
+
+
+def mode_flags(mode: str) -> tuple[bool, bool]:
+    """The quant_linear op's (fast, bf16) flags of a checked mode."""
+    return mode == "int8act", mode == "bf16"
+
+
+def _mode_flags(mode, fast: bool) -> tuple[bool, bool]:
+    if mode is None:
+        return fast, False
+    mode = check_mode(mode)
+    if fast and mode != "int8act":
+        raise ValueError(f"fast=True (mode 'int8act') conflicts with mode={mode!r}: pass mode only")
+    return mode_flags(mode)
+
+
+def bf16_error_bound(x: Tensor, weight: Union[Tensor, PackedWeight]) -> Tensor:
+    """The bf16 mode's bound on its activation rounding, per output: float64 [..., out]
+    ``sum_k (2^-8 |x[..., k]| + 2^-134) |W[n, k]|``. Rounding to bfloat16 (8 significant bits, to
+    nearest even) moves each input by at most 2^-8 of its magnitude, or by 2^-134 (half the
+    spacing of bfloat16 subnormals) below 2^-126; the products with the exact weight and their
+    float32 sums are exact mode's (its rounding comes on top)."""
+    w = _bound_weight(weight).detach().double().abs().to(x.device)
+    _bound_x(x, w)
+    return (x.detach().double().abs() * 2.0 ** -8 + 2.0 ** -134) @ w.T
+
+
+def _bound_weight(weight) -> Tensor:
+    w = dequantize(weight) if isinstance(weight, PackedWeight) else weight
+    if not isinstance(w, Tensor) or w.dim() != 2 or not w.is_floating_point():
+        raise TypeError(f"weight must be a PackedWeight or a float [out, in] tensor, got "
+                        f"{type(w).__name__ if not isinstance(w, Tensor) else f'{w.dtype} {tuple(w.shape)}'}")
+    return w
+
+
+def _bound_x(x, w: Tensor) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"x must be a float tensor [..., {w.shape[1]}], got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
 
 
 def int8act_error_bound(x: Tensor, weight: Union[Tensor, PackedWeight]) -> Tensor:
@@ -277,12 +333,7 @@ def int8act_error_bound(x: Tensor, weight: Union[Tensor, PackedWeight]) -> Tenso
     PackedWeight or the float [out, in] tensor). Each row of x is rounded to ``s * q``, q int8,
     s = max|row| / 127, so every input moves by at most s / 2 = max|row| / 254 and output n by at
     most that times sum_k |W[n, k]|. The float32 rounding of exact mode comes on top of it."""
-    w = dequantize(weight) if isinstance(weight, PackedWeight) else weight
-    if not isinstance(w, Tensor) or w.dim() != 2 or not w.is_floating_point():
-        raise TypeError(f"weight must be a PackedWeight or a float [out, in] tensor, got "
-                        f"{type(w).__name__ if not isinstance(w, Tensor) else f'{w.dtype} {tuple(w.shape)}'}")
-    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[-1] != w.shape[1]:
-        raise ValueError(f"x must be a float tensor [..., {w.shape[1]}], got "
-                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    w = _bound_weight(weight)
+    _bound_x(x, w)
     amax = x.detach().double().abs().amax(-1, keepdim=True)
     return amax / 254.0 * w.detach().double().abs().sum(1).to(amax.device)

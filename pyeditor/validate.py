@@ -797,3 +797,14 @@ def packed_linear_inputs(x, packed, bias, fast) -> torch.device:
     if not isinstance(fast, bool):
         raise TypeError(f"fast must be a bool, got {type(fast).__name__}")
     return device
+
+
+def packed_mode_flags(fast, bf16) -> None:
+    """quant_linear's mode flags: bools, at most one set (the C++ op's mode_activations check)."""
+    if not isinstance(fast, bool):
+        raise TypeError(f"fast must be a bool, got {type(fast).__name__}")
+    if not isinstance(bf16, bool):
+        raise TypeError(f"bf16 must be a bool, got {type(bf16).__name__}")
+    if fast and bf16:
+        raise ValueError("fast (int8 activations) and bf16 (bfloat16 activations) exclude each other: pass at most "
+                         "one")

@@ -3,8 +3,9 @@ against pyeditor.reference, over a grid of shapes and dtypes (forward and gradie
 
 Pass rule per row: every element has abs(got - ref) <= atol + rtol * abs(ref) (torch.isclose; NaN
 exactly where the reference has NaN), with atol and rtol from pyeditor.testing's table (scaled by
-sqrt(K) for sums over K products; the packed_linear int8act rows add that mode's bound,
-(max|x_row| / 254) * sum_k |W[n, k]|, at its largest over the case); rows whose rule starts "idx="
+sqrt(K) for sums over K products; the packed_linear int8act and bf16 rows add their mode's bound,
+(max|x_row| / 254) * sum_k |W[n, k]| and sum_k (2^-8 |x_k| + 2^-134) |W[n, k]|, at its largest
+over the case); rows whose rule starts "idx="
 also need indices or labels equal to the reference's. Progress goes to stderr, one line per op
 and backend; the table to stdout; exit 1 on any failure.
 """
@@ -193,6 +194,20 @@ def _quant_checks(small: bool) -> Iterator[Check]:
                     return atol + float(quant.int8act_error_bound(x, reference.dequantize(qw)).max()), rtol
 
                 yield Check("packed_linear (int8act)", label, dtype, run_int8act, int8act_tol)
+
+            def run_bf16(backend, device, setup=setup):
+                p, qw, x, b = setup(device)
+                got = quant.packed_linear(x.to(device), p.to(device), b.to(device), mode="bf16", backend=backend)
+                return got.cpu(), reference.packed_linear(x, qw, b)
+
+            def bf16_tol(setup=setup, dtype=dtype, k=k):
+                # exact mode's tolerance + the largest bf16-mode bound of the case's outputs,
+                # sum_k (2^-8 |x_k| + 2^-134) |W[n, k]| (pyeditor.quant.bf16_error_bound)
+                _, qw, x, _ = setup("cpu")
+                atol, rtol = reduction_tolerance(dtype, k)
+                return atol + float(quant.bf16_error_bound(x, reference.dequantize(qw)).max()), rtol
+
+            yield Check("packed_linear (bf16)", label, dtype, run_bf16, bf16_tol)
 
         if dtype == torch.float32:
             def run_deq(backend, device):

@@ -490,7 +490,7 @@ def test_one_backward_formula(backend, device):
     want = "quant_linear_triton" if backend == "triton" else "quant_linear_autograd"
     assert want in y.grad_fn.name()
     if backend != "triton":
-        args = _op_args(p.to(device), x) + (0,)
+        args = _op_args(p.to(device), x)
         with torch.no_grad():
             assert torch.ops.pyeditor.quant_linear(*args).grad_fn is None
         assert "quant_linear_autograd" in torch.ops.pyeditor.quant_linear(*args).grad_fn.name()
@@ -524,8 +524,8 @@ def test_grad_matches_reference_fp32(backend, device):
     check_close(x.grad.cpu(), xr.grad, tol=reduction_tolerance(torch.float32, 9))
 
 
-def _op_args(p, x, bias=None, fast=False):
-    return (x, *p.tensors(), p.flat_buckets, p.in_features, p.out_features, bias, fast)
+def _op_args(p, x, bias=None, fast=False, bf16=False):
+    return (x, *p.tensors(), p.flat_buckets, p.in_features, p.out_features, bias, fast, p.op_group_size, bf16)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -544,9 +544,15 @@ def test_opcheck(backend, device):
     torch.library.opcheck(linear, _op_args(p, x.clone().requires_grad_(), b.clone().requires_grad_()),
                           test_utils=tests)
     torch.library.opcheck(linear, _op_args(p, x[:1], None, True), test_utils=tests)
+    torch.library.opcheck(linear, _op_args(p, x.clone().requires_grad_(), b, bf16=True), test_utils=tests)
+    x16 = rand((16, 18), seed=4).to(device)  # the GEMM, with the bf16 rounding and dot (Triton)
+    torch.library.opcheck(linear, _op_args(p, x16, b, bf16=True), test_utils=tests)
+    torch.library.opcheck(linear, _op_args(p, x16.to(torch.bfloat16), None), test_utils=tests)
     if backend != "triton":  # the op behind the C++ router, which carries the backward
-        torch.library.opcheck(torch.ops.pyeditor.quant_linear_autograd,
-                              _op_args(p, x.clone().requires_grad_(), b.clone().requires_grad_()), test_utils=tests)
+        for bf16 in (False, True):
+            torch.library.opcheck(torch.ops.pyeditor.quant_linear_autograd,
+                                  _op_args(p, x.clone().requires_grad_(), b.clone().requires_grad_(), bf16=bf16),
+                                  test_utils=tests)
 
 
 @pytest.mark.parametrize("backend,device", [pytest.param("cpu", "cpu", id="cpu"),

@@ -1,7 +1,8 @@
-"""PackedLinear's compute modes (issue 29 item 2): mode="exact" | "int8act", the deprecated fast=
-spelling, and the int8act error bound (max|x_row| / 254) * sum_k |W[n, k]| against
+"""PackedLinear's compute modes (issue 29 item 2): mode="exact" | "int8act" | "bf16", the deprecated
+fast= spelling, and the int8act error bound (max|x_row| / 254) * sum_k |W[n, k]| against
 pyeditor.reference on random activations, activations with outlier rows and columns, and
-activations captured from the bench's real models (skipped when their packages are absent)."""
+activations captured from the bench's real models (skipped when their packages are absent).
+The bf16 mode's numerics: test_quant_bf16_mode.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -63,9 +64,11 @@ def test_default_mode_is_exact_and_mode_is_settable():
     assert layer.mode == "int8act" and layer.fast is True
     with pytest.raises(ValueError, match="mode"):
         layer.mode = "int4"
-    with pytest.raises(NotImplementedError, match="bf16.*not implemented"):
-        layer.mode = "bf16"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        layer.mode = "bfloat16"
     assert layer.mode == "int8act"  # a refused value changes nothing
+    layer.mode = "bf16"
+    assert layer.mode == "bf16" and layer.fast is False and "mode='bf16'" in repr(layer)
 
 
 @pytest.mark.parametrize("make", [
@@ -85,8 +88,9 @@ def test_fast_is_a_deprecated_spelling_and_conflicts_are_refused(make):
             make(fast=fast, mode=mode)
     with pytest.raises(TypeError, match="fast must be a bool"):
         make(fast=1)
-    with pytest.raises(NotImplementedError, match="mode='bf16' is not implemented"):
-        make(mode="bf16")
+    assert make(mode="bf16").mode == "bf16"
+    with pytest.raises(ValueError, match="fast=True conflicts with mode=.bf16."):
+        make(fast=True, mode="bf16")
     with pytest.raises(ValueError, match="mode must be one of"):
         make(mode="fast")
     with pytest.raises(TypeError, match="mode must be a str"):
@@ -119,8 +123,8 @@ def test_quantize_model_and_load_quantized_set_the_mode_on_every_layer():
     assert torch.equal(fresh(x), model(x))
     plain = pnn.load_quantized(nn.Sequential(nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 16)), sd)
     assert plain[0].mode == "exact"
-    with pytest.raises(NotImplementedError, match="bf16"):
-        pnn.load_quantized(nn.Sequential(nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 16)), sd, mode="bf16")
+    halves = pnn.load_quantized(nn.Sequential(nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 16)), sd, mode="bf16")
+    assert halves[0].mode == halves[2].mode == "bf16"
     with pytest.warns(FutureWarning, match="load_quantized: fast=True"):
         again = pnn.load_quantized(nn.Sequential(nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 16)), sd, fast=True)
     assert again[2].mode == "int8act"

@@ -632,16 +632,16 @@ void redo_nonfinite_rows(const at::Tensor& x2, at::Tensor& out, const at::Tensor
 
 }  // namespace
 
-at::Tensor quant_linear_cpu(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
+at::Tensor quant_linear_cpu(const at::Tensor& x_in, const at::Tensor& data, const at::Tensor& scale,
                             const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
                             int64_t in_features, int64_t out_features, const c10::optional<at::Tensor>& bias,
-                            bool fast,
-                            int64_t group_size) {
-  check_cpu(x, "x");
+                            bool fast, int64_t group_size, bool bf16) {
+  check_cpu(x_in, "x");
   check_cpu(data, "packed data");
   const PackedArgs a = check_packed(data, scale, zero, perm, buckets, in_features, out_features, group_size);
-  check_linear_inputs(a, x, bias, data);
+  check_linear_inputs(a, x_in, bias, data);
   check_perm_values(perm, a.n);
+  const at::Tensor x = mode_activations(x_in, fast, bf16);
   TORCH_CHECK(!fast || a.k <= 65536, "pyeditor: fast (int8) mode sums in int32 and supports at most 65536 "
               "input features, got ", a.k);
   const auto shape = linear_out_shape(x, a.n);

@@ -105,14 +105,14 @@ at::Tensor quant_dequantize_cuda(const at::Tensor& data, const at::Tensor& scale
   return w;
 }
 
-at::Tensor quant_linear_cuda(const at::Tensor& x, const at::Tensor& data, const at::Tensor& scale,
+at::Tensor quant_linear_cuda(const at::Tensor& x_in, const at::Tensor& data, const at::Tensor& scale,
                              const at::Tensor& zero, const at::Tensor& perm, at::IntArrayRef buckets,
                              int64_t in_features, int64_t out_features, const c10::optional<at::Tensor>& bias,
-                             bool fast,
-                             int64_t group_size) {
-  (void)fast;
+                             bool fast, int64_t group_size, bool bf16) {
   const PackedArgs a = check_packed(data, scale, zero, perm, buckets, in_features, out_features, group_size);
-  check_linear_inputs(a, x, bias, data);
+  check_linear_inputs(a, x_in, bias, data);
+  // int8 activations are a CPU kernel: fast computes exact mode here, within that mode's bound
+  const at::Tensor x = mode_activations(x_in, fast, bf16);
   c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x2 = x.reshape({c10::multiply_integers(x.sizes().slice(0, x.dim() - 1)), a.k}).contiguous();
   const int64_t m = x2.size(0);

@@ -106,8 +106,8 @@ def direct_op_cases(bk):
         data, scale, zero, perm = p.tensors()
         bk_, gs, x, bias = list(p.flat_buckets), p.op_group_size, d.rnd(2, k), None
         form = d.pick(["valid-strided-bias", "truncated", "bits", "rows-overflow", "in-negative", "in-huge",
-                       "out-too-many", "group_size", "x-features", "perm-dtype"])
-        names, valid, k_in, n_out = "data", form.startswith("valid"), k, n
+                       "out-too-many", "group_size", "x-features", "perm-dtype", "modes"])
+        names, valid, k_in, n_out, fast, bf16 = "data", form.startswith("valid"), k, n, False, False
         if valid:
             bias = strided(d.rnd(n))
         elif form == "truncated":
@@ -127,11 +127,13 @@ def direct_op_cases(bk):
         elif form == "x-features":
             # any other width, also one the padded data would hold (k + 1 within a block)
             x, names = d.rnd(2, k + d.pick([1, 16 * d.int(1, 3)])), "features"
+        elif form == "modes":  # int8 and bfloat16 activations at once
+            fast, bf16, names = True, True, "fast.*bf16"
         else:
             perm, names = perm.to(torch.int64), "perm"
         qw = p.quantized()
-        if d.int(0, 1) or valid:
-            return Case(lambda: op("quant_linear")(x, data, scale, zero, perm, bk_, k_in, n_out, bias, False, gs),
+        if d.int(0, 1) or valid or form == "modes":
+            return Case(lambda: op("quant_linear")(x, data, scale, zero, perm, bk_, k_in, n_out, bias, fast, gs, bf16),
                         lambda: ref.packed_linear(x, qw, bias), names, valid=valid, tol=reduction_tolerance(x.dtype, k))
         return Case(lambda: op("quant_dequantize")(data, scale, zero, perm, bk_, k_in, n_out, gs),
                     lambda: ref.dequantize(qw), names, valid=valid)
