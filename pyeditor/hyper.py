@@ -200,15 +200,27 @@ def _fill_gram(g: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
     """g [P, d+1, d+1] float64 (zeros) := the Gram of [W_p; b_p], products in float32 (float64
     for float64 editors)."""
     w = weight.detach().to(_acc_of(weight))
-    d = w.shape[1]
-    g[:, :d, :d] = torch.bmm(w, w.transpose(1, 2))
-    if bias is not None:
-        b = bias.detach().to(w.dtype)
-        # b_p W_p^T as a [1, n] x [n, d] product: bmm(W, b[..., None]) runs a slow matrix-vector path
-        c = torch.bmm(b.unsqueeze(1), w.transpose(1, 2)).squeeze(1)
-        g[:, :d, d] = c
-        g[:, d, :d] = c
+    P, d, n = w.shape
+    b = None if bias is None else bias.detach().to(w.dtype)
+    if d * n < _GRAM_PER_EDITOR:
+        g[:, :d, :d] = torch.bmm(w, w.transpose(1, 2))
+        if b is not None:
+            # b_p W_p^T as a [1, n] x [n, d] product: bmm(W, b[..., None]) runs a slow matrix-vector path
+            g[:, :d, d] = torch.bmm(b.unsqueeze(1), w.transpose(1, 2)).squeeze(1)
+    else:
+        # large editors one at a time: each product gets every thread, and W_p b_p reads W_p
+        # while the last-level cache may still hold it (bench: hyper/assign-auto)
+        for p in range(P):
+            g[p, :d, :d] = torch.mm(w[p], w[p].T)
+            if b is not None:
+                g[p, :d, d] = torch.mv(w[p], b[p])
+    if b is not None:
+        g[:, d, :d] = g[:, :d, d]
         g[:, d, d] = b.double().square().sum(1)
+
+
+# elements of one editor's W_p from which _fill_gram forms the Grams one editor at a time
+_GRAM_PER_EDITOR = 1 << 20
 
 
 def _forms(gram: Tensor, abs_gram: Tensor, acc: torch.dtype) -> Tuple[Tensor, Tensor]:

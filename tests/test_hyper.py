@@ -230,6 +230,23 @@ def test_cached_gram_matches():
     check_close(edit, ref.generate_edit(e, w, b, c1, 0.5), tol=reduction_tolerance(torch.float32, 20))
 
 
+@pytest.mark.parametrize("per_editor", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gram_both_layouts_against_float64(monkeypatch, per_editor, dtype, bias):
+    """prototype_gram forms the Grams batched for small editors and one editor at a time for
+    large ones (hyper._GRAM_PER_EDITOR): both against the float64 Gram of [W_p; b_p], on a
+    non-contiguous weight."""
+    monkeypatch.setattr(hyper, "_GRAM_PER_EDITOR", 0 if per_editor else 1 << 62)
+    P, d, n = 3, 5, 37
+    w = make((P, n, d), dtype, seed=1).transpose(1, 2)  # [P, d, n], strided
+    b = make((P, n), dtype, seed=2) if bias else None
+    g = hyper.prototype_gram(w, b).gram
+    wa = torch.cat([w.double(), (b.double() if bias else torch.zeros(P, n, dtype=torch.float64)).unsqueeze(1)], 1)
+    want = wa @ wa.transpose(1, 2)
+    check_close(g, want, torch.float64, reduction_tolerance(dtype, n))
+
+
 # ------------------------------------------------------------------ registration
 def _op_samples(device):
     x, theta, delta, thr, bias, idx = linear_inputs("proto-index", torch.float32, device)
