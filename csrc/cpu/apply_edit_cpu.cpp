@@ -2,16 +2,18 @@
 // contiguous runs go to the SIMD span functions and whose strided runs use the same math.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <sys/mman.h>
 
 #include "../aten_storage.h"
 #include "../edit_args.h"
 #include "../ops.h"
 #include "pyeditor/cpu_spans.h"
 #include "pyeditor/edit_math.h"
+#include "huge_pages.h"
 
 namespace pyeditor {
 namespace {
+
+using cpu::advise_huge_pages;
 
 constexpr int64_t kColBlock = 16384;    // elements per work item along a row
 constexpr int64_t kGrainElems = 65536;  // at least this many elements per thread task
@@ -69,19 +71,6 @@ void run_cpu(const EditArgs& args, const at::Tensor& a, const at::Tensor& delta,
   });
 }
 
-// A fresh multi-megabyte result costs more in 4 KiB first-touch page faults than the edit
-// itself; asking for transparent huge pages on it before the first write cuts the fault
-// count 512-fold (a no-op where THP is off).
-void advise_huge_pages(const at::Tensor& t) {
-#ifdef MADV_HUGEPAGE
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.nbytes();
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-}
-
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "pyeditor: ", name, " must be a CPU tensor here, got ", t.device());
 }
@@ -109,6 +98,7 @@ at::Tensor apply_edit_backward_cpu(const at::Tensor& grad, const at::Tensor& del
   check_cpu(grad, "grad");
   EditArgs args = prepare_edit_grad(grad, delta, threshold);
   at::Tensor out = edit_output(args, grad, nullptr);
+  advise_huge_pages(out);
   run_cpu<true>(args, grad, delta, out);
   return out;
 }

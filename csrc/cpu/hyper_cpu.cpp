@@ -12,6 +12,7 @@
 #include "../aten_storage.h"
 #include "../hyper_args.h"
 #include "../ops.h"
+#include "huge_pages.h"
 #include "hyper_cpu.h"
 #include "pyeditor/hyper_math.h"
 #include "tile_gemm.h"
@@ -179,26 +180,34 @@ template <class S> struct HeadView {
   int64_t w_row, w_col, dim, width;
 };
 
-// Thread scratch of hyper_tiles, sized to the problem (a small d needs small tiles).
-constexpr int64_t kHyperGroup = 4;  // column tiles packed together when d fits one k-block
+// Thread scratch of hyper_tiles, sized to the problem (a small d needs small tiles). When d fits
+// one k-block, `group` column tiles are packed together, so that each of the d rows of W_p is read
+// as one run of group * kTileN values: as many as keep the packed tiles within kGroupBytes (a
+// fraction of a core's L2), since few long runs stream from DRAM faster than many short ones.
+constexpr int64_t kGroupBytes = int64_t(128) << 10;
+constexpr int64_t kMaxHyperGroup = 16;
 
 template <class A> struct Buffers {
   A *a, *tile, *acc;
-  static int64_t size(int64_t dim) {
-    const int64_t kc = std::max<int64_t>(1, std::min(dim, kTileK));
-    return kTileM * kc + kHyperGroup * kc * kTileN + kTileM * kTileN;
+  int64_t group;
+  static int64_t depth(int64_t dim) { return std::max<int64_t>(1, std::min(dim, kTileK)); }
+  static int64_t groups(int64_t dim) {
+    const int64_t by_size = kGroupBytes / (depth(dim) * kTileN * int64_t(sizeof(A)));
+    return std::max<int64_t>(1, std::min(kMaxHyperGroup, by_size));
   }
-  Buffers(A* base, int64_t dim) {
-    const int64_t kc = std::max<int64_t>(1, std::min(dim, kTileK));
+  static int64_t size(int64_t dim) {
+    return kTileM * depth(dim) + groups(dim) * depth(dim) * kTileN + kTileM * kTileN;
+  }
+  Buffers(A* base, int64_t dim) : group(groups(dim)) {
     a = base;
-    tile = a + kTileM * kc;
-    acc = tile + kHyperGroup * kc * kTileN;
+    tile = a + kTileM * depth(dim);
+    acc = tile + group * depth(dim) * kTileN;
   }
 };
 
 // Runs fn(r0, rows, j0, nc) with buf.acc = e[rows of group p, r0..] @ W_p[:, j0:j0+nc] for every
 // row block and column tile jb in [jb_begin, jb_end) of the view. When d fits one k-block,
-// kHyperGroup tiles are packed together row by row, so each row of W_p is read as one run.
+// buf.group tiles are packed together row by row, so each row of W_p is read as one run.
 template <class S, class Fn>
 void hyper_tiles(const HeadView<S>& v, const Groups& gr, int64_t p, int64_t jb_begin, int64_t jb_end,
                  const Buffers<pe::acc_t<S>>& buf, Fn fn) {
@@ -209,8 +218,8 @@ void hyper_tiles(const HeadView<S>& v, const Groups& gr, int64_t p, int64_t jb_b
     const int64_t rows = std::min(kTileM, m - r0);
     auto row_of = [&gr, p, r0](int64_t r) { return gr.row(p, r0 + r); };
     if (one_k) pack_rows(buf.a, v.e, v.e_row, v.e_col, rows, 0, v.dim, row_of);
-    for (int64_t jb = jb_begin; jb < jb_end; jb += kHyperGroup) {
-      const int64_t jn = std::min(kHyperGroup, jb_end - jb);
+    for (int64_t jb = jb_begin; jb < jb_end; jb += buf.group) {
+      const int64_t jn = std::min(buf.group, jb_end - jb);
       if (one_k) {
         for (int64_t k = 0; k < v.dim; ++k)
           for (int64_t q = 0; q < jn; ++q) {
@@ -338,6 +347,7 @@ at::Tensor edited_linear_cpu(const at::Tensor& x, const at::Tensor& theta, const
   const LinearArgs g = prepare_edited_linear(x, theta, delta, threshold, bias, proto_index);
   at::Tensor y = at::empty({g.batch, g.rows, g.out}, x.options());
   if (y.numel() == 0) return y;
+  cpu::advise_huge_pages(y);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pyeditor_edited_linear_cpu", [&] {
     using S = typename storage_of<scalar_t>::type;
     edited_linear_kernel<S>(g, x, theta, delta, bias.has_value() ? &*bias : nullptr, y);
@@ -352,6 +362,7 @@ at::Tensor hyper_heads_cpu(const HyperArgs& g, const at::Tensor& e, const at::Te
   at::Tensor out = g.index.defined() ? at::empty({g.batch, g.width}, e.options())
                                      : at::empty({g.protos, g.batch, g.width}, e.options());
   if (out.numel() == 0) return out;
+  cpu::advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "pyeditor_hyper_matmul_cpu", [&] {
     using S = typename storage_of<scalar_t>::type;
     hyper_matmul_kernel<S>(g, e, weight, bias.has_value() ? &*bias : nullptr, out);

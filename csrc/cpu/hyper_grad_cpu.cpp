@@ -13,6 +13,7 @@
 #include "../aten_storage.h"
 #include "../hyper_args.h"
 #include "../ops.h"
+#include "huge_pages.h"
 #include "hyper_cpu.h"
 #include "pyeditor/hyper_math.h"
 #include "tile_gemm.h"
@@ -81,6 +82,7 @@ at::Tensor hyper_weight_grad_cpu(const at::Tensor& e, const at::Tensor& grad, at
   const HyperArgs g = prepare_weight_grad(e, grad, sizes, index, protos);
   at::Tensor out = at::empty({g.protos, g.dim, g.width}, grad.options());
   if (out.numel() == 0) return out;
+  cpu::advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "pyeditor_hyper_weight_grad_cpu", [&] {
     using S = typename storage_of<scalar_t>::type;
     weight_grad_kernel<S>(g, e, grad, out);
