@@ -7,7 +7,8 @@
 - bnb-nf4: bitsandbytes' NF4 matmul, blocksize 64 (bench/peers_bnb.py, an optional bench extra;
   target: ours at g64 at least as fast)
 - read-streams: a read of exactly the packed bytes (the roofline)
-ours-fast is the int8-activation mode on the same grouped weight.
+ours-fast is the int8-activation mode on the same grouped weight; ours-bf16x exact mode on x cast to
+bf16, the activations int4pack gets (the targets stay on ours, with float32 x).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from bench.registry import OURS, Case, Context, Prepared
 from bench.roofline import STREAMS
 
 FAMILY = "packed_linear_group"
-IMPLS = (OURS, "ours-fast", "ours-channel", "int4pack", "bnb-nf4", "read-streams")
+IMPLS = (OURS, "ours-fast", "ours-bf16x", "ours-channel", "int4pack", "bnb-nf4", "read-streams")
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,6 +55,7 @@ def _make(n: int, k: int, group: int, ctx: Context) -> Prepared:
         "ours-channel": _cycle([functools.partial(pyeditor.packed_linear, x, p, **kw) for p in cs]),
     }
     xb = x.bfloat16()
+    fns["ours-bf16x"] = _cycle([functools.partial(pyeditor.packed_linear, xb, p, **kw) for p in gs])
     gen = torch.Generator().manual_seed(2)
     w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32,
                                                                           generator=gen), 2)
@@ -77,6 +79,8 @@ def _make(n: int, k: int, group: int, ctx: Context) -> Prepared:
             if peer in t:
                 out[f"vs_{peer}"] = t[peer] / t[OURS]
                 out[f"vs_{peer}_fast"] = t[peer] / t["ours-fast"]
+                if "ours-bf16x" in t:
+                    out[f"vs_{peer}_bf16x"] = t[peer] / t["ours-bf16x"]
         if "read-streams" in t:
             out["read_roofline_pct"] = 100.0 * t["read-streams"] / t[OURS]
             out["read_roofline_pct_fast"] = 100.0 * t["read-streams"] / t["ours-fast"]
