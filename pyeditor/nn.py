@@ -81,8 +81,8 @@ class PackedLinear(nn.Module):
       (:func:`pyeditor.quant.bf16_error_bound`) plus exact mode's float32 rounding (and its
       caveat). The output keeps x's dtype; gradients are those of the exact layer. Every
       backend rounds the same way. Speed: the Triton GEMM (16+ rows) multiplies in bf16 on the
-      tensor cores; the C++ CPU and CUDA kernels run exact mode's kernels on the rounded x (no
-      faster than exact on CPUs without bf16 instructions, the only ones measured so far). A
+      tensor cores; the C++ CPU and CUDA kernels run exact mode's kernels on the rounded x (about
+      exact mode's speed on CPUs without bf16 instructions, the only ones measured so far). A
       bfloat16 or float16 x in exact mode also takes the Triton tensor-core dot, with exact
       mode's numerics.
     """
