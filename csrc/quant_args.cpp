@@ -133,7 +133,8 @@ at::Tensor mode_activations(const at::Tensor& x, bool fast, bool bf16) {
   TORCH_CHECK(!(fast && bf16), "pyeditor: fast (int8 activations) and bf16 (bfloat16 activations) exclude each "
               "other: pass at most one");
   if (!bf16 || x.scalar_type() == at::kBFloat16) return x;
-  return x.to(at::kBFloat16).to(x.scalar_type());
+  const auto held = x.scalar_type() == at::kHalf ? at::kFloat : x.scalar_type();
+  return x.to(at::kBFloat16).to(held);
 }
 
 std::vector<int64_t> linear_out_shape(const at::Tensor& x, int64_t n) {

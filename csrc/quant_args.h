@@ -38,7 +38,9 @@ void check_linear_inputs(const PackedArgs& args, const at::Tensor& x, const c10:
 
 // The mode flags exclude each other (fast: int8 activations; bf16: activations rounded to
 // bfloat16); returns the activations the kernels then multiply exactly: x, or with bf16 x rounded
-// to bfloat16 (round to nearest even) and back to its own dtype.
+// to bfloat16 (to nearest even; float64 by way of float32, as torch casts) and back to its own
+// dtype, except float16, which comes back as float32 (bfloat16 reaches past float16's range:
+// 65408 rounds to 65536), so the caller casts the result back to x's dtype.
 at::Tensor mode_activations(const at::Tensor& x, bool fast, bool bf16);
 
 // Output shape [..., n] of x [..., k].

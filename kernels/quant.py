@@ -87,7 +87,8 @@ def _block_sums(x_ptr, data_ptr, tile_base, blk0, blk1, m, c, kk, M, K, sx_m, sx
     """sum_k q x_k [BLOCK_M, TILE_N] and sum_k x_k [BLOCK_M] over blocks [blk0, blk1) of one tile.
     HALF_DOT 1 / 2 (x values exact in bf16 / fp16): tl.dot in that type with fp32 accumulation,
     the same exact products as the fp32 dot (codes 0..255 are exact in both, and a product of
-    two such values is exact in fp32), on the tensor cores."""
+    two such values is exact in fp32), on the tensor cores (whose fp32 sums may round
+    differently from IEEE adds: within the reduction tolerance of the tests)."""
     block_bytes = BITS * _BYTES_PER_BIT
     acc = tl.zeros([BLOCK_M, _TN], dtype=tl.float32)
     xsum = tl.zeros([BLOCK_M], dtype=tl.float32)

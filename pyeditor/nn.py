@@ -78,13 +78,15 @@ class PackedLinear(nn.Module):
 
           |y[n] - (x @ W.T)[n]| <= sum_k (2^-8 |x[k]| + 2^-134) |W[n, k]|
 
-      (:func:`pyeditor.quant.bf16_error_bound`) plus exact mode's float32 rounding (and its
-      caveat). The output keeps x's dtype; gradients are those of the exact layer. Every
-      backend rounds the same way. Speed: the Triton GEMM (16+ rows) multiplies in bf16 on the
+      (:func:`pyeditor.quant.bf16_error_bound`; inputs past bfloat16's largest finite value,
+      about 3.396e38, round to +-inf) plus exact mode's float32 rounding (and its caveat). The
+      output keeps x's dtype (a float16 x is rounded and summed in float32, as bfloat16 values
+      can pass float16's range); gradients are those of the exact layer. Every backend rounds
+      the same way. Speed: the Triton GEMM (16+ rows) multiplies in bf16 on the
       tensor cores; the C++ CPU and CUDA kernels run exact mode's kernels on the rounded x (about
       exact mode's speed on CPUs without bf16 instructions, the only ones measured so far). A
-      bfloat16 or float16 x in exact mode also takes the Triton tensor-core dot, with exact
-      mode's numerics.
+      bfloat16 or float16 x in exact mode also takes the Triton tensor-core dot: the same exact
+      products, summed in the tensor cores' float32 accumulation.
     """
 
     _KEYS = ("data", "scale", "zero", "perm", "buckets", "bits")  # required in a state_dict

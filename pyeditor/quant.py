@@ -245,34 +245,37 @@ def packed_linear(x: Tensor, packed: PackedWeight, bias: Optional[Tensor] = None
     |y - y_exact| <= (max|x_row| / 254) * sum_k |W[n, k]| per output. At most 65536 input features.
 
     mode="bf16" (every backend): x is rounded to bfloat16 (to nearest even), then multiplied as
-    in exact mode; the output keeps x's dtype. |y - y_exact| <= 2^-8 * sum_k |x_k| |W[n, k]|
-    (:func:`bf16_error_bound`) plus exact mode's float32 rounding.
+    in exact mode; the output keeps x's dtype. |y - y_exact| <= sum_k (2^-8 |x_k| + 2^-134)
+    |W[n, k]| (:func:`bf16_error_bound`) plus exact mode's float32 rounding.
     """
     p = _check_packed(packed)
     device = validate.packed_linear_inputs(x, p, bias, fast)
     fast, bf16 = _mode_flags(mode, fast)
     name = backends.resolve(backend, device)
     if name == "reference":
-        return reference.packed_linear(_RoundBF16.apply(x) if bf16 else x, p.quantized(), bias)
+        if bf16:
+            return reference.packed_linear(_RoundBF16.apply(x), p.quantized(), bias).to(x.dtype)
+        return reference.packed_linear(x, p.quantized(), bias)
     return ops.quant_ops(name)[0](x, p.data, p.scale, p.zero, p.perm, p._flat_buckets, p.in_features, p.out_features,
                                   bias, fast, p.op_group_size, bf16)
 
 
 class _RoundBF16(torch.autograd.Function):
-    """x rounded to bfloat16 in its own dtype, with the kernels' straight-through gradient (a
-    cast's backward would round the gradient to bfloat16 too)."""
+    """x rounded to bfloat16 in its own dtype (float16 in float32: bfloat16 reaches past its
+    range), with the kernels' straight-through gradient (a cast's backward would round the
+    gradient to bfloat16 too)."""
 
     @staticmethod
     def forward(x):
-        return x.to(torch.bfloat16).to(x.dtype)
+        return x.to(torch.bfloat16).to(torch.float32 if x.dtype == torch.float16 else x.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        ctx.dtype = inputs[0].dtype
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad.to(ctx.dtype)
 
 
 # ---------------------------------------------------------------- compute modes (PackedLinear's mode=)
@@ -307,7 +310,10 @@ def bf16_error_bound(x: Tensor, weight: Union[Tensor, PackedWeight]) -> Tensor:
     ``sum_k (2^-8 |x[..., k]| + 2^-134) |W[n, k]|``. Rounding to bfloat16 (8 significant bits, to
     nearest even) moves each input by at most 2^-8 of its magnitude, or by 2^-134 (half the
     spacing of bfloat16 subnormals) below 2^-126; the products with the exact weight and their
-    float32 sums are exact mode's (its rounding comes on top)."""
+    float32 sums are exact mode's (its rounding comes on top). It holds for inputs below
+    bfloat16's overflow threshold, (2 - 2^-8) * 2^127 (about 3.396e38), from which they round
+    to +-inf. float64 x is rounded by way of float32, as torch casts it (twice: within the same
+    bound, plus 2^-24 of the input)."""
     w = _bound_weight(weight).detach().double().abs().to(x.device)
     _bound_x(x, w)
     return (x.detach().double().abs() * 2.0 ** -8 + 2.0 ** -134) @ w.T

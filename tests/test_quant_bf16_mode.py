@@ -10,12 +10,13 @@ import pytest
 import torch
 
 import pyeditor.nn as pnn
-from pyeditor import quant, reference
+from pyeditor import backends, quant, reference
 from pyeditor.testing import check_close, reduction_tolerance
 
 from conftest import backend_params
 
 BACKENDS = backend_params(include_reference=True)
+needs_cpp = pytest.mark.skipif("cpu" not in backends.available("cpu"), reason="the C++ CPU backend is not built here")
 K = 200  # not a multiple of any group size: a ragged last group, and a padded last block
 
 
@@ -28,8 +29,14 @@ def _packed(n: int, k: int, group_size, seed: int = 0):
 
 
 def _rounded(x: torch.Tensor) -> torch.Tensor:
-    """x rounded to bfloat16 (to nearest even), in its own dtype: what the mode multiplies."""
-    return x.to(torch.bfloat16).to(x.dtype)
+    """x rounded to bfloat16 (to nearest even): what the mode multiplies, in x's dtype (float16 x
+    in float32: bfloat16 passes its range)."""
+    return x.to(torch.bfloat16).to(torch.float32 if x.dtype == torch.float16 else x.dtype)
+
+
+def _want(x, qw, b=None):
+    """The reference on the rounded activations, in x's dtype."""
+    return reference.packed_linear(_rounded(x), qw, b).to(x.dtype)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -44,7 +51,7 @@ def test_bf16_mode_is_exact_mode_on_rounded_activations(backend, device, group_s
         x = (torch.randn(m, K, generator=g) * 3).to(dtype)
         got = quant.packed_linear(x.to(device), p, b.to(device), mode="bf16", backend=backend).cpu()
         assert got.dtype == dtype and got.shape == (m, n)
-        check_close(got, reference.packed_linear(_rounded(x), qw, b), dtype, reduction_tolerance(dtype, K))
+        check_close(got, _want(x, qw, b), dtype, reduction_tolerance(dtype, K))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -59,7 +66,7 @@ def test_bf16_mode_strided_broadcast_and_3d_inputs(backend, device):
     }
     for label, x in cases.items():
         got = quant.packed_linear(x.to(device), p, b.to(device), mode="bf16", backend=backend).cpu()
-        want = reference.packed_linear(_rounded(x), qw, b)
+        want = _want(x, qw, b)
         try:
             check_close(got, want, torch.float32, reduction_tolerance(torch.float32, K))
         except AssertionError as e:
@@ -77,7 +84,6 @@ def test_bf16_mode_special_values(backend, device):
     x[1, 7] = math.inf
     x[2, 9] = -math.inf
     x[3, :] = 3.4e38  # every input rounds to +inf
-    x[4, :] = 2.0 ** -130  # float32 subnormals: bfloat16 keeps them (to its spacing)
     x[5, :] = 1.0 + 2.0 ** -8  # a tie: rounds to even (1.0)
     x[6, :] = 1.0 + 3 * 2.0 ** -8  # a tie: rounds to even (1 + 2^-6)
     xr = _rounded(x)
@@ -87,6 +93,33 @@ def test_bf16_mode_special_values(backend, device):
     assert torch.equal(got.isnan(), want.isnan())
     finite = ~want.isnan()
     check_close(got[finite], want[finite], torch.float32, reduction_tolerance(torch.float32, K))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_bf16_mode_rounds_subnormals_and_float16_past_its_range(backend, device):
+    """Inputs that are float32 subnormals round to bfloat16's subnormal spacing (2^-133): with
+    weights near 2^124 the outputs are near 1, so a kernel that kept the dropped bits (or
+    flushed the inputs to zero) misses the reference by far more than the tolerance. float16
+    inputs of 65408 and more round to 65536, past float16's range: summed in float32 like the
+    reference, not turned into inf."""
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(24, K, generator=g) * 2.0 ** 124
+    p = quant.quantize_channelwise(w, 8, 64)
+    x = torch.randn(18, K, generator=g).sign() * (2.0 ** -130 * (1 + torch.rand(18, K, generator=g)))
+    xr = _rounded(x)
+    assert not torch.equal(xr, x) and bool((xr != 0).all())
+    got = quant.packed_linear(x.to(device), p.to(device), mode="bf16", backend=backend).cpu()
+    want = _want(x, p.quantized())
+    assert bool(want.isfinite().all()) and float(want.abs().max()) > 0.1
+    check_close(got, want, torch.float32, reduction_tolerance(torch.float32, K))
+    # float16 x near its largest value, against small weights: finite outputs
+    small = quant.quantize_channelwise(torch.randn(24, K, generator=g) * 1e-3, 4, 32)
+    xh = torch.full((17, K), 65504.0, dtype=torch.float16)
+    xh[1::2] = -65472.0
+    got = quant.packed_linear(xh.to(device), small.to(device), mode="bf16", backend=backend).cpu()
+    want = _want(xh, small.quantized())
+    assert got.dtype == torch.float16 and bool(want.isfinite().all())
+    check_close(got, want, torch.float16, reduction_tolerance(torch.float16, K))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -104,6 +137,7 @@ def test_bf16_mode_within_its_bound_of_the_unrounded_product(backend, device):
     assert float((err / (bound + 1e-30)).max()) > 0.05
 
 
+@needs_cpp
 def test_bf16_error_bound_is_attained_within_its_float_slack():
     """One input sits just below a bfloat16 tie, so it moves by nearly 2^-8 of itself; with a
     single weight the output moves by the same: the bound is tight."""
@@ -138,6 +172,7 @@ def test_bf16_mode_gradients_are_the_exact_layers(backend, device):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@needs_cpp
 def test_torch_compile_fullgraph_in_bf16_mode():
     torch._dynamo.reset()
     lin = torch.nn.Linear(K, 24)

@@ -670,6 +670,7 @@ at::Tensor quant_linear_cpu(const at::Tensor& x_in, const at::Tensor& data, cons
   // non-finite result and no NaN input are redone on the dequantized weight (rare: only when
   // the kernels wrote a non-finite output is the output scanned for them)
   if (nonfinite) redo_nonfinite_rows(x2, out, data, scale, zero, perm, buckets, a, b);
+  if (x.scalar_type() != x_in.scalar_type()) out = out.to(x_in.scalar_type());  // bf16 mode, float16 x
   return x.dim() == 2 ? out : out.reshape(shape);
 }
 

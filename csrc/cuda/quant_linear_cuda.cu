@@ -134,6 +134,7 @@ at::Tensor quant_linear_cuda(const at::Tensor& x_in, const at::Tensor& data, con
       }
     });
   }
+  if (x.scalar_type() != x_in.scalar_type()) y = y.to(x_in.scalar_type());  // bf16 mode, float16 x
   return y.reshape(linear_out_shape(x, a.n));
 }
 
