@@ -47,7 +47,7 @@ def test_bf16_mode_is_exact_mode_on_rounded_activations(backend, device, group_s
     p, qw, b = _packed(n, K, group_size, seed=1)
     p = p.to(device)
     g = torch.Generator().manual_seed(2)
-    for m in (0, 1, 3, 16, 20):  # 16+: the Triton GEMM (its tensor-core dot on a GPU)
+    for m in (0, 1, 3, 16):  # 16: the Triton GEMM (its tensor-core dot on a GPU; 17+ rows: the next test)
         x = (torch.randn(m, K, generator=g) * 3).to(dtype)
         got = quant.packed_linear(x.to(device), p, b.to(device), mode="bf16", backend=backend).cpu()
         assert got.dtype == dtype and got.shape == (m, n)
