@@ -74,6 +74,25 @@ class Row:
                 "exact": self.exact, "pass": self.passed, "note": self.note}
 
 
+def _mode_check(setup, mode: str, bound, dtype: torch.dtype, k: int):
+    """(run, tolerance) of packed_linear in a compute mode against the exact reference: exact
+    mode's tolerance plus the largest bound of the case's outputs (int8act:
+    (max|x_row| / 254) * sum_k |W[n, k]|; bf16: sum_k (2^-8 |x_k| + 2^-134) |W[n, k]|)."""
+    from . import quant
+
+    def run(backend, device):
+        p, qw, x, b = setup(device)
+        got = quant.packed_linear(x.to(device), p.to(device), b.to(device), mode=mode, backend=backend)
+        return got.cpu(), reference.packed_linear(x, qw, b)
+
+    def tol():
+        _, qw, x, _ = setup("cpu")
+        atol, rtol = reduction_tolerance(dtype, k)
+        return atol + float(bound(x, reference.dequantize(qw)).max()), rtol
+
+    return run, tol
+
+
 def _rand(shape, dtype, device, scale=1.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
@@ -180,34 +199,12 @@ def _quant_checks(small: bool) -> Iterator[Check]:
 
             yield Check("packed_linear (grad x)", label, dtype, run_grad, reduction_tolerance(dtype, n))
 
-            if dtype != torch.float64:  # (float64 x computes exact mode)
-                def run_int8act(backend, device, setup=setup):
-                    p, qw, x, b = setup(device)
-                    got = quant.packed_linear(x.to(device), p.to(device), b.to(device), fast=True, backend=backend)
-                    return got.cpu(), reference.packed_linear(x, qw, b)
-
-                def int8act_tol(setup=setup, dtype=dtype, k=k):
-                    # exact mode's tolerance + the largest int8act bound of the case's outputs,
-                    # (max|x_row| / 254) * sum_k |W[n, k]| (pyeditor.quant.int8act_error_bound)
-                    _, qw, x, _ = setup("cpu")
-                    atol, rtol = reduction_tolerance(dtype, k)
-                    return atol + float(quant.int8act_error_bound(x, reference.dequantize(qw)).max()), rtol
-
-                yield Check("packed_linear (int8act)", label, dtype, run_int8act, int8act_tol)
-
-            def run_bf16(backend, device, setup=setup):
-                p, qw, x, b = setup(device)
-                got = quant.packed_linear(x.to(device), p.to(device), b.to(device), mode="bf16", backend=backend)
-                return got.cpu(), reference.packed_linear(x, qw, b)
-
-            def bf16_tol(setup=setup, dtype=dtype, k=k):
-                # exact mode's tolerance + the largest bf16-mode bound of the case's outputs,
-                # sum_k (2^-8 |x_k| + 2^-134) |W[n, k]| (pyeditor.quant.bf16_error_bound)
-                _, qw, x, _ = setup("cpu")
-                atol, rtol = reduction_tolerance(dtype, k)
-                return atol + float(quant.bf16_error_bound(x, reference.dequantize(qw)).max()), rtol
-
-            yield Check("packed_linear (bf16)", label, dtype, run_bf16, bf16_tol)
+            # the other modes against the exact reference, within their bounds (float64 x computes
+            # exact mode in int8act)
+            for mode, bound in (("int8act", quant.int8act_error_bound), ("bf16", quant.bf16_error_bound)):
+                if mode == "int8act" and dtype == torch.float64:
+                    continue
+                yield Check(f"packed_linear ({mode})", label, dtype, *_mode_check(setup, mode, bound, dtype, k))
 
         if dtype == torch.float32:
             def run_deq(backend, device):

@@ -230,6 +230,22 @@ def test_cached_gram_matches():
     check_close(edit, ref.generate_edit(e, w, b, c1, 0.5), tol=reduction_tolerance(torch.float32, 20))
 
 
+@pytest.mark.parametrize("d", [1, 5, 32, 129])
+@pytest.mark.parametrize("gathered", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hyper_matmul_wide_column_runs(d, gathered, dtype):
+    """The C++ kernel packs up to 16 column tiles per pass at small d (fewer at larger d and for
+    float64): widths over 16 tiles with a ragged last group and tile, a strided weight, against
+    the reference."""
+    P, B, n = 3, 11, 64 * 37 + 5
+    e = make((B, d), dtype, seed=1)
+    w = make((P, n, d), dtype, seed=2).transpose(1, 2)  # [P, d, n], strided
+    b = make((P, n), dtype, seed=3)
+    idx = torch.tensor([2, 0, 1, 1, 2, 0, 0, 2, 1, 2, 2]) if gathered else None
+    got = hyper.hyper_matmul(e, w, b, idx, backend="cpu")
+    close(got, ref.hyper_matmul(e, w, b, idx), d)
+
+
 @pytest.mark.parametrize("per_editor", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bias", [True, False])

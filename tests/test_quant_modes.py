@@ -38,20 +38,23 @@ def exact_ref(layer: pnn.PackedLinear, x: torch.Tensor) -> torch.Tensor:
     return reference.packed_linear(x.detach().double(), layer.packed.quantized(), bias)
 
 
+BOUNDS = {"int8act": quant.int8act_error_bound, "bf16": quant.bf16_error_bound}
+
+
 def check_within_bound(layer: pnn.PackedLinear, x: torch.Tensor) -> float:
-    """Asserts int8act's output is within the bound of the reference; returns max err / bound."""
-    assert layer.mode == "int8act"
+    """Asserts the layer's output (int8act or bf16 mode) is within its mode's bound of the
+    reference; returns max err / bound."""
     with torch.no_grad():
         got = layer(x)
     assert got.dtype == x.dtype
     want = exact_ref(layer, x)
-    bound = quant.int8act_error_bound(x, layer.packed)
+    bound = BOUNDS[layer.mode](x, layer.packed)
     err = (got.double() - want).abs()
     # float roundings on top of the bound: the epilogue's (relative to the bound's scale) and the
     # output's cast to its dtype
     slack = bound * 2.0 ** -10 + OUT_EPS[x.dtype] * (want.abs() + bound) + 1e-30
     bad = err > bound + slack
-    assert not bool(bad.any()), (f"{int(bad.sum())} outputs beyond the int8act bound: worst err "
+    assert not bool(bad.any()), (f"{int(bad.sum())} outputs beyond the {layer.mode} bound: worst err "
                                  f"{float(err[bad].max()):.3e} at bound {float(bound.expand_as(err)[bad].max()):.3e}")
     return float((err / (bound + 1e-30)).max())
 
@@ -245,17 +248,17 @@ def _capture_inputs(model: nn.Module, run) -> dict:
     return seen
 
 
-def _check_real_layers(model: nn.Module, acts: dict, group_size) -> list:
+def _check_real_layers(model: nn.Module, acts: dict, group_size, mode: str) -> list:
     ratios = []
     for name, x in acts.items():
-        layer = pnn.PackedLinear.from_linear(model.get_submodule(name), 4, group_size, mode="int8act",
-                                             backend="cpu")
+        layer = pnn.PackedLinear.from_linear(model.get_submodule(name), 4, group_size, mode=mode, backend="cpu")
         ratios.append(check_within_bound(layer, x))
     return ratios
 
 
 @needs_cpp
-def test_int8act_bound_on_minilm_activations():
+@pytest.mark.parametrize("mode", ["int8act", "bf16"])
+def test_mode_bound_on_minilm_activations(mode):
     from bench import cases_realmodel as minilm
 
     d = minilm.model_dir()
@@ -267,11 +270,12 @@ def test_int8act_bound_on_minilm_activations():
     assert len(acts) == 36  # q, k, v, out, intermediate, output of 6 layers
     names = [n for n in acts if ".0." in n or ".5." in n]  # the first and the last layer
     assert len(names) == 12
-    assert max(_check_real_layers(model, {n: acts[n] for n in names}, 64)) > 0
+    assert max(_check_real_layers(model, {n: acts[n] for n in names}, 64, mode)) > 0
 
 
 @needs_cpp
-def test_int8act_bound_on_smollm2_activations():
+@pytest.mark.parametrize("mode", ["int8act", "bf16"])
+def test_mode_bound_on_smollm2_activations(mode):
     """The second block of SmolLM2-135M (the first two read from the GGUF file of the bench's
     package) on a sentence: real LM activations, the residual stream's outlier features
     included."""
@@ -298,7 +302,7 @@ def test_int8act_bound_on_smollm2_activations():
     ids = torch.tensor([tok.encode("The committee approved the budget for next year after a long debate.")])
     acts = _capture_inputs(model.layers[1], lambda: model(ids))
     assert len(acts) == 7
-    assert max(_check_real_layers(model.layers[1], acts, 64)) > 0
+    assert max(_check_real_layers(model.layers[1], acts, 64, mode)) > 0
 
 
 @needs_cpp
