@@ -2,17 +2,18 @@
 
 One launch per width bucket (BITS is a compile-time constant). A program owns one 16-channel
 tile and BLOCK_M activation rows; it walks K in blocks of 16 inputs, decodes the block's codes
-with one gather, shift and mask per plane, and accumulates sum_k q x_k and sum_k x_k in fp32;
-scale and zero point are applied once at the end: y = s * (acc - z * sum x) + bias, stored in
+with one gather, shift and mask per plane, subtracts the zero point (q - z is an exact small
+integer, so a code at its zero point adds nothing, as in the reference) and accumulates
+sum_k (q - z) x_k in fp32; the scale is applied once at the end: y = s * acc + bias, stored in
 the channel's original column. GEMV (M small): a multiply-and-reduce; GEMM: tl.dot in exact
 fp32 (input_precision="ieee"), or in bf16 / fp16 for such activations (the same exact
 products, on tensor cores). The bf16 mode rounds x to bf16 as it loads it. Offsets are int64.
-A tile whose factored result is not finite (an inf input) is recomputed in the reference's order.
+A tile whose result is not finite (an inf input, an overflowing sum) is recomputed in the reference's order.
 
 Group-wise scales (group_size 32, 64, 128; GROUP_BLOCKS = group_size / 16 blocks, 0 for one scale
 per channel): scale and zero are [G, rows] group-major (entry g of packed row r at g * rows + r);
-the sums restart at each group and y += s_g * (acc_g - z_g * sum_g x) at its end (a block never
-straddles two groups; the last group may have fewer blocks).
+the sums restart at each group and y += s_g * acc_g at its end (a block never straddles two
+groups; the last group may have fewer blocks).
 
 The layout's sizes come from pyeditor.quant_format (as constexprs); block sizes of the launch from
 LINEAR_GEMM_CONFIGS / LINEAR_GEMV_CONFIGS / DEQUANT_CONFIGS (autotuned on a GPU by shape; the
@@ -81,19 +82,18 @@ def _load_x(x_ptr, m, k, M, K, sx_m, sx_k, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
-def _block_sums(x_ptr, data_ptr, tile_base, blk0, blk1, m, c, kk, M, K, sx_m, sx_k,
+def _block_sums(x_ptr, data_ptr, tile_base, blk0, blk1, z, m, c, kk, M, K, sx_m, sx_k,
                 BITS: tl.constexpr, BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, ROUND_BF16: tl.constexpr,
                 HALF_DOT: tl.constexpr):
-    """sum_k q x_k [BLOCK_M, TILE_N] and sum_k x_k [BLOCK_M] over blocks [blk0, blk1) of one tile.
-    HALF_DOT 1 / 2 (x values exact in bf16 / fp16): tl.dot in that type with fp32 accumulation,
-    the same exact products as the fp32 dot (codes 0..255 are exact in both, and a product of
-    two such values is exact in fp32), on the tensor cores (whose fp32 sums may round
-    differently from IEEE adds: within the reduction tolerance of the tests)."""
+    """sum_k (q - z) x_k [BLOCK_M, TILE_N] over blocks [blk0, blk1) of one tile (z: the tile's
+    zero points, int32 [TILE_N]). HALF_DOT 1 / 2 (x values exact in bf16 / fp16): tl.dot in that
+    type with fp32 accumulation, the same exact products as the fp32 dot (q - z in -255..255 is
+    exact in both, and a product of two such values is exact in fp32), on the tensor cores (whose
+    fp32 sums may round differently from IEEE adds: within the reduction tolerance of the tests)."""
     block_bytes = BITS * _BYTES_PER_BIT
     acc = tl.zeros([BLOCK_M, _TN], dtype=tl.float32)
-    xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for blk in range(blk0, blk1):
-        q = _block_codes(data_ptr, tile_base + blk * block_bytes, c, kk, BITS)  # [c, kk] int32
+        q = _block_codes(data_ptr, tile_base + blk * block_bytes, c, kk, BITS) - z[:, None]  # [c, kk] int32
         k = blk * _TK + kk.to(tl.int64)
         x = _load_x(x_ptr, m, k, M, K, sx_m, sx_k, ROUND_BF16)
         if USE_DOT and HALF_DOT == 1:
@@ -104,8 +104,7 @@ def _block_sums(x_ptr, data_ptr, tile_base, blk0, blk1, m, c, kk, M, K, sx_m, sx
             acc += tl.dot(x.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision="ieee")
         else:
             acc += tl.sum(x.to(tl.float32)[:, None, :] * q.to(tl.float32)[None, :, :], axis=2)
-        xsum += tl.sum(x.to(tl.float32), axis=1)
-    return acc, xsum
+    return acc
 
 
 @triton.jit
@@ -124,35 +123,33 @@ def _linear_tile(
     tile_base = byte_offset + tile * blocks * block_bytes
     rows = row_start + tile * _TN + c.to(tl.int64)
     if GROUP_BLOCKS == 0:
-        acc, xsum = _block_sums(x_ptr, data_ptr, tile_base, 0, blocks, m, c, kk, M, K, sx_m, sx_k,
-                                BITS, BLOCK_M, USE_DOT, ROUND_BF16, HALF_DOT)
         s = tl.load(scale_ptr + rows)
-        z = tl.load(zero_ptr + rows).to(tl.float32)
-        y = s[None, :] * (acc - z[None, :] * xsum[:, None])
+        z = tl.load(zero_ptr + rows).to(tl.int32)
+        y = s[None, :] * _block_sums(x_ptr, data_ptr, tile_base, 0, blocks, z, m, c, kk, M, K, sx_m, sx_k,
+                                     BITS, BLOCK_M, USE_DOT, ROUND_BF16, HALF_DOT)
     else:
         # one scale and zero point per group of GROUP_BLOCKS blocks: the group's sums, then
-        # y += s_g * (acc_g - z_g * sum_g x) at its end (the last group may be ragged)
+        # y += s_g * acc_g at its end (the last group may be ragged)
         y = tl.zeros([BLOCK_M, _TN], dtype=tl.float32)
         for g in range(0, tl.cdiv(blocks, GROUP_BLOCKS)):
-            acc, xsum = _block_sums(x_ptr, data_ptr, tile_base, g * GROUP_BLOCKS,
-                                    tl.minimum(g * GROUP_BLOCKS + GROUP_BLOCKS, blocks), m, c, kk, M, K, sx_m, sx_k,
-                                    BITS, BLOCK_M, USE_DOT, ROUND_BF16, HALF_DOT)
             gs = tl.cast(g, tl.int64) * srows + rows
             s_g = tl.load(scale_ptr + gs)
-            z_g = tl.load(zero_ptr + gs).to(tl.float32)
-            y += s_g[None, :] * (acc - z_g[None, :] * xsum[:, None])
+            z_g = tl.load(zero_ptr + gs).to(tl.int32)
+            y += s_g[None, :] * _block_sums(x_ptr, data_ptr, tile_base, g * GROUP_BLOCKS,
+                                            tl.minimum(g * GROUP_BLOCKS + GROUP_BLOCKS, blocks), z_g, m, c, kk, M, K,
+                                            sx_m, sx_k, BITS, BLOCK_M, USE_DOT, ROUND_BF16, HALF_DOT)
     col = tl.load(perm_ptr + rows).to(tl.int64)
     ok = (col >= 0) & (col < N)
-    # s * (sum q x - z * sum x) turns an inf input (or a sum that overflows) into inf - inf = NaN
-    # where the reference's sum of ((q - z) * s) * x gives +-inf: a tile with any non-finite
-    # result redoes it in the reference's order (rare; costs nothing otherwise).
+    # s * sum (q - z) x can overflow to inf (or meet an inf input) where the reference's sum of
+    # ((q - z) * s) * x stays finite or gives a different inf: a tile with any non-finite result
+    # redoes it in the reference's order (rare; costs nothing otherwise).
     finite = tl.abs(y) < float("inf")
     if tl.min(tl.min(finite.to(tl.int32), axis=1), axis=0) == 0:
         ref = tl.zeros([BLOCK_M, _TN], dtype=tl.float32)
         for blk in range(0, blocks):
             q = _block_codes(data_ptr, tile_base + blk * block_bytes, c, kk, BITS).to(tl.float32)
             if GROUP_BLOCKS == 0:
-                w = (q - z[:, None]) * s[:, None]
+                w = (q - z.to(tl.float32)[:, None]) * s[:, None]
             else:  # the block's group's scale and zero point
                 gs = tl.cast(blk // GROUP_BLOCKS, tl.int64) * srows + rows
                 w = (q - tl.load(zero_ptr + gs).to(tl.float32)[:, None]) * tl.load(scale_ptr + gs)[:, None]

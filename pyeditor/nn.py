@@ -51,15 +51,15 @@ class PackedLinear(nn.Module):
     W the dequantized weight (codes - zero) * scale, exactly representable in float32:
 
     * ``"exact"`` (default, the verification mode): y = x @ W.T + bias with float32
-      accumulation (float64 for float64 x), within float32 rounding of the reference. Caveat:
-      the C++ CPU kernels that sum codes against x in float32 and subtract zero point times
-      sum(x) after (per-channel calls of 2+ rows and 2-bit one-row calls; group-wise calls of 2-3
-      rows; every one-row call on CPUs without AVX-512 VNNI) round a product of an input with a
-      code equal to its zero point, which the reference does not form. A row whose input is
-      orders of magnitude above the rest (10^4-10^6 times) can then be off by about
-      2^-24 * scale * zero * |x_i| (10^-3-10^-2 of the row's sum of |x| |W| in tests), more than
-      float32 rounding. Group-wise one-row calls on AVX-512 VNNI (fixed-point digits) and
-      group-wise calls of 4+ rows (dequantized tiles) do not form it.
+      accumulation (float64 for float64 x), within float32 rounding of the reference. Most
+      kernels sum centred codes, (q - z) * x, as the reference's (q - z) * s does, or exact
+      integer sums. Caveat: the C++ CPU kernels of one-row calls on CPUs without AVX-512 VNNI,
+      of per-channel 2-bit tiles at 1-2 rows on AVX-512 VNNI (lookup tables), and of
+      per-channel calls of 9+ rows on AMX sum codes against x in float32 and subtract zero point
+      times sum(x) after. They round a product of an input with a code equal to its zero point,
+      which the reference does not form: a row whose input is orders of magnitude above the rest
+      (10^4-10^6 times) can then be off by about 2^-24 * scale * zero * |x_i| (10^-3-10^-2 of the
+      row's sum of |x| |W| in tests), more than float32 rounding.
     * ``"int8act"``: each row of x (as float32) is quantized to int8, symmetric, one scale per
       row: s = max_k |x[k]| / 127 (1 for an all-zero row), q = clamp(round half to even(x / s),
       -127, 127); y = s * (q @ W.T) with exact integer dot products of q with the codes, the

@@ -404,8 +404,9 @@ def test_nan_activation_propagates(backend, device):
 @pytest.mark.parametrize("m", [4, 17], ids=["gemv", "gemm"])
 @pytest.mark.parametrize("widths", ["mixed", "uniform"])
 def test_inf_and_overflow_rows_match_reference(backend, device, m, widths):
-    """s * (sum q x - z * sum x) gives inf - inf = NaN for an inf input or a sum that overflows;
-    the reference's sum of ((q - z) * s) * x gives +-inf or a finite value, and so must we.
+    """s * (sum q x - z * sum x) gives inf - inf = NaN for an inf input or a sum that overflows
+    (and a centred sum, s * sum (q - z) x, can overflow too); the reference's sum of
+    ((q - z) * s) * x gives +-inf or a finite value, and so must we.
     (One width: tiles of 16 consecutive output columns, which the CPU stores whole; with a bias.)"""
     n, k = 48, 37
     w = rand((n, k), seed=3, scale=1e-3)

@@ -123,27 +123,47 @@ def _cpu_quant_level() -> str:
     return _ext.build_info().get("quant_cpu", "")
 
 
-@pytest.mark.parametrize("m", [1, 4])
-def test_cpu_huge_input_against_zero_point_code_does_not_cancel(m):
-    """An input 10^6 times the rest of its row against codes equal to their zero point (weight 0):
-    the paths that never form sum q x - z sum x in float32 stay within the float32 reduction
-    tolerance of the reference (x @ W.T, where those products are 0), relative to sum |x| |W|: one row on the digits (AVX-512 VNNI), and
-    4+ rows through the dequantized tiles (AVX2 and up). The other paths' looser bound is stated
-    in PackedLinear's docstring."""
+def _cpu_factored(m: int, bits, group) -> bool:
+    """Whether the C++ CPU kernels sum codes against x in float32 and subtract zero point times
+    sum(x) after for this call (PackedLinear's docstring): one row, except on the fixed-point
+    digits (AVX-512 VNNI: group-wise rows, and per-channel 4/6/8-bit tiles); per-channel 2-bit
+    tiles at one or two rows on AVX-512 VNNI (the lookup tables); many rows on AMX (its bf16 GEMM).
+    Every other call sums centred codes, (q - z) x."""
     level = _cpu_quant_level()
-    if (m == 1 and level != "avx512-vnni") or (m > 1 and level not in ("avx512-vnni", "avx2")):
-        pytest.skip(f"the {level or 'portable'} kernels take the float32 factored form here")
+    vnni = level.startswith("avx512-vnni")
+    two_bit = bool((torch.as_tensor(bits) == 2).any())
+    if "amx" in level and group is None and m > 8:
+        return True
+    if m == 1:
+        return not vnni or (group is None and two_bit)
+    return vnni and group is None and two_bit and m < 3
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("group", [None, 64])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 16])
+def test_huge_input_against_zero_point_code_does_not_cancel(backend, device, m, group):
+    """An input 10^6 times the rest of its row against codes equal to their zero point (weight 0):
+    the kernels that sum centred codes, (q - z) x, as the reference does, stay within the float32
+    reduction tolerance of x @ W.T (where those products are 0) relative to sum |x| |W|; the
+    factored form sum q x - z sum x misses it by 10^3-10^5. The CPU calls that still form it
+    (_cpu_factored, stated in PackedLinear's docstring) are skipped; test_isa_paths reruns this
+    under each ISA cap."""
     k = 256
     for bits in (2, 4, 8, rand_bits(64, seed=5)):
-        p, qw = both(rand((64, k), seed=3), bits, 64)
+        if backend == "cpu" and _cpu_factored(m, bits, group):
+            continue
+        p, qw = both(rand((64, k), seed=3), bits, group)
         x = rand((m, k), seed=4)
-        x[:, 7] = 1e6  # against column 7's codes, several equal to their group's zero point
+        x[:, 7] = 1e6  # against column 7's codes, several equal to their (group's) zero point
         w = ref.dequantize(qw).double()
-        got = quant.packed_linear(x, p, backend="cpu").double()
+        got = quant.packed_linear(x.to(device), p.to(device), backend=backend).cpu().double()
         want = x.double() @ w.T
         mag = x.double().abs() @ w.abs().T
-        rtol = reduction_tolerance(torch.float32, k)[1]  # the factored form misses it by 10^3-10^4
-        assert bool(((got - want).abs() <= rtol * mag).all()), float(((got - want).abs() / mag).max())
+        rtol = reduction_tolerance(torch.float32, k)[1]
+        err = float(((got - want).abs() / mag).max())
+        assert err <= rtol, (bits if isinstance(bits, int) else "mixed", err)
+
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_non_finite_inputs(backend, device):

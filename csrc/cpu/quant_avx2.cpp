@@ -63,18 +63,25 @@ PE_AVX2 void row_f32_tile(const uint8_t* tile, int64_t blocks, const float* x, f
   _mm256_storeu_ps(out + 8, total1);
 }
 
-// GEMM: the tile decoded once to floats (w[k * 16 + c]), then R rows a pass over it.
+// GEMM: the tile decoded once to floats (w[k * 16 + c], q - z where z is given), then R rows a
+// pass over it.
 template <int BITS>
-PE_AVX2 void decode_tile(const uint8_t* tile, int64_t blocks, float* w) {
+PE_AVX2 void decode_tile(const uint8_t* tile, int64_t blocks, float* w, const uint8_t* z = nullptr) {
+  __m256 zv[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int h = 0; h < 2 && z; ++h) {
+    int64_t z8;
+    std::memcpy(&z8, z + 8 * h, 8);
+    zv[h] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(z8)));
+  }
   for (int64_t b = 0; b < blocks; ++b)
     for (int h = 0; h < 2; ++h) {
       float* wb = w + b * kTileK * kTileN + 8 * h;
       for (int g = 0; g < 4; ++g) {
         const __m256i v = field<BITS>(tile + b * BITS * 32 + 32 * h, g);
-        _mm256_storeu_ps(wb + (4 * g + 0) * 16, byte_ps<0>(v));
-        _mm256_storeu_ps(wb + (4 * g + 1) * 16, byte_ps<1>(v));
-        _mm256_storeu_ps(wb + (4 * g + 2) * 16, byte_ps<2>(v));
-        _mm256_storeu_ps(wb + (4 * g + 3) * 16, byte_ps<3>(v));
+        _mm256_storeu_ps(wb + (4 * g + 0) * 16, _mm256_sub_ps(byte_ps<0>(v), zv[h]));
+        _mm256_storeu_ps(wb + (4 * g + 1) * 16, _mm256_sub_ps(byte_ps<1>(v), zv[h]));
+        _mm256_storeu_ps(wb + (4 * g + 2) * 16, _mm256_sub_ps(byte_ps<2>(v), zv[h]));
+        _mm256_storeu_ps(wb + (4 * g + 3) * 16, _mm256_sub_ps(byte_ps<3>(v), zv[h]));
       }
     }
 }
@@ -105,9 +112,69 @@ void rows_all_f32(const float* w, int64_t kp, const float* x, int64_t ldx, int64
 
 template <int BITS>
 void dot_f32_gemm(const uint8_t* tile, int64_t blocks, const float* x, int64_t ldx, int64_t m, float* out,
-                  int64_t ldo, float* w) {
-  decode_tile<BITS>(tile, blocks, w);
+                  int64_t ldo, float* w, const uint8_t* z) {
+  decode_tile<BITS>(tile, blocks, w, z);
   rows_all_f32(w, blocks * kTileK, x, ldx, m, out, ldo);
+}
+
+// A few rows (R <= 3) against centred codes, q - z: each block decoded once in registers and
+// used by every row (a decode buffer cost more than the few rows' multiply-adds), two FMA
+// chains per row and tile half where the 16 registers allow it (R <= 2), one for R = 3.
+// byte T of a field pair (the two tile halves), centred, into every row's chain T % C
+template <int T, int R, int C>
+PE_AVX2 inline void centred_step(__m256i v0, __m256i v1, const __m256 zv[2], const float* xs, int64_t ldx,
+                                 __m256* acc) {
+  const __m256 w0 = _mm256_sub_ps(byte_ps<T>(v0), zv[0]), w1 = _mm256_sub_ps(byte_ps<T>(v1), zv[1]);
+#pragma GCC unroll 3
+  for (int r = 0; r < R; ++r) {
+    const __m256 xb = _mm256_broadcast_ss(xs + r * ldx + T);
+    acc[(r * 2 + 0) * C + T % C] = _mm256_fmadd_ps(w0, xb, acc[(r * 2 + 0) * C + T % C]);
+    acc[(r * 2 + 1) * C + T % C] = _mm256_fmadd_ps(w1, xb, acc[(r * 2 + 1) * C + T % C]);
+  }
+}
+
+template <int BITS, int R>
+PE_AVX2 void rows_centred(const uint8_t* tile, int64_t blocks, const float* x, int64_t ldx, float* out, int64_t ldo,
+                          const uint8_t* z) {
+  constexpr int C = R <= 2 ? 2 : 1;  // chains per row and half
+  __m256 zv[2];
+  for (int h = 0; h < 2; ++h) {
+    int64_t z8;
+    std::memcpy(&z8, z + 8 * h, 8);
+    zv[h] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(z8)));
+  }
+  __m256 acc[R * 2 * C];  // [row][half][chain], flat (see rows16)
+#pragma GCC unroll 12
+  for (int i = 0; i < R * 2 * C; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* blk = tile + b * BITS * 32;
+    stream_ahead(blk, BITS * 32);
+    const float* xs = x + b * kTileK;
+    for (int g = 0; g < 4; ++g) {
+      const __m256i v0 = field<BITS>(blk, g), v1 = field<BITS>(blk + 32, g);
+      centred_step<0, R, C>(v0, v1, zv, xs + 4 * g, ldx, acc);
+      centred_step<1, R, C>(v0, v1, zv, xs + 4 * g, ldx, acc);
+      centred_step<2, R, C>(v0, v1, zv, xs + 4 * g, ldx, acc);
+      centred_step<3, R, C>(v0, v1, zv, xs + 4 * g, ldx, acc);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h) {
+      __m256 v = acc[(r * 2 + h) * C];
+      if constexpr (C == 2) v = _mm256_add_ps(v, acc[(r * 2 + h) * C + 1]);
+      _mm256_storeu_ps(out + r * ldo + 8 * h, v);
+    }
+}
+
+template <int BITS>
+void dot_f32_centred_few(const uint8_t* tile, int64_t blocks, const float* x, int64_t ldx, int64_t m, float* out,
+                         int64_t ldo, const uint8_t* z) {
+  switch (m) {
+    case 1: rows_centred<BITS, 1>(tile, blocks, x, ldx, out, ldo, z); break;
+    case 2: rows_centred<BITS, 2>(tile, blocks, x, ldx, out, ldo, z); break;
+    case 3: rows_centred<BITS, 3>(tile, blocks, x, ldx, out, ldo, z); break;
+    default: std::abort();
+  }
 }
 
 // The tile decoded and dequantized with group-wise scales: w[k][c] = (q - z[g][c]) * s[g][c]
@@ -220,11 +287,13 @@ bool supported() {
 }
 
 void tile_dot_f32(const uint8_t* tile, int bits, int64_t blocks, const float* x, int64_t ldx, int64_t m,
-                  float* out, int64_t ldo, float* wbuf) {
-  if (m < kGemmRows) {
+                  float* out, int64_t ldo, float* wbuf, const uint8_t* z) {
+  if (m < kGemmRows && z) {
+    PE_BITS_SWITCH(bits, dot_f32_centred_few, tile, blocks, x, ldx, m, out, ldo, z)
+  } else if (m < kGemmRows) {
     for (int64_t r = 0; r < m; ++r) PE_BITS_SWITCH(bits, row_f32_any, &tile, 1, blocks, x + r * ldx, out + r * ldo)
   } else {
-    PE_BITS_SWITCH(bits, dot_f32_gemm, tile, blocks, x, ldx, m, out, ldo, wbuf)
+    PE_BITS_SWITCH(bits, dot_f32_gemm, tile, blocks, x, ldx, m, out, ldo, wbuf, z)
   }
 }
 
@@ -383,7 +452,10 @@ PE_AVX2 float quantize_row(const float* x, int64_t n, int8_t* out, int64_t* sum)
 
 namespace pe::quant::cpu::avx2 {
 bool supported() { return false; }
-void tile_dot_f32(const uint8_t*, int, int64_t, const float*, int64_t, int64_t, float*, int64_t, float*) { std::abort(); }
+void tile_dot_f32(const uint8_t*, int, int64_t, const float*, int64_t, int64_t, float*, int64_t, float*,
+                  const uint8_t*) {
+  std::abort();
+}
 void tiles_dot_f32_row(const uint8_t* const*, int, int, int64_t, const float*, float*) { std::abort(); }
 void tile_gemm_grouped_f32(const uint8_t*, int, int64_t, const float*, const uint8_t*, int64_t, int64_t, const float*,
                            int64_t, int64_t, float*, int64_t, float*) {

@@ -12,9 +12,10 @@ namespace pe::quant::cpu::avx2 {
 bool supported();  // AVX2 and FMA, seen by cpuid
 
 // float32 x, float32 sums: one row walks n <= kRowTiles tiles together (n streams from memory);
-// several rows decode each tile once into wbuf (256 * blocks floats).
+// several rows decode each tile once into wbuf (256 * blocks floats); with zero points z
+// (centred codes, see cpu_quant.h) fewer rows decode each block once in registers for all rows.
 void tile_dot_f32(const uint8_t* tile, int bits, int64_t blocks, const float* x, int64_t ldx, int64_t m,
-                  float* out, int64_t ldo, float* wbuf);
+                  float* out, int64_t ldo, float* wbuf, const uint8_t* z);
 void tiles_dot_f32_row(const uint8_t* const* tiles, int n, int bits, int64_t blocks, const float* x, float* out);
 // tile_gemm_grouped_f32 of cpu_quant.h
 void tile_gemm_grouped_f32(const uint8_t* tile, int bits, int64_t blocks, const float* s, const uint8_t* z,

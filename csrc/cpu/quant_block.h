@@ -113,6 +113,12 @@ PE_DIGITS __attribute__((always_inline)) inline void block_digits(const uint8_t*
     }
 }
 
+// a tile's 16 zero points as floats (zeros where z is null: the raw codes)
+PE_AVX512 inline __m512 zero_points_ps(const uint8_t* z) {
+  if (!z) return _mm512_setzero_ps();
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z))));
+}
+
 // byte t of every lane as 16 floats
 template <int T>
 PE_AVX512 inline __m512 byte_ps(__m512i v) {

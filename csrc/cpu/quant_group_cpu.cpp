@@ -5,7 +5,8 @@
 // call. Otherwise the per-channel inner kernels (cpu_quant.h) run unchanged on each group's
 // block range, and this file adds, per group,
 //   y += s_g * (sum_{k in g} q x_k - z_g * sum_{k in g} x_k)
-// in float64 (the one-row kernels use float32 there: see quant_group_avx2.cpp).
+// in float64 (the one-row kernels use float32 there: see quant_group_avx2.cpp); exact rows of a
+// many-row call come centred from the kernels (sums of (q - z_g) x), so only s_g is applied.
 // Exact mode: float32 activation rows and the float kernels; fast mode: int8 rows (one scale
 // per row, as the per-channel fast mode) and exact int32 group sums.
 #include "quant_group_cpu.h"
@@ -310,9 +311,11 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
           qc::tile_dot_i8(tiles[t0].ptr + skip, bits, nb, act.xq.data() + b0 * q::kTileK, kp, m, acci.data(), q::kTileN);
         } else {
           qc::tile_dot_f32(tiles[t0].ptr + skip, bits, nb, act.x + b0 * q::kTileK, kp, m, accf.data(), q::kTileN,
-                           wbuf.data());
+                           wbuf.data(), z + g * a.rows + tiles[t0].row);  // centred: see below
         }
-        // sums laid out [tile u][row r][16]: one of nt and m is 1
+        // sums laid out [tile u][row r][16]: one of nt and m is 1; exact rows of a many-row call
+        // are centred (tile_dot_f32 with the group's zero points), so no z * sum x to subtract
+        const bool centred = m > 1 && !fast;
         for (int64_t u = 0; u < nt; ++u) {
           const int64_t row0 = tiles[t0 + u].row;
           const float* sg = s + g * a.rows + row0;
@@ -320,7 +323,7 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
           for (int64_t r = 0; r < m; ++r) {
             const int64_t base = (u * m + r) * q::kTileN;
             add_group(tot.data() + base, fast ? nullptr : accf.data() + base, fast ? acci.data() + base : nullptr, sg,
-                      zg, act.gsum[r * groups + g], fast ? static_cast<double>(act.xscale[r]) : 1.0);
+                      zg, centred ? 0.0 : act.gsum[r * groups + g], fast ? static_cast<double>(act.xscale[r]) : 1.0);
           }
         }
       }

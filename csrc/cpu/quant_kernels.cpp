@@ -20,10 +20,11 @@ namespace {
 // One loop for both activation types: fp32 x with fp32 sums (added up in float64: one float32
 // chain per channel lost the small result of a long sum that cancels, such as a constant x
 // against codes around their zero point, where the SIMD kernels' several partial sums keep it),
-// int8 x with int32 sums.
+// int8 x with int32 sums. z (fp32 only; may be null): the tile's zero points, subtracted from the
+// codes (cpu_quant.h tile_dot_f32).
 template <class X, class Acc>
 void dot_scalar(const uint8_t* tile, int bits, int64_t blocks, const X* x, int64_t ldx, int64_t m, Acc* out,
-                int64_t ldo) {
+                int64_t ldo, const uint8_t* z = nullptr) {
   using Wide = std::conditional_t<std::is_same_v<Acc, float>, double, Acc>;
   for (int64_t r = 0; r < m; ++r) {
     Wide acc[kTileN] = {};
@@ -32,15 +33,16 @@ void dot_scalar(const uint8_t* tile, int bits, int64_t blocks, const X* x, int64
       const X* xr = x + r * ldx + b * kTileK;
       for (int kk = 0; kk < kTileK; ++kk)
         for (int c = 0; c < kTileN; ++c)
-          acc[c] += static_cast<Wide>(get_code(blk, bits, c, kk)) * static_cast<Wide>(xr[kk]);
+          acc[c] += static_cast<Wide>(static_cast<int>(get_code(blk, bits, c, kk)) - (z ? z[c] : 0)) *
+                    static_cast<Wide>(xr[kk]);
     }
     for (int c = 0; c < kTileN; ++c) out[r * ldo + c] = static_cast<Acc>(acc[c]);
   }
 }
 
 void dot_f32_scalar(const uint8_t* tile, int bits, int64_t blocks, const float* x, int64_t ldx, int64_t m,
-                    float* out, int64_t ldo) {
-  dot_scalar(tile, bits, blocks, x, ldx, m, out, ldo);
+                    float* out, int64_t ldo, const uint8_t* z) {
+  dot_scalar(tile, bits, blocks, x, ldx, m, out, ldo, z);
 }
 
 void dot_i8_scalar(const uint8_t* tile, int bits, int64_t blocks, const int8_t* x, int64_t ldx, int64_t m,
@@ -49,68 +51,57 @@ void dot_i8_scalar(const uint8_t* tile, int bits, int64_t blocks, const int8_t* 
 }
 
 #ifdef PE_QUANT_X86
-// 2-bit GEMV: a code becomes a float by vpermps from a 16-entry table mapping i to i & 3 (it
-// reads only the low 4 bits of each lane), so one shift replaces shift + mask + convert, and the
-// fields need no mask at all: whatever sits above a field's two bits is ignored. Same floats,
-// hence the same sums as the generic path. (For 4 bits the table saved nothing measurable.)
-PE_AVX512 void dot_f32_2bit(const uint8_t* tile, int64_t blocks, const float* x, int64_t ldx, int64_t m,
-                            float* out, int64_t ldo) {
-  const __m512 table = _mm512_set_ps(3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0);
-  for (int64_t r = 0; r < m; ++r) {
-    const float* xr = x + r * ldx;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t b = 0; b < blocks; ++b) {
-      if (r == 0) stream_ahead(tile + b * 64, 64);
-      const __m512i c = _mm512_loadu_si512(tile + b * 2 * 32);
-      const float* xs = xr + b * kTileK;
-      for (int g = 0; g < 4; ++g) {
-        const __m512i v = _mm512_srli_epi32(c, 2 * g);  // field g of every byte at bits 8t..8t+1
-        a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(v, table), _mm512_set1_ps(xs[4 * g]), a0);
-        a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), table), _mm512_set1_ps(xs[4 * g + 1]), a1);
-        a2 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 16), table), _mm512_set1_ps(xs[4 * g + 2]), a2);
-        a3 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 24), table), _mm512_set1_ps(xs[4 * g + 3]), a3);
-      }
+// A few rows (R <= 3): each block decoded once in registers (centred where z is given) and used
+// by every row, four FMA chains per row.
+template <int BITS, int R>
+PE_AVX512 void rows_direct(const uint8_t* tile, int64_t blocks, const float* x, int64_t ldx, float* out, int64_t ldo,
+                           const uint8_t* z) {
+  const __m512 zv = zero_points_ps(z);
+  __m512 acc[R * 4];
+  for (int i = 0; i < R * 4; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    stream_ahead(tile + b * BITS * 32, BITS * 32);
+    __m512i v[4];
+    load_block<BITS>(tile + b * BITS * 32, v);
+    const float* xs = x + b * kTileK;
+    for (int g = 0; g < 4; ++g) {
+      const __m512 w[4] = {_mm512_sub_ps(byte_ps<0>(v[g]), zv), _mm512_sub_ps(byte_ps<1>(v[g]), zv),
+                           _mm512_sub_ps(byte_ps<2>(v[g]), zv), _mm512_sub_ps(byte_ps<3>(v[g]), zv)};
+      for (int r = 0; r < R; ++r)
+        for (int t = 0; t < 4; ++t)
+          acc[r * 4 + t] = _mm512_fmadd_ps(w[t], _mm512_set1_ps(xs[r * ldx + 4 * g + t]), acc[r * 4 + t]);
     }
-    _mm512_storeu_ps(out + r * ldo, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  }
+  for (int r = 0; r < R; ++r)
+    _mm512_storeu_ps(out + r * ldo, _mm512_add_ps(_mm512_add_ps(acc[r * 4], acc[r * 4 + 1]),
+                                                  _mm512_add_ps(acc[r * 4 + 2], acc[r * 4 + 3])));
+}
+
+template <int BITS>
+PE_AVX512 void dot_f32_few(const uint8_t* tile, int64_t blocks, const float* x, int64_t ldx, int64_t m, float* out,
+                           int64_t ldo, const uint8_t* z) {
+  switch (m) {
+    case 1: return rows_direct<BITS, 1>(tile, blocks, x, ldx, out, ldo, z);
+    case 2: return rows_direct<BITS, 2>(tile, blocks, x, ldx, out, ldo, z);
+    case 3: return rows_direct<BITS, 3>(tile, blocks, x, ldx, out, ldo, z);
+    default: std::abort();
   }
 }
 
-// GEMV path: decode and multiply in registers, four independent FMA chains.
+// GEMM path: the tile is decoded once to floats (w[k * 16 + c], q - z where z is given) and
+// reused by every row.
 template <int BITS>
-PE_AVX512 void dot_f32_direct(const uint8_t* tile, int64_t blocks, const float* x, int64_t ldx, int64_t m,
-                              float* out, int64_t ldo) {
-  if constexpr (BITS == 2) return dot_f32_2bit(tile, blocks, x, ldx, m, out, ldo);
-  for (int64_t r = 0; r < m; ++r) {
-    const float* xr = x + r * ldx;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t b = 0; b < blocks; ++b) {
-      if (r == 0) stream_ahead(tile + b * BITS * 32, BITS * 32);
-      __m512i v[4];
-      load_block<BITS>(tile + b * BITS * 32, v);
-      const float* xs = xr + b * kTileK;
-      for (int g = 0; g < 4; ++g) {
-        a0 = _mm512_fmadd_ps(byte_ps<0>(v[g]), _mm512_set1_ps(xs[4 * g]), a0);
-        a1 = _mm512_fmadd_ps(byte_ps<1>(v[g]), _mm512_set1_ps(xs[4 * g + 1]), a1);
-        a2 = _mm512_fmadd_ps(byte_ps<2>(v[g]), _mm512_set1_ps(xs[4 * g + 2]), a2);
-        a3 = _mm512_fmadd_ps(byte_ps<3>(v[g]), _mm512_set1_ps(xs[4 * g + 3]), a3);
-      }
-    }
-    _mm512_storeu_ps(out + r * ldo, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-  }
-}
-
-// GEMM path: the tile is decoded once to floats (w[k * 16 + c]) and reused by every row.
-template <int BITS>
-PE_AVX512 void decode_tile(const uint8_t* tile, int64_t blocks, float* w) {
+PE_AVX512 void decode_tile(const uint8_t* tile, int64_t blocks, float* w, const uint8_t* z = nullptr) {
+  const __m512 zv = zero_points_ps(z);
   for (int64_t b = 0; b < blocks; ++b) {
     __m512i v[4];
     load_block<BITS>(tile + b * BITS * 32, v);
     float* wb = w + b * kTileK * kTileN;
     for (int g = 0; g < 4; ++g) {
-      _mm512_storeu_ps(wb + (4 * g + 0) * 16, byte_ps<0>(v[g]));
-      _mm512_storeu_ps(wb + (4 * g + 1) * 16, byte_ps<1>(v[g]));
-      _mm512_storeu_ps(wb + (4 * g + 2) * 16, byte_ps<2>(v[g]));
-      _mm512_storeu_ps(wb + (4 * g + 3) * 16, byte_ps<3>(v[g]));
+      _mm512_storeu_ps(wb + (4 * g + 0) * 16, _mm512_sub_ps(byte_ps<0>(v[g]), zv));
+      _mm512_storeu_ps(wb + (4 * g + 1) * 16, _mm512_sub_ps(byte_ps<1>(v[g]), zv));
+      _mm512_storeu_ps(wb + (4 * g + 2) * 16, _mm512_sub_ps(byte_ps<2>(v[g]), zv));
+      _mm512_storeu_ps(wb + (4 * g + 3) * 16, _mm512_sub_ps(byte_ps<3>(v[g]), zv));
     }
   }
 }
@@ -166,8 +157,8 @@ PE_AVX512 void rows_f32(const float* w, int64_t kp, const float* x, int64_t ldx,
 
 template <int BITS>
 PE_AVX512 void dot_f32_gemm(const uint8_t* tile, int64_t blocks, const float* x, int64_t ldx, int64_t m,
-                            float* out, int64_t ldo, float* w) {
-  decode_tile<BITS>(tile, blocks, w);
+                            float* out, int64_t ldo, float* w, const uint8_t* z) {
+  decode_tile<BITS>(tile, blocks, w, z);
   const int64_t kp = blocks * kTileK;
   constexpr int R = 8;
   int64_t r = 0;
@@ -240,9 +231,11 @@ struct ChunkScales {
   int64_t srows, group_blocks;
 };
 
+// Per-channel (gs null): q - z, z the tile's zero points where given.
 template <int BITS>
-PE_AVX512 void decode_chunk(const uint8_t* tile, int64_t b0, int64_t nb, float* w, const ChunkScales* gs) {
-  decode_tile<BITS>(tile + b0 * BITS * 32, nb, w);
+PE_AVX512 void decode_chunk(const uint8_t* tile, int64_t b0, int64_t nb, float* w, const ChunkScales* gs,
+                            const uint8_t* z) {
+  decode_tile<BITS>(tile + b0 * BITS * 32, nb, w, gs ? nullptr : z);
   if (!gs) return;
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t g = (b0 + b) / gs->group_blocks;
@@ -256,13 +249,14 @@ PE_AVX512 void decode_chunk(const uint8_t* tile, int64_t b0, int64_t nb, float* 
 }
 
 PE_AVX512 void gemm_tiles_avx512(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks,
-                                 const ChunkScales* gs, const float* panels, int64_t m, float* out, float* wbuf) {
+                                 const ChunkScales* gs, const uint8_t* const* z, const float* panels, int64_t m,
+                                 float* out, float* wbuf) {
   const int64_t kp = blocks * kTileK;
   for (int64_t b0 = 0; b0 < blocks; b0 += kGemmChunkBlocks) {
     const int64_t nb = blocks - b0 < kGemmChunkBlocks ? blocks - b0 : kGemmChunkBlocks, kc = nb * kTileK;
     for (int u = 0; u < n; ++u)
       PE_BITS_SWITCH(bits[u], decode_chunk, tiles[u], b0, nb, wbuf + u * kGemmChunkBlocks * kTileK * kTileN,
-                     gs ? gs + u : nullptr)
+                     gs ? gs + u : nullptr, z ? z[u] : nullptr)
     const float* xp = panels + b0 * kTileK * kPanelRows;
     const int64_t wstride = kGemmChunkBlocks * kTileK * kTileN, ostride = m * kTileN, pstride = kp * kPanelRows;
     int u = 0;
@@ -665,20 +659,20 @@ constexpr int64_t kGemmRows = 4;
 }  // namespace
 
 void tile_dot_f32(const uint8_t* tile, int bits, int64_t blocks, const float* x, int64_t ldx, int64_t m,
-                  float* out, int64_t ldo, float* wbuf) {
+                  float* out, int64_t ldo, float* wbuf, const uint8_t* z) {
 #ifdef PE_QUANT_X86
   if (kVnni) {
     if (m < kGemmRows) {
-      PE_BITS_SWITCH(bits, dot_f32_direct, tile, blocks, x, ldx, m, out, ldo)
+      PE_BITS_SWITCH(bits, dot_f32_few, tile, blocks, x, ldx, m, out, ldo, z)
     } else {
-      PE_BITS_SWITCH(bits, dot_f32_gemm, tile, blocks, x, ldx, m, out, ldo, wbuf)
+      PE_BITS_SWITCH(bits, dot_f32_gemm, tile, blocks, x, ldx, m, out, ldo, wbuf, z)
     }
     return;
   }
 #endif
-  if (kAvx2) return avx2::tile_dot_f32(tile, bits, blocks, x, ldx, m, out, ldo, wbuf);
+  if (kAvx2) return avx2::tile_dot_f32(tile, bits, blocks, x, ldx, m, out, ldo, wbuf, z);
   (void)wbuf;
-  dot_f32_scalar(tile, bits, blocks, x, ldx, m, out, ldo);
+  dot_f32_scalar(tile, bits, blocks, x, ldx, m, out, ldo, z);
 }
 
 void pack_gemm_panels(const float* x, int64_t ldx, int64_t m, int64_t kp, int64_t p0, int64_t p1, float* panels) {
@@ -719,15 +713,15 @@ bool tiles_gemm_i8(const uint8_t* const* tiles, const int* bits, int n, int64_t 
 }
 
 bool tiles_gemm_f32(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const float* panels,
-                    int64_t m, float* out, float* wbuf) {
+                    int64_t m, float* out, float* wbuf, const uint8_t* const* z) {
   if (n < 1 || n > kGemmTiles) std::abort();  // callers group at most kGemmTiles tiles
 #ifdef PE_QUANT_X86
   if (kVnni) {
-    gemm_tiles_avx512(tiles, bits, n, blocks, nullptr, panels, m, out, wbuf);
+    gemm_tiles_avx512(tiles, bits, n, blocks, nullptr, z, panels, m, out, wbuf);
     return true;
   }
 #endif
-  (void)tiles, (void)bits, (void)blocks, (void)panels, (void)m, (void)out, (void)wbuf;
+  (void)tiles, (void)bits, (void)blocks, (void)panels, (void)m, (void)out, (void)wbuf, (void)z;
   return false;
 }
 
@@ -739,7 +733,7 @@ bool tiles_gemm_grouped_f32(const uint8_t* const* tiles, const int* bits, int n,
   if (kVnni) {
     ChunkScales gs[kGemmTiles];
     for (int u = 0; u < n; ++u) gs[u] = {s[u], z[u], srows, group_blocks};
-    gemm_tiles_avx512(tiles, bits, n, blocks, gs, panels, m, out, wbuf);
+    gemm_tiles_avx512(tiles, bits, n, blocks, gs, nullptr, panels, m, out, wbuf);
     return true;
   }
 #endif

@@ -1,7 +1,8 @@
 // CPU (ATen) wrappers of the packed low-bit ops: checks, activation preparation (fp32
 // zero-padded rows, or int8 rows with a per-row scale for the fast mode), then a parallel
-// loop over 16-channel tiles whose epilogue applies y = s * (acc - z * sum x) + bias and
-// writes each channel to its original column.
+// loop over 16-channel tiles whose epilogue applies y = s * acc + bias (acc: the sums of centred
+// codes, (q - z) x, from the float GEMM kernels) or y = s * (acc - z * sum x) + bias (the others)
+// and writes each channel to its original column.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -272,11 +273,11 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
     if (any) nonfinite.store(true, std::memory_order_relaxed);
   };
   // y = s * (acc - z * sum x) + bias for the m rows of one tile, into original columns: float
-  // sums in af, or integer ones in ai (fixed-point digits, or the fast mode's)
+  // sums in af, or integer ones in ai (fixed-point digits, or the fast mode's); centred: af holds
+  // sums of (q - z) x already (the float GEMM kernels), y = s * acc + bias
   // (integer sums: 16 channels a vector where the CPU has AVX-512, the same bits as the scalar
   // code below, which was a visible part of an M = 1 call in both modes)
-  auto epilogue = [&](const Tile& tile, const float* af, const int32_t* ai, int64_t r0 = 0, int64_t r1 = -1) {
-    r1 = r1 < 0 ? m : std::min(r1, m);
+  auto epilogue = [&](const Tile& tile, const float* af, const int32_t* ai, bool centred = false) {
     bool any = false;
     // float32 out, the tile's channels in 16 consecutive columns (uniform widths: the identity
     // permutation): whole rows stored at once, no per-value scatter (that loop was a visible
@@ -286,10 +287,10 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
     for (int c = 1; contiguous && c < q::kTileN; ++c) contiguous = p[tile.row + c] == col0 + c;
     float b16[q::kTileN];
     for (int c = 0; contiguous && c < q::kTileN; ++c) b16[c] = bias ? bias[col0 + c] : 0.0f;
-    for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t r = 0; r < m; ++r) {
       float vec[q::kTileN];
       const bool done =
-          af ? q::cpu::finish_float_row(af + r * q::kTileN, act.sum[r], s + tile.row, z + tile.row, vec)
+          af ? q::cpu::finish_float_row(af + r * q::kTileN, centred ? 0.0 : act.sum[r], s + tile.row, z + tile.row, vec)
              : (digits ? q::cpu::finish_digits_row(ai + r * q::cpu::kDigits * q::kTileN, act.sx[r], act.pow2[r],
                                                    s + tile.row, z + tile.row, vec)
                        : q::cpu::finish_fast_row(ai + r * q::kTileN, act.sum[r], act.xscale[r], s + tile.row,
@@ -324,7 +325,7 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
           v = static_cast<float>(acc) * (sr * act.xscale[r]);
         } else {
           const double acc = static_cast<double>(af[r * q::kTileN + c]);  // (AMX: finish_tile_amx)
-          v = sr * static_cast<float>(acc - zr * act.sum[r]);
+          v = sr * static_cast<float>(acc - zr * (centred ? 0.0 : act.sum[r]));
         }
         const T out_v = static_cast<T>(v + b);
         y[r * n + col] = out_v;
@@ -513,8 +514,10 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
       static thread_local std::vector<uint8_t> chunks_i8;
       const int64_t g_end = std::min<int64_t>(t_end, t + q::cpu::kGemmTiles), nt = g_end - t;
       const uint8_t* ptrs[q::cpu::kGemmTiles];
+      const uint8_t* zeros[q::cpu::kGemmTiles];
       int widths[q::cpu::kGemmTiles];
-      for (int64_t u = t; u < g_end; ++u) ptrs[u - t] = tiles[u].ptr, widths[u - t] = tiles[u].bits;
+      for (int64_t u = t; u < g_end; ++u)
+        ptrs[u - t] = tiles[u].ptr, zeros[u - t] = z + tiles[u].row, widths[u - t] = tiles[u].bits;
       bool ran;
       if (fast) {
         const int64_t need = q::cpu::kGemmTiles * q::cpu::kGemmChunkBlocksI8 * q::kTileK * q::kTileN;
@@ -526,12 +529,12 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
         const int64_t need = q::cpu::kGemmTiles * q::cpu::kGemmChunkBlocks * q::kTileK * q::kTileN;
         if (chunks.size() < static_cast<size_t>(need)) chunks.resize(need);
         ran = q::cpu::tiles_gemm_f32(ptrs, widths, static_cast<int>(nt), blocks, panels.data(), m, accf.data(),
-                                     chunks.data());
+                                     chunks.data(), zeros);
       }
       if (!ran) std::abort();  // the plan has tile_gemm only where the kernels exist
       for (int64_t u = t; u < g_end; ++u) {
         const int64_t off = (u - t) * m * q::kTileN;
-        epilogue(tiles[u], fast ? nullptr : accf.data() + off, fast ? acci.data() + off : nullptr);
+        epilogue(tiles[u], fast ? nullptr : accf.data() + off, fast ? acci.data() + off : nullptr, !fast);
       }
       return g_end;
     };
@@ -553,8 +556,8 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
         q::cpu::tile_dot_i8(tile.ptr, tile.bits, blocks, act.xq.data(), kp, m, acci.data(), q::kTileN);
       else
         q::cpu::tile_dot_f32(tile.ptr, tile.bits, blocks, act.xrows, kp, m, accf.data(), q::kTileN,
-                             wbuf.data());
-      epilogue(tile, fast ? nullptr : accf.data(), fast ? acci.data() : nullptr);
+                             wbuf.data(), z + tile.row);
+      epilogue(tile, fast ? nullptr : accf.data(), fast ? acci.data() : nullptr, !fast);
       ++t;
     }
   };
@@ -665,8 +668,9 @@ at::Tensor quant_linear_cpu(const at::Tensor& x_in, const at::Tensor& data, cons
                            fast, out);
     });
   }
-  // s * (sum q x - z * sum x) turns an inf input (or a sum that overflows) into inf - inf = NaN
-  // where the reference's sum of ((q - z) * s) * x gives +-inf or a finite value: rows with a
+  // s * (sum q x - z * sum x) turns an inf input (or a sum that overflows) into inf - inf = NaN,
+  // and a centred sum may overflow, where the reference's sum of ((q - z) * s) * x gives +-inf
+  // or a finite value: rows with a
   // non-finite result and no NaN input are redone on the dequantized weight (rare: only when
   // the kernels wrote a non-finite output is the output scanned for them)
   if (nonfinite) redo_nonfinite_rows(x2, out, data, scale, zero, perm, buckets, a, b);

@@ -39,24 +39,25 @@ __global__ void quant_linear_kernel(const T* x, const uint8_t* data, const float
   const uint8_t* t = data + b.byte_offset + tile * q::tile_bytes(b.bits, k);
   const T* xr = x + r * k;
   const int64_t gs = inputs_per_scale(k, group_size);
-  // per group: the sums of q x and x, then v += s_g * (acc - z_g * sum) with entry g * rows + row
+  // per group: the sum of (q - z_g) x (an exact small integer times x: a code at its zero point
+  // adds nothing, as in the reference), then v += s_g * acc with entry g * rows + row
   A v = 0;
   for (int64_t i0 = 0, g = 0; i0 < k; i0 += gs, ++g) {
     const int64_t i1 = i0 + gs < k ? i0 + gs : k;
-    A acc = 0, sum = 0;
-    for (int64_t i = i0; i < i1; ++i) {
-      const A xv = static_cast<A>(xr[i]);
-      acc += static_cast<A>(q::get_code(t + (i / q::kTileK) * q::block_bytes(b.bits), static_cast<int>(b.bits), c,
-                                        static_cast<int>(i % q::kTileK))) * xv;
-      sum += xv;
-    }
     const int64_t e = g * rows + row;
-    const A term = static_cast<A>(scale[e]) * (acc - static_cast<A>(zero[e]) * sum);
+    const int z = zero[e];
+    A acc = 0;
+    for (int64_t i = i0; i < i1; ++i)
+      acc += static_cast<A>(static_cast<int>(q::get_code(t + (i / q::kTileK) * q::block_bytes(b.bits),
+                                                         static_cast<int>(b.bits), c, static_cast<int>(i % q::kTileK))) -
+                            z) *
+             static_cast<A>(xr[i]);
+    const A term = static_cast<A>(scale[e]) * acc;
     v = g == 0 ? term : v + term;
   }
   if (!isfinite(v)) {
-    // an inf input (or an overflowing sum) makes the factored form inf - inf = NaN where the
-    // reference's sum of ((q - z) * s) * x gives +-inf or a finite value: redo it in that order
+    // an overflowing sum (or an inf input) where the reference's sum of ((q - z) * s) * x may stay
+    // finite or give another inf: redo it in that order
     v = 0;
     for (int64_t i = 0; i < k; ++i) {
       const unsigned code = q::get_code(t + (i / q::kTileK) * q::block_bytes(b.bits), static_cast<int>(b.bits), c,

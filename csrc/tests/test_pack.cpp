@@ -165,7 +165,7 @@ int main() {
                                          static_cast<int>(i % q::kTileK));
         EXPECT(got == codes[c * k + i], "bits=%d c=%d k=%ld got %u want %u", bits, c, long(i), got, codes[c * k + i]);
       }
-    for (int64_t m : {1, 3, 4, 7, 8, 9, 11}) {  // GEMM row groups and every remainder
+    for (int64_t m : {1, 2, 3, 4, 7, 8, 9, 11}) {  // the few-row kernels, GEMM row groups and every remainder
       std::vector<float> x(m * k), outf(m * q::kTileN), wbuf(k * q::kTileN);
       std::vector<int8_t> xq(m * k);
       std::vector<int32_t> outi(m * q::kTileN);
@@ -184,6 +184,20 @@ int main() {
           EXPECT(outf[r * q::kTileN + c] == static_cast<float>(wf), "f32 bits=%d m=%ld", bits, long(m));
           EXPECT(outi[r * q::kTileN + c] == wi, "i8 bits=%d m=%ld", bits, long(m));
         }
+      // centred codes (zero points given): the sums of (q - z) x, exactly, on every path m takes
+      {
+        std::vector<uint8_t> zp(q::kTileN);
+        for (auto& v : zp) v = static_cast<uint8_t>(rng() & ((1u << bits) - 1u));
+        std::vector<float> outc(m * q::kTileN, NAN);
+        q::cpu::tile_dot_f32(tile.data(), bits, blocks, x.data(), k, m, outc.data(), q::kTileN, wbuf.data(), zp.data());
+        for (int64_t r = 0; r < m; ++r)
+          for (int c = 0; c < q::kTileN; ++c) {
+            double want = 0;
+            for (int64_t i = 0; i < k; ++i) want += (double(codes[c * k + i]) - zp[c]) * x[r * k + i];
+            EXPECT(outc[r * q::kTileN + c] == static_cast<float>(want), "centred f32 bits=%d m=%ld c=%d got %g want %g",
+                   bits, long(m), c, outc[r * q::kTileN + c], want);
+          }
+      }
       // the lookup-table GEMV (where this CPU and width have one), walked in two K ranges
       const int64_t per_row = q::cpu::lut_floats(bits, k);
       if (per_row > 0 && m == 1) {
@@ -269,18 +283,28 @@ int main() {
       std::vector<float> panels(q::cpu::gemm_panel_floats(m, k), NAN);  // packed in two calls
       q::cpu::pack_gemm_panels(x.data(), k, m, k, 0, 1, panels.data());
       q::cpu::pack_gemm_panels(x.data(), k, m, k, 1, q::cpu::gemm_panels(m), panels.data());
-      for (int n = 1; n <= q::cpu::kGemmTiles; ++n) {
-        std::vector<float> got(n * m * q::kTileN, NAN), want(m * q::kTileN);
-        if (!q::cpu::tiles_gemm_f32(ptrs.data(), rt.bits.data(), n, blocks, panels.data(), m, got.data(), chunks.data()))
-          break;
-        ran = true;
-        for (int u = 0; u < n; ++u) {
-          q::cpu::tile_dot_f32(ptrs[u], rt.bits[u], blocks, x.data(), k, m, want.data(), q::kTileN, wbuf.data());
-          for (int64_t i = 0; i < m * q::kTileN; ++i)
-            EXPECT(got[u * m * q::kTileN + i] == want[i], "gemm tiles n=%d u=%d m=%ld i=%ld got %g want %g", n, u,
-                   long(m), long(i), got[u * m * q::kTileN + i], want[i]);
-        }
+      // raw codes, and centred ones (each tile's own zero points)
+      std::vector<uint8_t> zp(q::cpu::kGemmTiles * q::kTileN);
+      std::vector<const uint8_t*> zs(q::cpu::kGemmTiles);
+      for (int u = 0; u < q::cpu::kGemmTiles; ++u) {
+        for (int c = 0; c < q::kTileN; ++c) zp[u * q::kTileN + c] = static_cast<uint8_t>(rng() & ((1u << rt.bits[u]) - 1u));
+        zs[u] = zp.data() + u * q::kTileN;
       }
+      for (int n = 1; n <= q::cpu::kGemmTiles; ++n)
+        for (bool centred : {false, true}) {
+          std::vector<float> got(n * m * q::kTileN, NAN), want(m * q::kTileN);
+          if (!q::cpu::tiles_gemm_f32(ptrs.data(), rt.bits.data(), n, blocks, panels.data(), m, got.data(),
+                                      chunks.data(), centred ? zs.data() : nullptr))
+            break;
+          ran = true;
+          for (int u = 0; u < n; ++u) {
+            q::cpu::tile_dot_f32(ptrs[u], rt.bits[u], blocks, x.data(), k, m, want.data(), q::kTileN, wbuf.data(),
+                                 centred ? zs[u] : nullptr);
+            for (int64_t i = 0; i < m * q::kTileN; ++i)
+              EXPECT(got[u * m * q::kTileN + i] == want[i], "gemm tiles n=%d u=%d m=%ld centred=%d i=%ld got %g want %g",
+                     n, u, long(m), int(centred), long(i), got[u * m * q::kTileN + i], want[i]);
+          }
+        }
     }
     // group-wise scales (groups of 2 blocks, the last ragged): the sums of (q - z) * s against x,
     // exact here (s in {1, 1/2}, x in multiples of 1/8 within +-2: every partial sum fits float32)

@@ -46,6 +46,8 @@ int main() {
   p = plan_linear(vnni, call(1, false, 0, /*wide=*/false));  // 2-bit tiles only: tables, no digits
   EXPECT(!p.digits && p.lut);
   EXPECT(!plan_linear(vnni, call(2)).digits);  // digits are for one row without AMX
+  // 2-bit lookup tables for one or two exact rows; from kLutRows the few-row kernels (centred codes)
+  EXPECT(plan_linear(vnni, call(kLutRows - 1)).lut && !plan_linear(vnni, call(kLutRows)).lut);
   EXPECT(!plan_linear(vnni, call(1, false, 0, true, 65537)).digits);  // int32 digit sums would not be exact
   EXPECT(plan_linear(vnni, call(256)).path == LinearPath::kTiles);
   // many rows on AVX-512, float or int8: the multi-tile GEMM (not for few rows, or without it)
@@ -85,7 +87,7 @@ int main() {
   EXPECT(sized(1, 576 * 576 / 2, 2) == 2 && sized(1, 576 * 576 / 2, 8, 64) == 2);
   EXPECT(sized(1, 4096 * 4096 / 2, 2) == 2 && sized(1, 4096 * 4096 / 2, 64) == 64);
   EXPECT(sized(1, 2 * kMinBytesPerThread - 1, 8) == 1 && sized(1, 2 * kMinBytesPerThread, 8) == 2);
-  EXPECT(sized(kLutRows - 1, 0, 4) == 1 && sized(kLutRows, 0, 4) == 4 && sized(256, 1, 16) == 16);
+  EXPECT(sized(kFewRows - 1, 0, 4) == 1 && sized(kFewRows, 0, 4) == 4 && sized(256, 1, 16) == 16);
   EXPECT(sized(1, 4096 * 4096, 0) == 1);  // threads unset: one
   if (failures == 0) std::printf("quant plan: all checks passed\n");
   return failures ? 1 : 0;

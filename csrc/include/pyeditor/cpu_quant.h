@@ -1,6 +1,8 @@
-// CPU inner kernels of the packed low-bit matmul: raw dot products of one 16-channel tile
-// (pack.h layout) with M activation rows. Scale and zero point are applied by the caller
-// (y = s * (sum_k q x_k - z * sum_k x_k)), so they never enter these loops.
+// CPU inner kernels of the packed low-bit matmul: dot products of one 16-channel tile (pack.h
+// layout) with M activation rows. The scale is applied by the caller. The zero point either
+// enters the float32 GEMM kernels as centred codes (z given: sums of (q - z) x, so a code at its
+// zero point adds nothing, as in the reference), or is applied by the caller as
+// y = s * (sum_k q x_k - z * sum_k x_k): the one-row and lookup-table kernels, the integer ones.
 #pragma once
 #include <cstdint>
 
@@ -11,11 +13,12 @@ namespace pe::quant::cpu {
 // What this CPU offers the plan table (quant_plan.h): amx_enabled() and digits_enabled() below.
 CpuCaps cpu_caps();
 
-// out[m * ldo + c] = sum_k q[c, k] * x[m * ldx + k] over `blocks` blocks of 16 inputs, in
-// float32; x rows are zero-padded to 16 * blocks. wbuf: scratch of 256 * blocks floats
-// (the decoded tile, used when m is large enough to reuse it).
+// out[m * ldo + c] = sum_k (q[c, k] - z[c]) * x[m * ldx + k] over `blocks` blocks of 16 inputs,
+// in float32 (z: the tile's 16 zero points, or null for the raw codes, z = 0); x rows are
+// zero-padded to 16 * blocks. wbuf: scratch of 256 * blocks floats (the decoded tile, used when
+// m is large enough to reuse it).
 void tile_dot_f32(const uint8_t* tile, int bits, int64_t blocks, const float* x, int64_t ldx, int64_t m,
-                  float* out, int64_t ldo, float* wbuf);
+                  float* out, int64_t ldo, float* wbuf, const uint8_t* z = nullptr);
 
 // Many rows, several tiles of any widths at once (where the plan has tile_gemm): tile u's sums
 // land in out + u * m * 16 as [m][16], those of tile_dot_f32 bit for bit, with K walked in
@@ -30,8 +33,9 @@ constexpr int64_t kGemmPanelRows = 12;    // 12 rows x 2 tiles: 24 accumulators
 inline int64_t gemm_panels(int64_t m) { return (m + kGemmPanelRows - 1) / kGemmPanelRows; }
 inline int64_t gemm_panel_floats(int64_t m, int64_t kp) { return gemm_panels(m) * kGemmPanelRows * kp; }
 void pack_gemm_panels(const float* x, int64_t ldx, int64_t m, int64_t kp, int64_t p0, int64_t p1, float* panels);
+// z: tile u's zero points at z[u] (centred codes, as tile_dot_f32), or null.
 bool tiles_gemm_f32(const uint8_t* const* tiles, const int* bits, int n, int64_t blocks, const float* panels,
-                    int64_t m, float* out, float* wbuf);
+                    int64_t m, float* out, float* wbuf, const uint8_t* const* z = nullptr);
 // ... with group-wise scales: the tiles' weights dequantized per chunk as (q - z) * s (tile u's
 // scales and zero points of group 0 at s[u], z[u], group g at + g * srows), so out holds the
 // finished sums sum_k x[r, k] w[k][c], tile_gemm_grouped_f32's weights in the same GEMM.

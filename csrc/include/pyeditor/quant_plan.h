@@ -56,7 +56,9 @@ struct LinearPlan {
 constexpr int64_t kDigitGemvRows = 8;  // AMX digit GEMV up to this many rows, the bf16 GEMM above
 constexpr int64_t kFastTileRows = 2;   // the fast mode's AMX tiles from this many rows
 constexpr int64_t kMaxDigitK = 65536;  // int32 digit sums stay exact up to this many inputs
-constexpr int64_t kLutRows = 4;        // lookup tables below this many rows
+constexpr int64_t kLutRows = 3;        // 2-bit lookup tables below this many rows (from 3 rows, the
+                                       // few-row kernels of centred codes: faster, and no z * sum x)
+constexpr int64_t kFewRows = 4;        // below this many rows, threads by bytes (plan_threads)
 constexpr int64_t kTileGemmRows = 4;   // the multi-tile GEMM from this many rows
 constexpr int64_t kDequantGemmRows = 4; // grouped: the dequantized-tile GEMM from this many rows
 constexpr int64_t kMaxDigitGroup = 128;  // grouped digit sums pair two digits in int32 up to this size
@@ -69,7 +71,7 @@ constexpr int64_t kMinBytesPerThread = int64_t(64) << 10;
 
 inline int plan_threads(const LinearCall& c) {
   const int avail = c.threads < 1 ? 1 : c.threads;
-  if (c.m >= kLutRows) return avail;
+  if (c.m >= kFewRows) return avail;
   const int64_t by_bytes = c.code_bytes / kMinBytesPerThread;
   return by_bytes < 1 ? 1 : by_bytes < avail ? static_cast<int>(by_bytes) : avail;
 }
