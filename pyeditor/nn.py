@@ -53,10 +53,10 @@ class PackedLinear(nn.Module):
     * ``"exact"`` (default, the verification mode): y = x @ W.T + bias with float32
       accumulation (float64 for float64 x), within float32 rounding of the reference. Most
       kernels sum centred codes, (q - z) * x, as the reference's (q - z) * s does, or exact
-      integer sums. Caveat: the C++ CPU kernels of one-row calls on CPUs without AVX-512 VNNI,
-      of per-channel 2-bit tiles at 1-2 rows on AVX-512 VNNI (lookup tables), and of
-      per-channel calls of 9+ rows on AMX sum codes against x in float32 and subtract zero point
-      times sum(x) after. They round a product of an input with a code equal to its zero point,
+      integer sums. Caveat: the C++ CPU kernels of one-row calls on CPUs without AVX-512 VNNI
+      (and with more than 65536 input features on any CPU), of per-channel 2-bit tiles at 1-2
+      rows on AVX-512 VNNI without AMX (lookup tables), and of per-channel calls of 9+ rows on
+      AMX sum codes against x in float32 and subtract zero point times sum(x) after. They round a product of an input with a code equal to its zero point,
       which the reference does not form: a row whose input is orders of magnitude above the rest
       (10^4-10^6 times) can then be off by about 2^-24 * scale * zero * |x_i| (10^-3-10^-2 of the
       row's sum of |x| |W| in tests), more than float32 rounding.

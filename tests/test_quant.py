@@ -172,9 +172,10 @@ def test_cpu_paths_every_width(m, width):
 
 @pytest.mark.parametrize("m", [1, 2, 3])
 def test_cpu_2bit_table_gemv_across_chunks_and_groups(monkeypatch, m):
-    """The 2-bit lookup-table GEMV walks K in 32-block chunks over groups of 8 tiles: K = 1100
-    (chunks 32 + 32 + 5 blocks) and 13 tiles (a group of 8 and one of 5), with a NaN row, an inf
-    row and a stride-0 row among the m rows. (AMX off: with it, 1-2 rows take the AMX GEMV.)"""
+    """The 2-bit lookup-table GEMV (1-2 rows; 3 rows take the few-row kernel) walks K in
+    32-block chunks over groups of 8 tiles: K = 1100 (chunks 32 + 32 + 5 blocks) and 13 tiles (a
+    group of 8 and one of 5), with a NaN row, an inf row and a stride-0 row among the m rows.
+    (AMX off: with it, 1-2 rows take the AMX GEMV.)"""
     monkeypatch.setenv("PYEDITOR_CPU_AMX", "0")
     n, k = 200, 1100
     p, qw = both(rand((n, k), seed=11), 2)

@@ -1,8 +1,8 @@
 // CPU (ATen) wrappers of the packed low-bit ops: checks, activation preparation (fp32
 // zero-padded rows, or int8 rows with a per-row scale for the fast mode), then a parallel
 // loop over 16-channel tiles whose epilogue applies y = s * acc + bias (acc: the sums of centred
-// codes, (q - z) x, from the float GEMM kernels) or y = s * (acc - z * sum x) + bias (the others)
-// and writes each channel to its original column.
+// codes, (q - z) x, from tile_dot_f32 and the float GEMMs) or y = s * (acc - z * sum x) + bias
+// (the one-row, table, digit, int8 and AMX sums) and writes each channel to its original column.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -93,9 +93,10 @@ const float* row_as_float(const T* x, int64_t r, int64_t k, std::vector<float>& 
 
 template <class T>
 // digits: exact rows as fixed-point digits (with the float row too when float_row: one row whose
-// 2-bit tiles take the lookup tables); amx: bf16 parts; fast_tiles: the int8 rows as A tiles.
+// 2-bit tiles take the lookup tables); amx: bf16 parts; fast_tiles: the int8 rows as A tiles;
+// sums: exact float rows also need sum_k x (kernels that leave z * sum x to the epilogue).
 Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool digits, bool float_row,
-                    bool fast_tiles) {
+                    bool fast_tiles, bool sums) {
   const int64_t m = x2.size(0), k = x2.size(1);
   const T* x = x2.const_data_ptr<T>();
   Activations act;
@@ -153,6 +154,7 @@ Activations prepare(const at::Tensor& x2, int64_t kp, bool fast, bool amx, bool 
     constexpr bool is_float = std::is_same_v<T, float>;
     if (!is_float || k != kp) act.xf.reset(new float[m * kp]);
     act.xrows = act.xf ? act.xf.get() : reinterpret_cast<const float*>(x);
+    if (!act.xf && !sums) return act;  // x as it is, and centred kernels only
     at::parallel_for(0, m, 16, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         float* d = act.xf ? act.xf.get() + r * kp : nullptr;
@@ -222,7 +224,9 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
     return run_linear_grouped_cpu(a, plan, x2, data, scale, zero, perm, bias, fast, out);
   const bool amx = plan.path == q::LinearPath::kAmxGemm;
   const bool gemv_amx = caps.amx;
-  const Activations act = prepare<T>(x2, kp, fast, amx, plan.digits, plan.digit_float_row, plan.fast_tiles);
+  // exact float rows need sum x only where tables or one-row kernels run (the rest is centred)
+  const Activations act =
+      prepare<T>(x2, kp, fast, amx, plan.digits, plan.digit_float_row, plan.fast_tiles, plan.lut || m == 1);
   const bool tiles_a = !act.groups.empty();     // digits or fast A tiles run (a row with inf or NaN
                                                 // cannot take the digits: the float kernels then)
   const bool digits = tiles_a && !fast;          // the exact one
@@ -272,9 +276,9 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   auto flag_if_nonfinite = [&](bool any) {
     if (any) nonfinite.store(true, std::memory_order_relaxed);
   };
-  // y = s * (acc - z * sum x) + bias for the m rows of one tile, into original columns: float
-  // sums in af, or integer ones in ai (fixed-point digits, or the fast mode's); centred: af holds
-  // sums of (q - z) x already (the float GEMM kernels), y = s * acc + bias
+  // y = s * acc + bias (centred: af holds sums of (q - z) x, from tile_dot_f32 and the float
+  // GEMMs) or y = s * (acc - z * sum x) + bias for the m rows of one tile, into original columns:
+  // float sums in af, or integer ones in ai (fixed-point digits, or the fast mode's)
   // (integer sums: 16 channels a vector where the CPU has AVX-512, the same bits as the scalar
   // code below, which was a visible part of an M = 1 call in both modes)
   auto epilogue = [&](const Tile& tile, const float* af, const int32_t* ai, bool centred = false) {

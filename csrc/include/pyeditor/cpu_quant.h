@@ -1,8 +1,9 @@
 // CPU inner kernels of the packed low-bit matmul: dot products of one 16-channel tile (pack.h
 // layout) with M activation rows. The scale is applied by the caller. The zero point either
-// enters the float32 GEMM kernels as centred codes (z given: sums of (q - z) x, so a code at its
-// zero point adds nothing, as in the reference), or is applied by the caller as
-// y = s * (sum_k q x_k - z * sum_k x_k): the one-row and lookup-table kernels, the integer ones.
+// enters the float32 kernels of tile_dot_f32 and the GEMMs as centred codes (z given: sums of
+// (q - z) x, so a code at its zero point adds nothing, as in the reference), or is applied by the
+// caller as y = s * (sum_k q x_k - z * sum_k x_k): the one-row row and lookup-table kernels, the
+// integer ones.
 #pragma once
 #include <cstdint>
 
