@@ -22,7 +22,7 @@ call one layer repeatedly. Widths: 2, 4, 6, 8 uniform and the CHORD mix
 (beta = 12.5%: 12.5% 8-bit, 12.5% 4-bit, 75% 2-bit).
 Default run: 4096x4096 GEMV (dram) at 2 and 4 bits and the mix, GEMM M=16 and M=256 for the mix;
 --full adds the rest of the grid (6- and 8-bit GEMV, cache-resident GEMV, the other widths at M=16
-and M=256, 384x1536).
+and M=256, M=3 at 4 bits and the mix (the few-row kernels), 384x1536).
 "module" rows (default run): one M = 1 call of the drop-in PackedLinear (4-bit, groups of 64) at
 SmolLM2-135M's 576x576 and 1536x576, module against nn.Linear fp32 and against the bare op, from
 DRAM: the per-call cost a decoder pays per layer and token (see _make_module).
@@ -257,6 +257,7 @@ def _cases() -> list:
     for m in (256, 16):
         for width in WIDTHS:
             cases.append(_case(4096, 4096, m, width, False, width != "mix"))
+    cases += [_case(4096, 4096, 3, width, False, True) for width in ("4", "mix")]  # the few-row kernels
     for m in (1, 16, 256):
         for width in WIDTHS:
             cases.append(_case(384, 1536, m, width, m == 1, True))
