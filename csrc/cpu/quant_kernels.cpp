@@ -52,21 +52,37 @@ void dot_i8_scalar(const uint8_t* tile, int bits, int64_t blocks, const int8_t* 
 
 #ifdef PE_QUANT_X86
 // A few rows (R <= 3): each block decoded once in registers (centred where z is given) and used
-// by every row, four FMA chains per row.
+// by every row, four FMA chains per row. A 2-bit code becomes a float by vpermps from a table
+// mapping i to i & 3 (it reads only the low 4 bits of each lane), so one shift replaces shift +
+// mask + convert and the fields need no mask.
 template <int BITS, int R>
 PE_AVX512 void rows_direct(const uint8_t* tile, int64_t blocks, const float* x, int64_t ldx, float* out, int64_t ldo,
                            const uint8_t* z) {
   const __m512 zv = zero_points_ps(z);
+  const __m512 table = _mm512_set_ps(3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0);
   __m512 acc[R * 4];
   for (int i = 0; i < R * 4; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     stream_ahead(tile + b * BITS * 32, BITS * 32);
     __m512i v[4];
-    load_block<BITS>(tile + b * BITS * 32, v);
+    if constexpr (BITS == 2) {
+      const __m512i c = _mm512_loadu_si512(tile + b * 64);
+      for (int g = 0; g < 4; ++g) v[g] = _mm512_srli_epi32(c, 2 * g);  // field g at bits 8t..8t+1
+    } else {
+      load_block<BITS>(tile + b * BITS * 32, v);
+    }
     const float* xs = x + b * kTileK;
     for (int g = 0; g < 4; ++g) {
-      const __m512 w[4] = {_mm512_sub_ps(byte_ps<0>(v[g]), zv), _mm512_sub_ps(byte_ps<1>(v[g]), zv),
-                           _mm512_sub_ps(byte_ps<2>(v[g]), zv), _mm512_sub_ps(byte_ps<3>(v[g]), zv)};
+      __m512 w[4];
+      if constexpr (BITS == 2) {
+        w[0] = _mm512_sub_ps(_mm512_permutexvar_ps(v[g], table), zv);
+        w[1] = _mm512_sub_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v[g], 8), table), zv);
+        w[2] = _mm512_sub_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v[g], 16), table), zv);
+        w[3] = _mm512_sub_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v[g], 24), table), zv);
+      } else {
+        w[0] = _mm512_sub_ps(byte_ps<0>(v[g]), zv), w[1] = _mm512_sub_ps(byte_ps<1>(v[g]), zv);
+        w[2] = _mm512_sub_ps(byte_ps<2>(v[g]), zv), w[3] = _mm512_sub_ps(byte_ps<3>(v[g]), zv);
+      }
       for (int r = 0; r < R; ++r)
         for (int t = 0; t < 4; ++t)
           acc[r * 4 + t] = _mm512_fmadd_ps(w[t], _mm512_set1_ps(xs[r * ldx + 4 * g + t]), acc[r * 4 + t]);
