@@ -226,6 +226,23 @@ def _quant_checks(small: bool) -> Iterator[Check]:
     yield Check("packed_linear (int32 perm)", f"x[2, 20] out={n_big} mixed bits", torch.float32, run_big,
                 reduction_tolerance(torch.float32, 20))
 
+    # an input 10^6 times the rest against codes at their zero point (weight 0): kernels that sum
+    # centred codes, (q - z) x, as the reference does, keep the small rest of those outputs; four
+    # rows, which every backend's kernels centre (PackedLinear's docstring names the CPU calls
+    # that do not)
+    for group in (None, 64):
+        def run_huge(backend, device, group=group):
+            bits = torch.tensor([2, 4, 6, 8]).repeat(16)
+            w, x = _rand((64, 256), torch.float32, "cpu", seed=10), _rand((4, 256), torch.float32, "cpu", seed=11)
+            w[::2, 7] = 0.0  # quantizes to its zero point
+            x[:, 7] = 1e6
+            p = quant.quantize_channelwise(w, bits, group).to(device)
+            return (quant.packed_linear(x.to(device), p, backend=backend).cpu(),
+                    reference.packed_linear(x, reference.quantize_channelwise(w, bits, group)))
+
+        yield Check("packed_linear (huge input)", f"x[4, 256] x[:, 7]=1e6 g={group or 'K'}", torch.float32, run_huge,
+                    reduction_tolerance(torch.float32, 256))
+
 
 CHECKS.append(_quant_checks)
 # ---------------------------------------------------------------- Persona serving ops (issue 4)
