@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+import numbers
 import os
 import warnings
 from collections.abc import Mapping
@@ -45,7 +46,10 @@ class PackedLinear(nn.Module):
     ``out_proj`` goes through ``F.multi_head_attention_forward`` or the native fast path) and
     the eval fast path of ``nn.TransformerEncoderLayer``. Each access dequantizes the whole
     weight (a transient float copy: those code paths use the float matmul, not the packed
-    kernel, and save no memory traffic), and it carries no gradient to the packed codes.
+    kernel, and save no memory traffic, and ``mode`` does not apply there), and it carries no
+    gradient to the packed codes. After a cast to bfloat16 / float16 it is rounded to that dtype,
+    while the kernel multiplies by the float32 weight: compare outputs with
+    ``F.linear(x, layer.dequantize(), layer.bias)`` rather than with ``.weight``.
 
     ``mode`` (settable attribute; ``fast=True`` is its deprecated spelling of "int8act"), with
     W the dequantized weight (codes - zero) * scale, exactly representable in float32:
@@ -56,10 +60,15 @@ class PackedLinear(nn.Module):
       integer sums. Caveat: the C++ CPU kernels of one-row calls on CPUs without AVX-512 VNNI
       (and with more than 65536 input features on any CPU), of per-channel 2-bit tiles at 1-2
       rows on AVX-512 VNNI without AMX (lookup tables), and of per-channel calls of 9+ rows on
-      AMX sum codes against x in float32 and subtract zero point times sum(x) after. They round a product of an input with a code equal to its zero point,
-      which the reference does not form: a row whose input is orders of magnitude above the rest
-      (10^4-10^6 times) can then be off by about 2^-24 * scale * zero * |x_i| (10^-3-10^-2 of the
-      row's sum of |x| |W| in tests), more than float32 rounding.
+      AMX sum codes against x in float32 and subtract zero point times sum(x) after. They round
+      a product of an input with a code equal to its zero point, which the reference does not
+      form: a row whose input is orders of magnitude above the rest
+      can then be off by about 2^-24 * scale * zero * |x_i|: 10^-3-10^-2 of the row's sum of
+      |x| |W| for an input 10^4-10^6 times the rest, and more than that sum from about 10^10
+      times. One-row calls on AVX-512 VNNI hold the row as a 46-bit fixed-point copy (exact
+      integer sums after): an input under 2^-46 of the row's largest is rounded there, so an
+      input 10^10+ times the rest costs their low bits (measured: 2e-5 of that sum at 10^10,
+      6e-4 at 10^12, 0.1 at 10^15). Rows of 2+ in the same call keep float32 rounding.
     * ``"int8act"``: each row of x (as float32) is quantized to int8, symmetric, one scale per
       row: s = max_k |x[k]| / 127 (1 for an all-zero row), q = clamp(round half to even(x / s),
       -127, 127); y = s * (q @ W.T) with exact integer dot products of q with the codes, the
@@ -549,6 +558,10 @@ def quantize_model(model: nn.Module, bits=None, *, group_size: Optional[int] = N
         bits = bits_for
     if bits is None:
         raise TypeError("bits is required: an int, a dict {module name: bits} or a callable (name, linear) -> bits")
+    if isinstance(bits, Tensor) and bits.dim() == 0 and not bits.dtype.is_floating_point and bits.dtype != torch.bool:
+        bits = bits.item()  # a 0-d integer tensor, as an int
+    if isinstance(bits, numbers.Integral) and not isinstance(bits, bool):
+        bits = int(bits)  # NumPy integers too
     if isinstance(bits, bool) or not (isinstance(bits, (int, Mapping)) or callable(bits)):
         raise TypeError(f"bits must be an int in {{2, 4, 6, 8}}, a dict {{module name: bits}} or a callable "
                         f"(name, linear) -> bits or None, got {type(bits).__name__}")
@@ -561,6 +574,14 @@ def quantize_model(model: nn.Module, bits=None, *, group_size: Optional[int] = N
     mode = _resolve_mode(mode, fast, "quantize_model")
 
     sites = _linear_sites(model)
+    # an int asks for every linear: PackedLinear layers keep their codes (never re-quantized), so
+    # say so rather than return as if they had the new width (a dict naming one raises below; a
+    # second pass over the float layers left, by dict or callable, is quiet)
+    packed = [n for n, m in model.named_modules() if isinstance(m, PackedLinear) and not _skipped(n, patterns)]
+    if isinstance(bits, int) and packed:
+        warnings.warn(f"quantize_model: {len(packed)} layer(s) are PackedLinear already ({packed[:3]}"
+                      f"{' ...' if len(packed) > 3 else ''}) and keep their widths; quantize the float model "
+                      "to choose other widths", UserWarning, stacklevel=2)
     if isinstance(bits, Mapping):
         names = {n for _, ns in sites.values() for n in ns}
         bad = [k for k in bits if not isinstance(k, str)]

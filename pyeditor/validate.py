@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -700,9 +701,15 @@ def group_size(g, name: str = "group_size") -> Optional[int]:
 
 
 def bit_widths(bits, name: str, length: Optional[int] = None) -> Tensor:
-    """Bit widths as int64 [C], each in quant_format.BIT_WIDTHS; a Python int is broadcast to length."""
-    if isinstance(bits, int) and not isinstance(bits, bool) and length is not None:
-        bits = torch.full((length,), bits, dtype=torch.int64)
+    """Bit widths as int64 [C], each in quant_format.BIT_WIDTHS. An integer (Python, NumPy or a
+    0-d tensor) is broadcast to length; a list or tuple of them is a [C] tensor."""
+    if isinstance(bits, Tensor) and bits.dim() == 0 and length is not None and not bits.dtype.is_floating_point:
+        bits = bits.item()
+    if isinstance(bits, numbers.Integral) and not isinstance(bits, bool) and length is not None:
+        bits = torch.full((length,), int(bits), dtype=torch.int64)
+    if isinstance(bits, (list, tuple)) and all(isinstance(b, numbers.Integral) and not isinstance(b, bool)
+                                               for b in bits):
+        bits = torch.tensor([int(b) for b in bits], dtype=torch.int64)
     if not isinstance(bits, Tensor) or bits.dtype == torch.bool or bits.is_complex():
         got = bits.dtype if isinstance(bits, Tensor) else type(bits).__name__
         raise TypeError(f"{name} must be an integer (or integral float) tensor, got {got}")
@@ -711,7 +718,8 @@ def bit_widths(bits, name: str, length: Optional[int] = None) -> Tensor:
         raise ValueError(f"{name} must have shape {want}, got {tuple(bits.shape)}")
     ok = torch.isin(bits, torch.tensor(_qf.BIT_WIDTHS, dtype=bits.dtype, device=bits.device))
     if not bool(ok.all()):
-        raise ValueError(f"{name} must be in {set(_qf.BIT_WIDTHS)}, got {bits[~ok][0].item()}")
+        raise ValueError(f"{name} must be in {{{', '.join(map(str, sorted(_qf.BIT_WIDTHS)))}}}, "
+                         f"got {bits[~ok][0].item()}")
     return bits.to(torch.int64)
 
 

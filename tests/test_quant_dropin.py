@@ -79,6 +79,44 @@ def test_bits_int_dict_callable_and_bits_for():
     assert isinstance(m[3], pnn.PackedLinear) and m[3].fast and isinstance(m[0], nn.Linear)
 
 
+def test_bits_spellings_numpy_list_tuple_and_0d_tensor():
+    """An integer width as a NumPy integer or a 0-d integer tensor, and per-channel widths as a
+    list or tuple, mean what the int / [out] tensor forms mean; the error lists the widths in order."""
+    import numpy as np
+
+    lin = nn.Linear(32, 24)
+    want = pnn.PackedLinear.from_linear(lin, 4)
+    for b in (np.int64(4), torch.tensor(4), [4] * 24, (4,) * 24):
+        got = pnn.PackedLinear.from_linear(lin, b)
+        assert torch.equal(got.bits, want.bits) and torch.equal(got.packed.data, want.packed.data)
+    widths = [2, 4, 6, 8] * 6
+    assert torch.equal(pnn.PackedLinear.from_linear(lin, widths).bits, torch.tensor(widths))
+    for b in (np.int32(8), torch.tensor(8)):
+        m = mlp()
+        pnn.quantize_model(m, b)
+        assert all(bool((m[i].bits == 8).all()) for i in (0, 2, 3))
+    with pytest.raises(ValueError, match=r"bits must be in \{2, 4, 6, 8\}, got 3"):
+        pnn.PackedLinear.from_linear(lin, [3] * 24)
+    with pytest.raises(TypeError, match="bits"):
+        pnn.PackedLinear.from_linear(lin, [True] * 24)
+
+
+def test_quantize_model_on_packed_layers_warns_and_keeps_them():
+    """A second quantize_model does not re-quantize PackedLinear codes: it says so."""
+    m = mlp()
+    pnn.quantize_model(m, 4)
+    before = m[0].packed.data.clone()
+    with pytest.warns(UserWarning, match=r"PackedLinear already .*keep their widths"):
+        pnn.quantize_model(m, 2)
+    assert bool((m[0].bits == 4).all()) and torch.equal(m[0].packed.data, before)
+    m = mlp()
+    pnn.quantize_model(m, {"0": 4})
+    with warnings.catch_warnings():  # a second pass over the float layers left is quiet
+        warnings.simplefilter("error")
+        pnn.quantize_model(m, {"2": 8, "3": 8})
+    assert isinstance(m[2], pnn.PackedLinear) and bool((m[0].bits == 4).all())
+
+
 def test_skip_names_and_patterns():
     m = block()
     quantize_quietly(m, 4, skip=("mlp", "*_proj"))  # a module name keeps the linears inside it
