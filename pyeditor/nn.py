@@ -57,18 +57,18 @@ class PackedLinear(nn.Module):
     * ``"exact"`` (default, the verification mode): y = x @ W.T + bias with float32
       accumulation (float64 for float64 x), within float32 rounding of the reference. Most
       kernels sum centred codes, (q - z) * x, as the reference's (q - z) * s does, or exact
-      integer sums. Caveat: the C++ CPU kernels of one-row calls on CPUs without AVX-512 VNNI
-      (and with more than 65536 input features on any CPU), of per-channel 2-bit tiles at 1-2
-      rows on AVX-512 VNNI without AMX (lookup tables), and of per-channel calls of 9+ rows on
-      AMX sum codes against x in float32 and subtract zero point times sum(x) after. They round
-      a product of an input with a code equal to its zero point, which the reference does not
-      form: a row whose input is orders of magnitude above the rest
-      can then be off by about 2^-24 * scale * zero * |x_i|: 10^-3-10^-2 of the row's sum of
-      |x| |W| for an input 10^4-10^6 times the rest, and more than that sum from about 10^10
-      times. One-row calls on AVX-512 VNNI hold the row as a 46-bit fixed-point copy (exact
-      integer sums after): an input under 2^-46 of the row's largest is rounded there, so an
-      input 10^10+ times the rest costs their low bits (measured: 2e-5 of that sum at 10^10,
-      6e-4 at 10^12, 0.1 at 10^15). Rows of 2+ in the same call keep float32 rounding.
+      integer sums. The exceptions are C++ CPU kernels: at 1-2 rows, the one-row kernels on CPUs
+      without AVX-512 VNNI (or over 65536 input features) and the 2-bit lookup tables on
+      AVX-512 VNNI without AMX sum codes against x in float32 and subtract zero point times
+      sum(x) after, and one-row calls on AVX-512 VNNI hold the row as a 46-bit fixed-point copy;
+      per-channel calls of 9+ rows on AMX (bf16 GEMM) use the factored form too. A product of a
+      huge input with a code at its zero point, which the reference does not form, is then
+      rounded: about 2^-24 * scale * zero * |x_i| (10^-3-10^-2 of the row's sum of |x| |W| for
+      an input 10^4-10^6 times the rest; the whole rest from about 10^10 times, as the fixed-point
+      copy loses it too). So a call of 1-2 rows where a row is dominated by a few inputs (at most
+      max(1, in_features / 64) of them within 2^8 of its largest) takes the centred kernels
+      instead, at some cost in speed: outliers of that kind keep float32 rounding on every path
+      but AMX's 9+ rows; rows with more inputs far above the rest may still show the error there.
     * ``"int8act"``: each row of x (as float32) is quantized to int8, symmetric, one scale per
       row: s = max_k |x[k]| / 127 (1 for an all-zero row), q = clamp(round half to even(x / s),
       -127, 127); y = s * (q @ W.T) with exact integer dot products of q with the codes, the

@@ -125,30 +125,25 @@ def _cpu_quant_level() -> str:
 
 def _cpu_factored(m: int, bits, group) -> bool:
     """Whether the C++ CPU kernels sum codes against x in float32 and subtract zero point times
-    sum(x) after for this call (PackedLinear's docstring): one row, except on the fixed-point
-    digits (AVX-512 VNNI: group-wise rows, and per-channel 4/6/8-bit tiles); per-channel 2-bit
-    tiles at one or two rows on AVX-512 VNNI (the lookup tables); many rows on AMX (its bf16 GEMM).
-    Every other call sums centred codes, (q - z) x."""
-    level = _cpu_quant_level()
-    vnni = level.startswith("avx512-vnni")
-    two_bit = bool((torch.as_tensor(bits) == 2).any())
-    if "amx" in level and group is None and m > 8:
-        return True
-    if m == 1:
-        return not vnni or (group is None and two_bit)
-    return vnni and group is None and two_bit and m < 3
+    sum(x) after for a call whose rows hold one input far above the rest (PackedLinear's
+    docstring): per-channel calls of 9+ rows on AMX (its bf16 GEMM). Every other call sums
+    centred codes, (q - z) x: many rows always, one or two rows because such a row is spiky
+    (quant_plan.h spiky_row), which takes the centred kernels on every CPU."""
+    return "amx" in _cpu_quant_level() and group is None and m > 8
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("group", [None, 64])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 16])
-def test_huge_input_against_zero_point_code_does_not_cancel(backend, device, m, group):
-    """An input 10^6 times the rest of its row against codes equal to their zero point (weight 0):
-    the kernels that sum centred codes, (q - z) x, as the reference does, stay within the float32
-    reduction tolerance of x @ W.T (where those products are 0) relative to sum |x| |W|; the
-    factored form sum q x - z sum x misses it by 10^3-10^5. The CPU calls that still form it
-    (_cpu_factored, stated in PackedLinear's docstring) are skipped; test_isa_paths reruns this
-    under each ISA cap."""
+@pytest.mark.parametrize("huge", [1e6, 1e12])
+def test_huge_input_against_zero_point_code_does_not_cancel(backend, device, m, group, huge):
+    """An input 10^6 or 10^12 times the rest of its row against codes equal to their zero point
+    (weight 0): the kernels that sum centred codes, (q - z) x, as the reference does, stay within
+    the float32 reduction tolerance of x @ W.T (where those products are 0) relative to
+    sum |x| |W|; the factored form sum q x - z sum x misses it by 10^3-10^5 at 10^6 and loses the
+    rest of the row at 10^12, as does the one-row digits' 46-bit copy. The CPU calls that still
+    form it (_cpu_factored, stated in PackedLinear's docstring) are skipped; test_isa_paths reruns
+    this under each ISA cap."""
     k = 256
     checked = 0
     for bits in (2, 4, 8, rand_bits(64, seed=5)):
@@ -157,7 +152,7 @@ def test_huge_input_against_zero_point_code_does_not_cancel(backend, device, m, 
         checked += 1
         p, qw = both(rand((64, k), seed=3), bits, group)
         x = rand((m, k), seed=4)
-        x[:, 7] = 1e6  # against column 7's codes, several equal to their (group's) zero point
+        x[:, 7] = huge  # against column 7's codes, several equal to their (group's) zero point
         w = ref.dequantize(qw).double()
         got = quant.packed_linear(x.to(device), p.to(device), backend=backend).cpu().double()
         want = x.double() @ w.T

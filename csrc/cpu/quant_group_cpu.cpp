@@ -199,7 +199,7 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
   // threads claim the items as they finish, see parallel_claim.h)
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()), threads = std::max(1, plan.threads);
   const int64_t cap = plan.tile_gemm ? std::clamp<int64_t>((n_tiles + 2 * threads - 1) / (2 * threads), 1, qc::kGemmTiles)
-                      : m == 1 && !plan.dequant_gemm ? qc::kRowTiles : 1;
+                      : m == 1 && !plan.dequant_gemm && !plan.centred_rows ? qc::kRowTiles : 1;
   std::vector<int64_t> starts{0};
   for (int64_t t = 0; t < static_cast<int64_t>(tiles.size());) {
     int64_t e = t + 1;
@@ -298,7 +298,7 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
       for (int64_t g = 0; g < (plan.dequant_gemm ? 0 : groups); ++g) {
         const int64_t b0 = g * group_blocks, nb = std::min(group_blocks, blocks - b0);
         const int64_t skip = b0 * q::block_bytes(bits);
-        if (m == 1) {
+        if (m == 1 && !plan.centred_rows) {
           const uint8_t* ptrs[qc::kRowTiles];
           for (int64_t u = 0; u < nt; ++u) ptrs[u] = tiles[t0 + u].ptr + skip;
           const int count = static_cast<int>(nt);
@@ -314,8 +314,9 @@ bool run_grouped(const PackedArgs& a, const q::LinearPlan& plan, const at::Tenso
                            wbuf.data(), z + g * a.rows + tiles[t0].row);  // centred: see below
         }
         // sums laid out [tile u][row r][16]: one of nt and m is 1; exact rows of a many-row call
-        // are centred (tile_dot_f32 with the group's zero points), so no z * sum x to subtract
-        const bool centred = m > 1 && !fast;
+        // (or a spiky row: plan.centred_rows) are centred (tile_dot_f32 with the group's zero
+        // points), so no z * sum x to subtract
+        const bool centred = (m > 1 || plan.centred_rows) && !fast;
         for (int64_t u = 0; u < nt; ++u) {
           const int64_t row0 = tiles[t0 + u].row;
           const float* sg = s + g * a.rows + row0;

@@ -218,6 +218,11 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
   call.m = m, call.k = a.k, call.fast = fast, call.group_size = a.group_size, call.wide_tiles = wide_tiles;
   for (const auto& b : a.buckets) call.code_bytes += b.rows / q::kTileN * q::tile_bytes(b.bits, a.k);
   call.threads = at::get_num_threads();
+  if (!fast && m < q::kLutRows) {  // few exact rows: is one dominated by a few inputs?
+    std::vector<float> buf;
+    for (int64_t r = 0; r < m && !call.spiky; ++r)
+      call.spiky = q::spiky_row(row_as_float(x2.const_data_ptr<T>(), r, a.k, buf), a.k);
+  }
   const q::CpuCaps caps = q::cpu::cpu_caps();
   const q::LinearPlan plan = q::plan_linear(caps, call);
   if (plan.path == q::LinearPath::kGrouped)
@@ -552,7 +557,7 @@ bool run_linear(const PackedArgs& a, const at::Tensor& x2, const at::Tensor& dat
         t = lut_group(t, end);
         continue;
       }
-      if (m == 1 && (fast || q::cpu::one_row_f32_tiles(tile.bits))) {
+      if (m == 1 && (fast || q::cpu::one_row_f32_tiles(tile.bits)) && !plan.centred_rows) {
         t = row_group(t, end);
         continue;
       }

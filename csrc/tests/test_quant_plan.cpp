@@ -1,5 +1,6 @@
 // The packed matmul's CPU plan table (quant_plan.h), checked for every kind of CPU the project
 // runs on, whatever CPU runs this test: AVX2 only, AVX-512 VNNI, and AMX.
+#include <cmath>
 #include <initializer_list>
 
 #include "expect.h"
@@ -89,6 +90,46 @@ int main() {
   EXPECT(sized(1, 2 * kMinBytesPerThread - 1, 8) == 1 && sized(1, 2 * kMinBytesPerThread, 8) == 2);
   EXPECT(sized(kFewRows - 1, 0, 4) == 1 && sized(kFewRows, 0, 4) == 4 && sized(256, 1, 16) == 16);
   EXPECT(sized(1, 4096 * 4096, 0) == 1);  // threads unset: one
+  // a spiky row (few inputs within 2^8 of its largest) at 1-2 exact rows: the centred float
+  // kernels on every CPU, nothing else; from kLutRows rows, or in int8 mode, the plan as usual
+  for (const CpuCaps& cpu : {portable, avx2, vnni, amx})
+    for (int64_t group : {int64_t(0), int64_t(64)})
+      for (int64_t m : {int64_t(1), kLutRows - 1}) {
+        LinearCall c = call(m, false, group);
+        c.spiky = true;
+        p = plan_linear(cpu, c);
+        EXPECT(p.centred_rows && !p.digits && !p.digit_float_row && !p.lut && !p.in_place_row && !p.grouped_row &&
+               !p.grouped_digits && !p.dequant_gemm && !p.tile_gemm);
+        EXPECT(p.path == (group ? LinearPath::kGrouped : LinearPath::kTiles));
+        c.fast = true;
+        EXPECT(!plan_linear(cpu, c).centred_rows);
+      }
+  {
+    LinearCall c = call(kLutRows);
+    c.spiky = true;
+    EXPECT(!plan_linear(vnni, c).centred_rows);
+  }
+  // spiky_row: one or a few inputs within 2^8 of the largest
+  {
+    float x[256];
+    for (int i = 0; i < 256; ++i) x[i] = 1.0f + float(i % 7) * 0.25f;
+    EXPECT(!spiky_row(x, 256));  // a flat row
+    x[9] = 1000.0f;  // 1000 / 2.5 > 2^8: everything else is below 2^-8 of it
+    EXPECT(spiky_row(x, 256));
+    x[9] = 200.0f;  // within 2^8 of the rest
+    EXPECT(!spiky_row(x, 256));
+    x[9] = 1e12f, x[100] = -1e11f, x[200] = 4e9f, x[201] = 5e9f;  // 4 <= 256 / 64 big inputs
+    EXPECT(spiky_row(x, 256));
+    x[202] = 6e9f;  // 5 > 4
+    EXPECT(!spiky_row(x, 256));
+    for (int i = 0; i < 256; ++i) x[i] = 0.0f;
+    EXPECT(!spiky_row(x, 256));  // all zero
+    x[3] = INFINITY;
+    EXPECT(!spiky_row(x, 256));  // inf rows have their own fallback
+    x[3] = 1.0f;
+    EXPECT(spiky_row(x, 256) && spiky_row(x, 4));  // one-hot; a short row holds one big input at most
+    EXPECT(!spiky_row(x, 0));
+  }
   if (failures == 0) std::printf("quant plan: all checks passed\n");
   return failures ? 1 : 0;
 }

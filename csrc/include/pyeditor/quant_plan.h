@@ -4,6 +4,8 @@
 // run time: a row with inf or NaN cannot take the fixed-point digits, nor x out of range the
 // in-place reads; those fallbacks are the float kernels, with the same sums.
 #pragma once
+#include <cfloat>
+#include <cmath>
 #include <cstdint>
 
 namespace pe::quant {
@@ -25,6 +27,7 @@ struct LinearCall {
   bool wide_tiles = false; // any 4-, 6- or 8-bit tile
   int64_t code_bytes = 0;  // packed codes the call streams
   int threads = 1;         // threads available (at::get_num_threads)
+  bool spiky = false;      // a row of x dominated by a few inputs (spiky_row below)
 };
 
 enum class LinearPath : uint8_t {
@@ -51,11 +54,31 @@ struct LinearPlan {
   bool tile_gemm = false;     // many rows, float or int8 kernels: several tiles a call, K chunk by
                               // chunk (cpu_quant.h tiles_gemm_f32 / _i8), else a tile at a time
   int threads = 1;            // threads to wake (see plan_threads)
+  bool centred_rows = false;  // few exact rows, one of them spiky: the centred float kernels
+                              // (tile_dot_f32 with the zero points) and none of the others
 };
 
 constexpr int64_t kDigitGemvRows = 8;  // AMX digit GEMV up to this many rows, the bf16 GEMM above
 constexpr int64_t kFastTileRows = 2;   // the fast mode's AMX tiles from this many rows
 constexpr int64_t kMaxDigitK = 65536;  // int32 digit sums stay exact up to this many inputs
+// An exact row dominated by a few inputs: at most max(1, k / 64) of them within 2^8 of its largest
+// |x| (inf and NaN rows are not: they have their own fallback). The kernels of few rows that
+// leave z * sum(x) to the epilogue (float one-row kernels, 2-bit tables) lose the rest of such a
+// row against a code at its zero point, and the one-row digits' 46-bit copy rounds inputs under
+// 2^-46 of the largest: such calls take the centred float kernels (plan: centred_rows).
+inline bool spiky_row(const float* x, int64_t k) {
+  float a = 0.0f;
+  for (int64_t i = 0; i < k; ++i) {
+    const float v = std::fabs(x[i]);
+    a = v > a ? v : a;  // (NaN never larger)
+  }
+  if (!(a > 0.0f) || !(a <= FLT_MAX)) return false;
+  const float t = a * 0x1p-8f;
+  int64_t big = 0;
+  for (int64_t i = 0; i < k; ++i) big += std::fabs(x[i]) >= t;
+  return big <= (k / 64 > 1 ? k / 64 : 1);
+}
+
 constexpr int64_t kLutRows = 3;        // 2-bit lookup tables below this many rows (from 3 rows, the
                                        // few-row kernels of centred codes: faster, and no z * sum x)
 constexpr int64_t kFewRows = 4;        // below this many rows, threads by bytes (plan_threads)
@@ -79,6 +102,11 @@ inline int plan_threads(const LinearCall& c) {
 inline LinearPlan plan_linear(const CpuCaps& cpu, const LinearCall& c) {
   LinearPlan p;
   p.threads = plan_threads(c);
+  if (!c.fast && c.spiky && c.m < kLutRows) {  // every other flag off
+    p.path = c.group_size > 0 ? LinearPath::kGrouped : LinearPath::kTiles;
+    p.centred_rows = true;
+    return p;
+  }
   if (c.group_size > 0) {
     p.path = LinearPath::kGrouped;
     p.dequant_gemm = !c.fast && c.m >= kDequantGemmRows && cpu.grouped_gemm;
