@@ -430,6 +430,45 @@ def test_inf_and_overflow_rows_match_reference(backend, device, m, widths):
     check_close(got[fin], want[fin], tol=reduction_tolerance(torch.float32, k))
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("group", [None, 64], ids=["channel", "g64"])
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_few_rows_special_values_strides_and_spiky_rows(backend, device, m, group):
+    """The few-row paths (1-3 rows: the centred few-row kernels, the 2-bit tables, one-row
+    kernels, and the centred kernels that a spiky row takes) against the reference: a row with
+    inf, a row with NaN, a spiky row (one input 1e12 with NaN elsewhere must stay NaN), a zero
+    row; x strided (a column slice) and stride-0 along K; K = 0; every width mixed, K ragged."""
+    n, k = 64, 150
+    qfn = (lambda w, b: (quant.quantize_channelwise(w, b, group), ref.quantize_channelwise(w, b, group)))
+    p, qw = qfn(rand((n, k), seed=21), rand_bits(n, seed=22))
+    tol = reduction_tolerance(torch.float32, k)
+
+    def run(x):
+        got = quant.packed_linear(x.to(device), p.to(device), backend=backend).cpu()
+        want = ref.packed_linear(x.contiguous(), qw)
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        assert torch.equal(torch.isposinf(got), torch.isposinf(want))
+        assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+        fin = torch.isfinite(want)
+        check_close(got[fin], want[fin], tol=tol)
+
+    base = rand((3, 2 * k), seed=23)[:, ::2]  # strided along K
+    assert not base.is_contiguous()
+    run(base[:m])
+    specials = [base.clone() for _ in range(4)]
+    specials[0][:, 5] = math.inf
+    specials[1][:, 40] = math.nan
+    specials[2][:, 7] = 1e12  # spiky, and a NaN riding along in the last row
+    specials[2][-1, 90] = math.nan
+    specials[3].zero_()
+    for x in specials:
+        run(x[:m])
+    run(rand((1, 1), seed=24).expand(m, k))  # stride 0 along K
+    p0, qw0 = qfn(torch.empty(n, 0), rand_bits(n, seed=25))  # K = 0: the bias-free output is 0
+    got = quant.packed_linear(torch.empty(m, 0, device=device), p0.to(device), backend=backend).cpu()
+    assert torch.equal(got, ref.packed_linear(torch.empty(m, 0), qw0))
+
+
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fast_mode_error_bound(m, dtype):
