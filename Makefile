@@ -12,7 +12,8 @@ ARGS   ?=
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null) setup.py
 
 .PHONY: test test-slow bench verify setup clean
-setup: $(VENV)/.built
+CTEST_DIR := build/cmake
+setup: $(VENV)/.built $(CTEST_DIR)/.built
 
 $(VENV)/.venv-ok:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,17 @@ $(VENV)/.deps-ok: $(VENV)/.venv-ok requirements-dev.txt
 
 $(VENV)/.built: $(VENV)/.deps-ok $(CSRC)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# The framework-free C++ tests (ctest) compile here, beside the extension, so that the test tier
+# times tests, not a compile: tests/test_csrc.py configures the same tree and finds it up to date.
+# Without cmake there is nothing to build (that test skips).
+$(CTEST_DIR)/.built: $(VENV)/.deps-ok $(CSRC) CMakeLists.txt
+	@if command -v cmake >/dev/null; then \
+	  mkdir -p $(CTEST_DIR) && \
+	  { cmake -S . -B $(CTEST_DIR) -DPython_EXECUTABLE=$(abspath $(PY)) && \
+	    cmake --build $(CTEST_DIR) -j $$(nproc); } > $(CTEST_DIR)/build.log 2>&1 || \
+	  { tail -n 60 $(CTEST_DIR)/build.log; exit 1; }; fi
 	touch $@
 
 # make test: the fast tier, on every core (pytest-xdist, one torch thread per worker). The `slow`
