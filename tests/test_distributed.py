@@ -5,6 +5,7 @@ parameters after a few SGD steps, and the first step's gradients, must equal a s
 training on the whole batch. float64 throughout, so the only difference is summation order.
 """
 import faulthandler
+import gc
 import os
 import time
 from datetime import timedelta
@@ -81,6 +82,13 @@ def _worker(rank, init_file, out_dir):
         grads = _train(ddp, data, rows)
         grads = {n.removeprefix("module."): g for n, g in grads.items()}
         torch.save({"params": dict(model.named_parameters()), "grads": grads}, os.path.join(out_dir, f"{rank}.pt"))
+        # DDP's Reducer holds the process group. Dropped last at the frame's exit, it would destroy
+        # the group holding the GIL, and the group's destructor joins gloo's worker threads, one of
+        # which may need the GIL to free its last allreduce: a deadlock (torch's, seen about 1 run
+        # in 8 here, with gdb). Freed first, the group dies in destroy_process_group, which
+        # releases the GIL.
+        del ddp
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
@@ -98,17 +106,8 @@ def _spawn(out_dir):
 
 
 def test_ddp_editor_matches_single_process(tmp_path):
-    # One fresh-clone CI run (2026-12-03) saw both workers still alive after 120 s, with no
-    # exception; it did not recur in a dozen runs, alone or under load. A second start in a fresh
-    # directory keeps that out of the suite; a worker's exception or wrong numbers still fail.
-    try:
-        _spawn(tmp_path / "first")
-    except mp.ProcessExitedException as e:
-        print(f"first start of the gloo workers failed ({e}); starting again")
-        _spawn(tmp_path / "second")
-        tmp_path = tmp_path / "second"
-    else:
-        tmp_path = tmp_path / "first"
+    tmp_path = tmp_path / "run"
+    _spawn(tmp_path)
     model, data = _problem()
     grads = _train(model, data, torch.arange(BATCH))
     params = dict(model.named_parameters())
