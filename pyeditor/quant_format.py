@@ -3,8 +3,9 @@
 Python packs with this module (pyeditor.quant), the Triton kernels decode with its constants
 (kernels/quant.py), pyeditor.validate checks packed buffers against it and the oracle
 (pyeditor.reference) takes its widths and group sizes from it. The C++ kernels read the same rule
-from csrc/include/pyeditor/pack.h; tests/test_quant_format.py parses that header and cross-checks
-its constants and formulas against this module, so the two cannot drift apart silently.
+from csrc/include/pyeditor/pack.h; tests/quant/test_quant_format.py parses that header and
+cross-checks its constants and formulas against this module, so the two cannot drift apart
+silently.
 
 The packed layout: output channels are grouped by width into buckets (widths ascending); a
 bucket is a run of tiles of TILE_N channels; along K a tile is a run of blocks of TILE_K inputs

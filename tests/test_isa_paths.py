@@ -22,8 +22,9 @@ EXPECT = {"portable": ("scalar", "portable", "portable", "portable", "portable",
           "avx2": ("avx2", "avx2", "avx2", "avx2", "avx2", "avx2"),
           "avx512": ("avx512-vnni", "avx512", "avx512", "avx512", "avx512", "avx512"),
           "amx": ("avx512-vnni+amx", "avx512", "avx512", "avx512", "avx512", "avx512")}
-TESTS = ["test_quant.py", "test_quant_group.py", "test_hyper.py", "test_apply_edit.py", "test_search.py",
-         "test_layer_norms_op.py", "test_assign_layers.py", "test_compute_probe.py"]
+TESTS = ["quant/test_quant.py", "quant/test_quant_group.py", "hyper/test_hyper.py", "edit/test_apply_edit.py",
+         "search/test_search.py", "hyper/test_layer_norms_op.py", "hyper/test_assign_layers.py",
+         "test_compute_probe.py"]
 
 
 def _run(code_or_args, level, timeout):

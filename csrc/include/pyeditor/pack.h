@@ -1,5 +1,5 @@
 // The packed layout of channel-wise 2/4/6/8-bit weights, shared by the CPU and CUDA kernels.
-// Python and Triton read the same rule from pyeditor/quant_format.py; tests/test_quant_format.py
+// Python and Triton read the same rule from pyeditor/quant_format.py; tests/quant/test_quant_format.py
 // parses this header's constants and formulas and cross-checks them (ctest checks put/get agree).
 //
 // Output channels are grouped by width into buckets; a bucket is a run of tiles of

@@ -10,7 +10,7 @@ import torch
 from pyeditor import ops, quant
 from pyeditor import quant_format as fmt
 
-PACK_H = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "include" / "pyeditor" / "pack.h"
+PACK_H = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "include" / "pyeditor" / "pack.h"
 
 
 @pytest.fixture(scope="module")

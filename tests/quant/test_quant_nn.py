@@ -110,7 +110,7 @@ def test_from_linear_bad_input():
     with pytest.raises(TypeError, match="bits_for"):
         pnn.quantize_model(model(), bits_for=4)
     with pytest.raises(TypeError, match="bits"):
-        pnn.quantize_model(model(), "4")  # an int, a dict or a callable (tests/test_quant_dropin.py)
+        pnn.quantize_model(model(), "4")  # an int, a dict or a callable (test_quant_dropin.py)
 
 
 def test_packed_size_is_a_fraction_of_fp32():
