@@ -186,10 +186,10 @@ void check_threshold_values(const at::Tensor& t) {
   });
 }
 
-void check_index_values(const at::Tensor& idx, int64_t num_protos) {
+void check_index_values(const at::Tensor& idx, int64_t num_protos, const char* name) {
   const int64_t* p = idx.data_ptr<int64_t>();
   for (int64_t i = 0; i < idx.numel(); ++i) {
-    TORCH_CHECK(p[i] >= 0 && p[i] < num_protos, "pyeditor: proto_index[", i, "] = ", p[i],
+    TORCH_CHECK(p[i] >= 0 && p[i] < num_protos, "pyeditor: ", name, "[", i, "] = ", p[i],
                 " is out of range for ", num_protos, " prototypes");
   }
 }

@@ -35,6 +35,6 @@ EditArgs prepare_edit_out(const at::Tensor& theta, const at::Tensor& delta, cons
 void check_threshold_values(const at::Tensor& threshold_cpu);
 
 // Host-side check that every proto_index lies in [0, P).
-void check_index_values(const at::Tensor& proto_index_cpu, int64_t num_protos);
+void check_index_values(const at::Tensor& index_cpu, int64_t num_protos, const char* name = "proto_index");
 
 }  // namespace pyeditor

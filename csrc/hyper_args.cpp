@@ -21,7 +21,7 @@ at::Tensor prepare_index(const at::Tensor& idx, int64_t batch, int64_t bound, co
               idx.sizes());
   at::Tensor out = idx.contiguous();
   // host-side range check (CPU tensors here; a CUDA index is copied once)
-  check_index_values(out.device().is_cpu() ? out : out.cpu(), bound);
+  check_index_values(out.device().is_cpu() ? out : out.cpu(), bound, name);
   return out;
 }
 

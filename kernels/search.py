@@ -190,7 +190,9 @@ def search(x: Tensor, prototypes: Tensor, k: int, metric: str) -> tuple[Tensor, 
         span = (nx + pmax).square() if l2 else nx * pmax
         bound = torch.where(span < 1e36, _gamma32(d + 8) * span + _underflow_err(d), float("inf"))
         ak = keys[:, k - 1].to(torch.float64)
-        ok = (ids[:, k - 1] == -1) | (ak.abs() < 1e36)
+        # an unbounded pass (float32 overflow) proves nothing, also when it found fewer than k
+        # keys: the pairs it skipped as NaN may be overflowed ones, not NaN prototypes
+        ok = (bound < float("inf")) & ((ids[:, k - 1] == -1) | (ak.abs() < 1e36))
         if kk > k:
             ak1 = keys[:, k].to(torch.float64)
             ok = ok & ((ids[:, k] == -1) | (ak1 - bound > ak + bound))

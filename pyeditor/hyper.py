@@ -133,11 +133,16 @@ def hyper_matmul_heads(e: Tensor, weight: Union[Tensor, Sequence[Tensor]], sizes
             raise ValueError("weight must hold at least one head")
         for l, w in enumerate(weight):
             validate.float_tensor(w, f"weight[{l}]")
+            if w.dim() != 3 or w.shape[:2] != weight[0].shape[:2]:
+                raise ValueError(f"weight[{l}] must be [P, d, n_l] with the P and d of weight[0] "
+                                 f"{tuple(weight[0].shape[:2])}, got shape {tuple(w.shape)}")
         sizes = [int(w.shape[-1]) for w in weight]
         weight = torch.cat(list(weight), dim=-1)
     elif sizes is None:
         raise ValueError("sizes is required with a concatenated weight: the width of each head")
     if isinstance(bias, (list, tuple)):
+        for l, b in enumerate(bias):
+            validate.float_tensor(b, f"bias[{l}]")  # a head without bias: pass zeros
         bias = torch.cat(list(bias), dim=-1)
     sizes = list(sizes)
     validate.float_tensor(e, "e")
@@ -187,7 +192,13 @@ class PrototypeGram(NamedTuple):
 
 
 def prototype_gram(weight: Tensor, bias: Optional[Tensor] = None) -> PrototypeGram:
-    """The Gram form of every editor, to keep while editor weights are frozen (serving)."""
+    """The Gram form of every editor, to keep while editor weights are frozen (serving).
+
+    assign_prototypes / edit_norms refuse it for other tensors and after in-place changes that
+    PyTorch records (the tensors' version counters). Changes it cannot see: writes through
+    ``.data``, a NumPy view or a raw pointer, and any change to inference-mode tensors (they
+    keep no counter). After such a change compute the Gram again: checking the contents on
+    every call would cost the pass over the editors that the cache exists to save."""
     _check_hyper(weight.new_zeros(0, weight.shape[1]) if weight.dim() == 3 else weight, weight, bias, None)
     P, d, _ = weight.shape
     g = weight.new_zeros((P, d + 1, d + 1), dtype=torch.float64)

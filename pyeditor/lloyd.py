@@ -15,9 +15,10 @@ from torch import Tensor
 
 
 def _normalised(v: Tensor) -> Tensor:
-    """Rows scaled to unit length; zero rows stay zero."""
-    length = v.norm(dim=1, keepdim=True)
-    return (v / length).masked_fill(length == 0, 0.0)
+    """Rows scaled to unit length; zero rows stay zero. The length in float64: a float32 row
+    near the top of its range would overflow it (and come out zero)."""
+    length = v.double().norm(dim=1, keepdim=True)
+    return (v.double() / length).to(v.dtype).masked_fill(length == 0, 0.0)
 
 
 def assign(search: Callable, x: Tensor, centroids: Tensor, metric: str) -> tuple:
@@ -82,8 +83,8 @@ class _Fit:
         if self.metric == "l2":
             out = total / members.clamp_min(1.0)[:, None]
         else:
-            length = total.norm(dim=1, keepdim=True)
-            out = torch.where(length == 0, centres, total / length)
+            length = total.double().norm(dim=1, keepdim=True)  # float64: see _normalised
+            out = torch.where(length == 0, centres, (total.double() / length).to(total.dtype))
         empty = members == 0
         n_empty = int(empty.sum())
         if n_empty:

@@ -364,7 +364,8 @@ def edit_norms(
     t = None if threshold is None else _check_threshold(threshold, e.shape[0])
     g = _hyper_matmul_acc(e, weight, bias, None, torch.float64)  # [P, B, n]
     g = _clip(g, t, batch_dim=1)
-    return g.square().sum(-1).sqrt().transpose(0, 1).contiguous()
+    # not differentiable, as the kernels' (an argmin's input): no graph for a caller to follow
+    return g.square().sum(-1).sqrt().transpose(0, 1).contiguous().detach()
 
 
 def assign_prototypes(
@@ -400,9 +401,10 @@ def _argmin_nan_last(values: Tensor) -> Tensor:
 
 
 def _unit_rows(v: Tensor) -> Tensor:
-    """Rows scaled to unit L2 norm; all-zero rows stay zero; NaN rows stay NaN."""
-    n = v.norm(dim=1, keepdim=True)
-    return torch.where(n == 0, torch.zeros_like(v), v / n)
+    """Rows scaled to unit L2 norm (computed in float64, rounded once to v's dtype); all-zero
+    rows stay zero; NaN rows stay NaN."""
+    n = v.to(torch.float64).norm(dim=1, keepdim=True)
+    return torch.where(n == 0, torch.zeros_like(v), (v.to(torch.float64) / n).to(v.dtype))
 
 
 def _pairwise_scores(x: Tensor, p: Tensor, metric: str) -> Tensor:
@@ -461,7 +463,7 @@ def nearest_prototype(x: Tensor, prototypes: Tensor, k: int = 1, metric: str = "
     nan_query = torch.isnan(x).any(1, keepdim=True)
     dist = dist.masked_fill(nan_query, float("nan"))
     idx = idx.masked_fill(nan_query, -1)
-    return dist.to(x.dtype), idx
+    return dist.to(x.dtype).detach(), idx  # not differentiable, as the kernels' search
 
 
 def _kmeans_assign(x: Tensor, centroids: Tensor, metric: str, search=None) -> tuple:
@@ -508,11 +510,11 @@ def kmeans(
     """
     _check_float("x", x, (2,))
     _check_metric(metric)
-    n_clusters, n_iter, seed = _check_kmeans_args(x, n_clusters, n_iter, init, seed, tol)
+    n_clusters, n_iter, seed = _check_kmeans_args(x, n_clusters, n_iter, init, seed, tol, metric)
     return lloyd(x, n_clusters, n_iter, init, seed, metric, tol, _kmeans_assign)
 
 
-def _check_kmeans_args(x: Tensor, n_clusters, n_iter, init, seed, tol) -> tuple:
+def _check_kmeans_args(x: Tensor, n_clusters, n_iter, init, seed, tol, metric="l2") -> tuple:
     """Validated (n_clusters, n_iter, seed) for a k-means fit of x [B, d]."""
     B = x.shape[0]
     n_clusters = _check_int("n_clusters", n_clusters, 1)
@@ -527,6 +529,13 @@ def _check_kmeans_args(x: Tensor, n_clusters, n_iter, init, seed, tol) -> tuple:
     # min and max are finite exactly when every entry is (NaN propagates): one pass, no mask
     if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
         raise ValueError("x must be finite (no NaN or inf)")
+    if metric == "l2" and x.dtype != torch.float64 and x.numel():
+        # float32 squared distances of points this large can overflow: d * (2 max|x|)^2 < 2^127
+        top, d = float(x.abs().max()), x.shape[1]
+        limit = (2.0 ** 127 / max(d, 1)) ** 0.5 / 2
+        if top > limit:
+            raise ValueError(f"x holds magnitudes up to {top:.3g}: l2 k-means in float32 would overflow its "
+                             f"squared distances (d={d} allows up to {limit:.3g}); pass x as float64 or rescale it")
     return n_clusters, n_iter, seed
 
 
@@ -571,8 +580,8 @@ def lloyd(x: Tensor, n_clusters: int, n_iter: int, init: str, seed: int, metric:
         if metric == "l2":
             new = sums / counts.clamp_min(1.0).unsqueeze(1)
         else:
-            norm = sums.norm(dim=1, keepdim=True)
-            new = torch.where(norm == 0, c, sums / norm)
+            norm = sums.to(torch.float64).norm(dim=1, keepdim=True)
+            new = torch.where(norm == 0, c, (sums.to(torch.float64) / norm).to(acc))
         empty = torch.nonzero(counts == 0).flatten()
         if empty.numel():
             far = torch.sort(loss, descending=True, stable=True).indices[: empty.numel()]

@@ -40,6 +40,8 @@ def same_dtype(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
 
 def same_device(ref: Tensor, name_ref: str, **others: Optional[Tensor]) -> None:
     for name, t in others.items():
+        if t is not None and not isinstance(t, Tensor):  # a list index, say: name it, not .device
+            tensor(t, name)
         if t is not None and t.device != ref.device:
             raise ValueError(f"{name} is on {t.device} but {name_ref} is on {ref.device}")
 
@@ -747,9 +749,22 @@ def kmeans_args(x, n_clusters, n_iter, init, seed, metric, tol) -> tuple:
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
     # min and max are finite exactly when every entry is (NaN propagates): one pass, no mask
-    if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
-        raise ValueError("x must be finite (no NaN or inf)")
+    if x.numel():
+        ends = torch.stack(torch.aminmax(x))
+        if not bool(torch.isfinite(ends).all()):
+            raise ValueError("x must be finite (no NaN or inf)")
+        if metric == "l2" and x.dtype != torch.float64:
+            _l2_kmeans_range(float(ends.abs().max()), x.shape[1])
     return n_clusters, n_iter, seed
+
+
+def _l2_kmeans_range(top: float, d: int) -> None:
+    """l2 k-means of float32 points (the accumulation dtype below float64) sums squared
+    distances in float32: refuse points large enough for them to overflow to inf."""
+    limit = math.sqrt(2.0 ** 127 / max(d, 1)) / 2
+    if top > limit:
+        raise ValueError(f"x holds magnitudes up to {top:.3g}: l2 k-means in float32 would overflow its squared "
+                         f"distances (d={d} allows up to {limit:.3g}); pass x as float64 or rescale it")
 
 
 def search_inputs(x, prototypes, k, metric) -> None:

@@ -348,7 +348,9 @@ def test_bad_input():
     t = torch.tensor(0.5)
     with pytest.raises(RuntimeError, match="out of range"):
         torch.ops.pyeditor.edited_linear(x, theta, delta, t, None, torch.tensor([0, 5, 1]))
-    with pytest.raises(RuntimeError, match="out of range"):
+    with pytest.raises(TypeError, match="index must be a torch.Tensor, got list"):
+        hyper.generate_edit(e, w, index=[0, 1, 1])
+    with pytest.raises(RuntimeError, match=r"index\[1\] = 2 is out of range"):  # its own name, not proto_index
         torch.ops.pyeditor.hyper_matmul(e, w, None, torch.tensor([0, 2, 1]))
     with pytest.raises(RuntimeError, match="delta must be"):
         torch.ops.pyeditor.edited_linear(x, theta, delta[:, :3], t, None, idx)

@@ -210,6 +210,12 @@ def test_bad_input():
         hyper.hyper_matmul_heads(e, w, sizes, torch.randn(2, 8))
     with pytest.raises(TypeError, match=r"weight\[1\] must be float"):
         hyper.hyper_matmul_heads(e, [w[:, :, :4], w[:, :, 4:].long()])
+    with pytest.raises(ValueError, match=r"weight\[1\] must be \[P, d, n_l\] with the P and d of weight\[0\]"):
+        hyper.hyper_matmul_heads(e, [w[:, :, :4], torch.randn(3, 4, 5)])
+    with pytest.raises(TypeError, match=r"bias\[1\] must be a torch.Tensor, got NoneType"):
+        hyper.hyper_matmul_heads(e, [w[:, :, :4], w[:, :, 4:]], bias=[torch.randn(2, 4), None])
+    with pytest.raises(TypeError, match="index must be a torch.Tensor, got list"):
+        hyper.hyper_matmul_heads(e, w, sizes, index=[0, 1, 1])
     # the C++ ops re-check what the kernels index with
     with pytest.raises(RuntimeError, match="out of range"):
         torch.ops.pyeditor.hyper_matmul_heads(e, w, sizes, None, torch.tensor([0, 5, 1]))

@@ -144,6 +144,36 @@ def test_strided_empty_and_huge_values(backend, device):
                 ref.nearest_prototype(big.float(), (p.double() * 1e25).float(), 2))
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_products_past_float32_range(backend, device, metric):
+    """Finite inputs whose float32 products or squared distances overflow: every prototype is
+    still ranked (by the float64 rescan), also when the float32 pass kept k or fewer keys
+    (k = N) or none, at 1, 3 and 40 queries (the CPU's direct, resident and blocked passes)."""
+    g = torch.Generator().manual_seed(11)
+    cases = [(torch.tensor([[3e19, 1e19]]), torch.tensor([[3e19, 0.0], [0.0, 3e19]]))]  # a new-user trial's
+    for scale, B, N, d in [(3e19, 3, 5, 16), (1e30, 3, 3, 2), (1e20, 40, 5, 16)]:
+        x, p = torch.randn(B, d, generator=g) * scale, torch.randn(N, d, generator=g) * scale
+        p[0] = x[0]
+        cases.append((x, p))
+    for x, p in cases:
+        for k in sorted({1, 2, p.shape[0]}):
+            got = pyeditor.nearest_prototype(x.to(device), p.to(device), k, metric, backend=backend)
+            assert_same(got, ref.nearest_prototype(x, p, k, metric))
+            assert (got[1] >= 0).all(), "finite inputs: every slot holds a prototype"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_cosine_query_with_inf_has_no_direction(backend, device):
+    """x / ||x|| is NaN for an inf entry, so no pair is eligible, not even a zero prototype
+    (which scores 0 against every query that has a direction)."""
+    x = torch.tensor([[math.inf, 0.0], [1.0, 0.0]])
+    p = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    got = pyeditor.nearest_prototype(x.to(device), p.to(device), 2, "cosine", backend=backend)
+    assert_same(got, ref.nearest_prototype(x, p, 2, "cosine"))
+    assert (got[1][0] == -1).all() and got[1][1].tolist() == [0, 1]
+
+
 @pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 33])
 @pytest.mark.parametrize("scale", [1.0, 1e18, 1e-30])
 @pytest.mark.parametrize("batch", [5, 70])
@@ -360,6 +390,28 @@ def test_kmeans_matches_reference(backend, device, metric):
     assert torch.equal(labels.cpu(), lr)
     assert math.isclose(inertia, ir, rel_tol=1e-6, abs_tol=1e-6)
     assert torch.equal(pyeditor.kmeans_predict(x.to(device), c, metric, backend=backend).cpu(), labels.cpu())
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_kmeans_near_the_top_of_float32(backend, device):
+    """float32 points around 1e20: cosine and ip keep their directions (norms in float64, where
+    float32 squares overflow and every centroid came out 0); l2's float32 squared distances
+    would overflow, so it is refused with a message naming x, by the oracle too."""
+    x, _ = clustered(40, 4, 5, 0.0, seed=9, centers=3)
+    big = (x.double() * 1e20).float()
+    for metric in ("cosine", "ip"):
+        kw = dict(n_iter=3, seed=1, metric=metric, tol=0.0)
+        c, labels, inertia = pyeditor.kmeans(big.to(device), 3, backend=backend, **kw)
+        cr, lr, ir = ref.kmeans(big, 3, **kw)
+        assert torch.isfinite(cr).all() and (cr.norm(dim=1) > 0.99).all()
+        check_close(c.cpu(), cr, tol=(1e-4, 1e-5))
+        assert torch.equal(labels.cpu(), lr) and math.isclose(inertia, ir, rel_tol=1e-5)
+        if metric == "cosine":  # scale-free: the same fit as the unscaled points
+            assert torch.equal(lr, ref.kmeans(x, 3, **kw)[1])
+    for fit in (lambda: pyeditor.kmeans(big.to(device), 3, backend=backend), lambda: ref.kmeans(big, 3)):
+        with pytest.raises(ValueError, match=r"x holds magnitudes up to \d\.\d+e\+20.*float64"):
+            fit()
+    pyeditor.kmeans(big.double().to(device), 3, n_iter=1, backend=backend)  # float64 is fine
 
 
 def test_kmeans_empty_clusters_random_init_and_progress(capsys):

@@ -79,7 +79,13 @@ template <class T> PE_HD double exact_key(const T* x, const T* p, int64_t d, int
     return -s;
   }
   const double pn = norm64(p, d);
-  if (xnorm == 0.0 || pn == 0.0) return (pn == pn && xnorm == xnorm) ? -0.0 : NAN;
+  if (xnorm == 0.0 || pn == 0.0) {
+    // a zero vector scores 0 against any vector with a direction; one with an inf entry has none
+    // (its unit vector is inf / inf = NaN, as in the reference), so that pair is not eligible
+    double t = 0.0;
+    for (int64_t i = 0; i < d; ++i) t += (static_cast<double>(x[i]) + static_cast<double>(p[i])) * 0.0;
+    return t == 0.0 ? -0.0 : NAN;
+  }
   for (int64_t i = 0; i < d; ++i) s += (static_cast<double>(x[i]) / xnorm) * (static_cast<double>(p[i]) / pn);
   return -s;
 }
@@ -150,9 +156,12 @@ struct Bound {
 template <int CAP, class O, class Exact>
 PE_HD bool accept_fast(const TopK<float, CAP>& top, int k, Bound b, int metric, Exact exact, O* dist, int64_t* idx) {
   const int n = top.n;
+  // an unbounded pass (float32 overflow) proves nothing, also when it kept k or fewer keys: the
+  // keys it dropped as NaN may be overflowed pairs, not NaN prototypes
+  if (!(b.abs_err < kHuge)) return false;
   if (n > k) {
     const double ak = top.key[k - 1], ak1 = top.key[k];
-    if (!(fabs(ak) < kHuge) || !(b.abs_err < kHuge)) return false;
+    if (!(fabs(ak) < kHuge)) return false;
     const double hi_k = ak + b.abs_err + b.rel * fabs(ak);
     const double lo_k1 = ak1 - b.abs_err - b.rel * fabs(ak1);
     if (!(lo_k1 > hi_k)) return false;
