@@ -583,3 +583,14 @@ def test_allocate_bits_straight_through():
 def test_allocate_bits_errors(args, kwargs, err, match):
     with pytest.raises(err, match=match):
         ref.allocate_bits(*args, **kwargs)
+
+
+def test_search_and_norms_are_not_differentiable_here_either():
+    """The kernels' search distances and edit norms carry no graph (an argmin's inputs); the
+    oracle's must not offer one either, or code tested on it loses its gradients elsewhere."""
+    x, p = torch.randn(5, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    for metric in ("l2", "ip", "cosine"):
+        assert not ref.nearest_prototype(x, p, 2, metric)[0].requires_grad
+    e, w, b = torch.randn(5, 3, requires_grad=True), torch.randn(2, 3, 6, requires_grad=True), torch.randn(2, 6)
+    assert not ref.edit_norms(e, w, b).requires_grad
+    assert not ref.assign_prototypes(e, w, b, threshold=0.5)[0].requires_grad
