@@ -34,8 +34,8 @@ $(VENV)/.built: $(VENV)/.deps-ok $(CSRC)
 # times tests, not a compile: tests/test_csrc.py configures the same tree and finds it up to date.
 # Without cmake there is nothing to build (that test skips).
 $(CTEST_DIR)/.built: $(VENV)/.deps-ok $(CSRC) CMakeLists.txt
+	@mkdir -p $(@D)
 	@if command -v cmake >/dev/null; then \
-	  mkdir -p $(CTEST_DIR) && \
 	  { cmake -S . -B $(CTEST_DIR) -DPython_EXECUTABLE=$(abspath $(PY)) && \
 	    cmake --build $(CTEST_DIR) -j $$(nproc); } > $(CTEST_DIR)/build.log 2>&1 || \
 	  { tail -n 60 $(CTEST_DIR)/build.log; exit 1; }; fi

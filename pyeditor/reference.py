@@ -514,7 +514,7 @@ def kmeans(
     return lloyd(x, n_clusters, n_iter, init, seed, metric, tol, _kmeans_assign)
 
 
-def _check_kmeans_args(x: Tensor, n_clusters, n_iter, init, seed, tol, metric="l2") -> tuple:
+def _check_kmeans_args(x: Tensor, n_clusters, n_iter, init, seed, tol, metric) -> tuple:
     """Validated (n_clusters, n_iter, seed) for a k-means fit of x [B, d]."""
     B = x.shape[0]
     n_clusters = _check_int("n_clusters", n_clusters, 1)
@@ -529,14 +529,27 @@ def _check_kmeans_args(x: Tensor, n_clusters, n_iter, init, seed, tol, metric="l
     # min and max are finite exactly when every entry is (NaN propagates): one pass, no mask
     if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
         raise ValueError("x must be finite (no NaN or inf)")
-    if metric == "l2" and x.dtype != torch.float64 and x.numel():
-        # float32 squared distances of points this large can overflow: d * (2 max|x|)^2 < 2^127
-        top, d = float(x.abs().max()), x.shape[1]
-        limit = (2.0 ** 127 / max(d, 1)) ** 0.5 / 2
-        if top > limit:
-            raise ValueError(f"x holds magnitudes up to {top:.3g}: l2 k-means in float32 would overflow its "
-                             f"squared distances (d={d} allows up to {limit:.3g}); pass x as float64 or rescale it")
+    if x.dtype != torch.float64 and x.numel():
+        _check_float32_range(x.to(torch.float64), metric)
     return n_clusters, n_iter, seed
+
+
+def _check_float32_range(x: Tensor, metric: str) -> None:
+    """Below float64 the fit runs in float32. Bounds on what it computes: a cluster's sum of
+    points, B * max|x|; an inner product with a unit centroid, ||x|| <= sqrt(d) * max|x|; a
+    squared distance between points or their means, the squared diagonal of x's bounding box.
+    Refused when one could reach 2^127."""
+    B, d = x.shape
+    top = float(x.abs().max())
+    diagonal2 = float(((x.max(0).values - x.min(0).values) ** 2).sum())
+    fix = "; pass x as float64 or rescale it"
+    if metric in ("l2", "ip") and top * B >= 2.0 ** 127:
+        raise ValueError(f"x holds magnitudes up to {top:.3g}: the sum of its {B} points could overflow float32{fix}")
+    if metric == "ip" and top * d ** 0.5 >= 2.0 ** 127:
+        raise ValueError(f"x holds magnitudes up to {top:.3g}: ip k-means would overflow its float32 inner products{fix}")
+    if metric == "l2" and diagonal2 >= 2.0 ** 127:
+        raise ValueError(f"x spans {diagonal2 ** 0.5:.3g} (its bounding box's diagonal): l2 k-means would overflow "
+                         f"its float32 squared distances{fix}")
 
 
 def lloyd(x: Tensor, n_clusters: int, n_iter: int, init: str, seed: int, metric: str, tol: float,

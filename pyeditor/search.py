@@ -110,8 +110,9 @@ def kmeans(
     empty clusters re-seeded with the farthest points, early stop at relative change < tol).
     ``progress=True`` prints one updating stderr line per iteration when stderr is a terminal
     (``"always"``: even when it is not); off by default.
-    l2 on points below float64 runs in float32, so points whose squared distances could overflow
-    it (max |x| beyond sqrt(2^127 / d) / 2, about 1e18 at d = 64) are refused: pass float64.
+    Points below float64 are fitted in float32, so points whose sums (B * max|x|), ip inner
+    products (sqrt(d) * max|x|) or l2 squared distances (x's bounding-box diagonal, squared)
+    could reach 2^127 are refused with a ValueError: pass them as float64.
     """
     n_clusters, n_iter, seed = validate.kmeans_args(x, n_clusters, n_iter, init, seed, metric, tol)
     bar = _Progress(progress, n_iter)

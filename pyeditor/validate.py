@@ -748,23 +748,33 @@ def kmeans_args(x, n_clusters, n_iter, init, seed, metric, tol) -> tuple:
         raise ValueError(f"init must be one of {_names.KMEANS_INITS}, got {init!r}")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
-    # min and max are finite exactly when every entry is (NaN propagates): one pass, no mask
+    # each feature's min and max are finite exactly when every entry is (NaN propagates): one
+    # pass, no mask, and the ranges the float32 checks below need
     if x.numel():
-        ends = torch.stack(torch.aminmax(x))
-        if not bool(torch.isfinite(ends).all()):
+        lo, hi = torch.aminmax(x, dim=0)
+        if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
             raise ValueError("x must be finite (no NaN or inf)")
-        if metric == "l2" and x.dtype != torch.float64:
-            _l2_kmeans_range(float(ends.abs().max()), x.shape[1])
+        if x.dtype != torch.float64:
+            _float32_kmeans_range(lo.double(), hi.double(), x.shape[0], metric)
     return n_clusters, n_iter, seed
 
 
-def _l2_kmeans_range(top: float, d: int) -> None:
-    """l2 k-means of float32 points (the accumulation dtype below float64) sums squared
-    distances in float32: refuse points large enough for them to overflow to inf."""
-    limit = math.sqrt(2.0 ** 127 / max(d, 1)) / 2
-    if top > limit:
-        raise ValueError(f"x holds magnitudes up to {top:.3g}: l2 k-means in float32 would overflow its squared "
-                         f"distances (d={d} allows up to {limit:.3g}); pass x as float64 or rescale it")
+def _float32_kmeans_range(lo: Tensor, hi: Tensor, points: int, metric: str) -> None:
+    """k-means below float64 runs in float32: refuse points whose cluster sums (at most
+    points x max|x|), inner products (||x|| <= sqrt(d) max|x|, ip) or squared distances (at most
+    the squared diagonal of their bounding box, l2) could overflow it."""
+    limit = 2.0 ** 127
+    top = float(torch.maximum(lo.abs(), hi.abs()).max())
+    fix = "; pass x as float64 or rescale it"
+    if metric != "cosine" and top * points >= limit:
+        raise ValueError(f"x holds magnitudes up to {top:.3g}: the sum of its {points} points could overflow "
+                         f"float32{fix}")
+    if metric == "ip" and top * math.sqrt(lo.numel()) >= limit:
+        raise ValueError(f"x holds magnitudes up to {top:.3g}: ip k-means would overflow its float32 inner "
+                         f"products{fix}")
+    if metric == "l2" and float((hi - lo).square().sum()) >= limit:
+        raise ValueError(f"x spans {float((hi - lo).square().sum().sqrt()):.3g} (its bounding box's diagonal): "
+                         f"l2 k-means would overflow its float32 squared distances{fix}")
 
 
 def search_inputs(x, prototypes, k, metric) -> None:

@@ -75,6 +75,7 @@ def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=60))
+    ddp = None
     try:
         model, data = _problem()
         ddp = nn.parallel.DistributedDataParallel(model)
@@ -82,14 +83,14 @@ def _worker(rank, init_file, out_dir):
         grads = _train(ddp, data, rows)
         grads = {n.removeprefix("module."): g for n, g in grads.items()}
         torch.save({"params": dict(model.named_parameters()), "grads": grads}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
         # DDP's Reducer holds the process group. Dropped last at the frame's exit, it would destroy
         # the group holding the GIL, and the group's destructor joins gloo's worker threads, one of
-        # which may need the GIL to free its last allreduce: a deadlock (torch's, seen about 1 run
-        # in 8 here, with gdb). Freed first, the group dies in destroy_process_group, which
-        # releases the GIL.
-        del ddp
+        # which may need the GIL to free its last allreduce: an intermittent deadlock (torch's; gdb
+        # shows both sides). Freed first, also when training raised, the group dies in
+        # destroy_process_group, which releases the GIL.
+        ddp = None
         gc.collect()
-    finally:
         dist.destroy_process_group()
 
 

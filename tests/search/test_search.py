@@ -409,9 +409,19 @@ def test_kmeans_near_the_top_of_float32(backend, device):
         if metric == "cosine":  # scale-free: the same fit as the unscaled points
             assert torch.equal(lr, ref.kmeans(x, 3, **kw)[1])
     for fit in (lambda: pyeditor.kmeans(big.to(device), 3, backend=backend), lambda: ref.kmeans(big, 3)):
-        with pytest.raises(ValueError, match=r"x holds magnitudes up to \d\.\d+e\+20.*float64"):
+        with pytest.raises(ValueError, match=r"x spans \d(\.\d+)?e\+2\d .*l2 k-means would overflow.*float64"):
             fit()
     pyeditor.kmeans(big.double().to(device), 3, n_iter=1, backend=backend)  # float64 is fine
+    # l2's limit is on the spread, not the location: points near 1e18 a trillion apart fit
+    far = (x.double() * 1e12 + 1e18).float()
+    kw = dict(n_iter=2, seed=1, tol=0.0)
+    assert torch.equal(pyeditor.kmeans(far.to(device), 3, backend=backend, **kw)[1].cpu(), ref.kmeans(far, 3, **kw)[1])
+    # ip sums whole clusters of points: 40 points of 1e37 could overflow float32
+    huge = (x.double() * 1e37).float()
+    for fit in (lambda: pyeditor.kmeans(huge.to(device), 3, metric="ip", backend=backend),
+                lambda: ref.kmeans(huge, 3, metric="ip")):
+        with pytest.raises(ValueError, match="the sum of its 40 points could overflow float32.*float64"):
+            fit()
 
 
 def test_kmeans_empty_clusters_random_init_and_progress(capsys):

@@ -82,9 +82,10 @@ template <class T> PE_HD double exact_key(const T* x, const T* p, int64_t d, int
   if (xnorm == 0.0 || pn == 0.0) {
     // a zero vector scores 0 against any vector with a direction; one with an inf entry has none
     // (its unit vector is inf / inf = NaN, as in the reference), so that pair is not eligible
-    double t = 0.0;
-    for (int64_t i = 0; i < d; ++i) t += (static_cast<double>(x[i]) + static_cast<double>(p[i])) * 0.0;
-    return t == 0.0 ? -0.0 : NAN;
+    const T* other = xnorm == 0.0 ? p : x;
+    PE_SIMD_SUM_S
+    for (int64_t i = 0; i < d; ++i) s += static_cast<double>(other[i]) * 0.0;
+    return s == 0.0 ? -0.0 : NAN;
   }
   for (int64_t i = 0; i < d; ++i) s += (static_cast<double>(x[i]) / xnorm) * (static_cast<double>(p[i]) / pn);
   return -s;
