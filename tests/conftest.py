@@ -87,6 +87,18 @@ def pytest_xdist_make_scheduler(config, log):
     return SharedFixtureScheduling(config, log)
 
 
+def backend_rows_params(rows, fast_rows):
+    """pytest params (backend, device, m) for a row-count sweep. Only the CPU kernels choose a
+    path by row count; Triton and CUDA run one kernel, so their fast-tier cases take fast_rows
+    and the other counts run in the slow tier (the interpreter makes each case seconds long)."""
+    params = []
+    for bp in backend_params():
+        for m in rows:
+            slow = [pytest.mark.slow] if bp.id != "cpu" and m not in fast_rows else []
+            params.append(pytest.param(*bp.values, m, marks=[*bp.marks, *slow], id=f"{m}-{bp.id}"))
+    return params
+
+
 def backend_params(include_reference: bool = False):
     """pytest params (backend, device) for every backend of the op families, marked."""
     params = [pytest.param("cpu", "cpu", id="cpu")]

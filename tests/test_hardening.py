@@ -353,16 +353,19 @@ def test_cpp_out_op_refuses_aliasing():
 
 # ------------------------------------------------------------------ torch.compile (cpu backend)
 def test_compiled_ops_stay_checked():
-    """Compiled code skips the public functions' value checks: the ops' own checks must hold."""
+    """Compiled code skips the public functions' value checks: the ops' own checks must hold.
+    aot_eager: the graphs call the ops as inductor's do (extern calls), without its C++ codegen,
+    which each family's test_compile_fullgraph runs (and a fresh clone compiles from scratch)."""
     torch._dynamo.reset()
     x, theta, delta = torch.randn(3, 2, 4), torch.randn(4, 4, 5), torch.randn(3, 4, 5) * 2
     lin = torch.compile(lambda x, i: pyeditor.edited_linear(x, theta, delta, 0.5, None, i, backend="cpu"),
-                        fullgraph=True)
+                        fullgraph=True, backend="aot_eager")
     idx0 = torch.tensor([2]).expand(3)
     check_close(lin(x, idx0), ref.edited_linear(x, theta, delta, 0.5, None, idx0))
     with pytest.raises(RuntimeError, match="out of range"):
         lin(x, torch.tensor([0, 4, 1]))
-    edit = torch.compile(lambda t, d, thr, i: pyeditor.apply_edit(t, d, thr, i, backend="cpu") * 2, fullgraph=True)
+    edit = torch.compile(lambda t, d, thr, i: pyeditor.apply_edit(t, d, thr, i, backend="cpu") * 2,
+                         fullgraph=True, backend="aot_eager")
     thr = torch.tensor([0.1, 7.0, 0.2, 7.0, 0.3, 7.0])[::2]
     check_close(edit(theta, delta, thr, idx0), ref.apply_edit(theta, delta, thr, idx0) * 2)
     with pytest.raises(RuntimeError, match="out of range"):
@@ -370,7 +373,7 @@ def test_compiled_ops_stay_checked():
     with pytest.raises(RuntimeError, match="threshold must be >= 0"):
         edit(theta, delta, torch.tensor([0.1, -1.0, 0.2]), idx0)
     hm = torch.compile(lambda e, i: pyeditor.hyper_matmul(e, torch.ones(2, 3, 5), None, i, backend="cpu"),
-                       fullgraph=True)
+                       fullgraph=True, backend="aot_eager")
     with pytest.raises(RuntimeError, match="out of range"):
         hm(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
 

@@ -13,7 +13,7 @@ from pyeditor import quant
 from pyeditor import reference as ref
 from pyeditor.testing import check_close, reduction_tolerance
 
-from conftest import backend_params
+from conftest import backend_params, backend_rows_params
 
 BACKENDS = backend_params()
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -430,9 +430,8 @@ def test_inf_and_overflow_rows_match_reference(backend, device, m, widths):
     check_close(got[fin], want[fin], tol=reduction_tolerance(torch.float32, k))
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device,m", backend_rows_params([1, 2, 3], fast_rows=(1, 3)))
 @pytest.mark.parametrize("group", [None, 64], ids=["channel", "g64"])
-@pytest.mark.parametrize("m", [1, 2, 3])
 def test_few_rows_special_values_strides_and_spiky_rows(backend, device, m, group):
     """The few-row paths (1-3 rows: the centred few-row kernels, the 2-bit tables, one-row
     kernels, and the centred kernels that a spiky row takes) against the reference: a row with

@@ -11,7 +11,7 @@ from pyeditor import quant
 from pyeditor import reference as ref
 from pyeditor.testing import check_close, reduction_tolerance
 
-from conftest import backend_params
+from conftest import backend_params, backend_rows_params
 from test_quant import rand, rand_bits
 
 BACKENDS = backend_params()
@@ -132,9 +132,8 @@ def _cpu_factored(m: int, bits, group) -> bool:
     return "amx" in _cpu_quant_level() and group is None and m > 8
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device,m", backend_rows_params([1, 2, 3, 4, 16], fast_rows=(1, 16)))
 @pytest.mark.parametrize("group", [None, 64])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 16])
 @pytest.mark.parametrize("huge", [1e6, 1e12])
 def test_huge_input_against_zero_point_code_does_not_cancel(backend, device, m, group, huge):
     """An input 10^6 or 10^12 times the rest of its row against codes equal to their zero point
