@@ -569,23 +569,25 @@ def _op_args(p, x, bias=None, fast=False, bf16=False):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_opcheck(backend, device):
+@pytest.mark.parametrize("group,k", [(None, 18), (32, 80)], ids=["channel", "g32"])
+def test_opcheck(backend, device, group, k):
+    """Both ops' registration, per channel and group-wise (groups of 32 over K = 80: a ragged
+    last group), with and without gradients, in the fast and bf16 modes."""
     from pyeditor import ops
     linear, dequant = ops.quant_ops(backend)
-    p, _ = both(rand((7, 18), seed=1), rand_bits(7, seed=1))
-    p = p.to(device)
-    x = rand((2, 18), seed=2).to(device)
+    p = quant.quantize_channelwise(rand((7, k), seed=1), rand_bits(7, seed=1), group).to(device)
+    x = rand((2, k), seed=2).to(device)
     b = rand((7,), seed=3).to(device)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     if backend == "triton" and device == "cpu":
         tests = tests[:3]  # no inductor on the interpreter
-    torch.library.opcheck(dequant, (*p.tensors(), p.flat_buckets, 18, 7), test_utils=tests)
+    torch.library.opcheck(dequant, (*p.tensors(), p.flat_buckets, k, 7, p.op_group_size), test_utils=tests)
     torch.library.opcheck(linear, _op_args(p, x, b), test_utils=tests)
     torch.library.opcheck(linear, _op_args(p, x.clone().requires_grad_(), b.clone().requires_grad_()),
                           test_utils=tests)
     torch.library.opcheck(linear, _op_args(p, x[:1], None, True), test_utils=tests)
     torch.library.opcheck(linear, _op_args(p, x.clone().requires_grad_(), b, bf16=True), test_utils=tests)
-    x16 = rand((16, 18), seed=4).to(device)  # the GEMM, with the bf16 rounding and dot (Triton)
+    x16 = rand((16, k), seed=4).to(device)  # the GEMM, with the bf16 rounding and dot (Triton)
     torch.library.opcheck(linear, _op_args(p, x16, b, bf16=True), test_utils=tests)
     torch.library.opcheck(linear, _op_args(p, x16.to(torch.bfloat16), None), test_utils=tests)
     if backend != "triton":  # the op behind the C++ router, which carries the backward

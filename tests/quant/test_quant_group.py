@@ -246,23 +246,6 @@ def test_gradcheck_and_gradgradcheck(backend, device):
     assert torch.autograd.gradgradcheck(fn, (x, b), fast_mode=fast)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-def test_opcheck(backend, device):
-    from pyeditor import ops
-    linear, dequant = ops.quant_ops(backend)
-    p, _ = both(rand((7, 80), seed=1), rand_bits(7, seed=1), 32)
-    p = p.to(device)
-    x = rand((2, 80), seed=2).to(device)
-    b = rand((7,), seed=3).to(device)
-    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    if backend == "triton" and device == "cpu":
-        tests = tests[:3]  # no inductor on the interpreter
-    torch.library.opcheck(dequant, (*p.tensors(), p.flat_buckets, 80, 7, 32), test_utils=tests)
-    torch.library.opcheck(linear, (x, *p.tensors(), p.flat_buckets, 80, 7, b, False, 32), test_utils=tests)
-    torch.library.opcheck(linear, (x.clone().requires_grad_(), *p.tensors(), p.flat_buckets, 80, 7, b, False, 32),
-                          test_utils=tests)
-
-
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     p, qw = both(rand((8, 100), seed=1), rand_bits(8, seed=1), 64)
